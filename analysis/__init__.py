@@ -1,0 +1,1 @@
+"""Analysis of round logs: reports, plots, baselines, sweeps, attacks and audits."""

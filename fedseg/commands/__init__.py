@@ -1,0 +1,1 @@
+"""Click command groups of the ``fedseg`` CLI, one module per group."""

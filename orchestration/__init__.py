@@ -1,0 +1,1 @@
+"""Operator side: FEDn network, clients, sessions, round log, synthetic clinics."""
