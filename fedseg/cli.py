@@ -44,6 +44,7 @@ class FedsegGroup(click.Group):
     """Root group that reports FedsegError as one line and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> object:
+        """Run the command; a FedsegError becomes one line on stderr and exit 1."""
         try:
             return super().invoke(ctx)
         except FedsegError as exc:

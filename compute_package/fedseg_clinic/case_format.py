@@ -282,7 +282,7 @@ def assign_splits(case_ids: Sequence[str], val_fraction: float, seed: int) -> di
     ids = sorted(case_ids)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(ids))
-    n_val = int(round(val_fraction * len(ids)))
+    n_val = round(val_fraction * len(ids))
     if len(ids) >= 2 and val_fraction > 0:
         n_val = min(max(n_val, 1), len(ids) - 1)
     val = {ids[i] for i in order[:n_val]}

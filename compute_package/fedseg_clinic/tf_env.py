@@ -27,4 +27,4 @@ sys.skip_tf_privacy_import = True  # type: ignore[attr-defined]
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-__all__ = ["tf", "keras"]
+__all__ = ["keras", "tf"]

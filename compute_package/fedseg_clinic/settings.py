@@ -1,0 +1,284 @@
+"""Clinic-side settings: defaults, the clinic's settings file, and server overrides.
+
+Resolution order (later wins):
+
+1. the defaults of :class:`ClinicSettings`;
+2. the clinic's settings file: the path in ``$FEDSEG_SETTINGS``, else ``settings.yaml``
+   beside the compute package's ``entrypoint.py`` (the package's own defaults);
+3. the per-round settings the server sends (FEDn client settings / ``IN-metadata``),
+   as flat keys (see :data:`SERVER_KEYS`).
+
+The data folder comes from ``$FEDSEG_DATA_DIR`` (else ``data_dir`` in the file); the state
+folder (privacy ledger, its anchor) from ``$FEDSEG_STATE_DIR`` (else ``<data_dir>/.fedseg``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedseg_clinic.errors import FedsegError
+
+logger = logging.getLogger(__name__)
+
+ENV_SETTINGS = "FEDSEG_SETTINGS"
+ENV_DATA_DIR = "FEDSEG_DATA_DIR"
+ENV_STATE_DIR = "FEDSEG_STATE_DIR"
+ENV_CLIENT_NAME = "FEDSEG_CLIENT_NAME"
+
+
+@dataclasses.dataclass
+class TrainingSettings:
+    """Local training per round.
+
+    Attributes:
+        learning_rate: client optimiser step size.
+        optimizer: "sgd" or "adam" (DP-SGD / DP-Adam when privacy is on).
+        local_steps: optimiser steps per round.
+        batch_size: expected number of patients per step (Poisson sampling, q = B / N).
+        patch_size: (z, y, x) voxels of the random crop taken from each sampled patient.
+        foreground_fraction: share of patches centred on a labelled organ voxel.
+        seed: base seed; each round's randomness derives from it and the round count.
+    """
+
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    local_steps: int = 10
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    foreground_fraction: float = 0.5
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class PrivacySettings:
+    """Patient-level DP-SGD.
+
+    Attributes:
+        enabled: False trains without clipping or noise (baselines); epsilon is then inf.
+        noise_multiplier: Gaussian noise std / l2_norm_clip.
+        l2_norm_clip: per-patient gradient clip norm.
+        delta: target delta; must be < 1 / number of training patients. None means
+            1 / (10 N), a common choice.
+        epsilon_budget: the most epsilon this clinic spends over all rounds; None means
+            no limit (epsilon is still accounted and reported).
+    """
+
+    enabled: bool = True
+    noise_multiplier: float = 1.0
+    l2_norm_clip: float = 1.0
+    delta: float | None = None
+    epsilon_budget: float | None = None
+
+
+@dataclasses.dataclass
+class ValidationSettings:
+    """Whole-volume validation by sliding-window inference."""
+
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    overlap: float = 0.5
+    batch_size: int = 2
+
+
+@dataclasses.dataclass
+class ClinicSettings:
+    """Everything a clinic's train/validate/predict needs."""
+
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    training: TrainingSettings = dataclasses.field(default_factory=TrainingSettings)
+    privacy: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
+    validation: ValidationSettings = dataclasses.field(default_factory=ValidationSettings)
+    data_dir: Path | None = None
+    state_dir: Path | None = None
+    client_name: str = "clinic"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able snapshot (recorded with every round for reproducibility)."""
+        data = dataclasses.asdict(self)
+        data["data_dir"] = str(self.data_dir) if self.data_dir else None
+        data["state_dir"] = str(self.state_dir) if self.state_dir else None
+        return data
+
+
+# Flat keys the server may send each round -> (section, field).
+SERVER_KEYS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("training", "learning_rate"),
+    "optimizer": ("training", "optimizer"),
+    "local_steps": ("training", "local_steps"),
+    "batch_size": ("training", "batch_size"),
+    "patch_size": ("training", "patch_size"),
+    "foreground_fraction": ("training", "foreground_fraction"),
+    "seed": ("training", "seed"),
+    "dp": ("privacy", "enabled"),
+    "noise_multiplier": ("privacy", "noise_multiplier"),
+    "l2_norm_clip": ("privacy", "l2_norm_clip"),
+    "delta": ("privacy", "delta"),
+    "epsilon_budget": ("privacy", "epsilon_budget"),
+}
+
+_SECTIONS = {
+    "training": TrainingSettings,
+    "privacy": PrivacySettings,
+    "validation": ValidationSettings,
+}
+
+
+def _coerce(section: str, name: str, value: Any, where: str) -> Any:
+    """Convert a value from YAML/JSON to the field's type, or raise FedsegError."""
+    field_type = {f.name: f.type for f in dataclasses.fields(_SECTIONS[section])}[name]
+    label = f"{where}: {section}.{name}={value!r}"
+    try:
+        if "tuple" in str(field_type):
+            if isinstance(value, int | float):
+                value = [value] * 3
+            items = tuple(int(v) for v in value)
+            if len(items) != 3:
+                raise ValueError
+            return items
+        if field_type in ("bool", bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if value is None:
+            if "None" in str(field_type):
+                return None
+            raise ValueError
+        if field_type in ("int", int):
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if "float" in str(field_type):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise FedsegError(f"{label} has the wrong type (expected {field_type})") from None
+
+
+def _apply_section(target: Any, section: str, values: Mapping[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in known:
+            raise FedsegError(f"{where}: unknown setting {section}.{key}")
+        setattr(target, key, _coerce(section, key, value, where))
+
+
+def validate_settings(settings: ClinicSettings, where: str) -> None:
+    """Range checks; raises FedsegError naming the value."""
+    t, p, v = settings.training, settings.privacy, settings.validation
+    checks = [
+        (t.learning_rate > 0 and math.isfinite(t.learning_rate), "learning_rate must be > 0",
+         t.learning_rate),
+        (t.optimizer in ("sgd", "adam"), "optimizer must be sgd or adam", t.optimizer),
+        (t.local_steps >= 1, "local_steps must be >= 1", t.local_steps),
+        (t.batch_size >= 1, "batch_size must be >= 1", t.batch_size),
+        (all(s >= 8 for s in t.patch_size), "patch_size sides must be >= 8", t.patch_size),
+        (0.0 <= t.foreground_fraction <= 1.0, "foreground_fraction must be in [0, 1]",
+         t.foreground_fraction),
+        (p.noise_multiplier >= 0, "noise_multiplier must be >= 0", p.noise_multiplier),
+        (p.l2_norm_clip > 0, "l2_norm_clip must be > 0", p.l2_norm_clip),
+        (p.delta is None or 0 < p.delta < 1, "delta must be in (0, 1)", p.delta),
+        (p.epsilon_budget is None or p.epsilon_budget > 0, "epsilon_budget must be > 0",
+         p.epsilon_budget),
+        (0.0 <= v.overlap < 1.0, "validation overlap must be in [0, 1)", v.overlap),
+        (all(s >= 8 for s in v.patch_size), "validation patch_size sides must be >= 8",
+         v.patch_size),
+    ]
+    for ok, message, value in checks:
+        if not ok:
+            raise FedsegError(f"{where}: {message}, got {value!r}")
+
+
+def settings_from_mapping(data: Mapping[str, Any], where: str) -> ClinicSettings:
+    """Build settings from a nested mapping (the settings file's content)."""
+    settings = ClinicSettings()
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise FedsegError(f"{where}: section {key} must be a mapping")
+            _apply_section(getattr(settings, key), key, value, where)
+        elif key == "model":
+            if not isinstance(value, Mapping):
+                raise FedsegError(f"{where}: section model must be a mapping")
+            settings.model = dict(value)
+        elif key in ("data_dir", "state_dir"):
+            setattr(settings, key, Path(value).expanduser() if value else None)
+        elif key == "client_name":
+            settings.client_name = str(value)
+        else:
+            raise FedsegError(f"{where}: unknown setting {key}")
+    validate_settings(settings, where)
+    return settings
+
+
+def default_settings_path() -> Path:
+    """``settings.yaml`` beside the compute package's entrypoint.py (one level above us)."""
+    return Path(__file__).resolve().parent.parent / "settings.yaml"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> ClinicSettings:
+    """Load settings from the file named by $FEDSEG_SETTINGS (or the package default)."""
+    import yaml
+
+    env = os.environ if environ is None else environ
+    path = Path(env[ENV_SETTINGS]).expanduser() if env.get(ENV_SETTINGS) else None
+    if path is None:
+        path = default_settings_path()
+        if not path.exists():
+            settings = ClinicSettings()
+            path = None
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise FedsegError(f"{path}: settings file does not exist ({ENV_SETTINGS})") from None
+        except (OSError, yaml.YAMLError) as exc:
+            raise FedsegError(f"{path}: unreadable settings file ({exc})") from None
+        if not isinstance(data, Mapping):
+            raise FedsegError(f"{path}: settings file must be a mapping")
+        settings = settings_from_mapping(data, str(path))
+    if env.get(ENV_DATA_DIR):
+        settings.data_dir = Path(env[ENV_DATA_DIR]).expanduser()
+    if env.get(ENV_STATE_DIR):
+        settings.state_dir = Path(env[ENV_STATE_DIR]).expanduser()
+    if env.get(ENV_CLIENT_NAME):
+        settings.client_name = env[ENV_CLIENT_NAME]
+    if settings.data_dir is None:
+        raise FedsegError(f"no data folder: set {ENV_DATA_DIR} or data_dir in the settings file")
+    if settings.state_dir is None:
+        settings.state_dir = settings.data_dir / ".fedseg"
+    return settings
+
+
+def with_server_overrides(
+    settings: ClinicSettings, server_settings: Mapping[str, Any]
+) -> ClinicSettings:
+    """A copy of ``settings`` with the server's per-round flat keys applied.
+
+    Keys we do not know (FEDn adds its own) are logged and ignored; known keys with bad
+    values raise FedsegError.
+    """
+    merged = dataclasses.replace(
+        settings,
+        training=dataclasses.replace(settings.training),
+        privacy=dataclasses.replace(settings.privacy),
+        validation=dataclasses.replace(settings.validation),
+        model=dict(settings.model),
+    )
+    for key, value in server_settings.items():
+        if key in SERVER_KEYS:
+            section, name = SERVER_KEYS[key]
+            setattr(getattr(merged, section), name,
+                    _coerce(section, name, value, "server settings"))
+        else:
+            logger.debug("ignoring server setting %s", key)
+    validate_settings(merged, "server settings")
+    return merged
