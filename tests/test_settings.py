@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.settings import load_settings, with_server_overrides
+
+
+def test_load_settings_from_file_and_env(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("training:\n  local_steps: 3\n  patch_size: 16\nprivacy:\n  delta: 1.0e-4\n"
+                    "model:\n  levels: 2\n")
+    settings = load_settings({"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(tmp_path)})
+    assert settings.training.local_steps == 3
+    assert settings.training.patch_size == (16, 16, 16)
+    assert settings.privacy.delta == 1e-4
+    assert settings.model == {"levels": 2}
+    assert settings.data_dir == tmp_path
+    assert settings.state_dir == tmp_path / ".fedseg"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("training:\n  learning_rate: -1\n", "learning_rate must be > 0"),
+     ("privacy:\n  noise_multiplier: -0.5\n", "noise_multiplier must be >= 0"),
+     ("training:\n  bogus: 1\n", "unknown setting training.bogus"),
+     ("training:\n  local_steps: 2.5\n", "wrong type"),
+     ("- a list\n", "must be a mapping")],
+)
+def test_bad_settings_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(FedsegError, match=message) as info:
+        load_settings({"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(tmp_path)})
+    assert str(path) in str(info.value)
+
+
+def test_missing_data_dir_and_settings_file(tmp_path: Path) -> None:
+    with pytest.raises(FedsegError, match="does not exist"):
+        load_settings({"FEDSEG_SETTINGS": str(tmp_path / "none.yaml")})
+    path = tmp_path / "s.yaml"
+    path.write_text("{}\n")
+    with pytest.raises(FedsegError, match="no data folder"):
+        load_settings({"FEDSEG_SETTINGS": str(path)})
+
+
+def test_server_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("{}\n")
+    base = load_settings({"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(tmp_path)})
+    merged = with_server_overrides(base, {"learning_rate": "0.01", "dp": "False",
+                                          "local_steps": 4, "fedn_internal": "x"})
+    assert merged.training.learning_rate == 0.01
+    assert merged.privacy.enabled is False
+    assert base.privacy.enabled is True  # the clinic's own settings are not mutated
+    with pytest.raises(FedsegError, match="batch_size must be >= 1"):
+        with_server_overrides(base, {"batch_size": 0})
