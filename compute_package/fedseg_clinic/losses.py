@@ -1,0 +1,110 @@
+"""Per-example soft Dice + cross-entropy with a marginal loss for partial labels.
+
+DP-SGD clips each example's gradient, so the loss is returned per example (shape
+(batch,)), never reduced over the batch.
+
+Partial labels (marginal loss, Shi et al. 2021, "Marginal loss and exclusion loss for
+partially supervised multi-organ segmentation"): a clinic that does not contour, say,
+the heart labels heart voxels as body (or background, when body is not contoured
+either). Training such voxels as body would teach the model that hearts are not hearts.
+So, per example, every *unknown* class is merged into the class that its voxels carry in
+the label map - the merge class ``m`` is body when body is known, else background:
+
+    p'_m = p_m + sum_{c unknown} p_c,   p'_c = p_c for the other known classes,
+
+and the labels are mapped the same way (a label of an unknown class becomes ``m``). The
+loss is then computed over known classes only:
+
+    CE   = mean over voxels of -log p'_{label}
+    Dice = mean over known foreground classes c >= 1 of
+           1 - (2 sum p'_c g_c + smooth) / (sum p'_c + sum g_c + smooth)
+    loss = CE + Dice   (Dice term 0 when no foreground class is known)
+
+Predicting an unknown organ where the labels say body therefore costs nothing, while
+predicting body where a *known* organ is labelled is penalised by both terms. A known
+class absent from the patch and not predicted has Dice loss 0 (smooth / smooth); if it
+is predicted its Dice loss is close to 1 - the usual behaviour of per-example soft Dice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedseg_clinic.tf_env import tf
+
+# Probabilities are clipped below before the log so a confident wrong voxel costs
+# -log(1e-7) ~ 16 instead of inf.
+PROB_FLOOR: float = 1e-7
+DICE_SMOOTH: float = 1e-5
+
+
+def merge_unknown(
+    labels: Any, probs: Any, known: Any
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Merge unknown classes into each example's merge class (body if known, else bg).
+
+    Args:
+        labels: int (b, z, y, x) label maps.
+        probs: float (b, z, y, x, C) softmax probabilities.
+        known: float (b, C), 1 for classes the example's labels speak for.
+
+    Returns:
+        (one-hot merged labels, merged probabilities), both float32 (b, z, y, x, C);
+        unknown classes have zero in both.
+    """
+    probs = tf.convert_to_tensor(probs, dtype=tf.float32)
+    known = tf.convert_to_tensor(known, dtype=tf.float32)
+    labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
+    n_classes = tf.shape(probs)[-1]
+    known_v = known[:, None, None, None, :]  # broadcast over (z, y, x)
+    # Merge class: body (1) when known, else background (0).
+    merge = tf.cast(known[:, 1] > 0.5, tf.int32)
+    merge_v = tf.one_hot(merge, n_classes, dtype=tf.float32)[:, None, None, None, :]
+
+    unknown_mass = tf.reduce_sum(probs * (1.0 - known_v), axis=-1, keepdims=True)
+    merged_probs = probs * known_v + unknown_mass * merge_v
+
+    onehot = tf.one_hot(labels, n_classes, dtype=tf.float32)
+    unknown_label = tf.reduce_sum(onehot * (1.0 - known_v), axis=-1, keepdims=True)
+    merged_labels = onehot * known_v + unknown_label * merge_v
+    return merged_labels, merged_probs
+
+
+def per_example_loss(
+    labels: Any,
+    probs: Any,
+    known: Any,
+    dice_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    smooth: float = DICE_SMOOTH,
+) -> tf.Tensor:
+    """Soft Dice + cross-entropy per example, with unknown classes marginalised.
+
+    Args:
+        labels: int (b, z, y, x) label maps (model.labels_from_masks).
+        probs: float (b, z, y, x, C) softmax probabilities.
+        known: float (b, C) known-class vectors (model.class_known).
+        dice_weight: weight of the Dice term.
+        ce_weight: weight of the cross-entropy term.
+        smooth: Dice smoothing added to numerator and denominator.
+
+    Returns:
+        float32 tensor of shape (b,).
+    """
+    merged_labels, merged_probs = merge_unknown(labels, probs, known)
+    known = tf.convert_to_tensor(known, dtype=tf.float32)
+
+    log_p = tf.math.log(tf.clip_by_value(merged_probs, PROB_FLOOR, 1.0))
+    ce = -tf.reduce_mean(tf.reduce_sum(merged_labels * log_p, axis=-1), axis=[1, 2, 3])
+
+    spatial = [1, 2, 3]
+    intersection = tf.reduce_sum(merged_probs * merged_labels, axis=spatial)  # (b, C)
+    denominator = tf.reduce_sum(merged_probs, axis=spatial) + tf.reduce_sum(
+        merged_labels, axis=spatial
+    )
+    dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    foreground = tf.concat([tf.zeros_like(known[:, :1]), known[:, 1:]], axis=1)
+    dice_loss = tf.math.divide_no_nan(
+        tf.reduce_sum(foreground * (1.0 - dice), axis=1), tf.reduce_sum(foreground, axis=1)
+    )
+    return ce_weight * ce + dice_weight * dice_loss

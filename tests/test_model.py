@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.model import (
+    N_CLASSES,
+    UNetConfig,
+    build_unet,
+    check_patch_size,
+    class_known,
+    labels_from_masks,
+)
+from fedseg_clinic.organs import ORGANS
+from fedseg_clinic.tf_env import keras
+
+TINY = UNetConfig(levels=2, base_filters=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> keras.Model:
+    return build_unet(TINY, seed=3)
+
+
+def test_defaults_match_contract() -> None:
+    config = UNetConfig()
+    assert (config.levels, config.base_filters, config.groups, config.residual,
+            config.n_classes, config.dropout) == (4, 16, 8, False, 7, 0.0)
+    assert UNetConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"levels": 0}, "levels"),
+        ({"levels": 2.5}, "levels"),
+        ({"base_filters": 0}, "base_filters"),
+        ({"groups": 0}, "groups"),
+        ({"base_filters": 12, "groups": 8}, "not divisible"),
+        ({"n_classes": 3}, "n_classes"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": "x"}, "dropout"),
+        ({"residual": "yes"}, "residual"),
+        ({"level": 3}, "unknown key"),
+    ],
+)
+def test_from_dict_rejects_bad_values(data: dict, fragment: str) -> None:
+    with pytest.raises(FedsegError, match=fragment):
+        UNetConfig.from_dict(data)
+
+
+def test_groups_capped_at_channels() -> None:
+    config = UNetConfig.from_dict({"base_filters": 4, "groups": 8, "levels": 3})
+    assert config.groups_for(4) == 4
+    assert config.groups_for(16) == 8
+
+
+@pytest.mark.parametrize(
+    ("levels", "patch", "ok"),
+    [
+        (4, (64, 64, 64), True),
+        (4, (32, 96, 8), True),
+        (4, (60, 64, 64), False),
+        (2, (18, 18, 18), True),
+        (2, (17, 18, 18), False),
+        (1, (5, 7, 9), True),
+        (3, (0, 4, 4), False),
+        (3, (4, 4), False),
+    ],
+)
+def test_check_patch_size(levels: int, patch: tuple, ok: bool) -> None:
+    config = UNetConfig(levels=levels, base_filters=8)
+    if ok:
+        assert check_patch_size(config, patch) == tuple(patch)
+    else:
+        with pytest.raises(FedsegError, match="patch size"):
+            check_patch_size(config, patch)
+
+
+def test_output_is_softmax_over_seven_classes(tiny_model: keras.Model) -> None:
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 16, 4, 1)).astype(np.float32)
+    probs = tiny_model(x, training=False).numpy()
+    assert probs.shape == (2, 8, 16, 4, N_CLASSES)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert probs.min() >= 0.0
+
+
+def test_group_norm_never_batch_norm(tiny_model: keras.Model) -> None:
+    kinds = {type(layer).__name__ for layer in tiny_model.layers}
+    assert "GroupNormalization" in kinds
+    assert not any("BatchNormalization" in k for k in kinds)
+
+
+def test_seed_makes_initialisation_deterministic(tiny_model: keras.Model) -> None:
+    same = build_unet(TINY, seed=3).get_weights()
+    other = build_unet(TINY, seed=4).get_weights()
+    reference = tiny_model.get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(reference, same, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(reference, other, strict=True))
+    # Layers of the same shape get different initial values (one seed per layer).
+    enc = tiny_model.get_layer("enc0_conv2").kernel.numpy()
+    dec = tiny_model.get_layer("dec0_conv2").kernel.numpy()
+    assert enc.shape == dec.shape
+    assert not np.array_equal(enc, dec)
+
+
+def test_residual_and_dropout_build_and_change_the_graph() -> None:
+    plain = build_unet(TINY, seed=0)
+    fancy = build_unet(UNetConfig(levels=2, base_filters=4, residual=True, dropout=0.2), seed=0)
+    assert fancy.count_params() > plain.count_params()
+    names = {layer.name for layer in fancy.layers}
+    assert "enc0_add" in names and "enc0_drop" in names
+
+
+def test_labels_from_masks_priority_and_overwrite() -> None:
+    shape = (1, 1, 6)
+    body = np.array([[[0, 1, 1, 1, 1, 1]]], dtype=bool)
+    lung_left = np.array([[[0, 0, 1, 1, 0, 0]]], dtype=bool)
+    heart = np.array([[[0, 0, 0, 1, 1, 0]]], dtype=bool)
+    cord = np.array([[[0, 0, 0, 0, 1, 1]]], dtype=bool)
+    labels = labels_from_masks(
+        {"heart": heart, "body": body, "spinal_cord": cord, "lung_left": lung_left}, shape
+    )
+    assert labels.dtype == np.uint8
+    # body=1, lung_left=2, heart=4 over lung, spinal_cord=5 over heart.
+    assert labels.tolist() == [[[0, 1, 2, 4, 5, 5]]]
+
+
+def test_labels_from_masks_empty_and_errors() -> None:
+    assert not labels_from_masks({}, (2, 3, 4)).any()
+    assert not labels_from_masks({"heart": np.zeros((2, 3, 4), bool)}, (2, 3, 4)).any()
+    with pytest.raises(FedsegError, match="shape"):
+        labels_from_masks({"heart": np.zeros((2, 3, 3), bool)}, (2, 3, 4))
+    with pytest.raises(FedsegError, match="liver"):
+        labels_from_masks({"liver": np.zeros((2, 3, 4), bool)}, (2, 3, 4))
+
+
+@pytest.mark.parametrize(
+    ("organs", "expected"),
+    [
+        ((), [1, 0, 0, 0, 0, 0, 0]),
+        (("body",), [1, 1, 0, 0, 0, 0, 0]),
+        (("esophagus", "heart"), [1, 0, 0, 0, 1, 0, 1]),
+        (ORGANS, [1] * 7),
+    ],
+)
+def test_class_known(organs: tuple, expected: list) -> None:
+    known = class_known(organs)
+    assert known.dtype == np.float32
+    assert known.tolist() == expected
+
+
+def test_class_known_rejects_unknown_organ() -> None:
+    with pytest.raises(FedsegError, match="liver"):
+        class_known(["liver"])
