@@ -1,0 +1,177 @@
+"""The report from hand-made round logs: files, summary.json, HTML, CLI, headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fedseg.analysis import plots, report, summary
+from fedseg.cli import cli
+from fedseg.orchestration.round_log import RoundRecord, write_rounds, write_run_info
+
+NAN = math.nan
+CHROMIUM = Path("/usr/bin/chromium")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(path: Path, rows: list[tuple[int, str, str, float]], kind: str = "federated",
+             **info: object) -> Path:
+    path.mkdir(parents=True)
+    write_rounds(path, [RoundRecord(*row) for row in rows])
+    write_run_info(path, {"name": path.name, "seed": 1, "kind": kind,
+                          "config": {"aggregator": "fedavg"}, **info})
+    return path
+
+
+def fed_rows(scale: float, rounds: int = 3, drop: tuple[int, ...] = ()) -> list[tuple]:
+    """Two clients, c2 absent in the rounds in ``drop``; c1 does not label the esophagus."""
+    rows: list[tuple] = []
+    for rnd in range(1, rounds + 1):
+        rows += [(rnd, "global", "round_seconds", 10.0),
+                 (rnd, "global", "aggregation_seconds", 1.0)]
+        for client, offset in (("c1", 0.0), ("c2", 0.1)):
+            if client == "c2" and rnd in drop:
+                continue
+            dice = scale * rnd / rounds + offset
+            rows += [(rnd, client, "val_dice_mean", dice), (rnd, client, "n_val", 2.0),
+                     (rnd, client, "train_loss", 1.0 / rnd), (rnd, client, "val_loss", 1.1 / rnd),
+                     (rnd, client, "epsilon", 0.5 * rnd), (rnd, client, "train_seconds", 6.0),
+                     (rnd, client, "validate_seconds", 2.0),
+                     (rnd, client, "val_dice_heart", dice),
+                     (rnd, client, "val_dice_esophagus", NAN if client == "c1" else dice)]
+    return rows
+
+
+@pytest.fixture()
+def runs(tmp_path: Path) -> list[Path]:
+    return [
+        make_run(tmp_path / "fedavg", fed_rows(0.6, drop=(2,)),
+                 config={"privacy": {"target_epsilon": 1.5}}),
+        make_run(tmp_path / "fedopt <b>", fed_rows(0.8, rounds=2), name="fedopt <b>"),
+        make_run(tmp_path / "pooled", [(1, "pooled", "val_dice_mean", 0.8),
+                                       (2, "pooled", "val_dice_mean", 0.9)], kind="pooled"),
+    ]
+
+
+def test_report_files_summary_and_html(tmp_path: Path, runs: list[Path]) -> None:
+    out = tmp_path / "report"
+    files = report.write_report(runs, out, target_fraction=0.5)
+    # 2 comparison figures (there is a DP run) + 4 per run
+    assert len(files.figures) == 2 + 3 * 4
+    assert {p.name for p in files.figures} >= {"compare_dice.png", "privacy_utility.png",
+                                               "fedavg_dice.png", "fedopt_b_round_time.png"}
+    for path in files.figures:
+        assert path.read_bytes().startswith(PNG_MAGIC)
+    data = json.loads(files.summary.read_text())
+    assert data["target_dice"] == pytest.approx(0.45)
+    assert [e["name"] for e in data["runs"]] == ["fedavg", "fedopt <b>", "pooled"]
+    fedavg = data["runs"][0]
+    # round 2 has only c1: 0.4; round 1: (0.2 + 0.3) / 2; round 3: (0.6 + 0.7) / 2
+    assert fedavg["final_dice_mean"] == pytest.approx(0.65)
+    assert fedavg["rounds_to_target"] == 3
+    assert fedavg["dice_auc"] == pytest.approx((0.25 + 0.4 + 0.65) / 3)
+    assert fedavg["missing_clients"] == {"2": ["c2"]}
+    page = files.html.read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == len(files.figures)
+    assert base64.b64decode(embedded[0]) == files.figures[0].read_bytes()
+    assert "fedopt &lt;b&gt;" in page and "fedopt <b>" not in page
+    assert "http://" not in page and "https://" not in page
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_single_run_has_no_comparison(tmp_path: Path, runs: list[Path]) -> None:
+    files = report.write_report(runs[:1], tmp_path / "one", target_dice=0.35)
+    assert sorted(p.name for p in files.figures) == [
+        "fedavg_dice.png", "fedavg_epsilon.png", "fedavg_losses.png", "fedavg_round_time.png"]
+    assert json.loads(files.summary.read_text())["runs"][0]["rounds_to_target"] == 2
+
+
+def test_bad_input_writes_nothing(tmp_path: Path, runs: list[Path]) -> None:
+    (runs[1] / "rounds.csv").write_text("round,client,metric,value\n1,c1,oops\n")
+    out = tmp_path / "report"
+    with pytest.raises(summary.FedsegError, match=r"rounds\.csv:2: expected 4 fields"):
+        report.write_report(runs, out)
+    assert not out.exists()
+
+
+def test_round_time_parts_hand_computed(tmp_path: Path) -> None:
+    rows = [(1, "global", "round_seconds", 20.0), (1, "global", "aggregation_seconds", 1.0),
+            (1, "a", "train_seconds", 5.0), (1, "b", "train_seconds", 9.0),
+            (1, "a", "validate_seconds", 3.0),
+            (2, "global", "round_seconds", 4.0), (2, "a", "train_seconds", 6.0)]
+    run = summary.load_run(make_run(tmp_path / "t", rows))
+    parts, total = plots.round_time_parts(run)
+    np.testing.assert_allclose(parts["training"], [9.0, 6.0])  # the slowest client
+    np.testing.assert_allclose(parts["validation"], [3.0, NAN])
+    np.testing.assert_allclose(parts["aggregation"], [1.0, NAN])
+    np.testing.assert_allclose(parts["waiting/overhead"], [7.0, 0.0])  # never negative
+    np.testing.assert_allclose(total, [20.0, 4.0])
+
+
+def test_figures_of_a_log_without_metrics(tmp_path: Path) -> None:
+    run = summary.load_run(make_run(tmp_path / "bare", [(1, "global", "round_seconds", 3.0)]))
+    for fig in (plots.plot_dice(run, 0.5), plots.plot_losses(run), plots.plot_epsilon(run),
+                plots.plot_round_time(run), plots.plot_compare([run, run]),
+                plots.plot_privacy_utility([run])):
+        assert plots.png_bytes(fig).startswith(PNG_MAGIC)
+
+
+def test_cli_analyze(tmp_path: Path, runs: list[Path]) -> None:
+    out = tmp_path / "cli_report"
+    result = CliRunner().invoke(cli, ["analyze", *map(str, runs), "--out", str(out),
+                                      "--target-dice", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "target: Dice 0.5" in result.output
+    assert (out / "report.html").is_file() and (out / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target-fraction", "0.5"], "exactly one run of kind 'pooled'"),
+    (["--target-dice", "0.5", "--target-fraction", "0.5"], "not both"),
+])
+def test_cli_errors_are_one_line(tmp_path: Path, runs: list[Path], args: list[str],
+                                 message: str) -> None:
+    result = CliRunner().invoke(cli, ["analyze", str(runs[0]), "--out",
+                                      str(tmp_path / "r"), *args])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert result.output.startswith("fedseg: error:") and result.output.count("\n") == 1
+
+
+def test_cli_names_the_missing_log(tmp_path: Path) -> None:
+    (tmp_path / "empty_run").mkdir()
+    result = CliRunner().invoke(cli, ["analyze", str(tmp_path / "empty_run"), "--out",
+                                      str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert "empty_run" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent "
+                    "(apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path: Path, runs: list[Path]) -> None:
+    files = report.write_report(runs, tmp_path / "report", target_fraction=0.5)
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+         "--window-size=1200,2000", "--enable-logging=stderr", "--v=0",
+         files.html.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # The page has no script: any console message (INFO:CONSOLE / ERROR:CONSOLE) is a fault.
+    console = [line for line in proc.stderr.splitlines()
+               if ":CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    assert shot.read_bytes().startswith(PNG_MAGIC)
+    assert shot.stat().st_size > 50_000  # a blank 1200x2000 page compresses to a few kB
