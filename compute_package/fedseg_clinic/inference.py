@@ -1,0 +1,149 @@
+"""Sliding-window inference over a whole volume, nnU-Net style.
+
+The volume is covered by patches whose starts are spread evenly so that neighbours
+overlap by at least ``overlap`` of the patch side; each patch's softmax output is
+weighted (Gaussian importance map: centre voxels count more than edge voxels, whose
+receptive field is cut off) and accumulated; the sum is divided by the accumulated
+weights. Every weight is positive and every voxel is covered, so the result is a convex
+combination of softmax outputs: probabilities that sum to 1.
+
+Patches are run in batches of a fixed shape (the last batch is padded) through
+``model.predict_on_batch``, whose traced function Keras keeps on the model: it is traced
+once per (batch, patch) shape and reused for every later volume and weight update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from itertools import product
+
+import numpy as np
+from scipy import ndimage
+
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.tf_env import keras
+
+logger = logging.getLogger(__name__)
+
+BLENDS: tuple[str, ...] = ("gaussian", "constant")
+PAD_VALUE: float = -1.0  # normalised value of the lowest HU of the window (air)
+GAUSSIAN_SIGMA_SCALE: float = 1.0 / 8  # nnU-Net's sigma = patch side / 8
+
+
+def window_starts(dim: int, side: int, overlap: float) -> list[int]:
+    """Evenly spread patch starts along one axis (nnU-Net's step computation).
+
+    Args:
+        dim: length of the (padded) axis; at least ``side``.
+        side: patch side along the axis.
+        overlap: minimum fraction of the side that neighbouring patches share.
+    """
+    if dim <= side:
+        return [0]
+    target_step = side * (1.0 - overlap)
+    n_steps = math.ceil((dim - side) / target_step) + 1
+    step = (dim - side) / (n_steps - 1)
+    return [round(step * i) for i in range(n_steps)]
+
+
+def gaussian_importance(patch_size: Sequence[int]) -> np.ndarray:
+    """Gaussian importance map (max 1, no zeros), float32 of shape ``patch_size``."""
+    impulse = np.zeros(tuple(patch_size), dtype=np.float64)
+    impulse[tuple(s // 2 for s in patch_size)] = 1.0
+    weights = ndimage.gaussian_filter(
+        impulse, sigma=[s * GAUSSIAN_SIGMA_SCALE for s in patch_size], mode="constant", cval=0
+    )
+    weights /= weights.max()
+    # Far corners underflow to 0; a zero weight would leave a voxel undefined.
+    weights[weights == 0] = weights[weights > 0].min()
+    return weights.astype(np.float32)
+
+
+def _check_args(image: np.ndarray, patch_size: Sequence[int], overlap: float, blend: str,
+                batch_size: int) -> tuple[int, int, int]:
+    if image.ndim != 3:
+        raise FedsegError(f"sliding window: image must be 3-D (z, y, x), got shape "
+                          f"{image.shape}")
+    sides = tuple(int(s) for s in patch_size)
+    if len(sides) != 3 or any(s <= 0 for s in sides):
+        raise FedsegError(f"sliding window: patch size must be three positive integers, "
+                          f"got {patch_size}")
+    if not 0.0 <= overlap < 1.0:
+        raise FedsegError(f"sliding window: overlap must be in [0, 1), got {overlap}")
+    if blend not in BLENDS:
+        raise FedsegError(f"sliding window: blend must be one of {', '.join(BLENDS)}, "
+                          f"got {blend!r}")
+    if batch_size < 1:
+        raise FedsegError(f"sliding window: batch_size must be >= 1, got {batch_size}")
+    return sides  # type: ignore[return-value]
+
+
+def sliding_window_predict(
+    model: keras.Model,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 2,
+) -> np.ndarray:
+    """Class probabilities for a whole normalised volume.
+
+    Args:
+        model: maps (b, z, y, x, 1) float32 to (b, z, y, x, C) softmax probabilities.
+        image: normalised float32 volume (z, y, x) (patches.normalise_hu).
+        patch_size: (z, y, x) window, a size the model accepts (model.check_patch_size).
+        overlap: minimum overlap of neighbouring windows as a fraction of the side.
+        blend: "gaussian" (nnU-Net importance weights) or "constant" (plain average).
+        batch_size: windows per forward pass.
+
+    Returns:
+        float32 (z, y, x, C) probabilities summing to 1 over C.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    sides = _check_args(image, patch_size, overlap, blend, batch_size)
+    shape = image.shape
+    # Pad (centred) to at least the patch size; cropped off again at the end.
+    pad = [((max(side - dim, 0)) // 2, max(side - dim, 0) - (max(side - dim, 0)) // 2)
+           for dim, side in zip(shape, sides, strict=True)]
+    padded = np.pad(image, pad, constant_values=PAD_VALUE) if any(map(any, pad)) else image
+    starts = list(product(*(window_starts(d, s, overlap)
+                            for d, s in zip(padded.shape, sides, strict=True))))
+
+    weights = (gaussian_importance(sides) if blend == "gaussian"
+               else np.ones(sides, dtype=np.float32))
+    n_classes = int(model.output_shape[-1])
+    summed = np.zeros((*padded.shape, n_classes), dtype=np.float32)
+    weight_sum = np.zeros(padded.shape, dtype=np.float32)
+
+    logger.debug("sliding window: %d windows of %s over %s", len(starts), sides,
+                 padded.shape)
+    batch = np.full((batch_size, *sides, 1), PAD_VALUE, dtype=np.float32)
+    for first in range(0, len(starts), batch_size):
+        chunk = starts[first:first + batch_size]
+        for i, (z, y, x) in enumerate(chunk):
+            batch[i, ..., 0] = padded[z:z + sides[0], y:y + sides[1], x:x + sides[2]]
+        probs = np.asarray(model.predict_on_batch(batch))
+        for i, (z, y, x) in enumerate(chunk):
+            region = (slice(z, z + sides[0]), slice(y, y + sides[1]), slice(x, x + sides[2]))
+            summed[region] += probs[i] * weights[..., None]
+            weight_sum[region] += weights
+
+    summed /= weight_sum[..., None]
+    crop = tuple(slice(before, before + dim) for (before, _), dim in zip(pad, shape,
+                                                                        strict=True))
+    return np.ascontiguousarray(summed[crop])
+
+
+def predict_labels(
+    model: keras.Model,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 2,
+) -> np.ndarray:
+    """Argmax label map (uint8 (z, y, x)) of :func:`sliding_window_predict`."""
+    probs = sliding_window_predict(model, image, patch_size, overlap, blend, batch_size)
+    return np.argmax(probs, axis=-1).astype(np.uint8)

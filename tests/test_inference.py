@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.inference import (
+    gaussian_importance,
+    predict_labels,
+    sliding_window_predict,
+    window_starts,
+)
+from fedseg_clinic.model import UNetConfig, build_unet
+from fedseg_clinic.tf_env import keras
+
+
+@pytest.fixture(scope="module")
+def pointwise_model() -> keras.Model:
+    """A real Keras model whose output at a voxel depends only on that voxel."""
+    inputs = keras.Input(shape=(None, None, None, 1))
+    outputs = keras.layers.Conv3D(
+        7, 1, activation="softmax",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=2.0, seed=0),
+        bias_initializer=keras.initializers.RandomNormal(seed=1),
+    )(inputs)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet() -> keras.Model:
+    return build_unet(UNetConfig(levels=2, base_filters=4), seed=0)
+
+
+@pytest.mark.parametrize(
+    ("dim", "side", "overlap", "expected"),
+    [
+        (10, 10, 0.5, [0]),
+        (8, 10, 0.5, [0]),
+        (128, 64, 0.5, [0, 32, 64]),
+        (100, 64, 0.5, [0, 18, 36]),
+        (128, 64, 0.0, [0, 64]),
+        (130, 64, 0.0, [0, 33, 66]),
+        (20, 16, 0.5, [0, 4]),
+    ],
+)
+def test_window_starts(dim: int, side: int, overlap: float, expected: list) -> None:
+    starts = window_starts(dim, side, overlap)
+    assert starts == expected
+    assert starts[-1] + side == max(dim, side)  # the last window ends at the edge
+
+
+def test_gaussian_importance() -> None:
+    weights = gaussian_importance((8, 16, 12))
+    assert weights.shape == (8, 16, 12) and weights.dtype == np.float32
+    assert weights.max() == pytest.approx(1.0)
+    assert weights[4, 8, 6] == weights.max()
+    assert weights.min() > 0
+    assert weights[0, 0, 0] < weights[4, 8, 0] < weights[4, 8, 6]
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap", "batch_size"),
+    [
+        ((20, 24, 17), (8, 8, 8), 0.5, 2),
+        ((5, 9, 3), (8, 8, 8), 0.5, 1),  # smaller than the patch: padded
+        ((16, 16, 16), (16, 16, 16), 0.25, 3),  # one window, batch padded
+        ((12, 20, 9), (4, 8, 8), 0.0, 4),
+    ],
+)
+def test_pointwise_model_matches_whole_volume(pointwise_model: keras.Model, blend: str,
+                                              shape: tuple, patch: tuple, overlap: float,
+                                              batch_size: int) -> None:
+    image = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    probs = sliding_window_predict(pointwise_model, image, patch, overlap, blend, batch_size)
+    direct = pointwise_model(image[None, ..., None]).numpy()[0]
+    assert probs.shape == (*shape, 7) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, direct, atol=1e-5)
+
+
+def test_unet_probabilities_sum_to_one_and_labels(tiny_unet: keras.Model) -> None:
+    image = np.random.default_rng(1).uniform(-1, 1, (10, 18, 7)).astype(np.float32)
+    probs = sliding_window_predict(tiny_unet, image, (8, 8, 8))
+    assert probs.shape == (10, 18, 7, 7)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    labels = predict_labels(tiny_unet, image, (8, 8, 8))
+    assert labels.dtype == np.uint8 and labels.shape == (10, 18, 7)
+    np.testing.assert_array_equal(labels, probs.argmax(-1))
+
+
+def test_gaussian_blend_weights_window_centres(tiny_unet: keras.Model) -> None:
+    # Where windows overlap, Gaussian and constant blends differ; elsewhere they agree.
+    image = np.random.default_rng(2).uniform(-1, 1, (8, 8, 12)).astype(np.float32)
+    gauss = sliding_window_predict(tiny_unet, image, (8, 8, 8), 0.5, "gaussian")
+    flat = sliding_window_predict(tiny_unet, image, (8, 8, 8), 0.5, "constant")
+    np.testing.assert_allclose(gauss[..., :4, :], flat[..., :4, :], atol=1e-6)  # one window
+    assert np.abs(gauss[..., 4:8, :] - flat[..., 4:8, :]).max() > 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"image": np.zeros((4, 4), np.float32)}, "3-D"),
+        ({"patch_size": (8, 8)}, "patch size"),
+        ({"overlap": 1.0}, "overlap"),
+        ({"blend": "median"}, "blend"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_arguments(pointwise_model: keras.Model, kwargs: dict, fragment: str) -> None:
+    args = {"image": np.zeros((8, 8, 8), np.float32), "patch_size": (8, 8, 8)} | kwargs
+    with pytest.raises(FedsegError, match=fragment):
+        sliding_window_predict(pointwise_model, **args)
