@@ -1,0 +1,75 @@
+"""``fedseg network up|down|status``: the FEDn server side as local processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from fedseg_clinic.errors import FedsegError
+
+
+@click.group()
+def network() -> None:
+    """Start, stop and inspect a local FEDn network (stores, API server, combiners)."""
+
+
+@network.command("up")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Network config YAML (keys as NetworkConfig; root defaults to its folder).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="Network folder for the default network (SQLite + moto, one combiner).")
+def up(config_path: Path | None, root: Path | None) -> None:
+    """Bring a network up and wait until every process answers."""
+    from fedseg.orchestration.network import NetworkConfig, network_up
+
+    if (config_path is None) == (root is None):
+        raise FedsegError("network up needs exactly one of --config FILE or --root DIR")
+    config = (NetworkConfig.from_yaml(config_path) if config_path is not None
+              else NetworkConfig.default(root))
+    state = network_up(config)
+    click.echo(f"network up in {state.root}")
+    click.echo(f"  api       {state.api_url}")
+    for combiner in state.combiners:
+        click.echo(f"  combiner  {combiner.name} {combiner.host}:{combiner.port}")
+    if state.hooks_host:
+        click.echo(f"  hooks     {state.hooks_host}")
+    if state.admin_token:
+        click.echo(f"  auth      on (tokens in {state.root / 'network.json'})")
+
+
+@network.command("down")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Network folder.")
+def down(root: Path) -> None:
+    """Stop every process the network started (also after a crash)."""
+    from fedseg.orchestration.network import network_down
+
+    stopped = network_down(root)
+    click.echo(f"stopped {', '.join(stopped) if stopped else 'nothing (all had exited)'}")
+
+
+@network.command("status")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Network folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(root: Path, as_json: bool) -> None:
+    """Show each process (pid, alive, port, log) and the stores."""
+    from fedseg.orchestration.network import network_status
+
+    info = network_status(root)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"network {info['root']}: {'up' if info['up'] else 'DEGRADED'}, "
+               f"api {info['api_url']}, auth {'on' if info['auth'] else 'off'}")
+    for name, proc in info["processes"].items():
+        state = "alive" if proc["alive"] else "DEAD"
+        click.echo(f"  {name:<14} pid {proc['pid']:<7} {state:<5} port {proc['port']}  "
+                   f"log {proc['log']}")
+    click.echo(f"  statestore {info['statestore'].get('kind')}; "
+               f"object store {info['storage']['kind']} {info['storage']['endpoint']}")
+
+
+COMMANDS: list[click.Command] = [network]

@@ -1,0 +1,53 @@
+"""JWT tokens for a network with authentication on, minted locally with PyJWT.
+
+fedn's API server checks ``Authorization: Bearer <jwt>`` signed with
+FEDN_JWT_SECRET_KEY (HS256) and a ``role`` claim: "admin" for management
+routes, "client" for client registration and package download. fedn's own
+token commands call a hosted service, so we mint the tokens ourselves.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import jwt
+
+ALGORITHM = "HS256"  # fedn's default FEDN_JWT_ALGORITHM
+ROLES = ("admin", "client", "combiner")
+MIN_SECRET_BYTES = 32
+
+
+def new_secret() -> str:
+    """A fresh signing secret (64 hex characters = 32 bytes, as HS256 wants)."""
+    return secrets.token_hex(MIN_SECRET_BYTES)
+
+
+def mint_token(secret: str, role: str, subject: str = "fedseg",
+               lifetime_s: float | None = None) -> str:
+    """Sign a token for ``role``.
+
+    Args:
+        secret: The network's FEDN_JWT_SECRET_KEY.
+        role: "admin", "client" or "combiner".
+        subject: Who holds it (the ``sub`` claim), e.g. a client name.
+        lifetime_s: Seconds until it expires; None = no expiry (a local network's
+            lifetime is bounded by the secret, which changes at each ``network up``).
+
+    Returns:
+        The encoded JWT.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"JWT secret must be at least {MIN_SECRET_BYTES} bytes")
+    now = int(time.time())
+    claims: dict[str, object] = {"role": role, "sub": subject, "iat": now}
+    if lifetime_s is not None:
+        claims["exp"] = now + int(lifetime_s)
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def token_role(secret: str, token: str) -> str:
+    """The role claim of a token signed with ``secret`` (raises jwt.InvalidTokenError)."""
+    return str(jwt.decode(token, secret, algorithms=[ALGORITHM])["role"])

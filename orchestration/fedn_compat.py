@@ -1,0 +1,366 @@
+"""Every run-time workaround for fedn 0.33.0 bugs, in one place.
+
+fedn 0.33.0 is the newest open release and treated as frozen. Nothing here
+copies fedn code: each function patches fedn (or a library it calls) at run
+time in the process that will run fedn's own start function (see
+:mod:`fedseg.orchestration.fedn_launch`). Each fix names the upstream symptom.
+
+Bug numbers refer to /work/shared/notes/fedn-0.33.md ("Bugs met in 0.33.0"):
+
+1. SQLAlchemy 2.1 maps postgresql:// to psycopg 3: fixed by the pin
+   SQLAlchemy==2.0.58 in setup.cfg, checked by :func:`check_sqlalchemy`.
+2, 4, 6, 7. Values of the wrong Python type reach the SQL columns:
+   :func:`install_sql_coercion` converts them on their way in.
+3. gunicorn workers race on create_all: :func:`create_schema` runs once
+   before the API server starts.
+4. Client registration sends ``preferred_combiner``, the route reads
+   ``combiner_preferred``: :func:`install_client_add_alias`.
+5. APIClient.start_session omits ``rounds``: :func:`start_session`.
+Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
+   :func:`bind_api_server` and :func:`bind_grpc_servers` make them listen on
+   127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from importlib import metadata
+from typing import Any
+
+import grpc
+import sqlalchemy
+from sqlalchemy import event, types
+
+from fedseg_clinic.errors import FedsegError
+
+logger = logging.getLogger(__name__)
+
+_TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
+_FALSE_STRINGS = frozenset({"false", "0", "no", "off", "f", "n", ""})
+
+
+# --- bug 1 -------------------------------------------------------------------------------
+
+def check_sqlalchemy() -> None:
+    """Fail early when SQLAlchemy >= 2.1 is installed.
+
+    Symptom (bug 1): SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3, which fedn
+    does not install: "No module named 'psycopg'" when the PostgreSQL store starts.
+    """
+    version = metadata.version("SQLAlchemy")
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if (major, minor) >= (2, 1):
+        raise FedsegError(f"SQLAlchemy {version} is installed; fedn 0.33.0 needs <2.1 "
+                          "(postgresql:// maps to psycopg 3, which fedn lacks)")
+
+
+# --- bugs 2, 4, 6, 7 ---------------------------------------------------------------------
+
+def coerce_column_value(value: Any, column_type: types.TypeEngine, nullable: bool) -> Any:
+    """Convert a value to what a SQL column of ``column_type`` accepts.
+
+    Symptoms fixed:
+      * bug 2: the combiner stores ``str(datetime.now())`` in a DateTime column:
+        "SQLite DateTime type only accepts Python datetime" (the combiner dies).
+      * bug 6: round config values arrive as strings: "Not a boolean value: 'True'"
+        kills the combiner's round thread after the first aggregation.
+      * bug 7: ``aggregator_kwargs`` as a dict: "can't adapt type 'dict'" (HTTP 500).
+      * bug 4 (second half): None into the NOT NULL ``combiner_preferred`` column.
+
+    Args:
+        value: What fedn assigned to the attribute.
+        column_type: The column's SQLAlchemy type.
+        nullable: Whether the column accepts NULL.
+
+    Returns:
+        The converted value; values that already fit (or that we cannot convert)
+        are returned unchanged so that the database reports real errors itself.
+    """
+    if value is None:
+        if not nullable and isinstance(column_type, types.String):
+            return ""
+        return None
+    if isinstance(column_type, types.Boolean):
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _TRUE_STRINGS:
+                return True
+            if text in _FALSE_STRINGS:
+                return False
+            return value
+        if isinstance(value, (int, float)):
+            return bool(value)
+        return value
+    if isinstance(column_type, types.Integer):
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    return int(float(value))
+                except ValueError:
+                    return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool):
+            return int(value)
+        return value
+    if isinstance(column_type, (types.Float, types.Numeric)):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+    if isinstance(column_type, types.DateTime):
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            except ValueError:
+                return value
+        return value
+    if isinstance(column_type, types.JSON):
+        return value
+    if isinstance(column_type, types.String):
+        if isinstance(value, (dict, list)):
+            return json.dumps(value)
+        if isinstance(value, (bool, int, float)):
+            return str(value)
+        if isinstance(value, datetime):
+            return value.isoformat()
+        return value
+    return value
+
+
+def _coerce_row(_mapper: Any, _connection: Any, target: Any) -> None:
+    """Mapper event: coerce every column attribute of ``target`` in place."""
+    table = getattr(type(target), "__table__", None)
+    if table is None:
+        return
+    state = sqlalchemy.inspect(target)
+    for column in table.columns:
+        key = column.key
+        if key not in state.dict:
+            continue
+        value = state.dict[key]
+        new_value = coerce_column_value(value, column.type, bool(column.nullable))
+        if new_value is not value:
+            setattr(target, key, new_value)
+
+
+def install_sql_coercion() -> None:
+    """Coerce values on their way into fedn's SQL tables (bugs 2, 4, 6, 7).
+
+    Registers before_insert/before_update mapper events on fedn's declarative base,
+    so every SQL store model (SQLite and PostgreSQL alike) is covered. Idempotent.
+    """
+    from fedn.network.storage.statestore.stores.sql.shared import MyAbstractBase
+
+    for name in ("before_insert", "before_update"):
+        if not event.contains(MyAbstractBase, name, _coerce_row):
+            event.listen(MyAbstractBase, name, _coerce_row, propagate=True)
+
+
+# --- bug 3 -------------------------------------------------------------------------------
+
+def sql_url(statestore: dict) -> str:
+    """The SQLAlchemy URL fedn builds from a statestore config (SQLite or PostgreSQL)."""
+    kind = statestore.get("type")
+    if kind == "SQLite":
+        return f"sqlite:///{statestore['sqlite_config']['dbname']}"
+    if kind == "PostgreSQL":
+        pg = statestore["postgres_config"]
+        url = sqlalchemy.engine.URL.create(
+            "postgresql", username=pg["username"], password=pg["password"], host=pg["host"],
+            port=int(pg["port"]), database="fedn_db")  # fedn hard-codes the database name
+        return url.render_as_string(hide_password=False)
+    raise FedsegError(f"statestore type {kind!r} is not a SQL store (SQLite or PostgreSQL)")
+
+
+def create_schema(statestore: dict) -> None:
+    """Create fedn's tables once, before any gunicorn worker starts.
+
+    Symptom (bug 3): on an empty PostgreSQL database the workers run create_all
+    concurrently; one fails with UniqueViolation (pg_type_typname_nsp_index) and
+    the gunicorn master exits. With the tables present, create_all is a no-op.
+    """
+    from fedn.network.storage.statestore.stores.sql.shared import MyAbstractBase
+
+    engine = sqlalchemy.create_engine(sql_url(statestore))
+    try:
+        MyAbstractBase.metadata.create_all(engine, checkfirst=True)
+    except sqlalchemy.exc.OperationalError as exc:
+        raise FedsegError(f"cannot create the fedn schema in the state store: "
+                          f"{str(exc.orig).strip().splitlines()[0]}") from exc
+    finally:
+        engine.dispose()
+
+
+# --- bug 4 -------------------------------------------------------------------------------
+
+def alias_preferred_combiner(body: Any) -> None:
+    """Copy ``preferred_combiner`` to ``combiner_preferred`` in a client-add body, in place.
+
+    Symptom (bug 4): the client sends ``preferred_combiner``, the route reads
+    ``combiner_preferred`` (a NOT NULL column): HTTP 500, and the client crashes with
+    "cannot unpack non-iterable NoneType". The key also decides which combiner a
+    client is assigned to, so several combiners need it.
+    """
+    if isinstance(body, dict) and "combiner_preferred" not in body:
+        preferred = body.get("preferred_combiner")
+        body["combiner_preferred"] = preferred if preferred else None
+
+
+def install_client_add_alias(app: Any) -> None:
+    """Register :func:`alias_preferred_combiner` on the Flask app for /clients/add."""
+    from flask import request
+
+    def _alias() -> None:
+        if request.method == "POST" and request.path.rstrip("/").endswith("/clients/add"):
+            # get_json caches the parsed body: the route reads the dict we change.
+            alias_preferred_combiner(request.get_json(silent=True))
+
+    if _alias.__name__ not in {f.__name__ for f in app.before_request_funcs.get(None, [])}:
+        app.before_request(_alias)
+
+
+# --- bug 5 -------------------------------------------------------------------------------
+
+def start_session(client: Any, rounds: int, *, model_id: str, name: str | None = None,
+                  aggregator: str = "fedavg", aggregator_kwargs: dict | None = None,
+                  round_timeout: int = 180, min_clients: int = 1,
+                  requested_clients: int | None = None, validate: bool = True,
+                  helper: str = "numpyhelper", server_functions: str | None = None,
+                  timeout_s: float = 30.0) -> str:
+    """Create and start a session through the REST API; returns the session id.
+
+    Symptom (bug 5): APIClient.start_session leaves ``rounds`` out of the session
+    config (NOT NULL column) -> HTTP 500. POST /api/v1/sessions/ with rounds, then
+    POST /api/v1/sessions/start, works.
+
+    Args:
+        client: A fedn APIClient (its headers carry the admin token when auth is on).
+        rounds: Number of rounds.
+        model_id: The seed model id.
+        name: Session name (optional).
+        aggregator: fedavg, fedopt, ...
+        aggregator_kwargs: e.g. {"serveropt": "adam", "learning_rate": 1e-2}.
+        round_timeout: Seconds a round waits for updates.
+        min_clients: Clients required per round.
+        requested_clients: Clients asked per round (None = all).
+        validate: Whether clients validate each new global model.
+        helper: The fedn helper (numpyhelper).
+        server_functions: Source code of a ServerFunctions class (hooks), or None.
+        timeout_s: HTTP timeout.
+
+    Raises:
+        FedsegError: The API refused; the message holds its answer.
+    """
+    import requests
+
+    config = {
+        "aggregator": aggregator,
+        "aggregator_kwargs": json.dumps(aggregator_kwargs) if aggregator_kwargs else None,
+        "round_timeout": int(round_timeout),
+        "buffer_size": -1,
+        "delete_models_storage": True,
+        "clients_required": int(min_clients),
+        "requested_clients": requested_clients,
+        "validate": bool(validate),
+        "helper_type": helper,
+        "model_id": model_id,
+        "rounds": int(rounds),
+        "server_functions": server_functions,
+    }
+    body: dict[str, Any] = {"session_config": config}
+    if name:
+        body["name"] = name
+    url = client._get_url("api/v1/sessions/")
+    answer = requests.post(url, json=body, headers=client.headers, timeout=timeout_s,
+                           verify=client.verify)
+    if answer.status_code >= 300:
+        raise FedsegError(f"POST {url} refused ({answer.status_code}): {answer.text.strip()}")
+    session_id = answer.json()["session_id"]
+    url = client._get_url("api/v1/sessions/start")
+    answer = requests.post(url, json={"session_id": session_id, "rounds": int(rounds),
+                                      "round_timeout": int(round_timeout)},
+                           headers=client.headers, timeout=timeout_s, verify=client.verify)
+    if answer.status_code >= 300:
+        raise FedsegError(f"POST {url} refused ({answer.status_code}): {answer.text.strip()}")
+    return str(session_id)
+
+
+# --- binding -----------------------------------------------------------------------------
+
+def bind_api_server(host: str, workers: int) -> None:
+    """Make fedn's API server listen on ``host`` with ``workers`` gunicorn workers.
+
+    Symptom: fedn.network.api.server.start_server_api hard-codes host "0.0.0.0" and
+    workers = os.cpu_count(). It calls ``gunicorn_app.run_gunicorn`` through the
+    module, so replacing that attribute changes both before gunicorn binds.
+    """
+    from fedn.network.api import gunicorn_app
+
+    original = getattr(gunicorn_app.run_gunicorn, "__wrapped__", gunicorn_app.run_gunicorn)
+
+    def run_gunicorn(app: Any, _host: str, port: int, _workers: int = 4) -> Any:
+        return original(app, host, port, workers)
+
+    run_gunicorn.__wrapped__ = original  # type: ignore[attr-defined]
+    gunicorn_app.run_gunicorn = run_gunicorn
+
+    # gunicorn >= 26 also opens a control socket at ~/.gunicorn/gunicorn.ctl, one path
+    # shared by every API server of the user; we never use it.
+    load_config = getattr(gunicorn_app.GunicornApp.load_config, "__wrapped__",
+                          gunicorn_app.GunicornApp.load_config)
+
+    def load_config_without_control_socket(self: Any) -> None:
+        load_config(self)
+        if "control_socket_disable" in self.cfg.settings:
+            self.cfg.set("control_socket_disable", True)
+
+    load_config_without_control_socket.__wrapped__ = load_config  # type: ignore[attr-defined]
+    gunicorn_app.GunicornApp.load_config = load_config_without_control_socket
+
+
+def rewrite_grpc_address(address: str, host: str, port: int | None = None) -> str:
+    """"[::]:12080" -> "127.0.0.1:12080" (and the port replaced when given)."""
+    old_host, _, old_port = address.rpartition(":")
+    if old_host not in ("[::]", "0.0.0.0", ""):
+        return address
+    return f"{host}:{port if port is not None else old_port}"
+
+
+def bind_grpc_servers(host: str, port: int | None = None) -> None:
+    """Make every gRPC server created in this process listen on ``host`` (and ``port``).
+
+    Symptom: fedn.network.grpc.server.Server (combiner) binds "[::]:PORT" and
+    fedn.network.combiner.hooks.hooks.serve binds "[::]:12081" (port hard-coded).
+    grpc.server is wrapped so the returned server's add_*_port get our address.
+    Use only in a process dedicated to one fedn server (fedn_launch does).
+
+    Args:
+        host: Address to listen on, e.g. "127.0.0.1".
+        port: Replace the port as well (the hooks service has no port option).
+    """
+    original = getattr(grpc.server, "__wrapped__", grpc.server)
+
+    def server(*args: Any, **kwargs: Any) -> Any:
+        grpc_server = original(*args, **kwargs)
+        add_insecure = grpc_server.add_insecure_port
+        add_secure = grpc_server.add_secure_port
+
+        def add_insecure_port(address: str) -> int:
+            return add_insecure(rewrite_grpc_address(address, host, port))
+
+        def add_secure_port(address: str, credentials: Any) -> int:
+            return add_secure(rewrite_grpc_address(address, host, port), credentials)
+
+        grpc_server.add_insecure_port = add_insecure_port
+        grpc_server.add_secure_port = add_secure_port
+        return grpc_server
+
+    server.__wrapped__ = original  # type: ignore[attr-defined]
+    grpc.server = server

@@ -1,0 +1,77 @@
+"""``python -m fedseg.orchestration.fedn_launch api|combiner|hooks ...``.
+
+The network starts this module instead of the ``fedn`` console script: it applies
+:mod:`fedseg.orchestration.fedn_compat` in the new process, makes the server listen
+on 127.0.0.1 only, and then calls fedn's own start function. fedn reads its store
+settings from the files named by STATESTORE_CONFIG and MODELSTORAGE_CONFIG, which
+the network sets in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedseg.orchestration import fedn_compat
+
+HOST = "127.0.0.1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedn_launch", description=__doc__)
+    sub = parser.add_subparsers(dest="role", required=True)
+    api = sub.add_parser("api", help="fedn's API server (controller)")
+    api.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    combiner = sub.add_parser("combiner", help="a fedn combiner")
+    combiner.add_argument("--name", required=True)
+    combiner.add_argument("--port", type=int, required=True)
+    combiner.add_argument("--max-clients", type=int, default=30)
+    hooks = sub.add_parser("hooks", help="fedn's ServerFunctions hooks service")
+    hooks.add_argument("--port", type=int, required=True)
+    return parser
+
+
+def run_api(workers: int) -> None:
+    """Patch, then run fedn.network.api.server.start_server_api (blocks)."""
+    fedn_compat.check_sqlalchemy()
+    fedn_compat.install_sql_coercion()
+    fedn_compat.bind_api_server(HOST, workers)
+    from fedn.network.api import server
+
+    fedn_compat.install_client_add_alias(server.app)
+    server.start_server_api()
+
+
+def run_combiner(name: str, port: int, max_clients: int) -> None:
+    """Patch, then run fedn's ``combiner start`` command (blocks)."""
+    fedn_compat.check_sqlalchemy()
+    fedn_compat.install_sql_coercion()
+    fedn_compat.bind_grpc_servers(HOST)
+    from fedn.cli import main as fedn_main
+
+    fedn_main(args=["combiner", "start", "--name", name, "--host", HOST, "--port", str(port),
+                    "--max_clients", str(max_clients)],
+              prog_name="fedn", standalone_mode=True)
+
+
+def run_hooks(port: int) -> None:
+    """Patch, then run fedn's hooks service (blocks); fedn hard-codes port 12081."""
+    fedn_compat.bind_grpc_servers(HOST, port)
+    from fedn.network.combiner.hooks.hooks import serve
+
+    serve()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    args = _parser().parse_args(argv)
+    if args.role == "api":
+        run_api(args.workers)
+    elif args.role == "combiner":
+        run_combiner(args.name, args.port, args.max_clients)
+    else:
+        run_hooks(args.port)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,390 @@
+"""Real FEDn networks on this machine: up, a 2-round session with 2 clients, down.
+
+Each bring-up costs seconds, so one network per scenario, shared by its tests
+(module-scoped fixtures). Ports are picked free at run time so that several
+engineers' test runs on one machine do not collide.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+from click.testing import CliRunner
+
+from fedseg.cli import cli
+from fedseg.orchestration import fedn_compat, ports
+from fedseg.orchestration.network import (
+    CombinerSpec,
+    NetworkConfig,
+    NetworkState,
+    load_network_state,
+    network_down,
+    network_status,
+    network_up,
+)
+from fedseg.orchestration.stores import find_postgres_bindir
+from fedseg_clinic.errors import FedsegError
+
+PACKAGE_DIR = Path(__file__).resolve().parent / "fednpkg_numpy"
+VENV_BIN = Path(sys.executable).parent
+SESSION_TIMEOUT_S = 120.0
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (sockets held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def make_config(root: Path, n_combiners: int = 1, **overrides: object) -> NetworkConfig:
+    api, s3, pg, *comb = free_ports(3 + n_combiners)
+    config = NetworkConfig(
+        root=root, api_port=api, s3_port=s3, postgres_port=pg,
+        combiners=[CombinerSpec(f"combiner-{i + 1}", p) for i, p in enumerate(comb)],
+        startup_timeout_s=60, api_workers=1)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
+# --- a tiny numpy experiment ------------------------------------------------------------
+
+def seed_weights() -> list[np.ndarray]:
+    return [np.zeros((2, 3)), np.arange(4, dtype=float)]
+
+
+def upload_package_and_seed(state: NetworkState, work: Path) -> None:
+    from fedn.cli.package_cmd import create_tar_with_ignore
+    from fedn.utils.helpers.helpers import get_helper
+
+    work.mkdir(parents=True, exist_ok=True)
+    tgz = work / "package.tgz"
+    create_tar_with_ignore(str(PACKAGE_DIR), str(tgz))
+    seed = work / "seed.npz"
+    get_helper("numpyhelper").save(seed_weights(), str(seed))
+    client = state.api_client()
+    answer = client.set_active_package(str(tgz), helper="numpyhelper", name="numpy-test")
+    assert answer.get("success", True) is not False, answer
+    answer = client.set_active_model(str(seed))
+    assert answer.get("success", True) is not False, answer
+
+
+def start_clients(state: NetworkState, names: list[str], work: Path, token: str | None,
+                  preferred: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """`fedn client start` processes, one working directory each."""
+    procs = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDN_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in fedn.yaml
+    for name in names:
+        cwd = work / name
+        cwd.mkdir(parents=True, exist_ok=True)
+        argv = [str(VENV_BIN / "fedn"), "client", "start", "--api-url", "http://127.0.0.1",
+                "--api-port", str(state.api_port), "--name", name]
+        if token:
+            argv += ["--token", token]
+        if preferred and name in preferred:
+            argv += ["--preferred-combiner", preferred[name]]
+        log = open(cwd / "client.log", "wb")
+        procs.append(subprocess.Popen(argv, cwd=cwd, env={**env, "FEDN_HOME_DIR": str(cwd)},
+                                      stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        log.close()
+    return procs
+
+
+def stop_clients(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def wait_for_clients(state: NetworkState, n: int, timeout_s: float = 60.0) -> list[dict]:
+    client = state.api_client()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        online = [c for c in client.get_clients().get("result", [])
+                  if c.get("status") == "online"]
+        if len(online) >= n:
+            return online
+        time.sleep(0.5)
+    raise AssertionError(f"only {len(online)} of {n} clients online after {timeout_s} s")
+
+
+def run_session(state: NetworkState, rounds: int, min_clients: int) -> str:
+    client = state.api_client()
+    model_id = client.get_active_model()["model_id"]
+    session_id = fedn_compat.start_session(client, rounds, model_id=model_id,
+                                           min_clients=min_clients, round_timeout=60)
+    deadline = time.monotonic() + SESSION_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if client.get_session_status(session_id) == "Finished":
+            return session_id
+        time.sleep(0.5)
+    raise AssertionError(f"session {session_id} not finished after {SESSION_TIMEOUT_S} s")
+
+
+def final_weights(state: NetworkState, session_id: str, work: Path) -> list[np.ndarray]:
+    from fedn.utils.helpers.helpers import get_helper
+
+    client = state.api_client()
+    models = client.get_models(session_id=session_id)["result"]
+    latest = max(models, key=lambda m: m["committed_at_ts"] if "committed_at_ts" in m
+                 else m["committed_at"])
+    path = work / "final.npz"
+    client.download_model(latest["model_id"], str(path))
+    return get_helper("numpyhelper").load(str(path))
+
+
+def listeners_of(pids: set[int]) -> list[tuple[str, int]]:
+    """(ip, port) of every listening socket owned by the given pids (and children)."""
+    all_pids = set(pids)
+    for pid in pids:
+        try:
+            all_pids |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
+    return [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in all_pids]
+
+
+def assert_all_stopped(state: NetworkState) -> None:
+    for record in state.records.values():
+        assert not ports.is_alive(record), f"{record.name} still alive"
+        assert not ports._session_members(record.pid), f"{record.name} left children"
+
+
+def experiment(state: NetworkState, work: Path, names: list[str], *,
+               preferred: dict[str, str] | None = None) -> tuple[str, list[dict]]:
+    """Package + seed, clients, a 2-round session; returns (session id, online clients)."""
+    upload_package_and_seed(state, work)
+    procs = start_clients(state, names, work, state.client_token, preferred)
+    try:
+        online = wait_for_clients(state, len(names))
+        session_id = run_session(state, rounds=2, min_clients=len(names))
+    finally:
+        stop_clients(procs)
+    return session_id, online
+
+
+# --- SQLite + moto, one combiner --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sqlite_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkState]:
+    root = tmp_path_factory.mktemp("net-sqlite")
+    state = network_up(make_config(root))
+    yield state
+    if (root / "network.json").exists():
+        network_down(root)
+
+
+def test_sqlite_network_runs_two_rounds(sqlite_net: NetworkState, tmp_path: Path) -> None:
+    session_id, _ = experiment(sqlite_net, tmp_path, ["c1", "c2"])
+    client = sqlite_net.api_client()
+    models = client.get_models(session_id=session_id)["result"]
+    assert len(models) == 2
+    rounds = client.get_rounds()["result"]
+    assert len(rounds) == 2
+    # fedavg of two clients that both add 1 each round: seed + 2.
+    weights = final_weights(sqlite_net, session_id, tmp_path)
+    for got, seed in zip(weights, seed_weights(), strict=True):
+        np.testing.assert_allclose(got, seed + 2.0)
+
+
+def test_sqlite_network_listens_on_localhost_only(sqlite_net: NetworkState) -> None:
+    listening = listeners_of(set(sqlite_net.processes.values()))
+    our_ports = {rec.port for rec in sqlite_net.records.values()}
+    assert our_ports <= {port for _ip, port in listening}
+    for ip, port in listening:
+        # gRPC's socket is dual-stack: 127.0.0.1 shows as ::ffff:127.0.0.1 (still loopback).
+        address = ipaddress.ip_address(ip)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        assert address.is_loopback, f"port {port} listens on {ip}"
+        assert ip not in ("0.0.0.0", "::")
+
+
+def test_status_reports_every_process(sqlite_net: NetworkState) -> None:
+    status = network_status(sqlite_net.root)
+    assert status["up"] is True
+    assert set(status["processes"]) == {"moto", "api", "combiner-1"}
+    assert status["processes"]["api"]["port"] == sqlite_net.api_port
+    assert status["statestore"]["kind"] == "sqlite"
+    assert load_network_state(sqlite_net.root).api_url == sqlite_net.api_url
+
+
+def test_second_up_in_same_root_is_refused(sqlite_net: NetworkState) -> None:
+    config = make_config(sqlite_net.root)
+    with pytest.raises(FedsegError, match="already up"):
+        network_up(config)
+
+
+def test_port_in_use_names_port_and_owner(sqlite_net: NetworkState, tmp_path: Path) -> None:
+    config = make_config(tmp_path / "other", api_port=sqlite_net.api_port)
+    with pytest.raises(FedsegError, match=rf"api_port {sqlite_net.api_port} is already in use "
+                                          r"by pid \d+"):
+        network_up(config)
+    assert not (tmp_path / "other" / "network.json").exists()
+
+
+# --- faults that need no running network ------------------------------------------------
+
+def test_unreachable_postgres_url_is_one_line_error(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    config = make_config(tmp_path, statestore="postgres-url",
+                         postgres_url=f"postgresql://fedn:pw@127.0.0.1:{port}/fedn_db")
+    with pytest.raises(FedsegError, match=f"127.0.0.1:{port}/fedn_db unreachable") as info:
+        network_up(config)
+    assert "\n" not in str(info.value)
+    # moto was started first and must have been stopped again.
+    assert ports.is_port_free(config.s3_port)
+    assert not (tmp_path / "network.json").exists()
+
+
+def test_unreachable_s3_url_is_one_line_error(tmp_path: Path) -> None:
+    port = free_port()
+    config = make_config(tmp_path, s3="url", s3_endpoint=f"http://127.0.0.1:{port}",
+                         s3_access_key="a", s3_secret_key="b")
+    with pytest.raises(FedsegError, match=f"object store http://127.0.0.1:{port} unusable"):
+        network_up(config)
+
+
+def test_down_after_crashed_process_cleans_up(tmp_path: Path) -> None:
+    state = network_up(make_config(tmp_path))
+    api = state.records["api"]
+    workers = ports._session_members(api.pid)
+    assert workers, "gunicorn should have forked a worker"
+    os.kill(api.pid, signal.SIGKILL)  # the master dies, its worker is left behind
+    time.sleep(0.5)
+    assert network_status(tmp_path)["up"] is False
+    stopped = network_down(tmp_path)
+    assert "api" not in stopped or not psutil.pid_exists(api.pid)
+    assert {"moto", "combiner-1"} <= set(stopped)
+    assert_all_stopped(state)
+    for worker in workers:
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(FedsegError, match="no network state"):
+        network_down(tmp_path)
+
+
+# --- two combiners with auth on ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def auth_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkState]:
+    root = tmp_path_factory.mktemp("net-auth")
+    state = network_up(make_config(root, n_combiners=2, auth=True))
+    yield state
+    network_down(root)
+    assert_all_stopped(state)
+
+
+def test_auth_refuses_requests_without_token(auth_net: NetworkState) -> None:
+    url = f"{auth_net.api_url}api/v1/clients/add"
+    answer = requests.post(url, json={"name": "intruder", "client_id": "x"}, timeout=5)
+    assert answer.status_code == 401
+    answer = requests.get(f"{auth_net.api_url}api/v1/models/", timeout=5,
+                          headers={"Authorization": f"Bearer {auth_net.client_token}"})
+    assert answer.status_code == 401  # a client token is no admin token
+
+
+def test_auth_client_without_token_is_refused(auth_net: NetworkState, tmp_path: Path) -> None:
+    procs = start_clients(auth_net, ["nobody"], tmp_path, token=None)
+    try:
+        time.sleep(4)
+        names = [c["name"] for c in auth_net.api_client().get_clients().get("result", [])]
+        assert "nobody" not in names
+    finally:
+        stop_clients(procs)
+
+
+def test_two_combiners_with_auth_run_two_rounds(auth_net: NetworkState,
+                                                tmp_path: Path) -> None:
+    preferred = {"c1": "combiner-1", "c2": "combiner-2"}
+    session_id, online = experiment(auth_net, tmp_path, ["c1", "c2"], preferred=preferred)
+    assert {c["name"]: c["combiner"] for c in online} == preferred
+    client = auth_net.api_client()
+    assert len(client.get_models(session_id=session_id)["result"]) == 2
+    weights = final_weights(auth_net, session_id, tmp_path)
+    np.testing.assert_allclose(weights[1], seed_weights()[1] + 2.0)
+
+
+# --- managed PostgreSQL ----------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_managed_postgres_network_runs_two_rounds(tmp_path: Path) -> None:
+    if find_postgres_bindir() is None:
+        pytest.skip("PostgreSQL's initdb/postgres are not installed")
+    # The postgres user must be able to enter the root (pytest's tmp is 0700).
+    root = Path(tempfile.mkdtemp(prefix="fedseg-pg-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    try:
+        state = network_up(make_config(root, statestore="postgres-managed"))
+        try:
+            assert state.statestore["type"] == "PostgreSQL"
+            session_id, _ = experiment(state, tmp_path, ["c1", "c2"])
+            assert len(state.api_client().get_models(session_id=session_id)["result"]) == 2
+        finally:
+            stopped = network_down(root)
+        assert stopped == ["combiner-1", "api", "postgres", "moto"]
+        assert_all_stopped(state)
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+# --- the CLI ---------------------------------------------------------------------------
+
+def test_cli_up_status_down(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "net")
+    config_file = tmp_path / "network.yaml"
+    import yaml
+
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["network", "up", "--config", str(config_file)])
+    assert result.exit_code == 0, result.output
+    try:
+        result = runner.invoke(cli, ["network", "status", "--root", str(config.root)])
+        assert result.exit_code == 0, result.output
+        assert "combiner-1" in result.output and "alive" in result.output
+    finally:
+        result = runner.invoke(cli, ["network", "down", "--root", str(config.root)])
+    assert result.exit_code == 0, result.output
+    assert "stopped" in result.output
+    result = runner.invoke(cli, ["network", "down", "--root", str(config.root)])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "no network state" in result.output
