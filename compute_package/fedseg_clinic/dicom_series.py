@@ -185,6 +185,10 @@ def scan_folder(src: Path) -> ScanResult:
                 continue
             modality = str(ds.get("Modality", ""))
             sop_class = str(ds.get("SOPClassUID", ""))
+            if not modality and not sop_class:
+                skipped.append((path, "DICOM file without Modality or SOPClassUID "
+                                      "(truncated or empty?)"))
+                continue
             if sop_class == RTSTRUCT_STORAGE:
                 modality = "RTSTRUCT"
             elif sop_class == SEG_STORAGE:

@@ -1,0 +1,469 @@
+"""Import a clinic's DICOM folder into the case format (one case per patient study).
+
+``import_clinic`` scans a folder (nested folders allowed), groups CT slices by
+SeriesInstanceUID and series by patient study (PatientID + StudyInstanceUID), attaches
+RTSTRUCTs (by their series / image / frame-of-reference references) and label map files
+(NIfTI/NRRD beside or above their series' files), rasterises the labels onto the CT grid,
+preprocesses (crop to body, resample, HU clip) and writes each case atomically, then the
+clinic's manifest.json.
+
+Bad input never stops the other patients: every problem becomes one line in
+``ImportReport.problems`` naming the file; a patient with an error is not written at all.
+Case ids are pseudonyms: a salted hash of PatientID + StudyInstanceUID. The salt is kept
+in ``CASES_DIR/.pseudonym-salt`` (created once), so re-imports give the same ids and the
+ids cannot be recomputed from a PatientID without the clinic's salt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import logging
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from fedseg_clinic import preprocess
+from fedseg_clinic.case_format import (
+    CASE_META_NAME,
+    Case,
+    CaseMeta,
+    Manifest,
+    assign_splits,
+    atomic_write_text,
+    manifest_entry,
+    read_case_meta,
+    write_case,
+    write_manifest,
+)
+from fedseg_clinic.dicom_series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.labelmap import LabelMap, bounds_overlap, labelmap_to_grid, read_labelmap
+from fedseg_clinic.organs import AliasTable
+from fedseg_clinic.rtstruct import StructureSet, check_reference, rasterise_roi, read_rtstruct
+
+logger = logging.getLogger(__name__)
+
+SALT_NAME = ".pseudonym-salt"
+DEFAULT_LABELMAP_GLOBS: tuple[str, ...] = (
+    "*seg*.nrrd", "*label*.nrrd", "*seg*.nii", "*seg*.nii.gz", "*label*.nii", "*label*.nii.gz",
+)
+
+
+@dataclasses.dataclass
+class ImportOptions:
+    """Settings of one import.
+
+    Attributes:
+        clinic: clinic name written into the manifest.
+        spacing: target voxel size (z, y, x) in mm; None keeps each series' spacing.
+        hu_clip: HU window (low, high) the image is clipped to.
+        crop: crop each case to the body's bounding box.
+        aliases: ROI name -> canonical organ table.
+        val_fraction: share of cases in the validation split.
+        seed: seed of the train/val split.
+        labelmap_globs: file-name patterns of label map files (NIfTI/NRRD) to use.
+        series_uids: CT series to keep where a patient study has several.
+        salt: pseudonym salt; None reads or creates ``CASES_DIR/.pseudonym-salt``.
+    """
+
+    clinic: str = "clinic"
+    spacing: tuple[float, float, float] | None = None
+    hu_clip: tuple[float, float] = preprocess.DEFAULT_HU_CLIP
+    crop: bool = True
+    aliases: AliasTable = dataclasses.field(default_factory=AliasTable)
+    val_fraction: float = 0.2
+    seed: int = 0
+    labelmap_globs: tuple[str, ...] = DEFAULT_LABELMAP_GLOBS
+    series_uids: tuple[str, ...] = ()
+    salt: str | None = None
+
+
+@dataclasses.dataclass
+class Problem:
+    """One line about the input: ``severity`` is "warning" or "error"."""
+
+    severity: str
+    text: str
+
+    def line(self) -> str:
+        """The line as printed."""
+        return f"{self.severity}: {self.text}"
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """Outcome of :func:`import_clinic`.
+
+    Attributes:
+        cases: case ids written in this run.
+        failed: case ids (pseudonyms) of patient studies that were not written.
+        problems: warnings and errors, one line each.
+        manifest: path of the manifest written (None when no case exists).
+        slices: number of CT slices read for the written cases.
+    """
+
+    cases: list[str] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    manifest: Path | None = None
+    slices: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no error was reported."""
+        return not any(p.severity == "error" for p in self.problems)
+
+    def warn(self, text: str) -> None:
+        """Record a warning."""
+        logger.info("warning: %s", text)
+        self.problems.append(Problem("warning", text))
+
+    def error(self, text: str) -> None:
+        """Record an error."""
+        logger.info("error: %s", text)
+        self.problems.append(Problem("error", text))
+
+
+@dataclasses.dataclass
+class _Patient:
+    key: tuple[str, str]
+    case_id: str
+    pseudonym: str
+    series: list[str]
+
+
+def _check_options(options: ImportOptions) -> None:
+    if not 0.0 <= options.val_fraction < 1.0:
+        raise FedsegError(f"val fraction must be in [0, 1), got {options.val_fraction}")
+    low, high = options.hu_clip
+    if not low < high or low < -32768 or high > 32767:
+        raise FedsegError(f"HU clip window {low}..{high}: need low < high within int16")
+    if options.spacing is not None and (
+        len(options.spacing) != 3 or any(not s > 0 for s in options.spacing)
+    ):
+        raise FedsegError(f"spacing must be three positive numbers (z y x), got {options.spacing}")
+    if not options.clinic.strip():
+        raise FedsegError("clinic name must not be empty")
+
+
+def load_salt(out: Path) -> str:
+    """The clinic folder's pseudonym salt, created on first use."""
+    path = out / SALT_NAME
+    if path.exists():
+        try:
+            salt = path.read_text().strip()
+        except OSError as exc:
+            raise FedsegError(f"{path}: cannot read pseudonym salt ({exc.strerror})") from None
+        if salt:
+            return salt
+    salt = secrets.token_hex(16)
+    atomic_write_text(path, salt + "\n")
+    return salt
+
+
+def pseudonym(salt: str, *parts: str) -> str:
+    """Short salted hash of identifying strings (12 hex digits)."""
+    digest = hashlib.sha256("\x00".join((salt, *parts)).encode("utf-8")).hexdigest()
+    return digest[:12]
+
+
+def _group_patients(scan: ScanResult, salt: str) -> dict[tuple[str, str], _Patient]:
+    patients: dict[tuple[str, str], _Patient] = {}
+    for uid, files in sorted(scan.series_files().items()):
+        key = (files[0].patient_id, files[0].study_uid)
+        if key not in patients:
+            patients[key] = _Patient(
+                key=key,
+                case_id="case-" + pseudonym(salt, *key),
+                pseudonym="pt-" + pseudonym(salt, key[0]),
+                series=[],
+            )
+        patients[key].series.append(uid)
+    return patients
+
+
+def _match_structure_set(ss: StructureSet, series: dict[str, list[DicomFile]]) -> str | None:
+    """The series UID a structure set belongs to, from header facts only."""
+    for uid in ss.series_uids:
+        if uid in series:
+            return uid
+    if ss.image_sop_uids:
+        best = max(series, key=lambda u: len(ss.image_sop_uids
+                                             & {f.sop_instance_uid for f in series[u]}),
+                   default=None)
+        if best is not None and ss.image_sop_uids & {f.sop_instance_uid for f in series[best]}:
+            return best
+    for uid, files in series.items():
+        if files[0].frame_of_reference_uid in ss.frame_of_reference_uids:
+            return uid
+    return None
+
+
+def _series_folder(files: list[DicomFile]) -> Path:
+    folders = {f.path.parent for f in files}
+    common = Path(*Path(next(iter(folders))).parts)
+    for folder in folders:
+        while not folder.is_relative_to(common):
+            common = common.parent
+    return common
+
+
+def _labelmap_candidates(scan: ScanResult, globs: tuple[str, ...]) -> list[Path]:
+    return [p for p in scan.other
+            if any(fnmatch.fnmatch(p.name.lower(), g.lower()) for g in globs)]
+
+
+def _organ_masks(
+    series: CtSeries,
+    structure_sets: list[StructureSet],
+    labelmaps: list[LabelMap],
+    aliases: AliasTable,
+    report: ImportReport,
+    case_id: str,
+) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
+    """Rasterise every label source; returns masks, unmapped names, ROI name -> organ."""
+    masks: dict[str, np.ndarray] = {}
+    unmapped: list[str] = []
+    mapping: dict[str, str] = {}
+
+    def add(name: str, mask: np.ndarray, where: Path) -> None:
+        organ = aliases.canonical(name)
+        if organ is None:
+            if name not in unmapped:
+                unmapped.append(name)
+            report.warn(f"{where}: {case_id}: ROI {name!r} maps to no organ (add it to an "
+                        "alias table with --aliases); not imported")
+            return
+        mapping[name] = organ
+        if not mask.any():
+            report.warn(f"{where}: {case_id}: ROI {name!r} ({organ}) is empty; "
+                        f"{organ} left unlabelled")
+            return
+        if organ in masks:
+            report.warn(f"{where}: {case_id}: several ROIs map to {organ}; their union is used")
+            masks[organ] = masks[organ] | mask
+        else:
+            masks[organ] = mask
+
+    for ss in structure_sets:
+        check_reference(ss, series)
+        for roi in ss.rois:
+            result = rasterise_roi(roi, series.geometry)
+            for line in result.warnings(roi.name):
+                if line.endswith("empty mask"):
+                    continue  # reported by add() together with the organ
+                report.warn(f"{ss.path}: {case_id}: {line}")
+            add(roi.name, result.mask, ss.path)
+    for lm in labelmaps:
+        grid = labelmap_to_grid(lm, series.geometry)
+        for value, name in sorted(lm.names.items()):
+            add(name, grid == value, lm.path)
+    return masks, unmapped, mapping
+
+
+def _import_patient(
+    patient: _Patient,
+    files: list[DicomFile],
+    structure_sets: list[StructureSet],
+    labelmap_paths: list[Path],
+    out: Path,
+    options: ImportOptions,
+    report: ImportReport,
+) -> str:
+    """Import one patient study; raises FedsegError, writes nothing on failure."""
+    series = read_series([f.path for f in files])
+    for line in series.warnings:
+        report.warn(f"{patient.case_id}: {line}")
+    labelmaps = []
+    for path in labelmap_paths:
+        lm = read_labelmap(path)
+        if not bounds_overlap(lm, series.geometry):
+            raise FedsegError(f"{path}: label map does not overlap the CT series it sits beside "
+                              f"({series.files[0].parent})")
+        labelmaps.append(lm)
+    masks, unmapped, mapping = _organ_masks(series, structure_sets, labelmaps, options.aliases,
+                                            report, patient.case_id)
+    hu = series.hu
+    geometry = series.geometry
+    extra: dict[str, object] = {
+        "native_spacing": list(geometry.spacing),
+        "native_shape": list(geometry.shape),
+        "roi_organs": mapping,
+        "label_sources": [p.path.name for p in structure_sets] + [p.name for p in labelmap_paths],
+        "crop": options.crop,
+    }
+    if options.crop:
+        body = masks.get("body")
+        extra["crop_body_from"] = "BODY ROI" if body is not None else "threshold"
+        if body is None:
+            body = preprocess.threshold_body_mask(hu)
+        box = preprocess.crop_box(body)
+        hu = hu[box]
+        masks = {organ: m[box] for organ, m in masks.items()}
+        geometry = preprocess.crop_geometry(geometry, box)
+    if options.spacing is not None:
+        hu, masks, geometry = preprocess.resample(hu, masks, geometry, options.spacing)
+    image = preprocess.clip_hu(hu, *options.hu_clip)
+    meta = CaseMeta(
+        case_id=patient.case_id,
+        patient_pseudonym=patient.pseudonym,
+        shape=geometry.shape,
+        spacing=geometry.spacing,
+        origin=geometry.origin,
+        direction=geometry.flat_direction(),
+        labelled_organs=tuple(sorted(masks)),
+        source="dicom" if not labelmap_paths else "dicom+labelmap",
+        source_series_uid=series.series_uid,
+        hu_clip=(float(options.hu_clip[0]), float(options.hu_clip[1])),
+        unmapped_rois=tuple(unmapped),
+        extra=extra,
+    )
+    write_case(Case(meta=meta, image=image, masks=masks), out, overwrite=True)
+    report.slices += len(series.files)
+    return patient.case_id
+
+
+def _write_manifest(out: Path, options: ImportOptions, report: ImportReport) -> None:
+    metas = []
+    for child in sorted(out.iterdir()):
+        if child.is_dir() and not child.name.startswith(".") and (child / CASE_META_NAME).exists():
+            try:
+                metas.append(read_case_meta(child))
+            except FedsegError as exc:
+                report.warn(f"{exc}; left out of the manifest")
+    if not metas:
+        return
+    splits = assign_splits([m.case_id for m in metas], options.val_fraction, options.seed)
+    manifest = Manifest(
+        clinic=options.clinic,
+        cases=[manifest_entry(m, splits[m.case_id]) for m in metas],
+        extra={
+            "val_fraction": options.val_fraction,
+            "seed": options.seed,
+            "spacing": list(options.spacing) if options.spacing else None,
+            "hu_clip": list(options.hu_clip),
+            "crop": options.crop,
+        },
+    )
+    report.manifest = write_manifest(manifest, out)
+
+
+def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
+    """Import every patient study under ``src`` into the clinic folder ``out``.
+
+    Args:
+        src: folder of DICOM files (and optional label maps), nested folders allowed.
+        out: clinic folder (CASES_DIR); created if missing; cases of the same id are
+            replaced, other cases already there stay and are listed in the manifest.
+        options: import settings.
+
+    Returns:
+        The report: cases written, patients failed, and one line per problem.
+
+    Raises:
+        FedsegError: for bad options, an unreadable ``src`` or no CT series at all.
+    """
+    _check_options(options)
+    scan = scan_folder(src)
+    report = ImportReport()
+    for path, reason in scan.skipped:
+        report.warn(f"{path}: skipped: {reason}")
+    series_files = scan.series_files()
+    if not series_files:
+        raise FedsegError(f"{src}: no CT series found ({len(scan.dicom)} DICOM files, "
+                          f"{len(scan.skipped)} unreadable)")
+    out.mkdir(parents=True, exist_ok=True)
+    salt = options.salt if options.salt is not None else load_salt(out)
+    patients = _group_patients(scan, salt)
+
+    # Structure sets -> series.
+    structure_sets: dict[str, list[StructureSet]] = {}
+    for item in scan.of_modality("RTSTRUCT"):
+        try:
+            ss = read_rtstruct(item.path)
+        except FedsegError as exc:
+            report.error(str(exc))
+            continue
+        uid = _match_structure_set(ss, series_files)
+        if uid is None:
+            same_study = [p for p in patients.values() if p.key == (item.patient_id,
+                                                                    item.study_uid)]
+            if len(same_study) == 1 and len(same_study[0].series) == 1:
+                uid = same_study[0].series[0]  # check_reference will say what is wrong
+            else:
+                refs = ", ".join(ss.series_uids) or "(no series reference)"
+                report.error(f"{item.path}: RTSTRUCT points at CT series {refs}, which is not "
+                             f"in {src}")
+                continue
+        structure_sets.setdefault(uid, []).append(ss)
+    for item in scan.dicom:
+        if item.modality not in ("CT", "RTSTRUCT", "SEG"):
+            report.warn(f"{item.path}: skipped: modality {item.modality or '(none)'} is not "
+                        "imported")
+    for item in scan.of_modality("SEG"):
+        report.warn(f"{item.path}: skipped: DICOM SEG is not supported; export it as NRRD or "
+                    "NIfTI label map")
+
+    # Label maps -> the one series under their folder that they overlap.
+    labelmaps: dict[str, list[Path]] = {}
+    candidates = _labelmap_candidates(scan, options.labelmap_globs)
+    folders = {uid: _series_folder(files) for uid, files in series_files.items()}
+    for path in candidates:
+        near = [uid for uid, folder in folders.items() if folder.is_relative_to(path.parent)]
+        if len(near) > 1:
+            try:
+                lm = read_labelmap(path)
+            except FedsegError as exc:
+                report.error(str(exc))
+                continue
+            near = [uid for uid in near if _overlaps(lm, uid, series_files)]
+        if len(near) != 1:
+            what = "no CT series" if not near else f"{len(near)} CT series"
+            report.error(f"{path}: label map matches {what} in or below its folder; put it "
+                         "beside its CT slices")
+            continue
+        labelmaps.setdefault(near[0], []).append(path)
+    for path in scan.other:
+        if path not in candidates:
+            report.warn(f"{path}: skipped: not DICOM and not a label map "
+                        f"(patterns {', '.join(options.labelmap_globs)})")
+
+    for patient in patients.values():
+        chosen = patient.series
+        if len(chosen) > 1 and options.series_uids:
+            chosen = [uid for uid in chosen if uid in options.series_uids]
+        if len(chosen) != 1:
+            listing = "; ".join(
+                f"{uid} ({len(series_files[uid])} slices in {folders[uid]})"
+                for uid in patient.series
+            )
+            report.error(f"{patient.case_id}: {len(patient.series)} CT series for one patient "
+                         f"study, expected one (pick with --series UID): {listing}")
+            report.failed.append(patient.case_id)
+            continue
+        uid = chosen[0]
+        try:
+            case_id = _import_patient(
+                patient, series_files[uid], structure_sets.get(uid, []),
+                labelmaps.get(uid, []), out, options, report,
+            )
+        except FedsegError as exc:
+            report.error(f"{patient.case_id}: {exc}")
+            report.failed.append(patient.case_id)
+            continue
+        report.cases.append(case_id)
+        logger.info("imported %s from series %s", case_id, uid)
+    _write_manifest(out, options, report)
+    return report
+
+
+def _overlaps(lm: LabelMap, uid: str, series_files: dict[str, list[DicomFile]]) -> bool:
+    """Overlap test of a label map with a series (reads the series)."""
+    try:
+        series = read_series([f.path for f in series_files[uid]])
+    except FedsegError:
+        return False
+    return bounds_overlap(lm, series.geometry)
