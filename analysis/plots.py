@@ -40,9 +40,17 @@ def _new_figure(ncols: int = 1) -> tuple[Figure, list[Axes]]:
     return fig, list(axes)
 
 
-def _client_color(run: summary.RunLog, client: str) -> str:
+# Clients often log identical values (same DP schedule -> same epsilon): line style and
+# marker vary with the colour so a line hidden under another still shows.
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "v", "D")
+
+
+def _client_style(run: summary.RunLog, client: str) -> dict[str, object]:
     names = list(run.clients)
-    return _COLORS[names.index(client) % len(_COLORS)] if client in names else "k"
+    i = names.index(client) if client in names else 0
+    return {"color": _COLORS[i % len(_COLORS)], "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+            "marker": _MARKERS[i % len(_MARKERS)]}
 
 
 def _no_data(ax: Axes, what: str) -> None:
@@ -69,8 +77,8 @@ def _plot_clients(ax: Axes, run: summary.RunLog, metric: str) -> bool:
     for client in run.clients:
         series = summary.metric_series(run, client, metric)
         if np.isfinite(series).any():
-            ax.plot(run.rounds, series, marker="o", markersize=3, linewidth=1,
-                    color=_client_color(run, client), label=client)
+            ax.plot(run.rounds, series, markersize=4, linewidth=1.2, label=client,
+                    fillstyle="none", **_client_style(run, client))
             drawn = True
     return drawn
 

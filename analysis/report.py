@@ -62,9 +62,16 @@ class ReportFiles:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes through a temporary sibling and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write bytes through a temporary sibling and ``os.replace``.
+
+    Raises:
+        FedsegError: the folder cannot be created or written.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise FedsegError(f"{path.parent}: cannot write the report ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -219,6 +226,11 @@ def render_html(
     if comparison:
         body.append("<h2>Comparison</h2>")
         body.extend(_img(fig) for fig in comparison)
+        if any(e["epsilon"] is not None for e in data["runs"]):
+            body.append(_table(("run", "kind", "epsilon (config target, else max final)",
+                                "final Dice"),
+                               [(e["name"], e["kind"], e["epsilon"], e["final_dice_mean"])
+                                for e in data["runs"]]))
     for entry, run, figures in zip(data["runs"], runs, per_run, strict=True):
         body.append(_run_section(entry, run.info, list(figures)))
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -79,11 +79,14 @@ def test_report_files_summary_and_html(tmp_path: Path, runs: list[Path]) -> None
     assert fedavg["rounds_to_target"] == 3
     assert fedavg["dice_auc"] == pytest.approx((0.25 + 0.4 + 0.65) / 3)
     assert fedavg["missing_clients"] == {"2": ["c2"]}
+    # config target_epsilon first, else the largest final client epsilon, None without DP
+    assert [e["epsilon"] for e in data["runs"]] == [1.5, 1.0, None]
     page = files.html.read_text()
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(embedded) == len(files.figures)
     assert base64.b64decode(embedded[0]) == files.figures[0].read_bytes()
     assert "fedopt &lt;b&gt;" in page and "fedopt <b>" not in page
+    assert "epsilon (config target, else max final)" in page
     assert "http://" not in page and "https://" not in page
     assert not list(out.glob(".*"))  # no temporary files left behind
 
@@ -175,3 +178,10 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, runs: list[Path]) -
     assert console == []
     assert shot.read_bytes().startswith(PNG_MAGIC)
     assert shot.stat().st_size > 50_000  # a blank 1200x2000 page compresses to a few kB
+
+
+def test_unwritable_report_folder_is_one_line_error(tmp_path: Path, runs: list[Path]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(summary.FedsegError, match="cannot write the report"):
+        report.write_report(runs[:1], blocker / "report")
