@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from fedseg.analysis import plots, report, summary
 from fedseg.cli import cli
 from fedseg.orchestration.round_log import RoundRecord, write_rounds, write_run_info
+from fedseg_clinic.errors import FedsegError
 
 NAN = math.nan
 CHROMIUM = Path("/usr/bin/chromium")
@@ -101,7 +102,7 @@ def test_single_run_has_no_comparison(tmp_path: Path, runs: list[Path]) -> None:
 def test_bad_input_writes_nothing(tmp_path: Path, runs: list[Path]) -> None:
     (runs[1] / "rounds.csv").write_text("round,client,metric,value\n1,c1,oops\n")
     out = tmp_path / "report"
-    with pytest.raises(summary.FedsegError, match=r"rounds\.csv:2: expected 4 fields"):
+    with pytest.raises(FedsegError, match=r"rounds\.csv:2: expected 4 fields"):
         report.write_report(runs, out)
     assert not out.exists()
 
@@ -183,5 +184,5 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, runs: list[Path]) -
 def test_unwritable_report_folder_is_one_line_error(tmp_path: Path, runs: list[Path]) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(summary.FedsegError, match="cannot write the report"):
+    with pytest.raises(FedsegError, match="cannot write the report"):
         report.write_report(runs[:1], blocker / "report")
