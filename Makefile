@@ -1,28 +1,27 @@
 # Two commands on a fresh machine (README): `make demo` and `make test`.
-# Both create .venv with the pinned dependency set first; nothing else is needed.
+# Both create the virtual environment with the pinned dependency set first; nothing else
+# is needed. VENV may point elsewhere (CI keeps one per constraints.txt hash).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.fedseg-installed
 
 .PHONY: install demo test lint clean
 
-$(STAMP): setup.cfg constraints.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# Re-running pip each time is cheap when everything is satisfied, and it points the
+# editable install at *this* checkout (a shared VENV may have served another one).
+install:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=69" wheel
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	$(BIN)/python -m pip check
-	touch $(STAMP)
 
-install: $(STAMP)
-
-demo: $(STAMP)
+demo: install
 	$(BIN)/fedseg demo
 
-test: $(STAMP)
+test: install
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: install
 	$(BIN)/ruff check .
 
 clean:

@@ -67,6 +67,12 @@ class PrivacySettings:
             1 / (10 N), a common choice.
         epsilon_budget: the most epsilon this clinic spends over all rounds; None means
             no limit (epsilon is still accounted and reported).
+        secure_randomness: draw the DP noise seed and the patient sampling from the
+            operating system's secret randomness (the default). The DP guarantee assumes
+            the attacker does not know the noise or which patients were sampled; a seed
+            that the server knows (it can send ``seed``) would let it recompute both.
+            False derives them from ``training.seed`` and the round count instead:
+            bit-reproducible runs for experiments on synthetic data only.
     """
 
     enabled: bool = True
@@ -74,6 +80,7 @@ class PrivacySettings:
     l2_norm_clip: float = 1.0
     delta: float | None = None
     epsilon_budget: float | None = None
+    secure_randomness: bool = True
 
 
 @dataclasses.dataclass
