@@ -181,6 +181,26 @@ def test_import_labelmaps(shared_data: Path, tmp_path: Path) -> None:
     assert any("'liver' maps to no organ" in p.text for p in report.problems)
 
 
+def test_import_dicom_seg(shared_data: Path, tmp_path: Path) -> None:
+    src = _copy_ct3(shared_data, tmp_path / "src")
+    shutil.copy(shared_data / SEGS / "liver.dcm", src / "seg.dcm")
+    # No liver among the canonical organs: map it onto one just for this test.
+    options = ImportOptions(crop=False, aliases=AliasTable({"heart": ["Liver"]}))
+    report = import_clinic(src, tmp_path / "out", options)
+    assert report.ok, [p.line() for p in report.problems]
+    case = read_case(tmp_path / "out" / report.cases[0])
+    assert int(case.masks["heart"].sum()) == 107098
+    assert "seg.dcm" in case.meta.extra["label_sources"]
+
+
+def test_dicom_seg_for_another_series(shared_data: Path, tmp_path: Path) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    shutil.copy(shared_data / SEGS / "liver.dcm", src / "seg.dcm")
+    report = import_clinic(src, tmp_path / "out", ImportOptions(aliases=ALIASES))
+    assert not report.ok and len(report.cases) == 1
+    assert any("seg.dcm: SEG points at CT series" in p.text for p in report.problems)
+
+
 def test_no_ct_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "notes.txt").write_text("hello")

@@ -11,9 +11,16 @@ import pytest
 
 from fedseg_clinic.dicom_series import CtSeries, Geometry, read_series, scan_folder
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.labelmap import bounds_overlap, labelmap_to_grid, read_labelmap
+from fedseg_clinic.labelmap import (
+    bounds_overlap,
+    dicom_seg_to_grid,
+    labelmap_to_grid,
+    read_dicom_seg,
+    read_labelmap,
+)
 
 SEGS = Path("dcmqi/data/segmentations")
+CT3_DIR = SEGS / "ct-3slice"
 
 
 def _series(folder: Path) -> CtSeries:
@@ -23,7 +30,7 @@ def _series(folder: Path) -> CtSeries:
 
 @pytest.fixture(scope="module")
 def ct3(shared_data: Path) -> CtSeries:
-    return _series(shared_data / SEGS / "ct-3slice")
+    return _series(shared_data / CT3_DIR)
 
 
 @pytest.mark.parametrize(
@@ -131,3 +138,56 @@ def test_nrrd_without_patient_space(tmp_path: Path) -> None:
     nrrd.write(str(tmp_path / "x_seg.nrrd"), np.zeros((2, 2, 2), dtype=np.uint8))
     with pytest.raises(FedsegError, match="not a patient space"):
         read_labelmap(tmp_path / "x_seg.nrrd")
+
+
+# --- DICOM SEG ------------------------------------------------------------------------
+
+
+def test_dicom_seg_liver_matches_nrrd(shared_data: Path, ct3: CtSeries) -> None:
+    seg = read_dicom_seg(shared_data / SEGS / "liver.dcm")
+    assert seg.names == {1: "Liver"}
+    assert seg.series_uids == [ct3.series_uid]
+    masks = dicom_seg_to_grid(seg, ct3.geometry)
+    nrrd_grid = labelmap_to_grid(read_labelmap(shared_data / SEGS / "liver_seg.nrrd"),
+                                 ct3.geometry)
+    assert int(masks[1].sum()) == 107098
+    assert np.array_equal(masks[1], nrrd_grid == 1)
+
+
+def test_dicom_seg_overlapping_segments(shared_data: Path, ct3: CtSeries) -> None:
+    """Five overlapping segments; dcmqi's three NRRDs hold the same voxels."""
+    masks = dicom_seg_to_grid(read_dicom_seg(shared_data / SEGS / "partial_overlaps.dcm"),
+                              ct3.geometry)
+    for i in (1, 2, 3):
+        grid = labelmap_to_grid(read_labelmap(shared_data / SEGS / f"partial_overlaps-{i}.nrrd"),
+                                ct3.geometry)
+        for number in np.unique(grid[grid > 0]):
+            assert np.array_equal(masks[int(number)], grid == number)
+    assert masks[1].sum() == 9602 and (masks[1] & masks[2]).any()
+
+
+@pytest.mark.parametrize("seg_path, nrrd_path", [
+    ("24x38x3/seg/label.seg", "24x38x3/nrrd/label.nrrd"),
+    ("23x38x3/seg/label.seg", "23x38x3/nrrd/label.nrrd"),
+    ("sparse-labelmap-ppv5.dcm", "sparse_labelmap_ppv5_seg.nrrd"),  # LABELMAP type
+])
+def test_dicom_seg_small_grids(shared_data: Path, seg_path: str, nrrd_path: str) -> None:
+    folder = "23x38x3" if seg_path.startswith("23") else "24x38x3"
+    series = _series(shared_data / SEGS / folder / "image")
+    masks = dicom_seg_to_grid(read_dicom_seg(shared_data / SEGS / seg_path), series.geometry)
+    grid = labelmap_to_grid(read_labelmap(shared_data / SEGS / nrrd_path), series.geometry)
+    assert masks[1].any()
+    assert np.array_equal(masks[1], grid == 1)
+
+
+def test_dicom_seg_not_parallel(shared_data: Path) -> None:
+    seg = read_dicom_seg(shared_data / SEGS / "24x38x3/seg/label.seg")
+    tilted = Geometry(shape=(3, 38, 24), spacing=(2.5, 0.7, 0.7), origin=(0.0, 0.0, 0.0),
+                      direction=((1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, -1.0, 0.0)))
+    with pytest.raises(FedsegError, match="not parallel"):
+        dicom_seg_to_grid(seg, tilted)
+
+
+def test_dicom_seg_rejects_ct(shared_data: Path) -> None:
+    with pytest.raises(FedsegError, match=r"01\.dcm: not a DICOM SEG"):
+        read_dicom_seg(shared_data / CT3_DIR / "01.dcm")

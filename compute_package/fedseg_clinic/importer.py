@@ -2,8 +2,9 @@
 
 ``import_clinic`` scans a folder (nested folders allowed), groups CT slices by
 SeriesInstanceUID and series by patient study (PatientID + StudyInstanceUID), attaches
-RTSTRUCTs (by their series / image / frame-of-reference references) and label map files
-(NIfTI/NRRD beside or above their series' files), rasterises the labels onto the CT grid,
+RTSTRUCTs (by their series / image / frame-of-reference references), DICOM SEGs (by their
+referenced series or frame of reference) and label map files (NIfTI/NRRD beside or above
+their series' files), rasterises the labels onto the CT grid,
 preprocesses (crop to body, resample, HU clip) and writes each case atomically, then the
 clinic's manifest.json.
 
@@ -40,7 +41,15 @@ from fedseg_clinic.case_format import (
 )
 from fedseg_clinic.dicom_series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.labelmap import LabelMap, bounds_overlap, labelmap_to_grid, read_labelmap
+from fedseg_clinic.labelmap import (
+    DicomSeg,
+    LabelMap,
+    bounds_overlap,
+    dicom_seg_to_grid,
+    labelmap_to_grid,
+    read_dicom_seg,
+    read_labelmap,
+)
 from fedseg_clinic.organs import AliasTable
 from fedseg_clinic.rtstruct import StructureSet, check_reference, rasterise_roi, read_rtstruct
 
@@ -219,6 +228,7 @@ def _labelmap_candidates(scan: ScanResult, globs: tuple[str, ...]) -> list[Path]
 def _organ_masks(
     series: CtSeries,
     structure_sets: list[StructureSet],
+    segs: list[DicomSeg],
     labelmaps: list[LabelMap],
     aliases: AliasTable,
     report: ImportReport,
@@ -257,6 +267,12 @@ def _organ_masks(
                     continue  # reported by add() together with the organ
                 report.warn(f"{ss.path}: {case_id}: {line}")
             add(roi.name, result.mask, ss.path)
+    for seg in segs:
+        if seg.series_uids and series.series_uid not in seg.series_uids:
+            raise FedsegError(f"{seg.path}: SEG references series {', '.join(seg.series_uids)}, "
+                              f"not {series.series_uid}")
+        for number, mask in sorted(dicom_seg_to_grid(seg, series.geometry).items()):
+            add(seg.names[number], mask, seg.path)
     for lm in labelmaps:
         grid = labelmap_to_grid(lm, series.geometry)
         for value, name in sorted(lm.names.items()):
@@ -268,6 +284,7 @@ def _import_patient(
     patient: _Patient,
     files: list[DicomFile],
     structure_sets: list[StructureSet],
+    segs: list[DicomSeg],
     labelmap_paths: list[Path],
     out: Path,
     options: ImportOptions,
@@ -284,15 +301,16 @@ def _import_patient(
             raise FedsegError(f"{path}: label map does not overlap the CT series it sits beside "
                               f"({series.files[0].parent})")
         labelmaps.append(lm)
-    masks, unmapped, mapping = _organ_masks(series, structure_sets, labelmaps, options.aliases,
-                                            report, patient.case_id)
+    masks, unmapped, mapping = _organ_masks(series, structure_sets, segs, labelmaps,
+                                            options.aliases, report, patient.case_id)
     hu = series.hu
     geometry = series.geometry
     extra: dict[str, object] = {
         "native_spacing": list(geometry.spacing),
         "native_shape": list(geometry.shape),
         "roi_organs": mapping,
-        "label_sources": [p.path.name for p in structure_sets] + [p.name for p in labelmap_paths],
+        "label_sources": [s.path.name for s in structure_sets] + [s.path.name for s in segs]
+        + [p.name for p in labelmap_paths],
         "crop": options.crop,
     }
     if options.crop:
@@ -315,7 +333,7 @@ def _import_patient(
         origin=geometry.origin,
         direction=geometry.flat_direction(),
         labelled_organs=tuple(sorted(masks)),
-        source="dicom" if not labelmap_paths else "dicom+labelmap",
+        source="dicom+labelmap" if labelmap_paths else "dicom",
         source_series_uid=series.series_uid,
         hu_clip=(float(options.hu_clip[0]), float(options.hu_clip[1])),
         unmapped_rois=tuple(unmapped),
@@ -403,9 +421,23 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
         if item.modality not in ("CT", "RTSTRUCT", "SEG"):
             report.warn(f"{item.path}: skipped: modality {item.modality or '(none)'} is not "
                         "imported")
+    segs: dict[str, list[DicomSeg]] = {}
     for item in scan.of_modality("SEG"):
-        report.warn(f"{item.path}: skipped: DICOM SEG is not supported; export it as NRRD or "
-                    "NIfTI label map")
+        try:
+            seg = read_dicom_seg(item.path)
+        except FedsegError as exc:
+            report.error(str(exc))
+            continue
+        uid = next((u for u in seg.series_uids if u in series_files), None)
+        if uid is None:
+            uid = next((u for u, files in series_files.items()
+                        if seg.frame_of_reference_uid
+                        and files[0].frame_of_reference_uid == seg.frame_of_reference_uid), None)
+        if uid is None:
+            refs = ", ".join(seg.series_uids) or "(no series reference)"
+            report.error(f"{item.path}: SEG points at CT series {refs}, which is not in {src}")
+            continue
+        segs.setdefault(uid, []).append(seg)
 
     # Label maps -> the one series under their folder that they overlap.
     labelmaps: dict[str, list[Path]] = {}
@@ -447,7 +479,7 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
         uid = chosen[0]
         try:
             case_id = _import_patient(
-                patient, series_files[uid], structure_sets.get(uid, []),
+                patient, series_files[uid], structure_sets.get(uid, []), segs.get(uid, []),
                 labelmaps.get(uid, []), out, options, report,
             )
         except FedsegError as exc:

@@ -1,4 +1,4 @@
-"""Label map files (NIfTI, NRRD) in patient coordinates, resampled onto a CT grid.
+"""Label maps (NIfTI, NRRD files; DICOM SEG objects) resampled onto a CT grid.
 
 A label map is an integer volume whose non-zero values are structures. Its own voxel
 grid may have any orientation and spacing: we read its index -> patient affine, convert
@@ -9,6 +9,10 @@ blend.
 Structure names: Slicer-style NRRD headers (``SegmentN_Name`` + ``SegmentN_LabelValue``)
 name each label; otherwise a file with one label is named after the file (``heart_seg.nrrd``
 -> "heart") and a file with several labels gives "<stem> <value>" names.
+
+DICOM SEG (BINARY, FRACTIONAL, LABELMAP): each frame is a plane with its own position;
+it is resampled (nearest neighbour, 2-D) onto the CT slices it covers; segments are
+named by their SegmentLabel.
 """
 
 from __future__ import annotations
@@ -181,3 +185,153 @@ def bounds_overlap(labelmap: LabelMap, geometry: Geometry) -> bool:
     nz, ny, nx = geometry.shape
     lo2, hi2 = box(geometry.matrix(), (nx, ny, nz))
     return bool(np.all(lo1 < hi2) and np.all(lo2 < hi1))
+
+
+# --- DICOM SEG -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SegFrame:
+    """One frame of a DICOM SEG: a 2-D plane of one segment (or label values)."""
+
+    pixels: np.ndarray  # (rows, cols); bool for BINARY/FRACTIONAL, ints for LABELMAP
+    segment: int  # segment number; 0 for LABELMAP frames (values are segment numbers)
+    position: np.ndarray  # LPS of pixel (0, 0)
+    row_dir: np.ndarray  # LPS unit vector along a row (column index increases)
+    col_dir: np.ndarray  # LPS unit vector down a column (row index increases)
+    spacing: tuple[float, float]  # (between rows, between columns) mm
+    thickness: float
+
+
+@dataclasses.dataclass
+class DicomSeg:
+    """A DICOM Segmentation object reduced to what rasterising needs.
+
+    Attributes:
+        path: the file.
+        series_uids: referenced source image series.
+        frame_of_reference_uid: FrameOfReferenceUID of the SEG.
+        names: segment number -> SegmentLabel.
+        frames: the frames with their planes.
+    """
+
+    path: Path
+    series_uids: list[str]
+    frame_of_reference_uid: str
+    names: dict[int, str]
+    frames: list[SegFrame]
+
+
+def _item(group: object, name: str) -> object | None:
+    seq = getattr(group, name, None) if group is not None else None
+    return seq[0] if seq else None
+
+
+def read_dicom_seg(path: Path) -> DicomSeg:
+    """Read a DICOM SEG (BINARY, FRACTIONAL or LABELMAP segmentation type).
+
+    Raises:
+        FedsegError: naming the file when it is unreadable or lacks plane information.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+        frames = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - any read/decode failure is the user's file
+        raise FedsegError(f"{path}: cannot read DICOM SEG ({exc})") from None
+    if ds.get("Modality") != "SEG":
+        raise FedsegError(f"{path}: not a DICOM SEG (Modality {ds.get('Modality')!r})")
+    n_frames = int(ds.get("NumberOfFrames", 1))
+    frames = frames.reshape(n_frames, int(ds.Rows), int(ds.Columns))
+    seg_type = str(ds.get("SegmentationType", "BINARY"))
+    if seg_type == "FRACTIONAL":
+        frames = frames > 0.5 * float(ds.get("MaximumFractionalValue", 255))
+    elif seg_type == "BINARY":
+        frames = frames.astype(bool)
+    names = {int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment {s.SegmentNumber}"))
+             for s in ds.get("SegmentSequence", [])}
+    names.pop(0, None)  # LABELMAP's background
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    if len(per_frame) != n_frames:
+        raise FedsegError(f"{path}: {len(per_frame)} per-frame groups for {n_frames} frames")
+    out: list[SegFrame] = []
+    for index, group in enumerate(per_frame):
+        def pick(name: str, group: object = group) -> object | None:
+            return _item(group, name) or _item(shared, name)
+
+        position = pick("PlanePositionSequence")
+        orientation = pick("PlaneOrientationSequence")
+        measures = pick("PixelMeasuresSequence")
+        if position is None or orientation is None or measures is None:
+            raise FedsegError(f"{path}: frame {index + 1} lacks plane position, orientation or "
+                              "pixel spacing")
+        iop = np.asarray([float(v) for v in orientation.ImageOrientationPatient])
+        spacing = [float(v) for v in measures.PixelSpacing]
+        thickness = float(measures.get("SliceThickness") or measures.get("SpacingBetweenSlices")
+                          or 0.0)
+        ident = _item(group, "SegmentIdentificationSequence") or _item(
+            shared, "SegmentIdentificationSequence")
+        segment = int(ident.ReferencedSegmentNumber) if ident is not None else 0
+        if seg_type != "LABELMAP" and segment == 0:
+            raise FedsegError(f"{path}: frame {index + 1} names no segment")
+        out.append(SegFrame(
+            pixels=frames[index], segment=segment,
+            position=np.asarray([float(v) for v in position.ImagePositionPatient]),
+            row_dir=iop[:3], col_dir=iop[3:], spacing=(spacing[0], spacing[1]),
+            thickness=thickness,
+        ))
+    series = [str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", [])]
+    return DicomSeg(path=path, series_uids=series,
+                    frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
+                    names=names, frames=out)
+
+
+def dicom_seg_to_grid(seg: DicomSeg, geometry: Geometry) -> dict[int, np.ndarray]:
+    """Resample each segment of a SEG by nearest neighbour onto a (z, y, x) grid.
+
+    A frame covers the grid slices whose centres lie within half its thickness of its
+    plane (at least the nearest slice, if within the volume). Frames must be parallel to
+    the grid's slices.
+
+    Returns:
+        segment number -> bool (z, y, x) mask (every named segment, empty if absent).
+
+    Raises:
+        FedsegError: if a frame is not parallel to the grid's slices.
+    """
+    nz, ny, nx = geometry.shape
+    dz, dy, dx = geometry.spacing
+    direction = np.asarray(geometry.direction)
+    u, v, n = direction[:, 0], direction[:, 1], direction[:, 2]
+    origin = np.asarray(geometry.origin)
+    masks = {number: np.zeros(geometry.shape, dtype=bool) for number in seg.names}
+    for frame in seg.frames:
+        frame_normal = np.cross(frame.row_dir, frame.col_dir)
+        if abs(abs(float(frame_normal @ n)) - 1.0) > 1e-3:
+            raise FedsegError(f"{seg.path}: SEG frames are not parallel to the CT slices")
+        k_centre = float((frame.position - origin) @ n) / dz
+        half = max(frame.thickness, 1e-6) / (2.0 * dz)
+        ks = [k for k in range(nz) if abs(k - k_centre) < half - 1e-6]
+        nearest = round(k_centre)
+        if not ks and 0 <= nearest < nz and abs(nearest - k_centre) <= 0.5:
+            ks = [nearest]
+        dr, dc = frame.spacing
+        # Grid (j, i) on slice k -> frame (r, c): project onto the frame's axes.
+        matrix = np.array([[dy * (v @ frame.col_dir) / dr, dx * (u @ frame.col_dir) / dr],
+                           [dy * (v @ frame.row_dir) / dc, dx * (u @ frame.row_dir) / dc]])
+        for k in ks:
+            delta = origin + k * dz * n - frame.position
+            offset = np.array([delta @ frame.col_dir / dr, delta @ frame.row_dir / dc])
+            plane = ndimage.affine_transform(
+                frame.pixels.astype(np.int32), matrix, offset=offset, output_shape=(ny, nx),
+                order=0, mode="grid-constant", cval=0,
+            )
+            if frame.segment:
+                if frame.segment in masks:
+                    masks[frame.segment][k] |= plane.astype(bool)
+            else:
+                for number, mask in masks.items():
+                    mask[k] |= plane == number
+    return masks
