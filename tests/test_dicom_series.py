@@ -116,7 +116,7 @@ def test_scan_skips_junk(shared_data: Path, tmp_path: Path) -> None:
     scan = scan_folder(tmp_path)
     assert len(scan.series_files()) == 1
     assert sorted(p.name for p, _ in scan.skipped) == ["broken.dcm", "notes.txt"]
-    assert all("not a readable DICOM" in why for _, why in scan.skipped)
+    assert all("not a DICOM file" in why for _, why in scan.skipped)
 
 
 def test_scan_missing_folder(tmp_path: Path) -> None:

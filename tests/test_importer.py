@@ -190,7 +190,7 @@ def test_import_dicom_seg(shared_data: Path, tmp_path: Path) -> None:
     assert report.ok, [p.line() for p in report.problems]
     case = read_case(tmp_path / "out" / report.cases[0])
     assert int(case.masks["heart"].sum()) == 107098
-    assert "seg.dcm" in case.meta.extra["label_sources"]
+    assert case.meta.extra["label_sources"] == {"rtstruct": 0, "seg": 1, "labelmap": 0}
 
 
 def test_dicom_seg_for_another_series(shared_data: Path, tmp_path: Path) -> None:
@@ -199,6 +199,41 @@ def test_dicom_seg_for_another_series(shared_data: Path, tmp_path: Path) -> None
     report = import_clinic(src, tmp_path / "out", ImportOptions(aliases=ALIASES))
     assert not report.ok and len(report.cases) == 1
     assert any("seg.dcm: SEG points at CT series" in p.text for p in report.problems)
+
+
+def test_oblique_series_keeps_orientation(shared_data: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(shared_data / "rt-utils/tests/oriented_data", src)
+    report = import_clinic(src, tmp_path / "out", ImportOptions(crop=False))
+    assert report.ok and len(report.cases) == 1
+    assert any("info.txt: skipped" in p.text for p in report.problems)
+    meta = read_case(tmp_path / "out" / report.cases[0]).meta
+    direction = np.asarray(meta.direction).reshape(3, 3)
+    first = pydicom.dcmread(src / "0.dcm")
+    assert direction[:, 0] == pytest.approx([float(v) for v in first.ImageOrientationPatient[:3]])
+    assert direction[:, 1] == pytest.approx([float(v) for v in first.ImageOrientationPatient[3:]])
+    assert meta.origin == pytest.approx([float(v) for v in first.ImagePositionPatient])
+    assert meta.shape == (3, 50, 100)
+
+
+def test_output_inside_source_is_not_rescanned(shared_data: Path, tmp_path: Path) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    out = src / "cases"
+    import_clinic(src, out, ImportOptions(aliases=ALIASES))
+    again = import_clinic(src, out, ImportOptions(aliases=ALIASES))
+    assert again.ok and again.problems == []
+
+
+def test_malformed_rtstruct_is_one_error(shared_data: Path, tmp_path: Path) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    ds = pydicom.dcmread(src / "rt.dcm")
+    del ds.StructureSetROISequence[0].ROINumber
+    ds.save_as(src / "rt.dcm")
+    code, stdout, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"))
+    assert code == 1 and "Traceback" not in stderr
+    assert "rt.dcm: malformed RTSTRUCT" in stderr
+    # Not imported without its labels.
+    assert "imported 0 case(s)" in stdout and "1 patient(s) failed" in stdout
 
 
 def test_no_ct_is_an_error(tmp_path: Path) -> None:

@@ -152,22 +152,62 @@ def _is_dicom_candidate(path: Path) -> bool:
     return not any(name.endswith(s) for s in _LABELMAP_SUFFIXES)
 
 
-def scan_folder(src: Path) -> ScanResult:
+def _header(path: Path) -> DicomFile | str:
+    """Header facts of a DICOM file, or why it cannot be used."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        modality = str(ds.get("Modality", ""))
+        sop_class = str(ds.get("SOPClassUID", ""))
+        item = DicomFile(
+            path=path,
+            modality=modality,
+            sop_class_uid=sop_class,
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            study_uid=str(ds.get("StudyInstanceUID", "")),
+            patient_id=str(ds.get("PatientID", "")),
+            frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
+        )
+    except InvalidDicomError:
+        return "not a DICOM file"
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on junk
+        return f"not a readable DICOM file ({type(exc).__name__})"
+    if not modality and not sop_class:
+        return "DICOM file without Modality or SOPClassUID (truncated or empty?)"
+    if sop_class == RTSTRUCT_STORAGE:
+        item.modality = "RTSTRUCT"
+    elif sop_class == SEG_STORAGE:
+        item.modality = "SEG"
+    if item.modality == "CT" and not (item.series_uid and item.sop_instance_uid):
+        return "CT file without SeriesInstanceUID or SOPInstanceUID"
+    return item
+
+
+def scan_folder(src: Path, exclude: Sequence[Path] = ()) -> ScanResult:
     """Walk ``src`` (nested folders allowed) and classify every file by its header.
 
     Unreadable files and non-DICOM files are never fatal: they are listed in
-    ``skipped`` (DICOM-looking failures) or ``other`` (label map candidates).
+    ``skipped`` (DICOM-looking failures) or ``other`` (label map candidates). Hidden
+    files and folders are ignored.
+
+    Args:
+        src: the folder.
+        exclude: folders not to enter (e.g. an output folder inside ``src``).
 
     Raises:
         FedsegError: if ``src`` is not a folder.
     """
     if not src.is_dir():
         raise FedsegError(f"{src}: not a folder")
+    excluded = {p.resolve() for p in exclude}
     found: list[DicomFile] = []
     other: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     for root, dirs, names in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(
+            d for d in dirs
+            if not d.startswith(".") and (Path(root) / d).resolve() not in excluded
+        )
         for name in sorted(names):
             path = Path(root) / name
             if name.startswith("."):
@@ -175,36 +215,11 @@ def scan_folder(src: Path) -> ScanResult:
             if not _is_dicom_candidate(path):
                 other.append(path)
                 continue
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-            except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
-                skipped.append((path, f"not a readable DICOM file ({type(exc).__name__})"))
-                continue
-            except Exception as exc:  # noqa: BLE001 - pydicom raises many types on junk
-                skipped.append((path, f"not a readable DICOM file ({type(exc).__name__})"))
-                continue
-            modality = str(ds.get("Modality", ""))
-            sop_class = str(ds.get("SOPClassUID", ""))
-            if not modality and not sop_class:
-                skipped.append((path, "DICOM file without Modality or SOPClassUID "
-                                      "(truncated or empty?)"))
-                continue
-            if sop_class == RTSTRUCT_STORAGE:
-                modality = "RTSTRUCT"
-            elif sop_class == SEG_STORAGE:
-                modality = "SEG"
-            found.append(
-                DicomFile(
-                    path=path,
-                    modality=modality,
-                    sop_class_uid=sop_class,
-                    sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                    series_uid=str(ds.get("SeriesInstanceUID", "")),
-                    study_uid=str(ds.get("StudyInstanceUID", "")),
-                    patient_id=str(ds.get("PatientID", "")),
-                    frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
-                )
-            )
+            header = _header(path)
+            if isinstance(header, str):
+                skipped.append((path, header))
+            else:
+                found.append(header)
     logger.info("%s: %d DICOM files, %d other, %d skipped", src, len(found), len(other),
                 len(skipped))
     return ScanResult(dicom=found, other=other, skipped=skipped)
@@ -231,8 +246,11 @@ def _decode_hu(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     if pixels.ndim != 2:
         raise FedsegError(f"{path}: expected one grey-level frame, got pixel shape "
                           f"{pixels.shape} (multi-frame/colour CT is not supported)")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    try:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        raise FedsegError(f"{path}: malformed RescaleSlope/RescaleIntercept") from None
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 

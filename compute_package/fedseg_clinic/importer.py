@@ -309,8 +309,9 @@ def _import_patient(
         "native_spacing": list(geometry.spacing),
         "native_shape": list(geometry.shape),
         "roi_organs": mapping,
-        "label_sources": [s.path.name for s in structure_sets] + [s.path.name for s in segs]
-        + [p.name for p in labelmap_paths],
+        # Counts, not file names: clinics name files after patients.
+        "label_sources": {"rtstruct": len(structure_sets), "seg": len(segs),
+                          "labelmap": len(labelmap_paths)},
         "crop": options.crop,
     }
     if options.crop:
@@ -385,7 +386,7 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
         FedsegError: for bad options, an unreadable ``src`` or no CT series at all.
     """
     _check_options(options)
-    scan = scan_folder(src)
+    scan = scan_folder(src, exclude=[out])
     report = ImportReport()
     for path, reason in scan.skipped:
         report.warn(f"{path}: skipped: {reason}")
@@ -399,11 +400,15 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
 
     # Structure sets -> series.
     structure_sets: dict[str, list[StructureSet]] = {}
+    # Unreadable label files fail their patient study (by header), so no case is written
+    # without labels it should have.
+    broken: dict[tuple[str, str], Path] = {}
     for item in scan.of_modality("RTSTRUCT"):
         try:
             ss = read_rtstruct(item.path)
         except FedsegError as exc:
             report.error(str(exc))
+            broken.setdefault((item.patient_id, item.study_uid), item.path)
             continue
         uid = _match_structure_set(ss, series_files)
         if uid is None:
@@ -427,6 +432,7 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
             seg = read_dicom_seg(item.path)
         except FedsegError as exc:
             report.error(str(exc))
+            broken.setdefault((item.patient_id, item.study_uid), item.path)
             continue
         uid = next((u for u in seg.series_uids if u in series_files), None)
         if uid is None:
@@ -464,6 +470,11 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
                         f"(patterns {', '.join(options.labelmap_globs)})")
 
     for patient in patients.values():
+        if patient.key in broken:
+            report.error(f"{patient.case_id}: not imported: its label file {broken[patient.key]} "
+                         "is unreadable")
+            report.failed.append(patient.case_id)
+            continue
         chosen = patient.series
         if len(chosen) > 1 and options.series_uids:
             chosen = [uid for uid in chosen if uid in options.series_uids]

@@ -242,6 +242,14 @@ def read_dicom_seg(path: Path) -> DicomSeg:
         raise FedsegError(f"{path}: cannot read DICOM SEG ({exc})") from None
     if ds.get("Modality") != "SEG":
         raise FedsegError(f"{path}: not a DICOM SEG (Modality {ds.get('Modality')!r})")
+    try:
+        return _parse_dicom_seg(ds, frames, path)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        # Missing or malformed mandatory attributes: the file's problem, not ours.
+        raise FedsegError(f"{path}: malformed DICOM SEG ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_dicom_seg(ds: object, frames: np.ndarray, path: Path) -> DicomSeg:
     n_frames = int(ds.get("NumberOfFrames", 1))
     frames = frames.reshape(n_frames, int(ds.Rows), int(ds.Columns))
     seg_type = str(ds.get("SegmentationType", "BINARY"))

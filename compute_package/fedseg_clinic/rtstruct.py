@@ -94,6 +94,14 @@ def read_rtstruct(path: Path) -> StructureSet:
         raise FedsegError(f"{path}: cannot read RTSTRUCT ({exc})") from None
     if ds.get("Modality") != "RTSTRUCT" or "StructureSetROISequence" not in ds:
         raise FedsegError(f"{path}: not an RTSTRUCT (Modality {ds.get('Modality')!r})")
+    try:
+        return _parse_rtstruct(ds, path)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # Missing or malformed mandatory attributes: the file's problem, not ours.
+        raise FedsegError(f"{path}: malformed RTSTRUCT ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_rtstruct(ds: pydicom.Dataset, path: Path) -> StructureSet:
     fors: list[str] = []
     series: list[str] = []
     sops: set[str] = set()
