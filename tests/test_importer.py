@@ -181,6 +181,24 @@ def test_import_labelmaps(shared_data: Path, tmp_path: Path) -> None:
     assert any("'liver' maps to no organ" in p.text for p in report.problems)
 
 
+def test_labelmap_placement(shared_data: Path, tmp_path: Path) -> None:
+    """A label map above two series goes to the one it overlaps; an orphan is an error."""
+    src = tmp_path / "src"
+    _copy_mock(shared_data, src / "a")
+    _copy_ct3(shared_data, src / "b")
+    shutil.copy(shared_data / SEGS / "heart_seg.nrrd", src / "heart_seg.nrrd")
+    (src / "c").mkdir()
+    shutil.copy(shared_data / SEGS / "spine_seg.nrrd", src / "c" / "spine_seg.nrrd")
+    (src / "c" / "notes.nrrd").write_bytes(b"ignored: no seg/label in the name")
+    report = import_clinic(src, tmp_path / "out", ImportOptions(crop=False, aliases=ALIASES))
+    assert len(report.cases) == 2
+    organs = sorted(read_case(tmp_path / "out" / c).meta.labelled_organs for c in report.cases)
+    assert organs == [("heart",), ("heart",)]  # ROI-1 -> heart in a, the NRRD heart in b
+    errors = [p.text for p in report.problems if p.severity == "error"]
+    assert len(errors) == 1 and "spine_seg.nrrd: label map matches no CT series" in errors[0]
+    assert any("notes.nrrd: skipped" in p.text for p in report.problems)
+
+
 def test_import_dicom_seg(shared_data: Path, tmp_path: Path) -> None:
     src = _copy_ct3(shared_data, tmp_path / "src")
     shutil.copy(shared_data / SEGS / "liver.dcm", src / "seg.dcm")

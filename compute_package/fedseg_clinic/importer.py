@@ -21,6 +21,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import logging
+import os
 import secrets
 from pathlib import Path
 
@@ -212,12 +213,8 @@ def _match_structure_set(ss: StructureSet, series: dict[str, list[DicomFile]]) -
 
 
 def _series_folder(files: list[DicomFile]) -> Path:
-    folders = {f.path.parent for f in files}
-    common = Path(*Path(next(iter(folders))).parts)
-    for folder in folders:
-        while not folder.is_relative_to(common):
-            common = common.parent
-    return common
+    """The deepest folder holding all of a series' files."""
+    return Path(os.path.commonpath([str(f.path.parent) for f in files]))
 
 
 def _labelmap_candidates(scan: ScanResult, globs: tuple[str, ...]) -> list[Path]:
