@@ -21,7 +21,9 @@ if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
         "import fedseg_clinic.tf_env first"
     )
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide C++ info/warning spam
+# Hide TensorFlow C++ logging (the CUDA probe logs an "error" on every CPU-only start);
+# a user who wants it sets TF_CPP_MIN_LOG_LEVEL themselves.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.skip_tf_privacy_import = True  # type: ignore[attr-defined]
 
 import tensorflow as tf  # noqa: E402

@@ -1,0 +1,287 @@
+"""What a clinic does in a FEDn round: local DP training and validation of global weights.
+
+:class:`ClinicApp` holds the clinic's data, the model and the privacy ledger. Both client
+routes use it: the long-lived callback client (one object across rounds, so TensorFlow,
+the model and its traced step functions are paid for once) and the compute package's
+``entrypoint.py`` (a fresh object per FEDn call).
+
+Privacy unit: the patient. Each local step samples patients by Poisson sampling
+(each independently with q = batch_size / N, the accountant's assumption) and takes one
+random patch per sampled patient, so one patient contributes at most one clipped
+gradient per step. Before training, the ledger checks that the whole planned round fits
+in the clinic's epsilon budget; if not, :class:`BudgetExceededError` is raised and no
+weights leave the clinic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedseg_clinic.accounting import compute_epsilon
+from fedseg_clinic.case_format import Case
+from fedseg_clinic.dp_sgd import DPConfig, DPTrainer, poisson_sample
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.inference import sliding_window_predict
+from fedseg_clinic.ledger import LedgerSegment, PrivacyLedger
+from fedseg_clinic.losses import per_example_loss
+from fedseg_clinic.metrics import organ_metrics
+from fedseg_clinic.model import (
+    UNetConfig,
+    build_unet,
+    check_patch_size,
+    class_known,
+    labels_from_masks,
+)
+from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
+from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_overrides
+from fedseg_clinic.tf_env import tf
+from fedseg_clinic.weights import apply_weights
+
+logger = logging.getLogger(__name__)
+
+LEDGER_NAME = "privacy_ledger.json"
+
+
+def default_delta(n_patients: int) -> float:
+    """Delta = 1 / (10 N): comfortably below the 1 / N that would allow naming a patient."""
+    return 1.0 / (10.0 * n_patients)
+
+
+class ClinicApp:
+    """A clinic's train / validate / predict on its local cases.
+
+    Args:
+        settings: the clinic's resolved settings (data and state folders included).
+    """
+
+    def __init__(self, settings: ClinicSettings) -> None:
+        if settings.data_dir is None or settings.state_dir is None:
+            raise FedsegError("clinic settings need data_dir and state_dir")
+        self.settings = settings
+        self.data_dir: Path = settings.data_dir
+        self.state_dir: Path = settings.state_dir
+        self.train_cases: list[Case] = load_cases(self.data_dir, "train")
+        self._val_cases: list[Case] | None = None
+        self.model_config = UNetConfig.from_dict(settings.model)
+        self.model = build_unet(self.model_config, seed=settings.training.seed)
+        self._trainer: DPTrainer | None = None
+        self._trainer_key: tuple[Any, ...] | None = None
+        self._rounds_without_ledger = 0
+        self._loss_fn = tf.function(per_example_loss)
+
+    @classmethod
+    def from_environment(cls) -> ClinicApp:
+        """Build from $FEDSEG_SETTINGS / $FEDSEG_DATA_DIR / $FEDSEG_STATE_DIR."""
+        return cls(load_settings())
+
+    # -- data ---------------------------------------------------------------------------
+
+    @property
+    def val_cases(self) -> list[Case]:
+        """Validation cases (loaded on first use); a clinic without any is an error."""
+        if self._val_cases is None:
+            self._val_cases = load_cases(self.data_dir, "val")
+        return self._val_cases
+
+    def data_summary(self) -> dict[str, Any]:
+        """Counts for `startup`: patients per split, organs labelled, shapes."""
+        organs = sorted({o for c in self.train_cases for o in c.meta.labelled_organs})
+        return {
+            "data_dir": str(self.data_dir),
+            "n_train": len(self.train_cases),
+            "n_val": len(self.val_cases),
+            "labelled_organs": organs,
+            "shapes": sorted({tuple(c.image.shape) for c in self.train_cases}),
+        }
+
+    # -- privacy ------------------------------------------------------------------------
+
+    def ledger(self, delta: float, epsilon_budget: float | None) -> PrivacyLedger:
+        """The clinic's privacy ledger (persists across rounds and restarts).
+
+        Its anchor lives outside the state folder (ledger.default_anchor_path), so that
+        deleting the whole state folder is detected too.
+        """
+        return PrivacyLedger(
+            self.state_dir / LEDGER_NAME,
+            client_id=self.settings.client_name,
+            delta=delta,
+            epsilon_budget=epsilon_budget,
+        )
+
+    # -- training -----------------------------------------------------------------------
+
+    def _round_seeds(self, settings: ClinicSettings, round_index: int) -> tuple[int, int]:
+        """Seeds of the DP noise and of the patient/patch sampling for one round.
+
+        Secret (OS randomness) unless the clinic opted into reproducible randomness; see
+        PrivacySettings.secure_randomness for why a known seed would void the guarantee.
+        """
+        if settings.privacy.enabled and settings.privacy.secure_randomness:
+            return secrets.randbits(31), secrets.randbits(63)
+        base = np.random.SeedSequence([settings.training.seed, round_index])
+        noise_seed, sampling_seed = base.generate_state(2)
+        return int(noise_seed) & 0x7FFFFFFF, int(sampling_seed)
+
+    def _get_trainer(self, settings: ClinicSettings, noise_seed: int) -> DPTrainer:
+        """The DP trainer; kept across rounds (its traced step is the costly part).
+
+        The optimiser state (Adam moments, step count) is reset each round: every round
+        starts from new global weights, as in FedAvg's client update.
+        """
+        t, p = settings.training, settings.privacy
+        noise = p.noise_multiplier if p.enabled else None
+        key = (t.learning_rate, t.optimizer, t.batch_size, p.l2_norm_clip, noise)
+        if self._trainer is None or self._trainer_key != key:
+            config = DPConfig(
+                l2_norm_clip=p.l2_norm_clip,
+                noise_multiplier=noise,
+                expected_batch_size=t.batch_size,
+                learning_rate=t.learning_rate,
+                optimizer=t.optimizer,
+            )
+            self._trainer = DPTrainer(self.model, per_example_loss, config, seed=noise_seed)
+            self._trainer_key = key
+        else:
+            for variable in self._trainer.optimizer.variables():
+                variable.assign(tf.zeros_like(variable))
+            # The traced noise ops of a kept trainer continue their own random stream.
+        return self._trainer
+
+    def train(
+        self, weights: list[np.ndarray], server_settings: dict[str, Any]
+    ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """One round of local training from the global weights.
+
+        Args:
+            weights: the global model in numpyhelper order.
+            server_settings: per-round flat keys from the server (may be empty).
+
+        Returns:
+            The updated weights and the training metadata (num_examples, train_loss,
+            local_steps, train_seconds, epsilon, delta, noise_multiplier, l2_norm_clip).
+
+        Raises:
+            BudgetExceededError: the round would exceed the clinic's epsilon budget.
+            FedsegError: bad settings or weights of the wrong architecture.
+        """
+        started = time.perf_counter()
+        settings = with_server_overrides(self.settings, server_settings)
+        t, p = settings.training, settings.privacy
+        patch = check_patch_size(self.model_config, t.patch_size)
+        n = len(self.train_cases)
+        if t.batch_size > n:
+            raise FedsegError(
+                f"batch_size {t.batch_size} is larger than the {n} training patients of "
+                f"{self.data_dir}"
+            )
+        delta = p.delta if p.delta is not None else default_delta(n)
+        ledger = self.ledger(delta, p.epsilon_budget) if p.enabled else None
+        round_index = len(ledger.segments()) if ledger else self._rounds_without_ledger
+        segment = LedgerSegment.for_schedule(
+            round_id=str(server_settings.get("round_id", f"local-{round_index + 1}")),
+            n_patients=n,
+            batch_size=t.batch_size,
+            steps=t.local_steps,
+            noise_multiplier=p.noise_multiplier,
+            l2_norm_clip=p.l2_norm_clip,
+        )
+        if ledger is not None:
+            ledger.check_budget(segment)  # raises BudgetExceededError; nothing is trained
+        apply_weights(self.model, weights, "global model")
+        noise_seed, sampling_seed = self._round_seeds(settings, round_index)
+        trainer = self._get_trainer(settings, noise_seed)
+        sampler = PatchSampler(patch, foreground_fraction=t.foreground_fraction)
+        rng = np.random.default_rng(sampling_seed)
+        losses: list[float] = []
+        for _ in range(t.local_steps):
+            chosen = poisson_sample(n, t.batch_size, rng)
+            images, labels, known = self._batch([self.train_cases[i] for i in chosen], sampler,
+                                                rng, patch)
+            loss = trainer.step(images, labels, known)
+            if len(chosen):
+                losses.append(float(loss))
+        if ledger is not None:
+            epsilon = ledger.record(segment).epsilon
+        else:
+            self._rounds_without_ledger += 1
+            epsilon = math.inf
+        metadata = {
+            "num_examples": n,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "local_steps": t.local_steps,
+            "train_seconds": time.perf_counter() - started,
+            "epsilon": epsilon,
+            "delta": delta,
+            "noise_multiplier": p.noise_multiplier if p.enabled else 0.0,
+            "l2_norm_clip": p.l2_norm_clip,
+            "batch_size": t.batch_size,
+            "learning_rate": t.learning_rate,
+            "dp": p.enabled,
+            "round_index": round_index,
+        }
+        logger.info("trained %d steps, loss %.4f, epsilon %.3f", t.local_steps,
+                    metadata["train_loss"], epsilon)
+        return [np.asarray(w) for w in self.model.get_weights()], metadata
+
+    def _batch(
+        self, cases: list[Case], sampler: PatchSampler, rng: np.random.Generator,
+        patch: tuple[int, int, int],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stack one patch per sampled patient (an empty batch keeps its shape)."""
+        if not cases:
+            return (np.zeros((0, *patch, 1), np.float32), np.zeros((0, *patch), np.uint8),
+                    np.zeros((0, self.model_config.n_classes), np.float32))
+        pairs = [sampler.sample(case, rng) for case in cases]
+        images = np.stack([p[0] for p in pairs]).astype(np.float32)
+        labels = np.stack([p[1] for p in pairs])
+        known = np.stack([class_known(c.meta.labelled_organs) for c in cases])
+        return images, labels, known
+
+    # -- validation ---------------------------------------------------------------------
+
+    def predict_case(self, case: Case, settings: ClinicSettings | None = None) -> np.ndarray:
+        """Class probabilities (z, y, x, C) of a whole case by sliding-window inference."""
+        v = (settings or self.settings).validation
+        patch = check_patch_size(self.model_config, v.patch_size)
+        image = normalise_hu(case.image, case.meta.hu_clip)
+        return sliding_window_predict(self.model, image, patch, overlap=v.overlap,
+                                      batch_size=v.batch_size)
+
+    def validate(self, weights: list[np.ndarray]) -> dict[str, float]:
+        """Dice / HD95 per organ, val_loss and n_val of the global weights on val cases."""
+        apply_weights(self.model, weights, "global model")
+        per_case: list[dict[str, float]] = []
+        for case in self.val_cases:
+            probs = self.predict_case(case)
+            labels = labels_from_masks(case.masks, case.image.shape)
+            known = class_known(case.meta.labelled_organs)
+            loss = self._loss_fn(labels[None].astype(np.int32), probs[None], known[None])
+            metrics = organ_metrics(np.argmax(probs, axis=-1).astype(np.uint8), case.masks,
+                                    case.meta.labelled_organs, case.meta.spacing)
+            metrics["val_loss"] = float(np.asarray(loss)[0])
+            per_case.append(metrics)
+        result: dict[str, float] = {}
+        for key in per_case[0]:
+            values = np.array([m[key] for m in per_case], dtype=np.float64)
+            finite = values[~np.isnan(values)]
+            result[key] = float(finite.mean()) if finite.size else math.nan
+        result["n_val"] = float(len(per_case))
+        return result
+
+
+def epsilon_for_plan(n_patients: int, settings: ClinicSettings, rounds: int) -> float:
+    """Epsilon the planned training (rounds x local steps) would spend: for `startup`."""
+    t, p = settings.training, settings.privacy
+    if not p.enabled:
+        return math.inf
+    delta = p.delta if p.delta is not None else default_delta(n_patients)
+    return compute_epsilon(n_patients, t.batch_size, rounds * t.local_steps,
+                           p.noise_multiplier, delta).epsilon

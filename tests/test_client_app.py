@@ -1,0 +1,125 @@
+"""The clinic's train/validate through ClinicApp and the package entry points, on phantoms."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
+from fedseg_clinic.accounting import compute_epsilon
+from fedseg_clinic.client_app import ClinicApp
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.ledger import BudgetExceededError
+from fedseg_clinic.settings import load_settings
+from fedseg_clinic.weights import load_weights_npz, save_weights_npz
+
+pytestmark = pytest.mark.slow
+
+TINY_SETTINGS = {
+    "model": {"levels": 2, "base_filters": 4, "groups": 2},
+    "training": {"local_steps": 2, "batch_size": 2, "patch_size": [16, 16, 16],
+                 "learning_rate": 0.01, "seed": 1},
+    "privacy": {"noise_multiplier": 1.0, "l2_norm_clip": 1.0, "delta": 1e-3,
+                "secure_randomness": False},
+    "validation": {"patch_size": [16, 16, 16], "overlap": 0.25},
+}
+
+
+@pytest.fixture(scope="module")
+def clinic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "phantoms"
+    generate_benchmark(preset_spec("iid", clinics=1, patients=5, size=24, seed=3), out)
+    return out / "clinic-1"
+
+
+def _env(tmp_path: Path, clinic_dir: Path, **privacy: object) -> dict[str, str]:
+    settings = json.loads(json.dumps(TINY_SETTINGS))
+    settings["privacy"].update(privacy)
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return {"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(clinic_dir),
+            "FEDSEG_STATE_DIR": str(tmp_path / "state"), "FEDSEG_CLIENT_NAME": "clinic-1"}
+
+
+def test_train_validate_and_ledger(tmp_path: Path, clinic_dir: Path) -> None:
+    env = _env(tmp_path, clinic_dir)
+    app = ClinicApp(load_settings(env))
+    seed = [np.asarray(w) for w in app.model.get_weights()]
+    new, meta = app.train(seed, {})
+    n = len(app.train_cases)
+    assert meta["num_examples"] == n
+    assert meta["local_steps"] == 2
+    assert not all(np.array_equal(a, b) for a, b in zip(seed, new, strict=True))
+    expected = compute_epsilon(n, 2, 2, 1.0, 1e-3).epsilon
+    assert meta["epsilon"] == pytest.approx(expected, rel=1e-6)
+    assert meta["noise_multiplier"] == 1.0 and meta["delta"] == 1e-3
+    # A restarted clinic continues its ledger: two rounds spend more than one.
+    app2 = ClinicApp(load_settings(env))
+    _, meta2 = app2.train(new, {"local_steps": 3})
+    assert meta2["epsilon"] == pytest.approx(
+        compute_epsilon(n, 2, 5, 1.0, 1e-3).epsilon, rel=1e-3)
+    metrics = app2.validate(new)
+    assert metrics["n_val"] >= 1
+    assert 0.0 <= metrics["val_dice_mean"] <= 1.0
+    assert math.isfinite(metrics["val_loss"])
+    assert {"val_dice_heart", "val_hd95_heart", "val_dice_body"} <= set(metrics)
+
+
+def test_budget_refusal_leaves_ledger_unchanged(tmp_path: Path, clinic_dir: Path) -> None:
+    env = _env(tmp_path, clinic_dir, noise_multiplier=0.5)
+    n_first = ClinicApp(load_settings(env))
+    weights = [np.asarray(w) for w in n_first.model.get_weights()]
+    _, meta = n_first.train(weights, {})
+    budget = meta["epsilon"] * 1.01  # enough for what was spent, not for another round
+    env2 = _env(tmp_path, clinic_dir, noise_multiplier=0.5, epsilon_budget=budget)
+    app = ClinicApp(load_settings(env2))
+    with pytest.raises(BudgetExceededError):
+        app.train(weights, {})
+    assert app.ledger(1e-3, budget).spent().epsilon == pytest.approx(meta["epsilon"])
+
+
+def test_wrong_architecture_and_bad_server_settings(tmp_path: Path, clinic_dir: Path) -> None:
+    app = ClinicApp(load_settings(_env(tmp_path, clinic_dir)))
+    weights = [np.asarray(w) for w in app.model.get_weights()]
+    with pytest.raises(FedsegError, match="global model"):
+        app.train(weights[:-1], {})
+    with pytest.raises(FedsegError, match="learning_rate"):
+        app.train(weights, {"learning_rate": -1})
+    with pytest.raises(FedsegError, match="larger than"):
+        app.train(weights, {"batch_size": 99})
+
+
+def test_package_entry_points(tmp_path: Path, clinic_dir: Path, repo_root: Path) -> None:
+    env = {**os.environ, **_env(tmp_path, clinic_dir)}
+    package = repo_root / "compute_package"
+    seed = tmp_path / "seed.npz"
+    run = [sys.executable, str(package / "entrypoint.py")]
+    subprocess.run([*run, "build", str(seed)], cwd=package, env=env, check=True,
+                   capture_output=True)
+    (tmp_path / "seed.npz-metadata").write_text(json.dumps({"local_steps": 1}))
+    out = tmp_path / "out.npz"
+    subprocess.run([*run, "train", str(seed), str(out)], cwd=package, env=env, check=True,
+                   capture_output=True)
+    meta = json.loads(Path(f"{out}-metadata").read_text())
+    assert meta["local_steps"] == 1 and meta["num_examples"] >= 1
+    assert len(load_weights_npz(out)) == len(load_weights_npz(seed))
+    metrics_path = tmp_path / "val.json"
+    subprocess.run([*run, "validate", str(out), str(metrics_path)], cwd=package, env=env,
+                   check=True, capture_output=True)
+    assert "val_dice_mean" in json.loads(metrics_path.read_text())
+    # Wrong-shape weights: one line on stderr, exit 1, no output written.
+    bad = tmp_path / "bad.npz"
+    save_weights_npz([np.zeros(3, np.float32)], bad)
+    result = subprocess.run([*run, "train", str(bad), str(tmp_path / "o.npz")], cwd=package,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "global model" in result.stderr
+    assert not (tmp_path / "o.npz").exists()
