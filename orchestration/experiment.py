@@ -1,0 +1,347 @@
+"""The experiment file: one YAML that *is* the experiment (docs/experiments.md).
+
+``load_experiment(path)`` reads and validates it into a typed, frozen
+:class:`Experiment`. Every problem is a one-line :class:`FedsegError` naming the file
+and the key (``experiments/x.yaml: session.rounds: must be an integer >= 1, got 0``).
+Relative paths inside the file are resolved against the file's folder, never
+against the working directory.
+
+Top-level keys::
+
+    name: demo-dp               # run folder name (letters, digits, . _ -)
+    seed: 42                    # seeds phantoms, the seed model and every clinic
+    data:                       # exactly one of phantoms | clinics
+      phantoms: {preset: non-iid, clinics: 3, options: {...}}
+      clinics: {clinic-1: cases/clinic-1, ...}
+    model: {...}                # model config for fedseg.seed.build_seed (free-form)
+    clinic: {...}               # clinic-side settings (training, privacy), written to
+                                # each client's FEDSEG_SETTINGS YAML (free-form)
+    client_settings: {...}      # sent every round through a ServerFunctions hook;
+                                # a list value is a per-round schedule (len == rounds)
+    session: {rounds, aggregator, aggregator_kwargs, round_timeout, min_clients,
+              validate}
+    clients: {route: callback|package, app: MODULE:FACTORY, env: {...}}
+    network: {...}              # passed to the network layer (NetworkConfig fields)
+    seed_builder: MODULE:FUNC   # builds the seed npz: FUNC(model, out, seed=seed)
+    package: path               # compute package folder (default: the project's)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedseg_clinic.errors import FedsegError
+
+AGGREGATORS = ("fedavg", "fedopt")
+FEDOPT_KWARGS = {"serveropt": str, "learning_rate": float, "beta1": float, "beta2": float,
+                 "tau": float}
+SERVEROPTS = ("adam", "yogi", "adagrad")
+ROUTES = ("callback", "package")
+DEFAULT_APP = "fedseg_clinic.client_app:ClinicApp.from_environment"
+DEFAULT_SEED_BUILDER = "fedseg.seed.build:build_seed"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_APP_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_TOP_KEYS = ("name", "seed", "data", "model", "clinic", "client_settings", "session",
+             "clients", "network", "seed_builder", "package")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomSpec:
+    """Synthetic clinics to generate (fedseg.orchestration.phantoms)."""
+
+    preset: str = "non-iid"
+    clinics: int = 3
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where the clinics' cases come from: generated phantoms or existing folders."""
+
+    phantoms: PhantomSpec | None = None
+    clinic_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+    def clinic_names(self) -> list[str]:
+        """Client names, in order (clinic-1..N for phantoms)."""
+        if self.phantoms is not None:
+            return [f"clinic-{i}" for i in range(1, self.phantoms.clinics + 1)]
+        return list(self.clinic_dirs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSpec:
+    """The FEDn session."""
+
+    rounds: int = 5
+    aggregator: str = "fedavg"
+    aggregator_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    round_timeout: int = 600
+    min_clients: int = 1
+    validate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientsSpec:
+    """How clients run: route, the app factory (callback route) and extra env vars."""
+
+    route: str = "callback"
+    app: str = DEFAULT_APP
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A validated experiment file."""
+
+    name: str
+    seed: int
+    data: DataSpec
+    session: SessionSpec
+    clients: ClientsSpec
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    clinic: dict[str, Any] = dataclasses.field(default_factory=dict)
+    client_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    network: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed_builder: str = DEFAULT_SEED_BUILDER
+    package: Path | None = None
+    source: Path | None = None
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def settings_for_round(self, round_index: int) -> dict[str, Any]:
+        """Client settings of round ``round_index`` (1-based): schedules resolved."""
+        out: dict[str, Any] = {}
+        for key, value in self.client_settings.items():
+            out[key] = value[round_index - 1] if isinstance(value, list) else value
+        return out
+
+
+class _Checker:
+    """Type checks that name the file and the dotted key in every error."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> FedsegError:
+        return FedsegError(f"{self.source}: {key}: {problem}")
+
+    def mapping(self, value: Any, key: str, allowed: tuple[str, ...] | None = None
+                ) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a mapping, got {type(value).__name__}")
+        for sub in value:
+            if not isinstance(sub, str):
+                raise self.fail(key, f"keys must be strings, got {sub!r}")
+            if allowed is not None and sub not in allowed:
+                raise self.fail(f"{key}.{sub}" if key else sub,
+                                f"unknown key (allowed: {', '.join(allowed)})")
+        return value
+
+    def integer(self, value: Any, key: str, minimum: int) -> int:
+        # bool is an int subclass; `rounds: true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(key, f"must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def choice(self, value: Any, key: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def primitive(self, value: Any, key: str) -> None:
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise self.fail(key, f"must be a string, number or boolean, got {value!r}")
+
+
+def _data(check: _Checker, value: Any, base: Path | None) -> DataSpec:
+    data = check.mapping(value, "data", ("phantoms", "clinics"))
+    if ("phantoms" in data) == ("clinics" in data):
+        raise check.fail("data", "give exactly one of phantoms or clinics")
+    if "phantoms" in data:
+        ph = check.mapping(data["phantoms"], "data.phantoms", ("preset", "clinics", "options"))
+        preset = ph.get("preset", "non-iid")
+        if not isinstance(preset, str) or not preset:
+            raise check.fail("data.phantoms.preset", f"must be a preset name, got {preset!r}")
+        clinics = check.integer(ph.get("clinics", 3), "data.phantoms.clinics", 1)
+        options = dict(check.mapping(ph.get("options"), "data.phantoms.options"))
+        return DataSpec(phantoms=PhantomSpec(preset, clinics, options))
+    clinics_map = check.mapping(data["clinics"], "data.clinics")
+    if not clinics_map:
+        raise check.fail("data.clinics", "must name at least one clinic")
+    dirs: dict[str, Path] = {}
+    for name, folder in clinics_map.items():
+        if not _NAME_RE.match(name):
+            raise check.fail(f"data.clinics.{name}", "client name must be letters, digits, . _ -")
+        if not isinstance(folder, str) or not folder:
+            raise check.fail(f"data.clinics.{name}", f"must be a folder path, got {folder!r}")
+        path = Path(folder).expanduser()
+        if not path.is_absolute():
+            if base is None:
+                raise check.fail(f"data.clinics.{name}", "relative path needs an experiment file")
+            path = base / path
+        dirs[name] = path.resolve()
+    return DataSpec(clinic_dirs=dirs)
+
+
+def _session(check: _Checker, value: Any) -> SessionSpec:
+    s = check.mapping(value, "session", tuple(f.name for f in dataclasses.fields(SessionSpec)))
+    default = SessionSpec()
+    aggregator = check.choice(s.get("aggregator", default.aggregator), "session.aggregator",
+                              AGGREGATORS)
+    kwargs = dict(check.mapping(s.get("aggregator_kwargs"), "session.aggregator_kwargs"))
+    if kwargs and aggregator != "fedopt":
+        raise check.fail("session.aggregator_kwargs", f"{aggregator} takes no kwargs")
+    for key, val in kwargs.items():
+        full = f"session.aggregator_kwargs.{key}"
+        if key not in FEDOPT_KWARGS:
+            raise check.fail(full, f"unknown fedopt kwarg (allowed: {', '.join(FEDOPT_KWARGS)})")
+        if FEDOPT_KWARGS[key] is str:
+            check.choice(val, full, SERVEROPTS)
+        elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+            raise check.fail(full, f"must be a non-negative number, got {val!r}")
+        else:
+            kwargs[key] = float(val)
+    return SessionSpec(
+        rounds=check.integer(s.get("rounds", default.rounds), "session.rounds", 1),
+        aggregator=aggregator,
+        aggregator_kwargs=kwargs,
+        round_timeout=check.integer(s.get("round_timeout", default.round_timeout),
+                                    "session.round_timeout", 1),
+        min_clients=check.integer(s.get("min_clients", default.min_clients),
+                                  "session.min_clients", 1),
+        validate=check.boolean(s.get("validate", default.validate), "session.validate"),
+    )
+
+
+def _clients(check: _Checker, value: Any) -> ClientsSpec:
+    c = check.mapping(value, "clients", ("route", "app", "env"))
+    route = check.choice(c.get("route", "callback"), "clients.route", ROUTES)
+    app = c.get("app", DEFAULT_APP)
+    if not isinstance(app, str) or not _APP_RE.match(app):
+        raise check.fail("clients.app", f"must be MODULE:FACTORY, got {app!r}")
+    env_in = check.mapping(c.get("env"), "clients.env")
+    env: dict[str, str] = {}
+    for key, val in env_in.items():
+        check.primitive(val, f"clients.env.{key}")
+        env[key] = "" if val is None else str(val)
+    return ClientsSpec(route=route, app=app, env=env)
+
+
+def _client_settings(check: _Checker, value: Any, rounds: int) -> dict[str, Any]:
+    settings = dict(check.mapping(value, "client_settings"))
+    for key, val in settings.items():
+        full = f"client_settings.{key}"
+        if isinstance(val, list):
+            if len(val) != rounds:
+                raise check.fail(full, f"a schedule needs one value per round ({rounds}), "
+                                       f"got {len(val)}")
+            for item in val:
+                check.primitive(item, full)
+        else:
+            check.primitive(val, full)
+    return settings
+
+
+def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None = None
+                     ) -> Experiment:
+    """Validate an already-loaded YAML document.
+
+    Args:
+        raw: The parsed YAML (must be a mapping).
+        source: What to call the document in error messages (usually the file path).
+        base: Folder that relative paths are resolved against (the file's folder).
+
+    Returns:
+        The typed experiment.
+
+    Raises:
+        FedsegError: naming the source and the offending key.
+    """
+    check = _Checker(source)
+    if not isinstance(raw, dict):
+        raise FedsegError(f"{source}: an experiment must be a YAML mapping")
+    top = check.mapping(raw, "", _TOP_KEYS)
+    name = top.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise check.fail("name", f"must be 1-64 letters, digits, . _ - (got {name!r})")
+    seed = check.integer(top.get("seed", 0), "seed", 0)
+    if "data" not in top:
+        raise check.fail("data", "missing (phantoms or clinics)")
+    data = _data(check, top["data"], base)
+    session = _session(check, top.get("session"))
+    n_clinics = len(data.clinic_names())
+    if session.min_clients > n_clinics:
+        raise check.fail("session.min_clients",
+                         f"{session.min_clients} is more than the {n_clinics} clinics")
+    seed_builder = top.get("seed_builder", DEFAULT_SEED_BUILDER)
+    if not isinstance(seed_builder, str) or not _APP_RE.match(seed_builder):
+        raise check.fail("seed_builder", f"must be MODULE:FUNC, got {seed_builder!r}")
+    package = None
+    if top.get("package") is not None:
+        if not isinstance(top["package"], str) or not top["package"]:
+            raise check.fail("package", f"must be a folder path, got {top['package']!r}")
+        package = Path(top["package"]).expanduser()
+        if not package.is_absolute():
+            if base is None:
+                raise check.fail("package", "relative path needs an experiment file")
+            package = (base / package).resolve()
+    return Experiment(
+        name=name,
+        seed=seed,
+        data=data,
+        session=session,
+        clients=_clients(check, top.get("clients")),
+        model=dict(check.mapping(top.get("model"), "model")),
+        clinic=dict(check.mapping(top.get("clinic"), "clinic")),
+        client_settings=_client_settings(check, top.get("client_settings"), session.rounds),
+        network=dict(check.mapping(top.get("network"), "network")),
+        seed_builder=seed_builder,
+        package=package,
+        source=None if base is None else Path(source),
+        raw=raw,
+    )
+
+
+def load_experiment(path: Path) -> Experiment:
+    """Read and validate an experiment YAML file.
+
+    Args:
+        path: The experiment file.
+
+    Returns:
+        The typed experiment (relative paths resolved against the file's folder).
+
+    Raises:
+        FedsegError: unreadable file, bad YAML, or a bad key (named with the file).
+    """
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FedsegError(f"{path}: experiment file not found") from None
+    except OSError as exc:
+        raise FedsegError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise FedsegError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
+                          ) from None
+    return parse_experiment(raw, str(path), path.parent)
+
+
+def with_overrides(exp: Experiment, **changes: Any) -> Experiment:
+    """A copy with top-level fields replaced (used by the demo and tests)."""
+    return dataclasses.replace(exp, **changes)
