@@ -303,7 +303,8 @@ def read_series(files: Sequence[Path]) -> CtSeries:
     normal = np.zeros(3)
     for path in files:
         try:
-            ds = pydicom.dcmread(path)
+            # Headers first; pixels are read one slice at a time below to bound memory.
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - unreadable file is the user's input
             raise FedsegError(f"{path}: cannot read DICOM ({exc})") from None
         orient = _vector(ds, "ImageOrientationPatient", 6, path)
@@ -343,16 +344,19 @@ def read_series(files: Sequence[Path]) -> CtSeries:
         if np.linalg.norm(offset) > max(0.1, 0.05 * dz):
             raise FedsegError(f"{path}: slice is shifted in-plane by {np.linalg.norm(offset):.2f} "
                               f"mm relative to {ordered_files[0]}")
-    planes = []
-    shape2d: tuple[int, ...] | None = None
-    for _, path, ds in slices:
+    volume: np.ndarray | None = None
+    for k, (_, path, _header_ds) in enumerate(slices):
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:  # noqa: BLE001 - unreadable file is the user's input
+            raise FedsegError(f"{path}: cannot read DICOM ({exc})") from None
         hu = _decode_hu(ds, path)
-        if shape2d is None:
-            shape2d = hu.shape
-        elif hu.shape != shape2d:
-            raise FedsegError(f"{path}: slice size {hu.shape} differs from {shape2d}")
-        planes.append(hu)
-    volume = np.stack(planes, axis=0)
+        if volume is None:
+            volume = np.empty((len(slices), *hu.shape), dtype=np.float32)
+        elif hu.shape != volume.shape[1:]:
+            raise FedsegError(f"{path}: slice size {hu.shape} differs from {volume.shape[1:]}")
+        volume[k] = hu
+    assert volume is not None
     assert first_orient is not None and first_spacing is not None
     direction = np.stack([first_orient[:3], first_orient[3:], normal], axis=1)
     geometry = Geometry(
