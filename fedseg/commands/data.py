@@ -40,7 +40,7 @@ def import_command(
     hu_clip: tuple[float, float], no_crop: bool, aliases: Path | None, val_fraction: float,
     seed: int, labelmap_globs: tuple[str, ...], series_uids: tuple[str, ...],
 ) -> None:
-    """Import DICOM CT + RTSTRUCT (and label maps) under SRC into a clinic folder."""
+    """Import DICOM CT + RTSTRUCT/SEG (and NIfTI/NRRD label maps) under SRC into a clinic folder."""
     from fedseg_clinic.importer import DEFAULT_LABELMAP_GLOBS, ImportOptions, import_clinic
     from fedseg_clinic.organs import AliasTable
 
