@@ -167,6 +167,15 @@ def test_import_stable_ids_and_resampling(shared_data: Path, tmp_path: Path) -> 
     assert other_salt.cases != first.cases
 
 
+def test_organ_lost_by_resampling_is_unlabelled(shared_data: Path, tmp_path: Path) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    report = import_clinic(src, tmp_path / "out", ImportOptions(aliases=ALIASES, crop=False,
+                                                                spacing=(5.0, 60.0, 60.0)))
+    assert report.ok and any("heart is empty after" in p.text for p in report.problems)
+    case = read_case(tmp_path / "out" / report.cases[0])
+    assert case.meta.shape == (2, 4, 4) and case.meta.labelled_organs == ()
+
+
 def test_import_labelmaps(shared_data: Path, tmp_path: Path) -> None:
     src = _copy_ct3(shared_data, tmp_path / "src" / "p")
     for name in ("heart_seg.nrrd", "liver_seg.nrrd"):

@@ -318,10 +318,21 @@ def _import_patient(
             body = preprocess.threshold_body_mask(hu)
         box = preprocess.crop_box(body)
         hu = hu[box]
-        masks = {organ: m[box] for organ, m in masks.items()}
+        cropped = {organ: m[box] for organ, m in masks.items()}
+        for organ, mask in masks.items():
+            lost = int(np.count_nonzero(mask)) - int(np.count_nonzero(cropped[organ]))
+            if lost:
+                report.warn(f"{patient.case_id}: {lost} voxel(s) of {organ} lie outside the "
+                            "body's bounding box and were cropped away")
+        masks = cropped
         geometry = preprocess.crop_geometry(geometry, box)
     if options.spacing is not None:
         hu, masks, geometry = preprocess.resample(hu, masks, geometry, options.spacing)
+    for organ in [o for o, m in masks.items() if not m.any()]:
+        # Labelled-but-empty means "truly absent"; a contoured organ is not.
+        report.warn(f"{patient.case_id}: {organ} is empty after cropping/resampling to "
+                    f"{geometry.spacing} mm; {organ} left unlabelled")
+        del masks[organ]
     image = preprocess.clip_hu(hu, *options.hu_clip)
     meta = CaseMeta(
         case_id=patient.case_id,
