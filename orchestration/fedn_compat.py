@@ -37,6 +37,7 @@ from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
 
+GRACEFUL_TIMEOUT_S = 3  # gunicorn workers' grace on stop (default 30 s)
 _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
 _FALSE_STRINGS = frozenset({"false", "0", "no", "off", "f", "n", ""})
 
@@ -68,6 +69,8 @@ def coerce_column_value(value: Any, column_type: types.TypeEngine, nullable: boo
         kills the combiner's round thread after the first aggregation.
       * bug 7: ``aggregator_kwargs`` as a dict: "can't adapt type 'dict'" (HTTP 500).
       * bug 4 (second half): None into the NOT NULL ``combiner_preferred`` column.
+      * bug 6 with PostgreSQL: None arrives as the string "None" in integer and
+        optional columns: "invalid input syntax for type integer".
 
     Args:
         value: What fedn assigned to the attribute.
@@ -78,6 +81,12 @@ def coerce_column_value(value: Any, column_type: types.TypeEngine, nullable: boo
         The converted value; values that already fit (or that we cannot convert)
         are returned unchanged so that the database reports real errors itself.
     """
+    if isinstance(value, str) and value == "None" and not isinstance(column_type, types.String):
+        # Round configs are stringified: None arrives as "None" (PostgreSQL: "invalid
+        # input syntax for type integer: \"None\"", the round thread dies).
+        value = None
+    elif isinstance(value, str) and value == "None" and nullable:
+        value = None
     if value is None:
         if not nullable and isinstance(column_type, types.String):
             return ""
@@ -311,7 +320,7 @@ def bind_api_server(host: str, workers: int) -> None:
     run_gunicorn.__wrapped__ = original  # type: ignore[attr-defined]
     gunicorn_app.run_gunicorn = run_gunicorn
 
-    # gunicorn >= 26 also opens a control socket at ~/.gunicorn/gunicorn.ctl, one path
+    # gunicorn 27 also opens a control socket at ~/.gunicorn/gunicorn.ctl, one path
     # shared by every API server of the user; we never use it.
     load_config = getattr(gunicorn_app.GunicornApp.load_config, "__wrapped__",
                           gunicorn_app.GunicornApp.load_config)
@@ -320,6 +329,9 @@ def bind_api_server(host: str, workers: int) -> None:
         load_config(self)
         if "control_socket_disable" in self.cfg.settings:
             self.cfg.set("control_socket_disable", True)
+        # A worker running a session thread (non-daemon) holds a graceful stop for the
+        # default 30 s; the network stops the API quickly instead.
+        self.cfg.set("graceful_timeout", GRACEFUL_TIMEOUT_S)
 
     load_config_without_control_socket.__wrapped__ = load_config  # type: ignore[attr-defined]
     gunicorn_app.GunicornApp.load_config = load_config_without_control_socket

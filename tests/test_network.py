@@ -190,13 +190,18 @@ def assert_all_stopped(state: NetworkState) -> None:
 
 
 def experiment(state: NetworkState, work: Path, names: list[str], *,
-               preferred: dict[str, str] | None = None) -> tuple[str, list[dict]]:
-    """Package + seed, clients, a 2-round session; returns (session id, online clients)."""
+               preferred: dict[str, str] | None = None,
+               min_clients: int | None = None) -> tuple[str, list[dict]]:
+    """Package + seed, clients, a 2-round session; returns (session id, online clients).
+
+    min_clients is per combiner in fedn (a combiner joins a round only with that many
+    active clients of its own), so split clients need min_clients=1.
+    """
     upload_package_and_seed(state, work)
     procs = start_clients(state, names, work, state.client_token, preferred)
     try:
         online = wait_for_clients(state, len(names))
-        session_id = run_session(state, rounds=2, min_clients=len(names))
+        session_id = run_session(state, rounds=2, min_clients=min_clients or len(names))
     finally:
         stop_clients(procs)
     return session_id, online
@@ -335,10 +340,14 @@ def test_auth_client_without_token_is_refused(auth_net: NetworkState, tmp_path: 
 def test_two_combiners_with_auth_run_two_rounds(auth_net: NetworkState,
                                                 tmp_path: Path) -> None:
     preferred = {"c1": "combiner-1", "c2": "combiner-2"}
-    session_id, online = experiment(auth_net, tmp_path, ["c1", "c2"], preferred=preferred)
+    session_id, online = experiment(auth_net, tmp_path, ["c1", "c2"], preferred=preferred,
+                                    min_clients=1)
     assert {c["name"]: c["combiner"] for c in online} == preferred
     client = auth_net.api_client()
     assert len(client.get_models(session_id=session_id)["result"]) == 2
+    rounds = client.get_rounds()["result"]
+    # Both combiners took part in every round of the session.
+    assert all(len(r["combiners"]) == 2 for r in rounds), rounds
     weights = final_weights(auth_net, session_id, tmp_path)
     np.testing.assert_allclose(weights[1], seed_weights()[1] + 2.0)
 

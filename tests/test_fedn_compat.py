@@ -1,0 +1,255 @@
+"""Each fedn 0.33.0 workaround in fedseg.orchestration.fedn_compat, checked on its own.
+
+These run without starting servers: the SQL fixes against fedn's own store classes
+on a SQLite file, the bind patches against real (unstarted/started) servers.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy
+from sqlalchemy import types
+
+from fedseg.orchestration import fedn_compat
+from fedseg_clinic.errors import FedsegError
+
+
+@pytest.mark.parametrize(("value", "column_type", "nullable", "expected"), [
+    ("True", types.Boolean(), False, True),
+    ("false", types.Boolean(), False, False),
+    ("1", types.Boolean(), False, True),
+    (0, types.Boolean(), False, False),
+    ("3", types.Integer(), False, 3),
+    ("3.0", types.Integer(), False, 3),
+    (4.0, types.Integer(), True, 4),
+    ("None", types.Integer(), True, None),
+    ("2.5", types.Float(), True, 2.5),
+    ("2026-11-26 16:00:01.500000", types.DateTime(), False,
+     datetime(2026, 11, 26, 16, 0, 1, 500000)),
+    ({"serveropt": "adam"}, types.String(), True, '{"serveropt": "adam"}'),
+    ([1, 2], types.String(), True, "[1, 2]"),
+    (None, types.String(), False, ""),
+    (None, types.String(), True, None),
+    ("None", types.String(), True, None),
+    ("plain", types.String(), False, "plain"),
+    ({"a": 1}, types.JSON(), True, {"a": 1}),
+])
+def test_coerce_column_value(value: object, column_type: types.TypeEngine, nullable: bool,
+                             expected: object) -> None:
+    assert fedn_compat.coerce_column_value(value, column_type, nullable) == expected
+
+
+def test_coerce_leaves_unconvertible_values_for_the_database() -> None:
+    assert fedn_compat.coerce_column_value("maybe", types.Boolean(), False) == "maybe"
+    assert fedn_compat.coerce_column_value("x", types.Integer(), False) == "x"
+    assert fedn_compat.coerce_column_value("not a date", types.DateTime(), False) == "not a date"
+
+
+def _sqlite_session(path: Path) -> sqlalchemy.orm.sessionmaker:
+    from fedn.network.storage.statestore.stores.sql.shared import MyAbstractBase
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    MyAbstractBase.metadata.create_all(engine)
+    return sqlalchemy.orm.sessionmaker(engine)
+
+
+def test_sql_coercion_fixes_fedn_store_writes(tmp_path: Path) -> None:
+    """Bugs 2, 4 and 7 through fedn's own ORM models on SQLite."""
+    from fedn.network.storage.statestore.stores.sql.shared import (
+        CombinerModel,
+    )
+
+    session_factory = _sqlite_session(tmp_path / "store.sqlite")
+    _remove_sql_coercion()
+    # Without the fix, SQLite refuses a str in a DateTime column (bug 2).
+    with session_factory() as session:
+        session.add(CombinerModel(id=str(uuid.uuid4()), address="a", name="c", port=1,
+                                  updated_at=str(datetime(2026, 1, 2, 3, 4, 5))))
+        with pytest.raises(sqlalchemy.exc.StatementError, match="DateTime"):
+            session.commit()
+
+    fedn_compat.install_sql_coercion()
+    fedn_compat.install_sql_coercion()  # idempotent
+    try:
+        _write_and_check_coerced_rows(session_factory)
+    finally:
+        _remove_sql_coercion()
+
+
+def _remove_sql_coercion() -> None:
+    """Keep this test process as fedn ships (the listener is process-wide)."""
+    from fedn.network.storage.statestore.stores.sql.shared import MyAbstractBase
+
+    for name in ("before_insert", "before_update"):
+        if sqlalchemy.event.contains(MyAbstractBase, name, fedn_compat._coerce_row):
+            sqlalchemy.event.remove(MyAbstractBase, name, fedn_compat._coerce_row)
+
+
+def _write_and_check_coerced_rows(session_factory: sqlalchemy.orm.sessionmaker) -> None:
+    from fedn.network.storage.statestore.stores.sql.shared import (
+        ClientModel,
+        CombinerModel,
+        SessionConfigModel,
+    )
+
+    with session_factory() as session:
+        session.add(CombinerModel(id="comb", address="a", name="c", port="12080",
+                                  updated_at=str(datetime(2026, 1, 2, 3, 4, 5))))
+        session.add(ClientModel(id="cl", combiner="c", combiner_preferred=None, name="c1",
+                                status="online"))
+        session.add(SessionConfigModel(
+            id="sc", aggregator="fedopt", aggregator_kwargs={"serveropt": "adam"},
+            round_timeout="60", buffer_size="-1", delete_models_storage="True",
+            clients_required="2", requested_clients="None", validate="False",
+            helper_type="numpyhelper", model_id="m", rounds="3"))
+        session.commit()
+    with session_factory() as session:
+        combiner = session.get(CombinerModel, "comb")
+        assert combiner.updated_at == datetime(2026, 1, 2, 3, 4, 5)
+        assert combiner.port == 12080
+        assert session.get(ClientModel, "cl").combiner_preferred == ""
+        config = session.get(SessionConfigModel, "sc")
+        assert config.aggregator_kwargs == '{"serveropt": "adam"}'
+        assert config.delete_models_storage is True
+        assert config.validate is False
+        assert config.requested_clients is None
+        assert (config.rounds, config.round_timeout) == (3, 60)
+
+
+def test_create_schema_once_makes_every_table(tmp_path: Path) -> None:
+    from fedn.network.storage.statestore.stores.sql.shared import MyAbstractBase
+
+    db = tmp_path / "fedn.sqlite"
+    statestore = {"type": "SQLite", "sqlite_config": {"dbname": str(db)}}
+    fedn_compat.create_schema(statestore)
+    fedn_compat.create_schema(statestore)  # a second time is a no-op
+    tables = set(sqlalchemy.inspect(sqlalchemy.create_engine(f"sqlite:///{db}")).get_table_names())
+    assert tables == set(MyAbstractBase.metadata.tables)
+
+
+def test_create_schema_unreachable_store_is_fedseg_error(tmp_path: Path) -> None:
+    statestore = {"type": "SQLite",
+                  "sqlite_config": {"dbname": str(tmp_path / "missing-dir" / "x.sqlite")}}
+    with pytest.raises(FedsegError, match="cannot create the fedn schema"):
+        fedn_compat.create_schema(statestore)
+
+
+@pytest.mark.parametrize(("statestore", "expected"), [
+    ({"type": "SQLite", "sqlite_config": {"dbname": "/a/b.sqlite"}}, "sqlite:////a/b.sqlite"),
+    ({"type": "PostgreSQL", "postgres_config": {"username": "u", "password": "p@ss",
+                                                "host": "h", "port": 5433}},
+     "postgresql://u:p%40ss@h:5433/fedn_db"),
+])
+def test_sql_url(statestore: dict, expected: str) -> None:
+    assert fedn_compat.sql_url(statestore) == expected
+
+
+def test_sql_url_rejects_mongodb() -> None:
+    with pytest.raises(FedsegError, match="MongoDB"):
+        fedn_compat.sql_url({"type": "MongoDB"})
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ({"name": "c1", "preferred_combiner": "combiner-2"}, "combiner-2"),
+    ({"name": "c1", "preferred_combiner": ""}, None),
+    ({"name": "c1"}, None),
+    ({"name": "c1", "combiner_preferred": "x", "preferred_combiner": "y"}, "x"),
+])
+def test_alias_preferred_combiner(body: dict, expected: str | None) -> None:
+    fedn_compat.alias_preferred_combiner(body)
+    assert body["combiner_preferred"] == expected
+
+
+def test_client_add_alias_reaches_the_route() -> None:
+    """The before_request hook changes the dict the route's get_json returns (bug 4)."""
+    import flask
+
+    app = flask.Flask("probe")
+    seen = {}
+
+    @app.route("/api/v1/clients/add", methods=["POST"])
+    def add() -> str:
+        seen.update(flask.request.get_json())
+        return "ok"
+
+    fedn_compat.install_client_add_alias(app)
+    fedn_compat.install_client_add_alias(app)  # registered once
+    assert len(app.before_request_funcs[None]) == 1
+    answer = app.test_client().post("/api/v1/clients/add",
+                                    json={"name": "c1", "preferred_combiner": "combiner-2"})
+    assert answer.status_code == 200
+    assert seen["combiner_preferred"] == "combiner-2"
+
+
+@pytest.mark.parametrize(("address", "port", "expected"), [
+    ("[::]:12080", None, "127.0.0.1:12080"),
+    ("[::]:12081", 15000, "127.0.0.1:15000"),
+    ("0.0.0.0:80", None, "127.0.0.1:80"),
+    ("10.0.0.5:80", None, "10.0.0.5:80"),
+])
+def test_rewrite_grpc_address(address: str, port: int | None, expected: str) -> None:
+    assert fedn_compat.rewrite_grpc_address(address, "127.0.0.1", port) == expected
+
+
+def _listening_ip(port: int) -> list[str]:
+    import psutil
+
+    return [c.laddr.ip for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+
+
+def test_bind_grpc_servers_listens_on_localhost_only() -> None:
+    """fedn's combiner binds "[::]:PORT"; after the patch only loopback listens."""
+    from concurrent import futures
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    original = grpc.server
+    try:
+        fedn_compat.bind_grpc_servers("127.0.0.1")
+        fedn_compat.bind_grpc_servers("127.0.0.1")  # wraps the original, not itself
+        assert grpc.server.__wrapped__ is original
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        bound = server.add_insecure_port(f"[::]:{port}")
+        server.start()
+        try:
+            assert bound == port
+            ips = _listening_ip(port)
+            assert ips, "nothing listens"
+            assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip in ips), ips
+        finally:
+            server.stop(0)
+    finally:
+        grpc.server = original
+
+
+def test_bind_api_server_replaces_host_and_workers() -> None:
+    """start_server_api passes "0.0.0.0" and os.cpu_count(); the patch overrides both."""
+    code = """
+import sys
+from fedseg.orchestration import fedn_compat
+from fedn.network.api import gunicorn_app
+calls = []
+gunicorn_app.run_gunicorn = lambda app, host, port, workers=4: calls.append((host, port, workers))
+fedn_compat.bind_api_server("127.0.0.1", 2)
+gunicorn_app.run_gunicorn("app", "0.0.0.0", 8092, 16)
+app = gunicorn_app.GunicornApp(object(), {"bind": "127.0.0.1:1", "workers": 1})
+print(calls[0], app.cfg.control_socket_disable, app.cfg.graceful_timeout)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "('127.0.0.1', 8092, 2) True 3"
+
+
+def test_check_sqlalchemy_accepts_the_pinned_version() -> None:
+    fedn_compat.check_sqlalchemy()  # SQLAlchemy 2.0.x is pinned
