@@ -119,6 +119,16 @@ def test_scan_skips_junk(shared_data: Path, tmp_path: Path) -> None:
     assert all("not a DICOM file" in why for _, why in scan.skipped)
 
 
+def test_scan_skips_localizer(shared_data: Path, tmp_path: Path) -> None:
+    shutil.copytree(shared_data / CT3, tmp_path / "ct")
+    _copy_slice(shared_data / CT3 / "01.dcm", tmp_path / "scout.dcm",
+                ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SeriesInstanceUID=generate_uid())
+    scan = scan_folder(tmp_path)
+    assert len(scan.series_files()) == 1
+    assert [(p.name, why) for p, why in scan.skipped] == [
+        ("scout.dcm", "CT localizer (scout) image, not a slice")]
+
+
 def test_scan_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(FedsegError, match="not a folder"):
         scan_folder(tmp_path / "absent")

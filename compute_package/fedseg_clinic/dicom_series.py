@@ -168,6 +168,7 @@ def _header(path: Path) -> DicomFile | str:
             patient_id=str(ds.get("PatientID", "")),
             frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
         )
+        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     except InvalidDicomError:
         return "not a DICOM file"
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on junk
@@ -180,6 +181,9 @@ def _header(path: Path) -> DicomFile | str:
         item.modality = "SEG"
     if item.modality == "CT" and not (item.series_uid and item.sop_instance_uid):
         return "CT file without SeriesInstanceUID or SOPInstanceUID"
+    if item.modality == "CT" and "LOCALIZER" in image_type:
+        # Scout images are projections, not slices; they would look like a second series.
+        return "CT localizer (scout) image, not a slice"
     return item
 
 
