@@ -1,0 +1,169 @@
+"""``fedseg run``, ``fedseg clients up|down|status`` and ``fedseg demo``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from fedseg_clinic.errors import FedsegError
+
+
+def _default_runs_dir() -> Path:
+    # The one place a default follows the shell's folder; it is printed before use.
+    return Path(os.getcwd()) / "runs"
+
+
+def _echo_progress(line: str) -> None:
+    click.echo(line)
+
+
+def _quiet_fedn() -> None:
+    """Keep only warnings of fedn (it logs DEBUG to stdout by itself) unless -v was given."""
+    import logging
+
+    import fedn.common.log_config  # noqa: F401 - it configures the "fedn" logger on import
+
+    if logging.getLogger().level >= logging.WARNING:
+        logging.getLogger("fedn").setLevel(logging.WARNING)
+
+
+@click.command("run")
+@click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Parent of the run folder (default: ./runs, printed).")
+@click.option("--network", "network_root", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Use the network already up in this folder.")
+@click.option("--overwrite", is_flag=True, help="Reuse an existing run folder of that name.")
+def run(experiment: Path, runs_dir: Path | None, network_root: Path | None,
+        overwrite: bool) -> None:
+    """Run EXPERIMENT (YAML) end to end; results in RUNS_DIR/<name>/."""
+    from fedseg.orchestration.experiment import load_experiment
+    from fedseg.orchestration.runner import run_experiment
+
+    exp = load_experiment(experiment)
+    _quiet_fedn()
+    runs = (runs_dir or _default_runs_dir()).resolve()
+    try:
+        result = run_experiment(exp, runs, progress=_echo_progress,
+                                network_root=network_root.resolve() if network_root else None,
+                                overwrite=overwrite)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; round log so far in {runs / exp.name}", err=True)
+        raise SystemExit(130) from None
+    _report(result)
+
+
+def _report(result: object) -> None:
+    from fedseg.orchestration.runner import RunResult
+
+    assert isinstance(result, RunResult)
+    click.echo(f"{result.status}: {result.rounds_done} rounds logged in {result.run_dir}")
+    click.echo(f"  round log  {result.run_dir / 'rounds.csv'}")
+    click.echo(f"  run info   {result.run_dir / 'run.json'}")
+    click.echo(f"  models     {result.run_dir / 'models'}")
+    for failure in result.failures:
+        click.echo(f"  round {failure['round']}: {failure['client']} {failure['task']} "
+                   f"failed: {failure['error']}")
+
+
+@click.group()
+def clients() -> None:
+    """Attach clinic clients to a running network (one process per clinic)."""
+
+
+@clients.command("up")
+@click.option("--network", "network_root", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Network folder.")
+@click.option("--clinic", "clinic_items", multiple=True, required=True, metavar="NAME=DIR",
+              help="A clinic and its cases folder (repeat).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for clients/<name>/ (default: the network folder).")
+@click.option("--route", type=click.Choice(["callback", "package"]), default="callback",
+              show_default=True)
+@click.option("--app", default="fedseg_clinic.client_app:ClinicApp.from_environment",
+              show_default=True, help="MODULE:FACTORY of the clinic app (callback route).")
+@click.option("--settings", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Clinic settings YAML for every client (FEDSEG_SETTINGS).")
+@click.option("--timeout", type=float, default=180.0, show_default=True,
+              help="Seconds to wait for every client to connect.")
+def clients_up(network_root: Path, clinic_items: tuple[str, ...], root: Path | None,
+               route: str, app: str, settings: Path | None, timeout: float) -> None:
+    """Start clients and wait until each is connected."""
+    from fedseg.orchestration import clients as clients_mod
+    from fedseg.orchestration.network import load_network_state
+
+    state = load_network_state(network_root.resolve())
+    specs = []
+    for item in clinic_items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise FedsegError(f"--clinic {item!r}: expected NAME=DIR")
+        specs.append(clients_mod.ClientSpec(
+            name=name, data_dir=Path(folder).expanduser().resolve(),
+            settings_file=settings.resolve() if settings else None))
+    handles = clients_mod.clients_up((root or network_root).resolve(), specs,
+                                     api_url=state.api_url, route=route, app=app,
+                                     token=state.client_token, api_client=state.api_client(),
+                                     ready_timeout_s=timeout)
+    for handle in handles:
+        click.echo(f"{handle.name}: pid {handle.record.pid} ({handle.route}), log {handle.log}")
+
+
+@clients.command("down")
+@click.option("--root", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder holding clients/ (the network folder unless --root was given).")
+def clients_down(root: Path) -> None:
+    """Stop the clients recorded under ROOT."""
+    from fedseg.orchestration.clients import stop_clients
+
+    stopped = stop_clients(root.resolve())
+    click.echo(f"stopped {', '.join(stopped) if stopped else 'nothing (none running)'}")
+
+
+@clients.command("status")
+@click.option("--root", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder holding clients/.")
+def clients_status(root: Path) -> None:
+    """List the recorded clients."""
+    from fedseg.orchestration.clients import client_status
+
+    rows = client_status(root.resolve())
+    if not rows:
+        click.echo("no clients recorded")
+    for name, route, alive, log in rows:
+        click.echo(f"{name:<14} {route:<8} {'alive' if alive else 'stopped':<7} log {log}")
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Parent folder of the demo run (default: ./runs, printed).")
+@click.option("--rounds", type=int, default=5, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo run.")
+def demo(out: Path | None, rounds: int, overwrite: bool) -> None:
+    """Three synthetic clinics, a small U-Net, a DP session on a local FEDn network."""
+    from fedseg.orchestration.runner import demo_experiment, run_experiment
+
+    runs = (out or _default_runs_dir()).resolve()
+    click.echo(f"demo output goes to {runs / 'demo'}")
+    exp = demo_experiment(rounds=rounds)
+    _quiet_fedn()
+    try:
+        result = run_experiment(exp, runs, progress=_echo_progress, overwrite=overwrite)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; round log so far in {runs / exp.name}", err=True)
+        raise SystemExit(130) from None
+    _report(result)
+    ctx = click.get_current_context()
+    analyze = ctx.parent.command.get_command(ctx.parent, "analyze") if ctx.parent else None
+    if analyze is not None and result.rounds_done:
+        click.echo("analysis:")
+        try:
+            ctx.invoke(analyze, run_dirs=(result.run_dir,),
+                       out_dir=result.run_dir / "analysis")
+        except TypeError as exc:  # analyze's options differ: say how to run it
+            click.echo(f"  (run `fedseg analyze {result.run_dir}` yourself: {exc})")
+
+
+COMMANDS: list[click.Command] = [run, clients, demo]

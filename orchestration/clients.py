@@ -1,0 +1,329 @@
+"""Start and stop N FEDn clients on this machine, each a separate process.
+
+Every client gets its own folder ``<root>/clients/<name>/`` holding:
+
+- ``work/``: the process's working directory (fedn extracts packages here);
+- ``state/``: FEDSEG_STATE_DIR (the privacy ledger lives here and survives restarts);
+- ``client.log``: its stdout and stderr;
+- ``ready.json``: written by the callback client once it is connected.
+
+and its data folder (FEDSEG_DATA_DIR) where the caller says. ``<root>/clients/clients.json``
+records what was started (pid + creation time), so ``fedseg clients down`` in another
+shell stops exactly those processes and nothing else.
+
+Two routes:
+
+- ``callback`` (default): ``python -m fedseg.orchestration.clinic_client`` - one
+  long-lived process per clinic, TensorFlow imported and the model traced once.
+- ``package``: ``fedn client start`` - fedn downloads the compute package and runs its
+  train/validate entry points as a fresh subprocess per call (the clinic-side contract).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from fedseg.orchestration import ports
+from fedseg.orchestration.clinic_client import TOKEN_ENV, client_id_for
+from fedseg_clinic.case_format import atomic_write_text
+from fedseg_clinic.errors import FedsegError
+
+logger = logging.getLogger(__name__)
+
+CLIENTS_DIR = "clients"
+STATE_FILE = "clients.json"
+ROUTES = ("callback", "package")
+# Never hand server-side secrets or store settings to a clinic process.
+_SERVER_ONLY_ENV = ("FEDN_JWT_SECRET_KEY", "STATESTORE_CONFIG", "MODELSTORAGE_CONFIG",
+                    "FEDN_AUTH_TOKEN", "HOOK_SERVICE_HOST")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSpec:
+    """One clinic to attach.
+
+    Attributes:
+        name: Client name (also the source of its stable client id).
+        data_dir: The clinic's cases folder (FEDSEG_DATA_DIR).
+        settings_file: The clinic settings YAML (FEDSEG_SETTINGS), or None.
+        env: Extra environment variables (e.g. thread counts).
+    """
+
+    name: str
+    data_dir: Path
+    settings_file: Path | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ClientHandle:
+    """A started client."""
+
+    name: str
+    route: str
+    folder: Path
+    record: ports.ProcessRecord
+
+    @property
+    def log(self) -> Path:
+        """Its log file."""
+        return Path(self.record.log)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"name": self.name, "route": self.route, "folder": str(self.folder),
+                "process": self.record.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClientHandle:
+        """Inverse of :meth:`to_dict`."""
+        return cls(name=str(data["name"]), route=str(data["route"]),
+                   folder=Path(data["folder"]),
+                   record=ports.ProcessRecord.from_dict(data["process"]))
+
+
+def client_folder(root: Path, name: str) -> Path:
+    """``<root>/clients/<name>``."""
+    return root / CLIENTS_DIR / name
+
+
+def client_env(spec: ClientSpec, folder: Path, token: str | None,
+               base: dict[str, str] | None = None) -> dict[str, str]:
+    """The complete environment of one client process.
+
+    Args:
+        spec: The clinic.
+        folder: Its client folder (state/ lives there).
+        token: The client JWT, or None without auth.
+        base: Environment to start from (default: ours, minus server-only settings).
+
+    Returns:
+        The environment (FEDSEG_* set, server secrets removed).
+    """
+    env = dict(os.environ if base is None else base)
+    for key in _SERVER_ONLY_ENV:
+        env.pop(key, None)
+    # The package route runs "python ..." from fedn.yaml: make it our interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["FEDSEG_DATA_DIR"] = str(spec.data_dir)
+    env["FEDSEG_STATE_DIR"] = str(folder / "state")
+    env["FEDSEG_CLIENT_NAME"] = spec.name
+    # A fixed folder name instead of fedn's compute-package-<timestamp> per start.
+    env["FEDN_PACKAGE_EXTRACT_DIR"] = "package"
+    if spec.settings_file is not None:
+        env["FEDSEG_SETTINGS"] = str(spec.settings_file)
+    else:
+        env.pop("FEDSEG_SETTINGS", None)
+    if token:
+        env[TOKEN_ENV] = token
+    else:
+        env.pop(TOKEN_ENV, None)
+    env.update(spec.env)
+    return env
+
+
+def client_argv(route: str, spec: ClientSpec, api_url: str, app: str, folder: Path,
+                token: str | None, combiner: str | None = None) -> list[str]:
+    """The command line of one client process.
+
+    Args:
+        route: "callback" or "package".
+        spec: The clinic.
+        api_url: API base URL ("http://127.0.0.1:8092/").
+        app: MODULE:FACTORY for the callback route.
+        folder: The client folder.
+        token: Client JWT (package route passes it on the command line: fedn reads no
+            environment variable for it).
+        combiner: Preferred combiner name, or None.
+    """
+    if route == "callback":
+        argv = [sys.executable, "-m", "fedseg.orchestration.clinic_client",
+                "--api-url", api_url, "--name", spec.name, "--app", app,
+                "--ready-file", str(folder / "ready.json")]
+        if combiner:
+            argv += ["--combiner", combiner]
+        return argv
+    if route == "package":
+        parts = urlsplit(api_url if "://" in api_url else f"http://{api_url}")
+        fedn_bin = Path(sys.executable).parent / "fedn"
+        argv = [str(fedn_bin), "client", "start",
+                "--api-url", f"{parts.scheme}://{parts.hostname}",
+                "--api-port", str(parts.port or 80),
+                "--name", spec.name, "--client-id", client_id_for(spec.name)]
+        if token:
+            argv += ["--token", token]
+        if combiner:
+            argv += ["--preferred-combiner", combiner]
+        return argv
+    raise FedsegError(f"client route {route!r}: must be one of {', '.join(ROUTES)}")
+
+
+def _state_path(root: Path) -> Path:
+    return root / CLIENTS_DIR / STATE_FILE
+
+
+def load_clients(root: Path) -> list[ClientHandle]:
+    """The clients recorded under ``root`` (empty when none)."""
+    path = _state_path(root)
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        return [ClientHandle.from_dict(item) for item in data["clients"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FedsegError(f"{path}: unreadable client state ({exc})") from None
+
+
+def _save_clients(root: Path, handles: Iterable[ClientHandle]) -> None:
+    atomic_write_text(_state_path(root), json.dumps(
+        {"clients": [h.to_dict() for h in handles]}, indent=2))
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])
+
+
+def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "callback",
+                 app: str, token: str | None = None, combiner: str | None = None
+                 ) -> ClientHandle:
+    """Start one client process (does not wait for it to connect).
+
+    Args:
+        root: Folder that holds ``clients/`` (usually the run or network folder).
+        spec: The clinic.
+        api_url: API base URL.
+        route: "callback" or "package".
+        app: MODULE:FACTORY (callback route).
+        token: Client JWT, or None without auth.
+        combiner: Preferred combiner, or None.
+
+    Returns:
+        Its handle (also added to ``clients.json``).
+    """
+    if route not in ROUTES:
+        raise FedsegError(f"client route {route!r}: must be one of {', '.join(ROUTES)}")
+    if not spec.data_dir.is_dir():
+        raise FedsegError(f"{spec.data_dir}: data folder of client {spec.name} does not exist")
+    folder = client_folder(root, spec.name)
+    for sub in ("work", "state"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "ready.json").unlink(missing_ok=True)
+    record = ports.spawn(spec.name, client_argv(route, spec, api_url, app, folder, token,
+                                                combiner),
+                         cwd=folder / "work", log=folder / "client.log",
+                         env=client_env(spec, folder, token))
+    handle = ClientHandle(name=spec.name, route=route, folder=folder, record=record)
+    others = [h for h in load_clients(root) if h.name != spec.name]
+    _save_clients(root, [*others, handle])
+    return handle
+
+
+def clients_up(root: Path, specs: list[ClientSpec], *, api_url: str,
+               route: str = "callback", app: str, token: str | None = None,
+               combiner: str | None = None, ready_timeout_s: float = 120.0,
+               api_client: Any = None) -> list[ClientHandle]:
+    """Start all clients, then wait until each is connected.
+
+    "Connected" is the client's ready file (callback route) and, when ``api_client``
+    is given, the API listing the client as online (both routes).
+
+    Raises:
+        FedsegError: a name twice, a client that exits while starting (the message holds
+            its log's last lines), or not connected within ``ready_timeout_s``; clients
+            started by this call are stopped again before raising.
+    """
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise FedsegError(f"client names must be unique, got {names}")
+    running = {h.name for h in load_clients(root) if ports.is_alive(h.record)}
+    clash = sorted(running & set(names))
+    if clash:
+        raise FedsegError(f"{_state_path(root)}: clients {clash} already run; "
+                          "stop them first (fedseg clients down)")
+    handles: list[ClientHandle] = []
+    try:
+        for spec in specs:
+            handles.append(start_client(root, spec, api_url=api_url, route=route, app=app,
+                                        token=token, combiner=combiner))
+        wait_connected(handles, ready_timeout_s, api_client)
+    except BaseException:
+        stop_clients(root, [h.name for h in handles])
+        raise
+    return handles
+
+
+def online_client_names(api_client: Any) -> set[str]:
+    """Names of the clients the API lists as online."""
+    try:
+        answer = api_client.get_clients()
+    except (requests.RequestException, ValueError) as exc:  # API restarting: none yet
+        logger.debug("get_clients failed: %s", exc)
+        return set()
+    result = answer.get("result", []) if isinstance(answer, dict) else []
+    return {str(c.get("name")) for c in result
+            if isinstance(c, dict) and str(c.get("status", "")).lower() == "online"}
+
+
+def wait_connected(handles: list[ClientHandle], timeout_s: float, api_client: Any = None
+                   ) -> None:
+    """Block until every client is connected; fail early when one exits."""
+    deadline = time.monotonic() + timeout_s
+    pending = {h.name: h for h in handles}
+    while pending:
+        online = online_client_names(api_client) if api_client is not None else None
+        for name, handle in list(pending.items()):
+            if not ports.is_alive(handle.record):
+                raise FedsegError(f"client {name} exited while starting; {handle.log}: "
+                                  f"{_tail(handle.log)}")
+            ready = handle.route != "callback" or (handle.folder / "ready.json").exists()
+            if ready and (online is None or name in online):
+                del pending[name]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(sorted(pending))
+            raise FedsegError(f"clients {names} not connected after {timeout_s:.0f} s; "
+                              f"read {pending[sorted(pending)[0]].log}")
+        time.sleep(0.5)
+
+
+def stop_clients(root: Path, names: Iterable[str] | None = None,
+                 timeout_s: float = 10.0) -> list[str]:
+    """Stop recorded clients (all when ``names`` is None); returns who was running.
+
+    Only processes recorded in ``clients.json`` (pid + creation time) are signalled.
+    """
+    handles = load_clients(root)
+    wanted = None if names is None else set(names)
+    stopped: list[str] = []
+    kept: list[ClientHandle] = []
+    for handle in handles:
+        if wanted is not None and handle.name not in wanted:
+            kept.append(handle)
+            continue
+        if ports.stop(handle.record, timeout_s=timeout_s):
+            stopped.append(handle.name)
+    if handles:
+        _save_clients(root, kept)
+    return stopped
+
+
+def client_status(root: Path) -> list[tuple[str, str, bool, Path]]:
+    """(name, route, alive, log) of every recorded client."""
+    return [(h.name, h.route, ports.is_alive(h.record), h.log) for h in load_clients(root)]

@@ -1,0 +1,441 @@
+"""Run one experiment end to end and leave its round log behind.
+
+Steps (each timed into run.json): data (phantoms or existing case folders) -> seed
+model -> compute package -> network up (or an existing one) -> package + seed upload
+-> clients up -> session -> per-round collection -> final collection -> shutdown.
+
+Output, in ``<runs_dir>/<name>/``::
+
+    rounds.csv            round log (long format, see round_log.py), rewritten per round
+    run.json              config snapshot, seed, versions, timings, model ids, failures
+    models/round-<k>.npz  global weights after round k
+    seed.npz, package.tgz the uploaded seed and compute package
+    settings/<clinic>.yaml  each clinic's FEDSEG_SETTINGS
+    clients/<clinic>/     working dir, state dir (privacy ledger), client.log
+    network/              the network's logs and state (when this run started it)
+    data/                 generated phantom clinics (phantom experiments)
+
+Everything started here is stopped in ``finally`` - also on Ctrl-C (KeyboardInterrupt):
+the log written so far stays, and run.json says ``"status": "interrupted"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import logging
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedseg.orchestration import clients as clients_mod
+from fedseg.orchestration import collect, ports, session
+from fedseg.orchestration.experiment import Experiment
+from fedseg.orchestration.round_log import GLOBAL, MODELS_DIR, write_rounds, write_run_info
+from fedseg_clinic.case_format import atomic_write_text
+from fedseg_clinic.errors import FedsegError
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+VERSIONED = ("fedseg", "fedn", "tensorflow", "tf-keras", "tensorflow-privacy", "dp-accounting",
+             "numpy", "SQLAlchemy")
+# After a round is done, how long to wait for its validations before reporting it anyway.
+VALIDATION_GRACE_S = 30.0
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run ended with."""
+
+    run_dir: Path
+    status: str
+    session_id: str | None
+    rounds_done: int
+    failures: list[dict[str, Any]]
+
+
+def default_package_dir() -> Path:
+    """The project's compute package folder (beside the fedseg_clinic package)."""
+    import fedseg_clinic
+
+    return Path(fedseg_clinic.__file__).resolve().parents[1]
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the stack (recorded in run.json)."""
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def resolve_callable(spec: str, what: str) -> Callable[..., Any]:
+    """Import ``MODULE:ATTR`` (dotted ATTR allowed)."""
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr_path.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise FedsegError(f"{what} {spec!r}: cannot import ({exc})") from None
+    if not callable(target):
+        raise FedsegError(f"{what} {spec!r}: not callable")
+    return target
+
+
+def prepare_data(exp: Experiment, run_dir: Path) -> dict[str, Path]:
+    """Clinic name -> cases folder: generated phantoms or the experiment's folders."""
+    if exp.data.phantoms is None:
+        for name, folder in exp.data.clinic_dirs.items():
+            if not (folder / "manifest.json").is_file():
+                raise FedsegError(f"{folder}: cases folder of {name} has no manifest.json")
+        return dict(exp.data.clinic_dirs)
+    from fedseg.orchestration import phantoms
+
+    ph = exp.data.phantoms
+    options = dict(ph.options)
+    known = ("patients", "size", "quantity_skew")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise FedsegError(f"{exp.source or exp.name}: data.phantoms.options.{unknown[0]}: "
+                          f"unknown (allowed: {', '.join(known)})")
+    spec = phantoms.preset_spec(ph.preset, ph.clinics, int(options.get("patients", 4)),
+                                int(options.get("size", 48)), exp.seed,
+                                float(options.get("quantity_skew", 1.0)))
+    generated = phantoms.generate_benchmark(spec, run_dir / "data", overwrite=True)
+    return {g.name: g.folder for g in generated}
+
+
+def write_clinic_settings(exp: Experiment, run_dir: Path, name: str) -> Path:
+    """Write one clinic's FEDSEG_SETTINGS YAML: the experiment's model + clinic sections."""
+    settings: dict[str, Any] = {"model": dict(exp.model)}
+    settings.update(exp.clinic)
+    path = run_dir / "settings" / f"{name}.yaml"
+    atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def network_config(exp: Experiment, run_dir: Path) -> Any:
+    """The NetworkConfig of a run-owned network (hooks on when client settings exist)."""
+    from fedseg.orchestration.network import NetworkConfig
+
+    data = dict(exp.network)
+    data.setdefault("root", str(run_dir / "network"))
+    if exp.client_settings:
+        data["hooks"] = True
+    source = f"{exp.source or exp.name}: network"
+    return NetworkConfig.from_dict(data, source=source, base=run_dir)
+
+
+class RoundReporter:
+    """Polls the API during a session; writes and announces each round once it is done."""
+
+    def __init__(self, api_client: Any, session_id: str, seed_model_id: str,
+                 clients: list[str], rounds: int, run_dir: Path, validate: bool,
+                 progress: Progress | None) -> None:
+        """Track one session (see :meth:`poll`)."""
+        self.api = api_client
+        self.session_id = session_id
+        self.seed_model_id = seed_model_id
+        self.clients = clients
+        self.rounds = rounds
+        self.run_dir = run_dir
+        self.validate = validate
+        self.progress = progress
+        self.reported: set[int] = set()
+        self.done_since: dict[int, float] = {}
+        self.log: collect.SessionLog | None = None
+        self.model_ids: dict[int, str] = {}
+
+    def _validations_complete(self, k: int, log: collect.SessionLog) -> bool:
+        table: dict[str, set[str]] = {}
+        for rec in log.records:
+            if rec.round == k and rec.client != GLOBAL:
+                table.setdefault(rec.client, set()).add(rec.metric)
+        trained = [c for c in self.clients if "num_examples" in table.get(c, set())]
+        return all(any(m.startswith("val_") for m in table.get(c, set())) for c in trained)
+
+    def poll(self, final: bool = False) -> None:
+        """Collect; report every done round whose validations are in (or overdue).
+
+        Args:
+            final: The session is over: report everything that is done.
+        """
+        log = collect.collect_session(self.api, self.session_id, self.seed_model_id,
+                                      self.clients)
+        self.log = log
+        now = time.monotonic()
+        new = []
+        for info in log.rounds:
+            if info.index in self.reported or info.status not in session.DONE_ROUND_STATES:
+                continue
+            self.done_since.setdefault(info.index, now)
+            waited = now - self.done_since[info.index]
+            ready = (not self.validate or not info.model_id or final
+                     or self._validations_complete(info.index, log)
+                     or waited > VALIDATION_GRACE_S)
+            if ready:
+                new.append(info)
+        if not new and not final:
+            return
+        for info in sorted(new, key=lambda r: r.index):
+            self.reported.add(info.index)
+            if info.model_id:
+                self.model_ids[info.index] = info.model_id
+                session.download_model(self.api, info.model_id,
+                                       self.run_dir / MODELS_DIR / f"round-{info.index}.npz")
+        write_rounds(self.run_dir, [r for r in log.records if r.round in self.reported])
+        for info in sorted(new, key=lambda r: r.index):
+            if self.progress is not None:
+                self.progress(self.round_line(info, log))
+
+    def round_line(self, info: collect.RoundInfo, log: collect.SessionLog) -> str:
+        """"round 2/5  clinic-1 dice 0.41 eps 1.20  clinic-2 FAILED  12.3 s"."""
+        table: dict[str, dict[str, float]] = {}
+        for rec in log.records:
+            if rec.round == info.index:
+                table.setdefault(rec.client, {})[rec.metric] = rec.value
+        parts = [f"round {info.index}/{self.rounds}"]
+        for client in self.clients:
+            row = table.get(client, {})
+            if row.get("train_failed", 0.0) >= 1.0:
+                parts.append(f"{client} FAILED")
+                continue
+            text = f"{client} dice {_fmt(row.get('val_dice_mean'))}"
+            if "epsilon" in row:
+                text += f" eps {_fmt(row['epsilon'], 2)}"
+            parts.append(text)
+        parts.append(f"{_fmt(info.seconds, 1)} s")
+        return "  ".join(parts)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None = None,
+                   network_root: Path | None = None, overwrite: bool = False,
+                   ready_timeout_s: float = 180.0) -> RunResult:
+    """Run ``exp``; results in ``runs_dir/<exp.name>/``.
+
+    Args:
+        exp: The validated experiment.
+        runs_dir: Parent folder of run folders (absolute or resolved by the caller).
+        progress: Called with one human-readable line per step and per round.
+        network_root: Use the network already up in this folder (not stopped at the
+            end) instead of starting one for the run.
+        overwrite: Reuse a non-empty run folder.
+        ready_timeout_s: Bound on clients connecting (TF import + model build included).
+
+    Returns:
+        The outcome; ``status`` is "finished", "interrupted" or "failed: ...".
+
+    Raises:
+        FedsegError: bad input or a failure before the session (after cleanup).
+        KeyboardInterrupt: re-raised after cleanup, with the log kept.
+    """
+    say = progress or (lambda _line: None)
+    run_dir = Path(runs_dir).resolve() / exp.name
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise FedsegError(f"{run_dir}: run folder exists and is not empty "
+                          "(choose another name or --overwrite)")
+    if overwrite and run_dir.exists():
+        _clear_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {
+        "name": exp.name, "seed": exp.seed, "status": "starting", "started_at": _now_iso(),
+        "experiment_file": str(exp.source) if exp.source else None, "config": exp.raw,
+        "versions": package_versions(), "timings": {}, "model_ids": {}, "failures": [],
+    }
+    timings: dict[str, float] = info["timings"]
+    write_run_info(run_dir, info)
+    t_start = time.monotonic()
+    own_network_root: Path | None = None
+    clients_started = False
+    reporter: RoundReporter | None = None
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        tic = time.monotonic()
+        result = fn()
+        timings[f"{name}_seconds"] = round(time.monotonic() - tic, 3)
+        return result
+
+    try:
+        say(f"run folder {run_dir}")
+        data_dirs = step("data", lambda: prepare_data(exp, run_dir))
+        names = list(data_dirs)
+        say(f"data: {len(names)} clinics ({', '.join(names)})")
+        seed_path = run_dir / "seed.npz"
+        builder = resolve_callable(exp.seed_builder, "seed_builder")
+        step("seed", lambda: builder(dict(exp.model), seed_path, seed=exp.seed))
+        package = step("package", lambda: session.build_package(
+            exp.package or default_package_dir(), run_dir / "package.tgz"))
+
+        from fedseg.orchestration import network as network_mod
+
+        if network_root is None:
+            config = network_config(exp, run_dir)
+            say(f"network up in {config.root}")
+            own_network_root = Path(config.root)
+            state = step("network_up", lambda: network_mod.network_up(config))
+        else:
+            state = network_mod.load_network_state(network_root)
+            if exp.client_settings and not state.hooks_host:
+                raise FedsegError(f"{network_root}: the experiment sets client_settings but "
+                                  "this network has no hooks service (network up with hooks)")
+        info["network"] = {"root": str(state.root), "api_url": state.api_url,
+                           "owned": network_root is None}
+        api = state.api_client()
+        seed_id = step("upload", lambda: session.upload_package_and_seed(
+            api, package, seed_path, exp.name))
+        info["seed_model_id"] = seed_id
+
+        specs = [clients_mod.ClientSpec(
+            name=n, data_dir=data_dirs[n], settings_file=write_clinic_settings(exp, run_dir, n),
+            env=dict(exp.clients.env)) for n in names]
+        say(f"clients up ({exp.clients.route} route): {', '.join(names)}")
+        clients_started = True
+        handles = step("clients_up", lambda: clients_mod.clients_up(
+            run_dir, specs, api_url=state.api_url, route=exp.clients.route,
+            app=exp.clients.app, token=state.client_token, api_client=api,
+            ready_timeout_s=ready_timeout_s))
+        info["clients"] = {h.name: {"route": h.route, "data_dir": str(data_dirs[h.name]),
+                                    "log": str(h.log), "folder": str(h.folder)}
+                           for h in handles}
+        settings_by_round = ([exp.settings_for_round(k) for k in range(1, exp.session.rounds + 1)]
+                             if exp.client_settings else None)
+        session_id = session.start_session(api, exp.session, seed_id, exp.name,
+                                           settings_by_round, n_clients=len(names))
+        info["session_id"] = session_id
+        info["status"] = "running"
+        write_run_info(run_dir, info)
+        say(f"session {session_id}: {exp.session.rounds} rounds, {exp.session.aggregator}")
+        reporter = RoundReporter(api, session_id, seed_id, names, exp.session.rounds, run_dir,
+                                 exp.session.validate, progress)
+        tic = time.monotonic()
+        status = session.wait_session(api, session_id, session.session_timeout(exp.session),
+                                      on_poll=reporter.poll)
+        # The last round's validations arrive after the session says finished.
+        deadline = time.monotonic() + VALIDATION_GRACE_S
+        while (len(reporter.reported) < len(reporter.log.rounds if reporter.log else [])
+               and time.monotonic() < deadline):
+            time.sleep(1.0)
+            reporter.poll()
+        reporter.poll(final=True)
+        timings["session_seconds"] = round(time.monotonic() - tic, 3)
+        info["status"] = "finished" if status.lower() == "finished" else status.lower()
+    except KeyboardInterrupt:
+        info["status"] = "interrupted"
+        say("interrupted: stopping clients and network, keeping the log so far")
+        raise
+    except FedsegError as exc:
+        info["status"] = f"failed: {exc}"
+        raise
+    finally:
+        previous = _ignore_sigint()
+        try:
+            _cleanup(reporter, info, run_dir, clients_started, own_network_root)
+        finally:
+            timings["total_seconds"] = round(time.monotonic() - t_start, 3)
+            info["finished_at"] = _now_iso()
+            write_run_info(run_dir, info)
+            _restore_sigint(previous)
+    return RunResult(run_dir=run_dir, status=info["status"],
+                     session_id=info.get("session_id"),
+                     rounds_done=int(info.get("rounds_done", 0)), failures=info["failures"])
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Empty an old run folder; refuses while its clients or network still run.
+
+    The old network's SQLite store must go too: a combiner restarted on a store that
+    lists an earlier combiner is reported as "No combiner available" to clients.
+    """
+    from fedseg.orchestration import network as network_mod
+
+    alive = [h.name for h in clients_mod.load_clients(run_dir) if ports.is_alive(h.record)]
+    if (run_dir / "network" / network_mod.STATE_FILE).exists():
+        state = network_mod.load_network_state(run_dir / "network")
+        alive += [n for n, rec in state.records.items() if ports.is_alive(rec)]
+    if alive:
+        raise FedsegError(f"{run_dir}: still running ({', '.join(alive)}); stop it first")
+    shutil.rmtree(run_dir)
+
+
+def _cleanup(reporter: RoundReporter | None, info: dict[str, Any], run_dir: Path,
+             clients_started: bool, own_network_root: Path | None) -> None:
+    """Record what was collected, then stop clients and the run's own network."""
+    if reporter is not None and reporter.log is not None:
+        info["failures"] = reporter.log.failures
+        info["model_ids"] = {str(k): v for k, v in sorted(reporter.model_ids.items())}
+        info["rounds_done"] = len(reporter.reported)
+    if clients_started:
+        clients_mod.stop_clients(run_dir)
+    if own_network_root is not None:
+        from fedseg.orchestration import network as network_mod
+
+        try:
+            network_mod.network_down(own_network_root)
+        except FedsegError as exc:  # it never came up: nothing to stop
+            logger.info("network down: %s", exc)
+
+
+def _ignore_sigint() -> Any:
+    """A second Ctrl-C must not interrupt the cleanup that stops our processes."""
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return None
+
+
+def _restore_sigint(previous: Any) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, previous)
+
+
+def demo_experiment(rounds: int = 5) -> Experiment:
+    """The ``fedseg demo`` experiment: 3 non-iid phantom clinics, small U-Net, DP-SGD.
+
+    Sized for a few minutes on a 2-core CPU: 48^2 x 48 phantoms, a 3-level U-Net with 8
+    base filters on 16^3 patches, 4 DP-SGD steps per round, one TensorFlow thread per
+    client process (three clients share the cores).
+    """
+    from fedseg.orchestration.experiment import parse_experiment
+
+    doc = {
+        "name": "demo",
+        "seed": 7,
+        "data": {"phantoms": {"preset": "non-iid", "clinics": 3,
+                              "options": {"patients": 4, "size": 48}}},
+        "model": {"levels": 3, "base_filters": 8, "groups": 4},
+        "clinic": {
+            "training": {"optimizer": "adam", "learning_rate": 0.003, "local_steps": 4,
+                         "batch_size": 2, "patch_size": [16, 16, 16]},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
+            "validation": {"patch_size": [16, 16, 16], "overlap": 0.25, "batch_size": 4},
+        },
+        "session": {"rounds": rounds, "aggregator": "fedavg", "round_timeout": 300,
+                    "min_clients": 2},
+        "clients": {"route": "callback",
+                    "env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+                            "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+    }
+    return parse_experiment(doc, source="fedseg demo")

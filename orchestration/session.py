@@ -1,0 +1,203 @@
+"""One FEDn session: package + seed upload, per-round client settings, start, bounded wait.
+
+fedn 0.33.0 specifics handled here (notes: /work/shared/notes/fedn-0.33.md):
+
+- ``set_active_model`` fails until a package was uploaded, even for callback clients:
+  :func:`upload_package_and_seed` always uploads the package first.
+- Sessions are created and started through
+  :func:`fedseg.orchestration.fedn_compat.start_session` (bug 5).
+- The session config has no client-settings field: per-round settings travel through a
+  ServerFunctions ``client_settings`` hook, whose *source code* is sent with the session
+  (:func:`server_functions_source`). The hooks process keeps one ServerFunctions object
+  while the code is unchanged, so a per-session nonce in the code resets its round
+  counter for every session.
+- A session may never finish (bug 6, a client stuck): :func:`wait_session` is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from fedseg.orchestration import fedn_compat
+from fedseg.orchestration.experiment import SessionSpec
+from fedseg_clinic.errors import FedsegError
+
+logger = logging.getLogger(__name__)
+
+DONE_ROUND_STATES = ("Success", "Finished", "Failed", "Terminated")
+
+
+def build_package(src: Path, out: Path) -> Path:
+    """Pack a compute package folder (fedn.yaml inside, .fednignore honoured) as a tgz.
+
+    Raises:
+        FedsegError: no fedn.yaml in ``src``, or the archive could not be written.
+    """
+    from fedn.cli.package_cmd import create_tar_with_ignore
+
+    if not (src / "fedn.yaml").is_file():
+        raise FedsegError(f"{src}: not a compute package (no fedn.yaml)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        # fedn's packer logs errors instead of raising: check the result ourselves.
+        create_tar_with_ignore(str(src), tmp)
+        with tarfile.open(tmp, "r:gz") as tar:
+            if "fedn.yaml" not in tar.getnames():
+                raise FedsegError(f"{src}: packing failed (no fedn.yaml in {out.name})")
+        os.replace(tmp, out)
+    except (OSError, tarfile.TarError) as exc:
+        raise FedsegError(f"{out}: cannot write the package ({exc})") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def upload_package_and_seed(api_client: Any, package: Path, seed: Path, name: str) -> str:
+    """Upload the package, then the seed model; returns the seed's model id.
+
+    Raises:
+        FedsegError: the API refused either upload (its answer in the message).
+    """
+    answer = api_client.set_active_package(str(package), helper="numpyhelper", name=name)
+    if "uploaded" not in str(answer.get("message", "")).lower() and not answer.get("success"):
+        raise FedsegError(f"{package}: package upload refused: {answer}")
+    answer = api_client.set_active_model(str(seed))
+    if not answer.get("success"):
+        raise FedsegError(f"{seed}: seed model upload refused: {answer}")
+    active = api_client.get_active_model()
+    model_id = active.get("model_id") if isinstance(active, dict) else None
+    if not model_id:
+        raise FedsegError(f"{seed}: uploaded, but the API reports no active model: {active}")
+    return str(model_id)
+
+
+def server_functions_source(settings_by_round: list[dict[str, Any]], nonce: str) -> str:
+    """Source of a ServerFunctions class that hands out round k's client settings.
+
+    Args:
+        settings_by_round: Settings of rounds 1..N (primitive values only); rounds
+            beyond N (e.g. a continued session) keep the last entry.
+        nonce: Unique per session, so the hooks process builds a fresh object.
+
+    Returns:
+        Python source for the hooks process (only fedn's allowed imports).
+    """
+    if not settings_by_round:
+        raise ValueError("settings_by_round must not be empty")
+    literal = json.dumps(settings_by_round, sort_keys=True, allow_nan=False)
+    return (
+        "from fedn.network.combiner.hooks.allowed_import import ServerFunctionsBase\n"
+        "\n"
+        f"# fedseg session {nonce}\n"
+        "class ServerFunctions(ServerFunctionsBase):\n"
+        "    def __init__(self):\n"
+        f"        self.settings = {literal!r}\n"
+        "        self.round = 0\n"
+        "\n"
+        "    def client_settings(self, global_model):\n"
+        "        import json\n"
+        "        table = json.loads(self.settings)\n"
+        "        self.round += 1\n"
+        "        return dict(table[min(self.round, len(table)) - 1])\n"
+    )
+
+
+def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: str,
+                  settings_by_round: list[dict[str, Any]] | None = None,
+                  n_clients: int | None = None) -> str:
+    """Create and start a session; returns its id.
+
+    Args:
+        api_client: fedn APIClient (admin token when auth is on).
+        spec: Rounds, aggregator (+ kwargs), timeout, min clients, validate.
+        seed_model_id: The model the first round starts from.
+        name: Session name (unique per network: a nonce is added).
+        settings_by_round: Per-round client settings (needs the hooks service), or None.
+        n_clients: Clients asked per round (None = all connected).
+    """
+    nonce = uuid.uuid4().hex[:8]
+    source = server_functions_source(settings_by_round, nonce) if settings_by_round else None
+    session_id = fedn_compat.start_session(
+        api_client, spec.rounds, model_id=seed_model_id, name=f"{name}-{nonce}",
+        aggregator=spec.aggregator, aggregator_kwargs=spec.aggregator_kwargs or None,
+        round_timeout=spec.round_timeout, min_clients=spec.min_clients,
+        requested_clients=n_clients, validate=spec.validate, server_functions=source)
+    logger.info("session %s started (%d rounds, %s)", session_id, spec.rounds, spec.aggregator)
+    return session_id
+
+
+def session_status(api_client: Any, session_id: str) -> str:
+    """The session's status ("Started", "Finished", ...); "" when the API does not answer."""
+    try:
+        answer = api_client.get_session(session_id)
+    except (requests.RequestException, ValueError) as exc:  # transient: poll again
+        logger.debug("get_session failed: %s", exc)
+        return ""
+    return str(answer.get("status", "")) if isinstance(answer, dict) else ""
+
+
+def wait_session(api_client: Any, session_id: str, timeout_s: float,
+                 on_poll: Callable[[], None] | None = None, poll_s: float = 1.0) -> str:
+    """Poll until the session finishes, calling ``on_poll`` after every poll.
+
+    Returns:
+        The last status seen ("Finished" normally).
+
+    Raises:
+        FedsegError: not finished within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = session_status(api_client, session_id)
+        if on_poll is not None:
+            on_poll()
+        if status.lower() in ("finished", "terminated"):
+            return status
+        if time.monotonic() > deadline:
+            raise FedsegError(f"session {session_id} not finished after {timeout_s:.0f} s "
+                              f"(status {status or 'unknown'}); see the combiner log")
+        time.sleep(poll_s)
+
+
+def session_timeout(spec: SessionSpec, slack_s: float = 60.0) -> float:
+    """A bound for a whole session: every round may use its timeout, plus validation."""
+    return spec.rounds * (2.0 * spec.round_timeout + 10.0) + slack_s
+
+
+def download_model(api_client: Any, model_id: str, out: Path, attempts: int = 3) -> Path:
+    """Download a global model to ``out`` (atomically), retrying transient failures."""
+    url = api_client._get_url_api_v1(f"models/{model_id}/download")
+    problem = ""
+    for attempt in range(attempts):
+        try:
+            answer = requests.get(url, headers=api_client.headers, timeout=60,
+                                  verify=api_client.verify)
+        except requests.RequestException as exc:
+            problem = str(exc)
+        else:
+            if answer.status_code == 200:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+                try:
+                    with os.fdopen(fd, "wb") as handle:
+                        handle.write(answer.content)
+                    os.replace(tmp, out)
+                finally:
+                    Path(tmp).unlink(missing_ok=True)
+                return out
+            problem = f"HTTP {answer.status_code} {answer.text.strip()[:200]}"
+        time.sleep(0.5 * (attempt + 1))
+    raise FedsegError(f"model {model_id}: download failed ({problem})")

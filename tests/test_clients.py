@@ -1,0 +1,158 @@
+"""Client processes: argument handling, environment, callback adapter, start failures."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedseg.orchestration import clients as clients_mod
+from fedseg.orchestration.clinic_client import (
+    TOKEN_ENV,
+    CallbackAdapter,
+    client_id_for,
+    normalise_api_url,
+    resolve_factory,
+)
+from fedseg_clinic.errors import FedsegError
+
+TESTS = Path(__file__).resolve().parent
+TOY_APP = "toy_clinic_app:ToyApp.from_environment"
+
+
+def test_client_id_is_stable_and_distinct() -> None:
+    assert client_id_for("clinic-1") == client_id_for("clinic-1")
+    assert client_id_for("clinic-1") != client_id_for("clinic-2")
+    assert len(client_id_for("x")) == 36
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("http://127.0.0.1:8092", "http://127.0.0.1:8092/"),
+    ("http://127.0.0.1:8092/", "http://127.0.0.1:8092/"),
+    ("127.0.0.1:8092", "http://127.0.0.1:8092/"),
+])
+def test_api_url_gets_scheme_and_trailing_slash(raw: str, expected: str) -> None:
+    assert normalise_api_url(raw) == expected
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("no_colon", "expected MODULE:FACTORY"),
+    ("surely_not_a_module_xyz:f", "cannot import"),
+    ("toy_clinic_app:Nope", "has no Nope"),
+    ("toy_clinic_app:N_FEATURES", "not callable"),
+])
+def test_bad_app_specs(spec: str, fragment: str) -> None:
+    with pytest.raises(FedsegError, match=fragment):
+        resolve_factory(spec)
+
+
+def test_dotted_factory_resolves() -> None:
+    import toy_clinic_app
+
+    assert resolve_factory(TOY_APP) == toy_clinic_app.ToyApp.from_environment
+
+
+def _npz(weights: list[np.ndarray]) -> io.BytesIO:
+    from fedn.utils.helpers.helpers import get_helper
+
+    buffer = io.BytesIO()
+    get_helper("numpyhelper").save(weights, buffer)
+    buffer.seek(0, io.SEEK_END)  # fedn hands the buffer over at its end
+    return buffer
+
+
+def test_callback_adapter_round_trip() -> None:
+    from fedn.utils.helpers.helpers import get_helper
+    from toy_clinic_app import ToyApp
+
+    adapter = CallbackAdapter(ToyApp("clinic-a"))
+    out, meta = adapter.train(_npz([np.zeros(4)]), {"learning_rate": 0.1, "local_steps": 2})
+    weights = get_helper("numpyhelper").load(out)
+    assert weights[0].shape == (4,) and np.any(weights[0] != 0)
+    tm = meta["training_metadata"]
+    assert tm["num_examples"] == 40 and tm["local_steps"] == 2 and tm["learning_rate"] == 0.1
+    metrics = adapter.validate(_npz(weights))
+    assert set(metrics) == {"val_loss", "val_dice_mean", "val_dice_heart", "n_val"}
+    assert np.isnan(metrics["val_dice_heart"])
+
+
+class _NoCount:
+    def train(self, weights: list[np.ndarray], settings: dict) -> tuple[list, dict]:
+        return weights, {"train_loss": np.float32(1.0)}
+
+    def validate(self, weights: list[np.ndarray]) -> dict:
+        return {"bad": [1, 2]}
+
+
+def test_adapter_rejects_metadata_fedn_cannot_use() -> None:
+    adapter = CallbackAdapter(_NoCount())
+    with pytest.raises(FedsegError, match="num_examples"):
+        adapter.train(_npz([np.zeros(2)]), {})
+    with pytest.raises(FedsegError, match="bad"):
+        adapter.validate(_npz([np.zeros(2)]))
+
+
+def test_client_env_sets_clinic_vars_and_drops_server_secrets(tmp_path: Path) -> None:
+    spec = clients_mod.ClientSpec("c1", tmp_path / "data", tmp_path / "s.yaml", {"X": "1"})
+    base = {"PATH": "/usr/bin", "FEDN_JWT_SECRET_KEY": "s", "STATESTORE_CONFIG": "f",
+            "FEDSEG_SETTINGS": "/old", TOKEN_ENV: "old"}
+    env = clients_mod.client_env(spec, tmp_path / "c1", None, base)
+    assert env["FEDSEG_DATA_DIR"] == str(tmp_path / "data")
+    assert env["FEDSEG_STATE_DIR"] == str(tmp_path / "c1" / "state")
+    assert env["FEDSEG_SETTINGS"] == str(tmp_path / "s.yaml")
+    assert env["FEDSEG_CLIENT_NAME"] == "c1" and env["X"] == "1"
+    assert "FEDN_JWT_SECRET_KEY" not in env and "STATESTORE_CONFIG" not in env
+    assert TOKEN_ENV not in env
+    assert env["PATH"].endswith("/usr/bin")
+    with_token = clients_mod.client_env(spec, tmp_path / "c1", "tok", base)
+    assert with_token[TOKEN_ENV] == "tok"
+
+
+def test_client_argv_for_both_routes(tmp_path: Path) -> None:
+    spec = clients_mod.ClientSpec("c1", tmp_path)
+    cb = clients_mod.client_argv("callback", spec, "http://127.0.0.1:8092/", TOY_APP,
+                                 tmp_path, "tok")
+    assert cb[1:3] == ["-m", "fedseg.orchestration.clinic_client"]
+    assert "tok" not in cb  # the token travels in the environment, not in ps output
+    pkg = clients_mod.client_argv("package", spec, "http://127.0.0.1:8092/", TOY_APP,
+                                  tmp_path, "tok", combiner="combiner-1")
+    assert pkg[1:3] == ["client", "start"]
+    assert pkg[pkg.index("--api-url") + 1] == "http://127.0.0.1"
+    assert pkg[pkg.index("--api-port") + 1] == "8092"
+    assert pkg[pkg.index("--client-id") + 1] == client_id_for("c1")
+    assert pkg[pkg.index("--preferred-combiner") + 1] == "combiner-1"
+    with pytest.raises(FedsegError, match="route"):
+        clients_mod.client_argv("docker", spec, "http://x/", TOY_APP, tmp_path, None)
+
+
+def test_missing_data_folder_is_refused_before_any_process(tmp_path: Path) -> None:
+    spec = clients_mod.ClientSpec("c1", tmp_path / "nope")
+    with pytest.raises(FedsegError, match="nope: data folder of client c1"):
+        clients_mod.clients_up(tmp_path, [spec], api_url="http://127.0.0.1:1/", app=TOY_APP)
+    assert clients_mod.load_clients(tmp_path) == []
+
+
+def test_duplicate_names_are_refused(tmp_path: Path) -> None:
+    spec = clients_mod.ClientSpec("c1", tmp_path)
+    with pytest.raises(FedsegError, match="unique"):
+        clients_mod.clients_up(tmp_path, [spec, spec], api_url="http://x/", app=TOY_APP)
+
+
+@pytest.mark.slow
+def test_app_start_failure_is_reported_with_log_and_nothing_left(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "TOY_FAIL_AT_START": "1"}
+    specs = [clients_mod.ClientSpec("c1", data, env=env)]
+    with pytest.raises(FedsegError) as info:
+        clients_mod.clients_up(tmp_path, specs, api_url="http://127.0.0.1:9/", app=TOY_APP,
+                               ready_timeout_s=60)
+    message = str(info.value)
+    assert "client c1 exited while starting" in message
+    assert "asked to fail at start" in message
+    assert clients_mod.load_clients(tmp_path) == []
+    assert clients_mod.client_status(tmp_path) == []

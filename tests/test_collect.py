@@ -1,0 +1,132 @@
+"""collect.py: fedn API answers (shaped as fedn 0.33.0 returns them) -> round log rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fedseg.orchestration.collect import assemble, http_time, model_chain, session_rounds
+from fedseg.orchestration.round_log import pivot
+
+SID = "sess-B"
+OTHER = "sess-A"
+SEED = "seed-0"
+
+
+def _round(round_id: str, session_id: str, status: str = "Finished", start: str = "00",
+           end: str = "05", aggregated: int = 2, expected: int = 2) -> dict:
+    return {
+        "round_id": round_id, "status": status,
+        "committed_at": f"Thu, 26 Nov 2026 16:11:{start} GMT",
+        "updated_at": f"Thu, 26 Nov 2026 16:11:{end} GMT",
+        "round_config": {"session_id": session_id, "round_id": round_id},
+        "combiners": [{"model_id": f"combiner-model-{round_id}", "status": "Success",
+                       "time_exec_training": 1.5,
+                       "data": {"aggregation_time": {"nr_aggregated_models": aggregated},
+                                "nr_expected_updates": expected, "time_combination": 0.25}}],
+    }
+
+
+def _update(client: str, round_id: str, **meta: float) -> dict:
+    inner = {"training_metadata": {"num_examples": 10, **meta}, "processing_time": 0.5,
+             "config": json.dumps({"round_id": round_id, "session_id": SID})}
+    return {"type": "MODEL_UPDATE", "log_level": "AUDIT", "status": "Model update completed.",
+            "sender": {"name": client}, "session_id": SID,
+            "data": json.dumps({"sender": {"name": client}, "meta": json.dumps(inner)})}
+
+
+def _failure(client: str, round_id: str) -> dict:
+    request = {"modelId": "x", "data": json.dumps({"round_id": round_id})}
+    return {"type": "MODEL_UPDATE", "log_level": "WARNING", "sender": {"name": client},
+            "status": f"FEDSEG_TRAIN_FAILED {client}: BudgetExceededError: eps 8.1 > 8",
+            "data": json.dumps(request)}
+
+
+def _validation(client: str, model_id: str, dice: float, n_val: float = 1.0) -> dict:
+    return {"model_id": model_id, "sender": {"name": client},
+            "data": json.dumps({"val_dice_mean": dice, "val_dice_heart": math.nan,
+                                "n_val": n_val})}
+
+
+MODELS = {"result": [  # unordered, first parent None (as fedn 0.33.0 answers)
+    {"model_id": "g2", "parent_model": "g1", "committed_at": "Thu, 26 Nov 2026 16:11:10 GMT"},
+    {"model_id": "g1", "parent_model": None, "committed_at": "Thu, 26 Nov 2026 16:11:05 GMT"},
+]}
+
+
+def test_http_time_parses_fedn_stamps() -> None:
+    assert http_time("Thu, 26 Nov 2026 16:11:05 GMT") - http_time(
+        "Thu, 26 Nov 2026 16:11:00 GMT") == 5.0
+    assert http_time(None) is None
+    assert http_time("yesterday") is None
+
+
+@pytest.mark.parametrize(("models", "expected"), [
+    (MODELS, ["g1", "g2"]),
+    ({"result": []}, []),
+    ({"result": [{"model_id": "g1", "parent_model": SEED}]}, ["g1"]),
+])
+def test_model_chain_follows_parent_links(models: dict, expected: list[str]) -> None:
+    assert model_chain(models, SEED) == expected
+
+
+def test_rounds_of_other_sessions_are_ignored_and_renumbered() -> None:
+    rounds = {"result": [_round("4", SID), _round("1", OTHER), _round("3", SID),
+                         _round("2", OTHER)]}
+    infos = session_rounds(rounds, SID, ["g1", "g2"])
+    assert [(r.index, r.round_id, r.model_id) for r in infos] == [(1, "3", "g1"), (2, "4", "g2")]
+    assert infos[0].seconds == 5.0
+    assert infos[0].combination_s == 0.25 and infos[0].aggregated_updates == 2.0
+
+
+def test_a_failed_round_commits_no_model() -> None:
+    rounds = {"result": [_round("1", SID, status="Failed", aggregated=0), _round("2", SID)]}
+    infos = session_rounds(rounds, SID, ["g1"])
+    assert [r.model_id for r in infos] == ["", "g1"]
+
+
+def test_assemble_end_to_end() -> None:
+    rounds = {"result": [_round("1", OTHER), _round("3", SID), _round("4", SID)]}
+    statuses = {"result": [
+        _update("c1", "3", epsilon=1.5, train_loss=0.7), _update("c2", "3", epsilon=1.4),
+        _update("c1", "4", epsilon=2.5), _failure("c2", "4"),
+        {"type": "MODEL_UPDATE", "log_level": "INFO", "status": "Starting", "data": ""},
+    ]}
+    validations = {"result": [
+        _validation("c1", "g1", 0.5, n_val=3), _validation("c2", "g1", 0.1, n_val=1),
+        _validation("c1", "g2", 0.6),
+        _validation("c1", "model-of-another-session", 0.99),
+    ]}
+    log = assemble(rounds, MODELS, statuses, validations, SID, SEED, ["c1", "c2"])
+    table = pivot(log.records)
+    assert log.model_ids == {1: "g1", 2: "g2"}
+    assert table[(1, "c1")]["epsilon"] == 1.5 and table[(1, "c1")]["train_loss"] == 0.7
+    assert table[(1, "c1")]["train_failed"] == 0.0
+    assert table[(2, "c2")]["train_failed"] == 1.0
+    assert "epsilon" not in table[(2, "c2")]
+    # n_val-weighted: (0.5 * 3 + 0.1 * 1) / 4
+    assert table[(1, "global")]["val_dice_mean"] == pytest.approx(0.4)
+    assert math.isnan(table[(1, "global")]["val_dice_heart"])
+    assert table[(1, "global")]["round_seconds"] == 5.0
+    assert table[(2, "global")]["val_dice_mean"] == pytest.approx(0.6)
+    assert all(r.value != 0.99 for r in log.records)
+    assert {r.round for r in log.records} == {1, 2}
+    assert log.failures == [{"round": 2, "client": "c2", "task": "train",
+                             "error": "BudgetExceededError: eps 8.1 > 8"}]
+
+
+def test_silent_client_is_logged_as_failed() -> None:
+    rounds = {"result": [_round("7", SID)]}
+    statuses = {"result": [_update("c1", "7")]}
+    log = assemble(rounds, {"result": [{"model_id": "g1", "parent_model": SEED}]}, statuses,
+                   {"result": []}, SID, SEED, ["c1", "c3"])
+    table = pivot(log.records)
+    assert table[(1, "c3")] == {"train_failed": 1.0}
+    assert log.failures[0]["client"] == "c3" and "no update" in log.failures[0]["error"]
+
+
+def test_empty_answers_give_empty_log() -> None:
+    log = assemble({"message": "error"}, {}, None, [], SID, SEED, ["c1"])
+    assert log.rounds == [] and log.records == [] and log.failures == []

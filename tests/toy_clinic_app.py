@@ -1,0 +1,94 @@
+"""A tiny real clinic app for plumbing tests: linear regression in numpy.
+
+Same interface as fedseg_clinic.client_app.ClinicApp (from_environment / train /
+validate), so the callback client and the whole FEDn path run for real in a fraction
+of a second per round. Knobs (environment variables, for failure tests):
+
+- TOY_TRAIN_SLEEP_S: seconds each train call sleeps (to be killed or interrupted mid-round);
+- TOY_FAIL_ON_CALL: 1-based train call numbers (comma separated) that raise;
+- TOY_FAIL_AT_START: any value makes from_environment raise (app start failure).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedseg_clinic.errors import FedsegError
+
+N_FEATURES = 4
+TRUE_W = np.array([1.0, -2.0, 0.5, 3.0])
+
+
+class ToyApp:
+    """Linear regression on the clinic's own random data."""
+
+    def __init__(self, name: str, n_train: int = 40, n_val: int = 10) -> None:
+        """Data derived from the client name (each clinic differs, runs repeat)."""
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        self.name = name
+        self.x_train = rng.normal(size=(n_train, N_FEATURES))
+        self.y_train = self.x_train @ TRUE_W + 0.1 * rng.normal(size=n_train)
+        self.x_val = rng.normal(size=(n_val, N_FEATURES))
+        self.y_val = self.x_val @ TRUE_W
+        self.calls = 0
+        self.sleep_s = float(os.environ.get("TOY_TRAIN_SLEEP_S", "0"))
+        fail = os.environ.get("TOY_FAIL_ON_CALL", "")
+        self.fail_on = {int(v) for v in fail.split(",") if v.strip()}
+
+    @classmethod
+    def from_environment(cls) -> ToyApp:
+        """Build from FEDSEG_CLIENT_NAME (and FEDSEG_DATA_DIR, which must exist)."""
+        if os.environ.get("TOY_FAIL_AT_START"):
+            raise FedsegError("toy app: asked to fail at start")
+        data_dir = os.environ.get("FEDSEG_DATA_DIR", "")
+        if not data_dir or not os.path.isdir(data_dir):
+            raise FedsegError(f"FEDSEG_DATA_DIR={data_dir!r}: not a folder")
+        return cls(os.environ.get("FEDSEG_CLIENT_NAME", "toy"))
+
+    def train(self, weights: list[np.ndarray], server_settings: dict[str, Any]
+              ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """A few full-batch gradient steps from the global weights."""
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise FedsegError(f"toy app {self.name}: asked to fail on train call {self.calls}")
+        tic = time.monotonic()
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        w = np.asarray(weights[0], dtype=float).copy()
+        lr = float(server_settings.get("learning_rate", 0.05))
+        steps = int(server_settings.get("local_steps", 5))
+        for _ in range(steps):
+            grad = 2.0 * self.x_train.T @ (self.x_train @ w - self.y_train) / len(self.y_train)
+            w -= lr * grad
+        loss = float(np.mean((self.x_train @ w - self.y_train) ** 2))
+        meta = {"num_examples": len(self.y_train), "train_loss": loss, "local_steps": steps,
+                "train_seconds": time.monotonic() - tic, "learning_rate": lr,
+                "epsilon": float(self.calls), "delta": 1e-5}
+        return [w], meta
+
+    def validate(self, weights: list[np.ndarray]) -> dict[str, float]:
+        """MSE on held-out data, plus a Dice-like score in (0, 1]."""
+        w = np.asarray(weights[0], dtype=float)
+        mse = float(np.mean((self.x_val @ w - self.y_val) ** 2))
+        return {"val_loss": mse, "val_dice_mean": 1.0 / (1.0 + mse),
+                "val_dice_heart": float("nan"), "n_val": float(len(self.y_val))}
+
+
+def seed_weights() -> list[np.ndarray]:
+    """The initial global model."""
+    return [np.zeros(N_FEATURES)]
+
+
+def build_seed(model_config: dict[str, Any], out: Path, seed: int = 0) -> Path:
+    """Seed builder with fedseg.seed.build.build_seed's signature."""
+    from fedn.utils.helpers.helpers import get_helper
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    get_helper("numpyhelper").save(seed_weights(), str(out))
+    return out
