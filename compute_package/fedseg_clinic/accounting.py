@@ -23,15 +23,17 @@ from typing import Literal, NamedTuple
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
+from scipy import optimize
 
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
 
-# dp_accounting's default PLD grid; a coarser grid (still a valid, slightly looser upper
-# bound) is only used while bisecting in calibrate_noise, where it is ~10x faster.
-PLD_DISCRETIZATION = 1e-4
-_PLD_SEARCH_DISCRETIZATION = 1e-3
+# PLD grid (privacy-loss discretisation). dp_accounting's default is 1e-4; 1e-3 is still a
+# pessimistic (valid upper-bound) estimate, differs by < 0.03% on the schedules we checked
+# (3.7696 vs 3.7689 for the tf-stack notes' schedule) and is ~10x faster, which matters
+# because the ledger recomputes the whole history every round.
+PLD_DISCRETIZATION = 1e-3
 # Absolute tolerance on the calibrated noise multiplier.
 CALIBRATION_TOL = 1e-4
 
@@ -241,8 +243,8 @@ def calibrate_noise(
     """The smallest noise multiplier whose epsilon stays within ``target_epsilon``.
 
     RDP is calibrated with ``dp_accounting.calibrate_dp_mechanism``; its answer is an
-    upper bracket for the tighter accountant, which is then bisected (PLD on a coarser
-    grid while searching) and the result re-checked with the reporting accountants.
+    upper bracket for the tighter accountant, whose boundary is then found with Brent's
+    method; the returned sigma is checked to meet the budget.
 
     Args:
         n_patients: Number of patients N.
@@ -276,32 +278,25 @@ def calibrate_noise(
     if accountant == "rdp":
         return sigma_rdp
 
-    segment = [PrivacySegment(q, 0.0, steps)]
-
     def search_eps(sigma: float) -> float:
-        seg = [segment[0]._replace(noise_multiplier=sigma)]
-        eps_pld = _epsilon_pld(seg, delta, _PLD_SEARCH_DISCRETIZATION)
-        return eps_pld if accountant == "pld" else min(eps_pld, _epsilon_rdp(seg, delta))
-
-    def final_eps(sigma: float) -> float:
-        seg = [segment[0]._replace(noise_multiplier=sigma)]
+        seg = [PrivacySegment(q, sigma, steps)]
         eps_pld = _epsilon_pld(seg, delta)
         return eps_pld if accountant == "pld" else min(eps_pld, _epsilon_rdp(seg, delta))
 
     # sigma_rdp meets the budget under RDP, hence under the tighter bound: upper bracket.
     high = sigma_rdp
-    low = high / 2.0
+    while search_eps(high) > target_epsilon:  # PLD alone: not bounded by RDP in theory
+        high *= 2.0
+    low = 0.75 * high
     while low > CALIBRATION_TOL and search_eps(low) <= target_epsilon:
-        high, low = low, low / 2.0
-    while high - low > CALIBRATION_TOL:
-        mid = (low + high) / 2.0
-        if search_eps(mid) <= target_epsilon:
-            high = mid
-        else:
-            low = mid
-    # The coarse grid bounds the fine one from above in practice; verify anyway.
-    while final_eps(high) > target_epsilon:
-        high += CALIBRATION_TOL
+        high, low = low, 0.75 * low
+    if high - low > CALIBRATION_TOL:
+        root = optimize.brentq(lambda s: search_eps(s) - target_epsilon, low, high,
+                               xtol=CALIBRATION_TOL / 2)
+        # brentq's root may sit on either side of the boundary: step up until it is inside.
+        high = min(high, root)
+        while search_eps(high) > target_epsilon:
+            high += CALIBRATION_TOL / 2
     logger.debug("calibrated sigma %.5f (RDP alone: %.5f) for eps %.3g over %d steps",
                  high, sigma_rdp, target_epsilon, steps)
     return high

@@ -1,0 +1,228 @@
+"""Privacy ledger: composition over rounds, restarts, budget, tamper and deletion detection."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fedseg_clinic.accounting import compute_epsilon, compute_epsilon_history
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.ledger import (
+    BudgetExceededError,
+    LedgerSegment,
+    PrivacyLedger,
+    default_anchor_path,
+)
+
+DELTA = 1e-3
+
+
+def seg(round_id: str, steps: int = 20, q: float = 0.05, sigma: float = 1.2,
+        n: int | None = 100) -> LedgerSegment:
+    return LedgerSegment(round_id, steps, q, sigma, 1.0, n)
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "privacy_ledger.json"
+
+
+def open_ledger(path: Path, budget: float | None = None, **kwargs) -> PrivacyLedger:
+    return PrivacyLedger(path, "clinic-a", DELTA, budget, **kwargs)
+
+
+def filled(path: Path, rounds: int = 3) -> PrivacyLedger:
+    ledger = open_ledger(path)
+    for r in range(rounds):
+        ledger.record(seg(f"r{r}"))
+    return ledger
+
+
+def test_new_ledger_creates_files_and_spends_nothing(ledger_path: Path) -> None:
+    ledger = open_ledger(ledger_path)
+    assert ledger_path.exists()
+    assert ledger.anchor_path == ledger_path.parent.parent / "state.privacy-anchor.json"
+    assert default_anchor_path(ledger_path) == ledger.anchor_path
+    assert ledger.anchor_path.exists()
+    report = ledger.spent()
+    assert (report.epsilon, report.steps) == (0.0, 0)
+    assert ledger.entries() == []
+
+
+def test_rounds_compose_and_survive_restart(ledger_path: Path) -> None:
+    ledger = open_ledger(ledger_path)
+    first = ledger.record(seg("r1", steps=30))
+    second = ledger.record(seg("r2", steps=10, q=0.1, sigma=1.5))
+    expected = compute_epsilon_history([(0.05, 1.2, 30), (0.1, 1.5, 10)], DELTA)
+    assert second.epsilon == pytest.approx(expected.epsilon, rel=1e-12)
+    assert second.epsilon > first.epsilon > 0
+    reopened = open_ledger(ledger_path)  # a client restart
+    assert reopened.spent() == second
+    assert [e["round_id"] for e in reopened.entries()] == ["r1", "r2"]
+    assert all(len(e["hash"]) == 64 and e["time"] for e in reopened.entries())
+
+
+def test_equal_rounds_equal_one_schedule(ledger_path: Path) -> None:
+    ledger = open_ledger(ledger_path)
+    for r in range(3):
+        ledger.record(LedgerSegment.for_schedule(f"r{r}", 100, 5, 20, 1.2, 1.0))
+    one = compute_epsilon(100, 5, 60, 1.2, DELTA)
+    assert ledger.spent().epsilon == pytest.approx(one.epsilon, rel=1e-9)
+
+
+def test_check_budget_allows_then_refuses(ledger_path: Path) -> None:
+    budget = compute_epsilon_history([(0.05, 1.2, 50)], DELTA).epsilon
+    ledger = open_ledger(ledger_path, budget=budget)
+    ok = ledger.check_budget(seg("r1", steps=40))
+    assert ok.epsilon <= budget
+    ledger.record(seg("r1", steps=40))
+    before = ledger_path.read_bytes()
+    with pytest.raises(BudgetExceededError, match=r"round r2 would bring epsilon .* refusing"):
+        ledger.check_budget(seg("r2", steps=20))
+    assert isinstance(BudgetExceededError("x"), FedsegError)
+    assert ledger_path.read_bytes() == before  # a check writes nothing
+    assert ledger.check_budget(seg("r2", steps=10)).epsilon <= budget
+
+
+def test_no_budget_never_refuses_but_reports_inf(ledger_path: Path) -> None:
+    ledger = open_ledger(ledger_path, budget=None)
+    assert ledger.check_budget(seg("r1", sigma=0.0)).epsilon == float("inf")
+    with pytest.raises(BudgetExceededError):
+        open_ledger(ledger_path, budget=100.0).check_budget(seg("r1", sigma=0.0))
+
+
+def test_check_budget_refuses_delta_not_below_one_over_n(ledger_path: Path) -> None:
+    with pytest.raises(FedsegError, match="1/N"):
+        open_ledger(ledger_path).check_budget(seg("r1", n=1000))  # delta = 1/N
+
+
+def test_deleted_ledger_is_refused_not_reset(ledger_path: Path) -> None:
+    ledger = filled(ledger_path)
+    ledger_path.unlink()
+    with pytest.raises(FedsegError, match=r"was deleted .*refusing to train"):
+        ledger.spent()
+    with pytest.raises(FedsegError, match="deleted"):
+        open_ledger(ledger_path)
+    assert not ledger_path.exists()  # never silently recreated
+
+
+def test_deleted_state_dir_is_detected(ledger_path: Path) -> None:
+    filled(ledger_path, rounds=1)
+    for child in ledger_path.parent.iterdir():
+        child.unlink()
+    ledger_path.parent.rmdir()
+    with pytest.raises(FedsegError, match="deleted"):
+        open_ledger(ledger_path)
+
+
+def test_lost_anchor_is_refused(ledger_path: Path) -> None:
+    ledger = filled(ledger_path, rounds=1)
+    ledger.anchor_path.unlink()
+    with pytest.raises(FedsegError, match="lost its anchor"):
+        open_ledger(ledger_path)
+
+
+def _rewrite(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _truncate(data: dict) -> None:
+    data["entries"] = data["entries"][:2]  # a valid chain, just shorter
+
+
+def _edit_noise(data: dict) -> None:
+    data["entries"][1]["noise_multiplier"] = 5.0
+
+
+def _drop_middle(data: dict) -> None:
+    del data["entries"][1]
+
+
+def _swap(data: dict) -> None:
+    data["entries"][0], data["entries"][1] = data["entries"][1], data["entries"][0]
+
+
+def _edit_last_and_rehash(data: dict) -> None:
+    import hashlib
+    last = data["entries"][-1]
+    last["steps"] = 1
+    body = {k: v for k, v in last.items() if k != "hash"}
+    text = data["entries"][-2]["hash"] + json.dumps(body, sort_keys=True, separators=(",", ":"))
+    last["hash"] = hashlib.sha256(text.encode()).hexdigest()
+
+
+def _empty(data: dict) -> None:
+    data["entries"] = []
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (_truncate, "truncated"),
+    (_empty, "truncated"),
+    (_edit_noise, "entry 1, round 'r1', fails its hash check"),
+    (_drop_middle, "fails its hash check"),
+    (_swap, "fails its hash check"),
+    (_edit_last_and_rehash, "head does not match anchor"),
+])
+def test_modified_ledger_is_refused(ledger_path: Path, change, fragment: str) -> None:
+    filled(ledger_path, rounds=3)
+    _rewrite(ledger_path, change)
+    with pytest.raises(FedsegError, match=fragment):
+        open_ledger(ledger_path)
+
+
+def test_garbage_ledger_is_refused(ledger_path: Path) -> None:
+    filled(ledger_path, rounds=1)
+    ledger_path.write_text("{not json")
+    with pytest.raises(FedsegError, match=r"unreadable.*refusing to train"):
+        open_ledger(ledger_path)
+
+
+def test_other_client_or_delta_is_refused(ledger_path: Path) -> None:
+    filled(ledger_path, rounds=1)
+    with pytest.raises(FedsegError, match="belongs to client 'clinic-a'"):
+        PrivacyLedger(ledger_path, "clinic-b", DELTA, None)
+    with pytest.raises(FedsegError, match=re.escape("delta=0.001, not delta=0.0001")):
+        PrivacyLedger(ledger_path, "clinic-a", 1e-4, None)
+
+
+def test_interrupted_write_one_entry_ahead_is_accepted(ledger_path: Path, tmp_path: Path
+                                                       ) -> None:
+    ledger = filled(ledger_path, rounds=2)
+    old_anchor = ledger.anchor_path.read_text()
+    ledger.record(seg("r2"))
+    ledger.anchor_path.write_text(old_anchor)  # as if we crashed before the anchor write
+    reopened = open_ledger(ledger_path)
+    assert len(reopened.entries()) == 3
+    assert json.loads(reopened.anchor_path.read_text())["entries"] == 3
+
+
+def test_custom_anchor_path(ledger_path: Path, tmp_path: Path) -> None:
+    anchor = tmp_path / "elsewhere" / "anchor.json"
+    ledger = open_ledger(ledger_path, anchor_path=anchor)
+    ledger.record(seg("r0"))
+    assert json.loads(anchor.read_text())["entries"] == 1
+    assert not default_anchor_path(ledger_path).exists()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"round_id": ""}, {"steps": -1}, {"steps": 1.5}, {"sampling_probability": 1.5},
+    {"noise_multiplier": -0.1}, {"l2_norm_clip": 0.0}, {"n_patients": 0},
+])
+def test_segment_refuses_bad_values(kwargs: dict) -> None:
+    args = {"round_id": "r", "steps": 1, "sampling_probability": 0.1,
+            "noise_multiplier": 1.0, "l2_norm_clip": 1.0, "n_patients": 10, **kwargs}
+    with pytest.raises(FedsegError, match="ledger segment"):
+        LedgerSegment(**args)
+
+
+@pytest.mark.parametrize(("delta", "budget"), [(0.0, None), (1.0, None), (1e-3, 0.0)])
+def test_ledger_refuses_bad_settings(ledger_path: Path, delta: float, budget: float | None
+                                     ) -> None:
+    with pytest.raises(FedsegError):
+        PrivacyLedger(ledger_path, "clinic-a", delta, budget)
+    assert not ledger_path.exists()
