@@ -234,7 +234,8 @@ def _now_iso() -> str:
 
 def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None = None,
                    network_root: Path | None = None, overwrite: bool = False,
-                   ready_timeout_s: float = 180.0) -> RunResult:
+                   ready_timeout_s: float = 180.0,
+                   client_env: dict[str, dict[str, str]] | None = None) -> RunResult:
     """Run ``exp``; results in ``runs_dir/<exp.name>/``.
 
     Args:
@@ -245,6 +246,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             end) instead of starting one for the run.
         overwrite: Reuse a non-empty run folder.
         ready_timeout_s: Bound on clients connecting (TF import + model build included).
+        client_env: Extra environment variables per client name (on top of
+            ``clients.env``), e.g. thread counts or fault injection in tests.
 
     Returns:
         The outcome; ``status`` is "finished", "interrupted" or "failed: ...".
@@ -311,7 +314,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
 
         specs = [clients_mod.ClientSpec(
             name=n, data_dir=data_dirs[n], settings_file=write_clinic_settings(exp, run_dir, n),
-            env=dict(exp.clients.env)) for n in names]
+            env={**exp.clients.env, **(client_env or {}).get(n, {})}) for n in names]
         say(f"clients up ({exp.clients.route} route): {', '.join(names)}")
         clients_started = True
         handles = step("clients_up", lambda: clients_mod.clients_up(

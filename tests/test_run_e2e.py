@@ -1,0 +1,212 @@
+"""End to end with real FEDn processes (SQLite + moto, one combiner, hooks).
+
+The toy app (tests/toy_clinic_app.py) is a real numpy model, so these tests exercise
+FEDn's processes, our callback clients, the client-settings hook, collection, failure
+reporting and shutdown - in seconds per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from fedseg.orchestration import clients as clients_mod
+from fedseg.orchestration.experiment import load_experiment
+from fedseg.orchestration.round_log import GLOBAL, pivot, read_rounds, read_run_info
+from fedseg.orchestration.runner import run_experiment
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+TOY_APP = "toy_clinic_app:ToyApp.from_environment"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _network_keys() -> dict[str, Any]:
+    return {"api_port": _free_port(), "s3_port": _free_port(), "hooks_port": _free_port(),
+            "combiners": [{"name": "combiner-1", "port": _free_port()}]}
+
+
+def _toy_experiment(folder: Path, name: str, clients: dict[str, dict[str, str]],
+                    rounds: int = 2, **extra: Any) -> Path:
+    """Write a toy experiment (one data folder per client) and return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for client in clients:
+        (folder / client).mkdir(exist_ok=True)
+        (folder / client / "manifest.json").write_text("{}")
+    pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    doc: dict[str, Any] = {
+        "name": name, "seed": 3,
+        "data": {"clinics": {c: c for c in clients}},
+        "seed_builder": "toy_clinic_app:build_seed",
+        "client_settings": {"learning_rate": [0.05] * rounds, "local_steps": 3},
+        "session": {"rounds": rounds, "round_timeout": 20, "min_clients": 1},
+        "clients": {"app": TOY_APP, "env": {"PYTHONPATH": pythonpath}},
+    }
+    doc.update(extra)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def network_root(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from fedseg.orchestration.network import NetworkConfig, network_down, network_up
+
+    root = tmp_path_factory.mktemp("net")
+    config = NetworkConfig.from_dict({**_network_keys(), "hooks": True}, source="test",
+                                     base=root)
+    network_up(config)
+    try:
+        yield root
+    finally:
+        network_down(root)
+
+
+def _client_rows(run_dir: Path) -> dict[tuple[int, str], dict[str, float]]:
+    return pivot(read_rounds(run_dir))
+
+
+def test_two_sessions_on_one_network_log_only_their_own_rounds(
+        tmp_path: Path, network_root: Path) -> None:
+    names = {"clinic-1": {}, "clinic-2": {}}
+    lines: list[str] = []
+    runs = tmp_path / "runs"
+    first = run_experiment(load_experiment(_toy_experiment(tmp_path / "a", "first", names)),
+                           runs, network_root=network_root, progress=lines.append)
+    second = run_experiment(load_experiment(_toy_experiment(tmp_path / "b", "second", names)),
+                            runs, network_root=network_root, progress=lines.append)
+    assert first.status == second.status == "finished"
+    assert first.session_id != second.session_id
+    for result in (first, second):
+        table = _client_rows(result.run_dir)
+        assert {k for k, _ in table} == {1, 2}  # global round ids 3, 4 renumbered for #2
+        for k in (1, 2):
+            assert table[(k, GLOBAL)]["round_seconds"] >= 0
+            assert table[(k, GLOBAL)]["updates_aggregated"] == 2
+            for client in names:
+                row = table[(k, client)]
+                assert row["num_examples"] == 40 and row["train_failed"] == 0
+                assert row["learning_rate"] == 0.05  # came through the settings hook
+                assert 0 < row["val_dice_mean"] <= 1
+        info = read_run_info(result.run_dir)
+        assert info["status"] == "finished" and info["network"]["owned"] is False
+        assert sorted(info["model_ids"]) == ["1", "2"]
+        assert (result.run_dir / "models" / "round-2.npz").is_file()
+        assert not [n for n, _r, alive, _l in clients_mod.client_status(result.run_dir)
+                    if alive]
+    ids_first = set(read_run_info(first.run_dir)["model_ids"].values())
+    ids_second = set(read_run_info(second.run_dir)["model_ids"].values())
+    assert not ids_first & ids_second
+    # Each run starts its own client processes: the toy's call counter starts again.
+    assert _client_rows(second.run_dir)[(2, "clinic-1")]["epsilon"] == 2.0
+    assert any(line.startswith("round 2/2  clinic-1 dice") for line in lines)
+
+
+def test_failed_and_killed_clients_are_named_in_the_log(tmp_path: Path,
+                                                        network_root: Path) -> None:
+    path = _toy_experiment(tmp_path, "faults", {"clinic-1": {}, "clinic-2": {}, "clinic-3": {}},
+                           session={"rounds": 2, "round_timeout": 8, "min_clients": 1})
+    exp = load_experiment(path)
+    run_dir = tmp_path / "runs" / "faults"
+    # clinic-2 raises in its first train call; clinic-3 is slow and gets killed mid-round.
+    per_client = {"clinic-2": {"TOY_FAIL_ON_CALL": "1"}, "clinic-3": {"TOY_TRAIN_SLEEP_S": "4"}}
+    killed: list[int] = []
+
+    def kill_clinic_3() -> None:
+        handle = next(h for h in clients_mod.load_clients(run_dir) if h.name == "clinic-3")
+        os.kill(handle.record.pid, signal.SIGKILL)
+        killed.append(handle.record.pid)
+
+    def progress(line: str) -> None:
+        if line.startswith("session "):
+            threading.Timer(1.5, kill_clinic_3).start()
+
+    result = run_experiment(exp, tmp_path / "runs", network_root=network_root,
+                            progress=progress, client_env=per_client)
+    assert killed
+    assert result.status == "finished"
+    table = _client_rows(result.run_dir)
+    assert table[(1, "clinic-1")]["train_failed"] == 0
+    assert table[(1, "clinic-2")]["train_failed"] == 1
+    assert table[(1, "clinic-3")]["train_failed"] == 1
+    assert table[(2, "clinic-2")]["train_failed"] == 0  # it recovered: process stayed up
+    assert table[(2, "clinic-3")]["train_failed"] == 1
+    assert table[(1, GLOBAL)]["updates_aggregated"] == 1
+    failures = {(f["round"], f["client"]): f["error"] for f in result.failures}
+    assert "asked to fail on train call 1" in failures[(1, "clinic-2")]
+    assert "no update" in failures[(1, "clinic-3")]
+    assert read_run_info(result.run_dir)["failures"] == result.failures
+
+
+def _alive(record: dict[str, Any]) -> bool:
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        return (abs(proc.create_time() - float(record["create_time"])) < 1.0
+                and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_ctrl_c_stops_everything_and_keeps_the_log(tmp_path: Path) -> None:
+    path = _toy_experiment(tmp_path, "sigint", {"clinic-1": {}, "clinic-2": {}}, rounds=4,
+                           network=_network_keys())
+    doc = yaml.safe_load(path.read_text())
+    doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "1.5"
+    path.write_text(yaml.safe_dump(doc))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": doc["clients"]["env"]["PYTHONPATH"]}
+    fedseg = Path(sys.executable).parent / "fedseg"
+    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path)
+    run_dir = runs / "sigint"
+    records: list[dict[str, Any]] = []
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("round 1/4"):
+                break
+            assert time.monotonic() < deadline, "".join(output)
+        else:
+            pytest.fail("run ended before round 1:\n" + "".join(output))
+        state = json.loads((run_dir / "network" / "network.json").read_text())
+        records = list(state["records"].values())
+        records += [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
+        assert len(records) >= 6 and all(_alive(r) for r in records)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+        output.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(output)
+    assert proc.returncode == 130, text
+    assert "interrupted" in text
+    assert not [r["name"] for r in records if _alive(r)]
+    info = read_run_info(run_dir)
+    assert info["status"] == "interrupted"
+    rows = read_rounds(run_dir)
+    assert {r.round for r in rows} >= {1}
+    assert {r.client for r in rows if r.round == 1} == {GLOBAL, "clinic-1", "clinic-2"}
