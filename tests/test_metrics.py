@@ -147,3 +147,32 @@ def test_organ_metrics_errors() -> None:
         organ_metrics(pred, {}, ("heart",), (1.0, 1.0, 1.0))
     with pytest.raises(FedsegError, match="liver"):
         organ_metrics(pred, {}, ("liver",), (1.0, 1.0, 1.0))
+
+
+def _naive_hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple) -> float:
+    """Whole-array reference (no cropping) of the same definition."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(3, 1)
+    surfaces = [m & ~ndimage.binary_erosion(m, structure) for m in (pred, truth)]
+    d_pt = ndimage.distance_transform_edt(~surfaces[1], sampling=spacing)[surfaces[0]]
+    d_tp = ndimage.distance_transform_edt(~surfaces[0], sampling=spacing)[surfaces[1]]
+    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hd95_cropping_matches_whole_array(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (12, 14, 16)
+    blobs = []
+    for _ in range(2):
+        mask = np.zeros(shape, dtype=bool)
+        lo = rng.integers(0, 6, 3)
+        hi = lo + rng.integers(2, 8, 3)
+        mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+        mask &= rng.random(shape) > 0.2  # ragged, sometimes touching the array border
+        mask[tuple(lo)] = True
+        blobs.append(mask)
+    spacing = (2.5, 0.8, 1.1)
+    assert hd95(blobs[0], blobs[1], spacing) == pytest.approx(
+        _naive_hd95(blobs[0], blobs[1], spacing), rel=1e-9)
