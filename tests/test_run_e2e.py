@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 import yaml
@@ -210,3 +211,38 @@ def test_ctrl_c_stops_everything_and_keeps_the_log(tmp_path: Path) -> None:
     rows = read_rounds(run_dir)
     assert {r.round for r in rows} >= {1}
     assert {r.client for r in rows if r.round == 1} == {GLOBAL, "clinic-1", "clinic-2"}
+
+
+def test_real_clinic_app_on_tiny_phantoms(tmp_path: Path, network_root: Path) -> None:
+    doc = {
+        "name": "tiny-real", "seed": 5,
+        "data": {"phantoms": {"preset": "non-iid", "clinics": 2,
+                              "options": {"patients": 3, "size": 32}}},
+        "model": {"levels": 2, "base_filters": 4, "groups": 2},
+        "clinic": {
+            "training": {"learning_rate": 0.003, "local_steps": 2, "batch_size": 2,
+                         "patch_size": [16, 16, 16]},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
+            "validation": {"patch_size": [16, 16, 16], "overlap": 0.0, "batch_size": 4},
+        },
+        "session": {"rounds": 2, "round_timeout": 300, "min_clients": 2},
+        "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+                            "TF_CPP_MIN_LOG_LEVEL": "2"}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = run_experiment(load_experiment(path), tmp_path / "runs", network_root=network_root)
+    assert result.status == "finished" and result.failures == []
+    table = _client_rows(result.run_dir)
+    for client in ("clinic-1", "clinic-2"):
+        assert table[(2, client)]["epsilon"] > table[(1, client)]["epsilon"] > 0
+        for k in (1, 2):
+            row = table[(k, client)]
+            assert row["noise_multiplier"] == 1.0 and row["train_failed"] == 0
+            assert 0.0 <= row["val_dice_mean"] <= 1.0
+    # The non-iid preset's last clinic does not contour the spinal cord: NaN, never 0.
+    assert np.isnan(table[(1, "clinic-2")]["val_dice_spinal_cord"])
+    assert not np.isnan(table[(1, "clinic-1")]["val_dice_spinal_cord"])
+    assert (result.run_dir / "models" / "round-2.npz").is_file()
+    settings = yaml.safe_load((result.run_dir / "settings" / "clinic-1.yaml").read_text())
+    assert settings["model"]["base_filters"] == 4
