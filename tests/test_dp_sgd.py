@@ -259,3 +259,29 @@ def test_step_refuses_mismatched_arrays(cut: str) -> None:
     trainer = DPTrainer(tiny_model(), ce_loss, DPConfig(1.0, 1.0, 2, 0.1), seed=0)
     with pytest.raises(FedsegError, match="DP step"):
         trainer.step(images, labels, known)
+
+
+@pytest.mark.slow
+def test_unet_step_with_project_loss_equals_tf_privacy() -> None:
+    """The real model and loss: our zero-noise step equals DPKerasSGDOptimizer's."""
+    from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras import DPKerasSGDOptimizer
+
+    from fedseg_clinic.losses import per_example_loss
+    from fedseg_clinic.model import N_CLASSES as C
+    from fedseg_clinic.model import UNetConfig, build_unet, class_known
+
+    config = UNetConfig(levels=2, base_filters=4, groups=2)
+    ours, theirs = build_unet(config, seed=0), build_unet(config, seed=0)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 8, 8, 8, 1)).astype(np.float32)
+    labels = rng.integers(0, C, size=(2, 8, 8, 8)).astype(np.int32)
+    known = np.stack([np.ones(C, np.float32), class_known(["body", "heart"])])
+    trainer = DPTrainer(ours, per_example_loss, DPConfig(0.1, 0.0, 2, 0.5), seed=0)
+    loss = trainer.step(images, labels, known)
+    assert np.isfinite(loss)
+    optimizer = DPKerasSGDOptimizer(l2_norm_clip=0.1, noise_multiplier=0.0,
+                                    num_microbatches=2, learning_rate=0.5)
+    optimizer.minimize(lambda: per_example_loss(labels, theirs(images, training=True), known),
+                       theirs.trainable_variables, tape=tf.GradientTape())
+    assert_weights_close(weights(ours), weights(theirs), atol=1e-5)
+    assert not np.allclose(weights(ours)[0], build_unet(config, seed=0).get_weights()[0])
