@@ -116,3 +116,17 @@ def test_alias_table_from_file(tmp_path: Path) -> None:
     path.write_text(json.dumps({"heart": ["Lt Lung"]}))
     with pytest.raises(FedsegError, match="maps to both"):
         AliasTable.from_file(path)
+
+
+def test_written_files_get_umask_permissions(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        folder = write_case(_case(), tmp_path)
+        write_manifest(Manifest(clinic="c1", cases=[manifest_entry(_case().meta, "train")]),
+                       tmp_path)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
