@@ -253,6 +253,25 @@ def _client_settings(check: _Checker, value: Any, rounds: int) -> dict[str, Any]
     return settings
 
 
+def _check_clinic_settings(check: _Checker, model: dict[str, Any], clinic: dict[str, Any],
+                           client_settings: dict[str, Any], rounds: int) -> None:
+    """Validate the clinic section and every round's server settings now, not at a clinic."""
+    from fedseg_clinic.settings import SERVER_KEYS, settings_from_mapping, with_server_overrides
+
+    settings = settings_from_mapping({"model": model, **clinic}, f"{check.source}: clinic")
+    for key in client_settings:
+        if key not in SERVER_KEYS:
+            raise check.fail(f"client_settings.{key}",
+                             f"not a per-round clinic setting (known: {', '.join(SERVER_KEYS)})")
+    for k in range(1, rounds + 1):
+        round_settings = {key: (v[k - 1] if isinstance(v, list) else v)
+                          for key, v in client_settings.items()}
+        try:
+            with_server_overrides(settings, round_settings)
+        except FedsegError as exc:
+            raise check.fail("client_settings", f"round {k}: {exc}") from None
+
+
 def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None = None
                      ) -> Experiment:
     """Validate an already-loaded YAML document.
@@ -296,15 +315,21 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
             if base is None:
                 raise check.fail("package", "relative path needs an experiment file")
             package = (base / package).resolve()
+    clients = _clients(check, top.get("clients"))
+    model = dict(check.mapping(top.get("model"), "model"))
+    clinic = dict(check.mapping(top.get("clinic"), "clinic"))
+    client_settings = _client_settings(check, top.get("client_settings"), session.rounds)
+    if clients.app == DEFAULT_APP:
+        _check_clinic_settings(check, model, clinic, client_settings, session.rounds)
     return Experiment(
         name=name,
         seed=seed,
         data=data,
         session=session,
-        clients=_clients(check, top.get("clients")),
-        model=dict(check.mapping(top.get("model"), "model")),
-        clinic=dict(check.mapping(top.get("clinic"), "clinic")),
-        client_settings=_client_settings(check, top.get("client_settings"), session.rounds),
+        clients=clients,
+        model=model,
+        clinic=clinic,
+        client_settings=client_settings,
         network=dict(check.mapping(top.get("network"), "network")),
         seed_builder=seed_builder,
         package=package,

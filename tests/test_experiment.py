@@ -53,9 +53,10 @@ def test_fedopt_kwargs_are_typed(tmp_path: Path) -> None:
 def test_schedule_is_resolved_per_round() -> None:
     exp = parse_experiment({"name": "s", "data": {"phantoms": {"clinics": 1}},
                             "session": {"rounds": 3},
-                            "client_settings": {"lr": [0.1, 0.05, 0.01], "steps": 4}})
-    assert exp.settings_for_round(1) == {"lr": 0.1, "steps": 4}
-    assert exp.settings_for_round(3) == {"lr": 0.01, "steps": 4}
+                            "client_settings": {"learning_rate": [0.1, 0.05, 0.01],
+                                                "local_steps": 4}})
+    assert exp.settings_for_round(1) == {"learning_rate": 0.1, "local_steps": 4}
+    assert exp.settings_for_round(3) == {"learning_rate": 0.01, "local_steps": 4}
 
 
 BAD = [
@@ -83,7 +84,8 @@ BAD = [
     ({"name": "x", "data": {"phantoms": {}}, "clients": {"route": "docker"}}, "clients.route"),
     ({"name": "x", "data": {"phantoms": {}}, "clients": {"app": "no_colon"}}, "clients.app"),
     ({"name": "x", "data": {"phantoms": {}}, "session": {"rounds": 2},
-      "client_settings": {"lr": [1, 2, 3]}}, "client_settings.lr: a schedule needs"),
+      "client_settings": {"learning_rate": [1, 2, 3]}},
+     "client_settings.learning_rate: a schedule needs"),
     ({"name": "x", "data": {"phantoms": {}}, "client_settings": {"d": {"a": 1}}},
      "client_settings.d: must be a string"),
     ({"name": "bad name", "data": {"phantoms": {}}}, "name: must be"),
@@ -120,3 +122,17 @@ def test_shipped_examples_are_valid(path: Path) -> None:
     exp = load_experiment(path)
     assert exp.name
     assert exp.session.rounds >= 1
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    ({"clinic": {"training": {"local_steps": 0}}}, "clinic: local_steps must be >= 1"),
+    ({"clinic": {"trainig": {}}}, "clinic: unknown setting trainig"),
+    ({"client_settings": {"lr": 0.1}}, "client_settings.lr: not a per-round clinic setting"),
+    ({"client_settings": {"learning_rate": -1.0}}, "client_settings: round 1:"),
+])
+def test_clinic_settings_are_checked_for_the_default_app(extra: dict, fragment: str) -> None:
+    doc = {"name": "x", "data": {"phantoms": {}}, **extra}
+    with pytest.raises(FedsegError, match=fragment):
+        parse_experiment(doc, "x.yaml")
+    # A custom app has its own settings: not checked against ClinicSettings.
+    parse_experiment({**doc, "clients": {"app": "toy_clinic_app:ToyApp.from_environment"}})
