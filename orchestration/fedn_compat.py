@@ -16,6 +16,8 @@ Bug numbers refer to /work/shared/notes/fedn-0.33.md ("Bugs met in 0.33.0"):
 4. Client registration sends ``preferred_combiner``, the route reads
    ``combiner_preferred``: :func:`install_client_add_alias`.
 5. APIClient.start_session omits ``rounds``: :func:`start_session`.
+8. (found here) PostgreSQL enforces fedn's VARCHAR(255) columns (ServerFunctions
+   source is longer): :func:`create_schema` widens them.
 Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
    :func:`bind_api_server` and :func:`bind_grpc_servers` make them listen on
    127.0.0.1 only.
@@ -189,7 +191,7 @@ def sql_url(statestore: dict) -> str:
 
 
 def create_schema(statestore: dict) -> None:
-    """Create fedn's tables once, before any gunicorn worker starts.
+    """Create fedn's tables once, before any gunicorn worker starts (bugs 3 and 8).
 
     Symptom (bug 3): on an empty PostgreSQL database the workers run create_all
     concurrently; one fails with UniqueViolation (pg_type_typname_nsp_index) and
@@ -199,12 +201,51 @@ def create_schema(statestore: dict) -> None:
 
     engine = sqlalchemy.create_engine(sql_url(statestore))
     try:
+        widen_string_columns(MyAbstractBase.metadata)
         MyAbstractBase.metadata.create_all(engine, checkfirst=True)
+        if engine.dialect.name == "postgresql":
+            _widen_existing_postgres_columns(engine, MyAbstractBase.metadata)
     except sqlalchemy.exc.OperationalError as exc:
         raise FedsegError(f"cannot create the fedn schema in the state store: "
                           f"{str(exc.orig).strip().splitlines()[0]}") from exc
     finally:
         engine.dispose()
+
+
+# --- bug 8 -------------------------------------------------------------------------------
+
+def widen_string_columns(metadata: sqlalchemy.MetaData) -> list[str]:
+    """Drop the length of every String(N) column in fedn's table metadata, in place.
+
+    Symptom (bug 8, found here): fedn declares columns such as
+    session_configs.server_functions as VARCHAR(255). SQLite ignores the length;
+    PostgreSQL enforces it, so creating a session with ServerFunctions source longer
+    than 255 characters answers HTTP 500 ("value too long for type character
+    varying(255)"). Unbounded VARCHAR costs PostgreSQL nothing.
+
+    Returns:
+        "table.column" of each column changed.
+    """
+    changed = []
+    for table in metadata.tables.values():
+        for column in table.columns:
+            if isinstance(column.type, types.String) and column.type.length is not None:
+                column.type = types.String()
+                changed.append(f"{table.name}.{column.name}")
+    return changed
+
+
+def _widen_existing_postgres_columns(engine: sqlalchemy.Engine,
+                                     metadata: sqlalchemy.MetaData) -> None:
+    """ALTER bounded VARCHAR columns of tables made before the fix (older databases)."""
+    query = sqlalchemy.text(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND character_maximum_length IS NOT NULL")
+    with engine.begin() as conn:
+        for table, column in conn.execute(query).all():
+            if table in metadata.tables:
+                conn.execute(sqlalchemy.text(
+                    f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE VARCHAR'))
 
 
 # --- bug 4 -------------------------------------------------------------------------------

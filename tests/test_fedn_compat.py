@@ -135,6 +135,18 @@ def test_create_schema_once_makes_every_table(tmp_path: Path) -> None:
     assert tables == set(MyAbstractBase.metadata.tables)
 
 
+def test_widen_string_columns_drops_varchar_255() -> None:
+    """Bug 8: PostgreSQL enforces VARCHAR(255) on ServerFunctions source."""
+    metadata = sqlalchemy.MetaData()
+    table = sqlalchemy.Table("t", metadata, sqlalchemy.Column("code", sqlalchemy.String(255)),
+                             sqlalchemy.Column("n", sqlalchemy.Integer),
+                             sqlalchemy.Column("free", sqlalchemy.String()))
+    assert fedn_compat.widen_string_columns(metadata) == ["t.code"]
+    assert table.c.code.type.length is None
+    assert isinstance(table.c.n.type, sqlalchemy.Integer)
+    assert fedn_compat.widen_string_columns(metadata) == []
+
+
 def test_create_schema_unreachable_store_is_fedseg_error(tmp_path: Path) -> None:
     statestore = {"type": "SQLite",
                   "sqlite_config": {"dbname": str(tmp_path / "missing-dir" / "x.sqlite")}}

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent / "fednpkg_numpy"
 VENV_BIN = Path(sys.executable).parent
 SESSION_TIMEOUT_S = 120.0
 
-pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+def net(func: Callable[..., None]) -> Callable[..., None]:
+    """Mark a test that starts real FEDn server processes."""
+    return pytest.mark.slow(pytest.mark.network(func))
 
 
 def free_port() -> int:
@@ -146,11 +149,30 @@ def wait_for_clients(state: NetworkState, n: int, timeout_s: float = 60.0) -> li
     raise AssertionError(f"only {len(online)} of {n} clients online after {timeout_s} s")
 
 
-def run_session(state: NetworkState, rounds: int, min_clients: int) -> str:
+# Sent as the session's server_functions; runs in the hooks process.
+STEP_HOOK = """
+from fedn.network.combiner.hooks.allowed_import import ServerFunctionsBase
+
+
+class ServerFunctions(ServerFunctionsBase):
+    \"\"\"Sends every client the same step each round.
+
+    Longer than 255 characters on purpose: fedn declares session_configs.server_functions
+    as VARCHAR(255), which PostgreSQL enforces (SQLite does not).
+    \"\"\"
+
+    def client_settings(self, global_model):
+        return {"step": 3.0}
+"""
+
+
+def run_session(state: NetworkState, rounds: int, min_clients: int,
+                server_functions: str | None = None) -> str:
     client = state.api_client()
     model_id = client.get_active_model()["model_id"]
     session_id = fedn_compat.start_session(client, rounds, model_id=model_id,
-                                           min_clients=min_clients, round_timeout=60)
+                                           min_clients=min_clients, round_timeout=60,
+                                           server_functions=server_functions)
     deadline = time.monotonic() + SESSION_TIMEOUT_S
     while time.monotonic() < deadline:
         if client.get_session_status(session_id) == "Finished":
@@ -191,7 +213,8 @@ def assert_all_stopped(state: NetworkState) -> None:
 
 def experiment(state: NetworkState, work: Path, names: list[str], *,
                preferred: dict[str, str] | None = None,
-               min_clients: int | None = None) -> tuple[str, list[dict]]:
+               min_clients: int | None = None,
+               server_functions: str | None = None) -> tuple[str, list[dict]]:
     """Package + seed, clients, a 2-round session; returns (session id, online clients).
 
     min_clients is per combiner in fedn (a combiner joins a round only with that many
@@ -201,7 +224,8 @@ def experiment(state: NetworkState, work: Path, names: list[str], *,
     procs = start_clients(state, names, work, state.client_token, preferred)
     try:
         online = wait_for_clients(state, len(names))
-        session_id = run_session(state, rounds=2, min_clients=min_clients or len(names))
+        session_id = run_session(state, rounds=2, min_clients=min_clients or len(names),
+                                 server_functions=server_functions)
     finally:
         stop_clients(procs)
     return session_id, online
@@ -218,6 +242,7 @@ def sqlite_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkStat
         network_down(root)
 
 
+@net
 def test_sqlite_network_runs_two_rounds(sqlite_net: NetworkState, tmp_path: Path) -> None:
     session_id, _ = experiment(sqlite_net, tmp_path, ["c1", "c2"])
     client = sqlite_net.api_client()
@@ -231,10 +256,15 @@ def test_sqlite_network_runs_two_rounds(sqlite_net: NetworkState, tmp_path: Path
         np.testing.assert_allclose(got, seed + 2.0)
 
 
+@net
 def test_sqlite_network_listens_on_localhost_only(sqlite_net: NetworkState) -> None:
     listening = listeners_of(set(sqlite_net.processes.values()))
     our_ports = {rec.port for rec in sqlite_net.records.values()}
     assert our_ports <= {port for _ip, port in listening}
+    assert_loopback(listening)
+
+
+def assert_loopback(listening: list[tuple[str, int]]) -> None:
     for ip, port in listening:
         # gRPC's socket is dual-stack: 127.0.0.1 shows as ::ffff:127.0.0.1 (still loopback).
         address = ipaddress.ip_address(ip)
@@ -244,6 +274,14 @@ def test_sqlite_network_listens_on_localhost_only(sqlite_net: NetworkState) -> N
         assert ip not in ("0.0.0.0", "::")
 
 
+@net
+def test_auth_network_with_hooks_listens_on_localhost_only(auth_net: NetworkState) -> None:
+    listening = listeners_of(set(auth_net.processes.values()))
+    assert {rec.port for rec in auth_net.records.values()} <= {p for _ip, p in listening}
+    assert_loopback(listening)
+
+
+@net
 def test_status_reports_every_process(sqlite_net: NetworkState) -> None:
     status = network_status(sqlite_net.root)
     assert status["up"] is True
@@ -253,12 +291,14 @@ def test_status_reports_every_process(sqlite_net: NetworkState) -> None:
     assert load_network_state(sqlite_net.root).api_url == sqlite_net.api_url
 
 
+@net
 def test_second_up_in_same_root_is_refused(sqlite_net: NetworkState) -> None:
     config = make_config(sqlite_net.root)
     with pytest.raises(FedsegError, match="already up"):
         network_up(config)
 
 
+@net
 def test_port_in_use_names_port_and_owner(sqlite_net: NetworkState, tmp_path: Path) -> None:
     config = make_config(tmp_path / "other", api_port=sqlite_net.api_port)
     with pytest.raises(FedsegError, match=rf"api_port {sqlite_net.api_port} is already in use "
@@ -269,6 +309,7 @@ def test_port_in_use_names_port_and_owner(sqlite_net: NetworkState, tmp_path: Pa
 
 # --- faults that need no running network ------------------------------------------------
 
+@net
 def test_unreachable_postgres_url_is_one_line_error(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     config = make_config(tmp_path, statestore="postgres-url",
@@ -281,6 +322,7 @@ def test_unreachable_postgres_url_is_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / "network.json").exists()
 
 
+@net
 def test_unreachable_s3_url_is_one_line_error(tmp_path: Path) -> None:
     port = free_port()
     config = make_config(tmp_path, s3="url", s3_endpoint=f"http://127.0.0.1:{port}",
@@ -289,6 +331,7 @@ def test_unreachable_s3_url_is_one_line_error(tmp_path: Path) -> None:
         network_up(config)
 
 
+@net
 def test_down_after_crashed_process_cleans_up(tmp_path: Path) -> None:
     state = network_up(make_config(tmp_path))
     api = state.records["api"]
@@ -312,12 +355,14 @@ def test_down_after_crashed_process_cleans_up(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def auth_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkState]:
     root = tmp_path_factory.mktemp("net-auth")
-    state = network_up(make_config(root, n_combiners=2, auth=True))
+    state = network_up(make_config(root, n_combiners=2, auth=True, hooks=True,
+                                   hooks_port=free_port()))
     yield state
     network_down(root)
     assert_all_stopped(state)
 
 
+@net
 def test_auth_refuses_requests_without_token(auth_net: NetworkState) -> None:
     url = f"{auth_net.api_url}api/v1/clients/add"
     answer = requests.post(url, json={"name": "intruder", "client_id": "x"}, timeout=5)
@@ -327,6 +372,7 @@ def test_auth_refuses_requests_without_token(auth_net: NetworkState) -> None:
     assert answer.status_code == 401  # a client token is no admin token
 
 
+@net
 def test_auth_client_without_token_is_refused(auth_net: NetworkState, tmp_path: Path) -> None:
     procs = start_clients(auth_net, ["nobody"], tmp_path, token=None)
     try:
@@ -337,23 +383,26 @@ def test_auth_client_without_token_is_refused(auth_net: NetworkState, tmp_path: 
         stop_clients(procs)
 
 
-def test_two_combiners_with_auth_run_two_rounds(auth_net: NetworkState,
+@net
+def test_two_combiners_with_auth_and_hooks_run_two_rounds(auth_net: NetworkState,
                                                 tmp_path: Path) -> None:
     preferred = {"c1": "combiner-1", "c2": "combiner-2"}
     session_id, online = experiment(auth_net, tmp_path, ["c1", "c2"], preferred=preferred,
-                                    min_clients=1)
+                                    min_clients=1, server_functions=STEP_HOOK)
     assert {c["name"]: c["combiner"] for c in online} == preferred
     client = auth_net.api_client()
     assert len(client.get_models(session_id=session_id)["result"]) == 2
     rounds = client.get_rounds()["result"]
     # Both combiners took part in every round of the session.
     assert all(len(r["combiners"]) == 2 for r in rounds), rounds
+    # The hooks service sent step 3 to every client in both rounds.
     weights = final_weights(auth_net, session_id, tmp_path)
-    np.testing.assert_allclose(weights[1], seed_weights()[1] + 2.0)
+    np.testing.assert_allclose(weights[1], seed_weights()[1] + 6.0)
 
 
 # --- managed PostgreSQL ----------------------------------------------------------------
 
+@net
 @pytest.mark.postgres
 def test_managed_postgres_network_runs_two_rounds(tmp_path: Path) -> None:
     if find_postgres_bindir() is None:
@@ -362,14 +411,19 @@ def test_managed_postgres_network_runs_two_rounds(tmp_path: Path) -> None:
     root = Path(tempfile.mkdtemp(prefix="fedseg-pg-", dir="/tmp"))
     os.chmod(root, 0o755)
     try:
-        state = network_up(make_config(root, statestore="postgres-managed"))
+        state = network_up(make_config(root, statestore="postgres-managed", hooks=True,
+                                       hooks_port=free_port()))
         try:
             assert state.statestore["type"] == "PostgreSQL"
-            session_id, _ = experiment(state, tmp_path, ["c1", "c2"])
+            # ServerFunctions source > 255 characters: needs fedn_compat's bug 8 fix.
+            session_id, _ = experiment(state, tmp_path, ["c1", "c2"],
+                                       server_functions=STEP_HOOK)
             assert len(state.api_client().get_models(session_id=session_id)["result"]) == 2
+            weights = final_weights(state, session_id, tmp_path)
+            np.testing.assert_allclose(weights[0], seed_weights()[0] + 6.0)
         finally:
             stopped = network_down(root)
-        assert stopped == ["combiner-1", "api", "postgres", "moto"]
+        assert stopped == ["combiner-1", "api", "hooks", "postgres", "moto"]
         assert_all_stopped(state)
     finally:
         subprocess.run(["rm", "-rf", str(root)], check=False)
@@ -377,6 +431,7 @@ def test_managed_postgres_network_runs_two_rounds(tmp_path: Path) -> None:
 
 # --- the CLI ---------------------------------------------------------------------------
 
+@net
 def test_cli_up_status_down(tmp_path: Path) -> None:
     config = make_config(tmp_path / "net")
     config_file = tmp_path / "network.yaml"
@@ -397,3 +452,74 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["network", "down", "--root", str(config.root)])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "no network state" in result.output
+
+
+# --- configuration (no processes) -----------------------------------------------------
+
+def test_config_from_yaml_defaults_and_relative_root(tmp_path: Path) -> None:
+    path = tmp_path / "net.yaml"
+    path.write_text("root: here\ncombiners:\n  - {name: a, port: 13000}\n"
+                    "  - {name: b, port: '13001'}\nauth: true\n")
+    config = NetworkConfig.from_yaml(path)
+    assert config.root == tmp_path / "here"
+    assert [(c.name, c.port) for c in config.combiners] == [("a", 13000), ("b", 13001)]
+    assert (config.api_port, config.statestore, config.s3, config.auth) == (
+        8092, "sqlite", "moto", True)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert NetworkConfig.from_yaml(empty) == NetworkConfig.default(tmp_path)
+
+
+def test_config_roundtrip_through_yaml(tmp_path: Path) -> None:
+    import yaml
+
+    config = NetworkConfig.default(tmp_path)
+    config.hooks = True
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert NetworkConfig.from_yaml(path) == config
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("statestore: postgres-url\n", "statestore postgres-url needs the key postgres_url"),
+    ("s3: url\ns3_endpoint: http://x:1\n", "s3 url needs the key s3_access_key"),
+    ("s3: url\ns3_endpoint: x:1\ns3_access_key: a\ns3_secret_key: b\n",
+     "must start with http"),
+    ("api_prot: 1\n", "unknown key 'api_prot'"),
+    ("statestore: mongodb\n", "statestore 'mongodb' is not one of"),
+    ("api_port: eighty\n", "api_port must be an integer"),
+    ("api_port: 70000\n", "api_port 70000 is not a TCP port"),
+    ("auth: yes please\n", "auth must be true or false"),
+    ("combiners: []\n", "at least one combiner"),
+    ("combiners:\n  - {name: a}\n", r"combiners\[0\] needs the keys name and port"),
+    ("combiners:\n  - {name: a, port: 1}\n  - {name: a, port: 2}\n", "must be unique"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("api_port: [\n", "not valid YAML"),
+])
+def test_config_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(FedsegError, match=message) as info:
+        NetworkConfig.from_yaml(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_config_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FedsegError, match="cannot read network config"):
+        NetworkConfig.from_yaml(tmp_path / "absent.yaml")
+
+
+def test_same_port_twice_is_refused(tmp_path: Path) -> None:
+    port = free_port()
+    config = make_config(tmp_path, api_port=port, s3_port=port)
+    with pytest.raises(FedsegError, match=f"s3_port {port} is the same port as api_port"):
+        network_up(config)
+
+
+def test_load_state_without_network(tmp_path: Path) -> None:
+    with pytest.raises(FedsegError, match="no network state"):
+        load_network_state(tmp_path)
+    (tmp_path / "network.json").write_text("{}")
+    with pytest.raises(FedsegError, match="malformed network state"):
+        load_network_state(tmp_path)
