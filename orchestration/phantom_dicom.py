@@ -88,10 +88,15 @@ def mask_to_contours(mask: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> list[n
         return []
     dx = float(xs[1] - xs[0]) if len(xs) > 1 else 1.0
     dy = float(ys[1] - ys[0]) if len(ys) > 1 else 1.0
-    # Pad with background so every boundary closes inside the grid.
-    z = np.pad(mask, 1).astype(np.float64)
-    xp = np.concatenate([[xs[0] - dx], xs, [xs[-1] + dx]]).astype(np.float64)
-    yp = np.concatenate([[ys[0] - dy], ys, [ys[-1] + dy]]).astype(np.float64)
+    # Trace only the mask's bounding box (most organs are small), padded with background
+    # so every boundary closes inside the traced grid.
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    z = np.pad(mask[r0:r1, c0:c1], 1).astype(np.float64)
+    xb, yb = np.asarray(xs[c0:c1], dtype=np.float64), np.asarray(ys[r0:r1], dtype=np.float64)
+    xp = np.concatenate([[xb[0] - dx], xb, [xb[-1] + dx]])
+    yp = np.concatenate([[yb[0] - dy], yb, [yb[-1] + dy]])
     gen = contourpy.contour_generator(xp, yp, z, name="serial",
                                       line_type=contourpy.LineType.Separate)
     polygons = []
