@@ -63,11 +63,12 @@ def _stages(size: int) -> dict[str, float]:
     times: dict[str, list[float]] = {"anatomy": [], "scanner": [], "dicom": []}
     for rep in range(5):
         start = time.perf_counter()
-        anatomy = ph.draw_anatomy(ph._rng(1, 0, 0, 0), clinic.size_scale)
-        phantom = ph.render_phantom(anatomy, shape, spacing, ph._rng(1, 0, 0, 1))
+        anatomy = ph.draw_anatomy(ph.patient_rng(1, 0, 0, ph.STREAM_ANATOMY), clinic.size_scale)
+        phantom = ph.render_phantom(anatomy, shape, spacing,
+                                    ph.patient_rng(1, 0, 0, ph.STREAM_TEXTURE))
         times["anatomy"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        ph.apply_scanner(phantom.hu, clinic, spacing, ph._rng(1, 0, 0, 2))
+        ph.apply_scanner(phantom.hu, clinic, spacing, ph.patient_rng(1, 0, 0, ph.STREAM_SCANNER))
         times["scanner"].append(time.perf_counter() - start)
         case = ph.make_case(spec, 0, 0)
         with tempfile.TemporaryDirectory() as tmp:

@@ -501,8 +501,13 @@ def load_spec(path: Path) -> BenchmarkSpec:
 # ----------------------------------------------------------------------------- anatomy
 
 
-def _rng(seed: int, clinic_index: int, patient_index: int, stream: int) -> np.random.Generator:
-    """Independent generator per (clinic, patient, stream)."""
+# Random streams of one patient: anatomy, texture and scanner noise are independent.
+STREAM_ANATOMY, STREAM_TEXTURE, STREAM_SCANNER = 0, 1, 2
+
+
+def patient_rng(seed: int, clinic_index: int, patient_index: int, stream: int
+                ) -> np.random.Generator:
+    """The generator of one (clinic, patient, stream); same arguments, same numbers."""
     return np.random.default_rng(
         np.random.SeedSequence(seed, spawn_key=(clinic_index, patient_index, stream))
     )
@@ -833,15 +838,26 @@ def case_id(clinic: ClinicSpec, patient_index: int) -> str:
     return f"{clinic.name}-p{patient_index + 1:03d}"
 
 
+def make_phantom(spec: BenchmarkSpec, clinic_index: int, patient_index: int) -> Phantom:
+    """Draw and render one patient of one clinic, before scanner effects."""
+    clinic = spec.clinics[clinic_index]
+    shape, spacing = spec.grid(clinic)
+    anatomy = draw_anatomy(
+        patient_rng(spec.seed, clinic_index, patient_index, STREAM_ANATOMY), clinic.size_scale)
+    return render_phantom(anatomy, shape, spacing,
+                          patient_rng(spec.seed, clinic_index, patient_index, STREAM_TEXTURE))
+
+
 def make_case(spec: BenchmarkSpec, clinic_index: int, patient_index: int) -> Case:
     """Generate one patient of one clinic as a :class:`Case` (labelled organs only)."""
     clinic = spec.clinics[clinic_index]
     shape, spacing = spec.grid(clinic)
-    anatomy = draw_anatomy(_rng(spec.seed, clinic_index, patient_index, 0), clinic.size_scale)
+    anatomy = draw_anatomy(
+        patient_rng(spec.seed, clinic_index, patient_index, STREAM_ANATOMY), clinic.size_scale)
     phantom = render_phantom(anatomy, shape, spacing,
-                             _rng(spec.seed, clinic_index, patient_index, 1))
+                             patient_rng(spec.seed, clinic_index, patient_index, STREAM_TEXTURE))
     image = apply_scanner(phantom.hu, clinic, spacing,
-                          _rng(spec.seed, clinic_index, patient_index, 2))
+                          patient_rng(spec.seed, clinic_index, patient_index, STREAM_SCANNER))
     origin = tuple(float(-(n - 1) / 2.0 * d) for n, d in
                    zip(shape[::-1], spacing[::-1], strict=True))
     cid = case_id(clinic, patient_index)

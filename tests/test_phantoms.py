@@ -31,13 +31,7 @@ def _spec(size: int = 48, patients: int = 2, clinics: int = 1, **knobs: object
 def phantoms64() -> list[ph.Phantom]:
     """Three clean patients at 64^3 (anatomy checks need the canal resolved)."""
     spec = _spec(size=64, patients=3)
-    out = []
-    for pi in range(3):
-        clinic = spec.clinics[0]
-        shape, spacing = spec.grid(clinic)
-        anatomy = ph.draw_anatomy(ph._rng(spec.seed, 0, pi, 0), clinic.size_scale)
-        out.append(ph.render_phantom(anatomy, shape, spacing, ph._rng(spec.seed, 0, pi, 1)))
-    return out
+    return [ph.make_phantom(spec, 0, pi) for pi in range(3)]
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -174,10 +168,7 @@ def test_thin_organs_never_vanish_at_coarse_size(size: int) -> None:
 @pytest.mark.parametrize("sigma", [10.0, 40.0])
 def test_noise_sigma_measured_in_muscle(sigma: float) -> None:
     spec = _spec(size=48, patients=1, hu_offset=0.0, noise_sigma=sigma, blur_sigma_mm=0.0)
-    clinic = spec.clinics[0]
-    shape, spacing = spec.grid(clinic)
-    anatomy = ph.draw_anatomy(ph._rng(spec.seed, 0, 0, 0), clinic.size_scale)
-    phantom = ph.render_phantom(anatomy, shape, spacing, ph._rng(spec.seed, 0, 0, 1))
+    phantom = ph.make_phantom(spec, 0, 0)
     image = ph.make_case(spec, 0, 0).image
     muscle = phantom.tissue == ph.TISSUES.index("muscle")
     measured = float(image[muscle].std())
