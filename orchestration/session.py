@@ -117,7 +117,7 @@ def server_functions_source(settings_by_round: list[dict[str, Any]], nonce: str)
 
 def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: str,
                   settings_by_round: list[dict[str, Any]] | None = None,
-                  n_clients: int | None = None) -> str:
+                  n_clients: int | None = None, available_wait_s: float = 30.0) -> str:
     """Create and start a session; returns its id.
 
     Args:
@@ -127,14 +127,27 @@ def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: 
         name: Session name (unique per network: a nonce is added).
         settings_by_round: Per-round client settings (needs the hooks service), or None.
         n_clients: Clients asked per round (None = all connected).
+        available_wait_s: How long to retry while the combiner reports fewer connected
+            clients than ``spec.min_clients``.
     """
-    nonce = uuid.uuid4().hex[:8]
-    source = server_functions_source(settings_by_round, nonce) if settings_by_round else None
-    session_id = fedn_compat.start_session(
-        api_client, spec.rounds, model_id=seed_model_id, name=f"{name}-{nonce}",
-        aggregator=spec.aggregator, aggregator_kwargs=spec.aggregator_kwargs or None,
-        round_timeout=spec.round_timeout, min_clients=spec.min_clients,
-        requested_clients=n_clients, validate=spec.validate, server_functions=source)
+    deadline = time.monotonic() + available_wait_s
+    while True:
+        nonce = uuid.uuid4().hex[:8]
+        source = server_functions_source(settings_by_round, nonce) if settings_by_round else None
+        try:
+            session_id = fedn_compat.start_session(
+                api_client, spec.rounds, model_id=seed_model_id, name=f"{name}-{nonce}",
+                aggregator=spec.aggregator, aggregator_kwargs=spec.aggregator_kwargs or None,
+                round_timeout=spec.round_timeout, min_clients=spec.min_clients,
+                requested_clients=n_clients, validate=spec.validate, server_functions=source)
+            break
+        except FedsegError as exc:
+            # A client counts as available once its task stream is open, a moment after
+            # it registered; the refused session stays behind as "Created" (harmless).
+            if "available clients" not in str(exc) or time.monotonic() > deadline:
+                raise
+            logger.info("not enough clients on the combiner yet; retrying")
+            time.sleep(2.0)
     logger.info("session %s started (%d rounds, %s)", session_id, spec.rounds, spec.aggregator)
     return session_id
 
