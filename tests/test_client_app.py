@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
+from fedseg_clinic import entrypoints
 from fedseg_clinic.accounting import compute_epsilon
 from fedseg_clinic.client_app import ClinicApp
 from fedseg_clinic.errors import FedsegError
@@ -97,29 +99,61 @@ def test_wrong_architecture_and_bad_server_settings(tmp_path: Path, clinic_dir: 
         app.train(weights, {"batch_size": 99})
 
 
-def test_package_entry_points(tmp_path: Path, clinic_dir: Path, repo_root: Path) -> None:
-    env = {**os.environ, **_env(tmp_path, clinic_dir)}
-    package = repo_root / "compute_package"
-    seed = tmp_path / "seed.npz"
-    run = [sys.executable, str(package / "entrypoint.py")]
-    subprocess.run([*run, "build", str(seed)], cwd=package, env=env, check=True,
-                   capture_output=True)
-    (tmp_path / "seed.npz-metadata").write_text(json.dumps({"local_steps": 1}))
+def test_package_route_with_fedn_run(tmp_path: Path, clinic_dir: Path, repo_root: Path) -> None:
+    """The tarball of `fedn package create` runs build/train/validate through `fedn run`."""
+    fedn = str(Path(sys.executable).with_name("fedn"))
+    # fedn.yaml runs `python entrypoint.py`: the environment's interpreter comes first.
+    env = {**os.environ, **_env(tmp_path, clinic_dir),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([fedn, "package", "create", "--path", str(repo_root / "compute_package"),
+                    "--output", str(tmp_path), "--name", "package.tgz"], check=True,
+                   capture_output=True, env=env)
+    with tarfile.open(tmp_path / "package.tgz") as tar:
+        names = tar.getnames()
+        assert {"fedn.yaml", "entrypoint.py", "fedseg_clinic/client_app.py"} <= set(names)
+        assert not any("__pycache__" in n or n.endswith("seed.npz") for n in names)
+        tar.extractall(tmp_path / "package", filter="data")
+    package = tmp_path / "package"
+    subprocess.run([fedn, "run", "build", "--path", str(package)], check=True,
+                   capture_output=True, env=env)
+    seed = package / "seed.npz"
+    Path(f"{seed}-metadata").write_text(json.dumps({"local_steps": 1}))
     out = tmp_path / "out.npz"
-    subprocess.run([*run, "train", str(seed), str(out)], cwd=package, env=env, check=True,
-                   capture_output=True)
+    subprocess.run([fedn, "run", "train", "--path", str(package), "-i", str(seed), "-o",
+                    str(out)], check=True, capture_output=True, env=env)
     meta = json.loads(Path(f"{out}-metadata").read_text())
     assert meta["local_steps"] == 1 and meta["num_examples"] >= 1
     assert len(load_weights_npz(out)) == len(load_weights_npz(seed))
     metrics_path = tmp_path / "val.json"
-    subprocess.run([*run, "validate", str(out), str(metrics_path)], cwd=package, env=env,
-                   check=True, capture_output=True)
+    subprocess.run([fedn, "run", "validate", "--path", str(package), "-i", str(out), "-o",
+                    str(metrics_path)], check=True, capture_output=True, env=env)
     assert "val_dice_mean" in json.loads(metrics_path.read_text())
+
+
+def test_entry_points_startup_and_bad_input(
+    tmp_path: Path, clinic_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for key, value in _env(tmp_path, clinic_dir).items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as info:
+        entrypoints.main(["startup"])
+    assert info.value.code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_train"] >= 1 and "heart" in summary["labelled_organs"]
     # Wrong-shape weights: one line on stderr, exit 1, no output written.
     bad = tmp_path / "bad.npz"
     save_weights_npz([np.zeros(3, np.float32)], bad)
-    result = subprocess.run([*run, "train", str(bad), str(tmp_path / "o.npz")], cwd=package,
-                            env=env, capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and "global model" in result.stderr
+    with pytest.raises(SystemExit) as info:
+        entrypoints.main(["train", str(bad), str(tmp_path / "o.npz")])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "global model" in err
     assert not (tmp_path / "o.npz").exists()
+    with pytest.raises(SystemExit) as info:
+        entrypoints.main(["validate", str(bad)])
+    assert info.value.code == 1 and "usage" in capsys.readouterr().err
+    monkeypatch.setenv("FEDSEG_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(SystemExit) as info:
+        entrypoints.main(["startup"])
+    assert info.value.code == 1 and "does not exist" in capsys.readouterr().err

@@ -94,6 +94,7 @@ class ClinicApp:
         """Counts for `startup`: patients per split, organs labelled, shapes."""
         organs = sorted({o for c in self.train_cases for o in c.meta.labelled_organs})
         return {
+            "code": str(Path(__file__).resolve().parent),
             "data_dir": str(self.data_dir),
             "n_train": len(self.train_cases),
             "n_val": len(self.val_cases),
