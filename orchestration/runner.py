@@ -427,10 +427,10 @@ def demo_experiment(rounds: int = 5) -> Experiment:
         "name": "demo",
         "seed": 7,
         "data": {"phantoms": {"preset": "non-iid", "clinics": 3,
-                              "options": {"patients": 4, "size": 48}}},
+                              "options": {"patients": 8, "size": 48}}},
         "model": {"levels": 3, "base_filters": 8, "groups": 4},
         "clinic": {
-            "training": {"optimizer": "adam", "learning_rate": 0.003, "local_steps": 4,
+            "training": {"optimizer": "adam", "learning_rate": 0.01, "local_steps": 10,
                          "batch_size": 2, "patch_size": [16, 16, 16]},
             "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
             "validation": {"patch_size": [16, 16, 16], "overlap": 0.25, "batch_size": 4},
