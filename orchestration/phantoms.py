@@ -81,6 +81,8 @@ PRESETS: tuple[str, ...] = ("iid", "non-iid")
 ROI_STYLES: tuple[str, ...] = ("aapm", "upper", "short")
 MIN_SIZE = 16
 MAX_SIZE = 512
+# Rendering keeps a few dozen full-volume temporaries: 256^3 peaks at about 1.2 GB.
+MAX_VOXELS = 256**3
 HU_CLIP: tuple[float, float] = (-1024.0, 3071.0)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -423,6 +425,13 @@ def validate_spec(spec: BenchmarkSpec) -> None:
             raise FedsegError(
                 f"{where}: slice spacing {spec.slice_spacing(clinic):g} mm over "
                 f"{spec.z_extent_mm:g} mm gives {nz} slices (need 4..2048)"
+            )
+        voxels = nz * spec.size * spec.size
+        if voxels > MAX_VOXELS:
+            raise FedsegError(
+                f"{where}: {nz}x{spec.size}x{spec.size} = {voxels / 1e6:.0f} M voxels per "
+                f"patient exceeds {MAX_VOXELS / 1e6:.0f} M (use a smaller size or thicker "
+                f"slices)"
             )
         organs = tuple(clinic.labelled_organs)
         unknown = [o for o in organs if o not in ORGANS]

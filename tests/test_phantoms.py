@@ -264,6 +264,7 @@ def test_dirichlet_counts_too_few() -> None:
         (dict(clinic=dict(name="../x")), "not a plain folder name"),
         (dict(clinic=dict(slice_spacing_mm=200.0)), "slice_spacing_mm"),
         (dict(clinic=dict(roi_style="fancy")), "roi_style"),
+        (dict(size=512), "M voxels per patient exceeds"),
     ],
 )
 def test_validate_spec_rejects(change: dict, message: str) -> None:
