@@ -156,3 +156,29 @@ def test_app_start_failure_is_reported_with_log_and_nothing_left(tmp_path: Path)
     assert "asked to fail at start" in message
     assert clients_mod.load_clients(tmp_path) == []
     assert clients_mod.client_status(tmp_path) == []
+
+
+def _cli(args: list[str]) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from fedseg.cli import cli
+
+    result = CliRunner().invoke(cli, args)
+    return result.exit_code, result.output
+
+
+def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
+    code, out = _cli(["clients", "up", "--network", str(tmp_path), "--clinic", "a=b"])
+    assert code == 1 and "no network state" in out and len(out.strip().splitlines()) == 1
+    code, out = _cli(["run", str(tmp_path / "missing.yaml")])
+    assert code == 1 and "experiment file not found" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: {phantoms: {}}\nsession: {rounds: 0}\n")
+    code, out = _cli(["run", str(bad)])
+    assert code == 1 and "session.rounds" in out and len(out.strip().splitlines()) == 1
+
+
+def test_cli_clients_down_and_status_with_nothing_recorded(tmp_path: Path) -> None:
+    assert _cli(["clients", "down", "--root", str(tmp_path)]) == (
+        0, "stopped nothing (none running)\n")
+    assert _cli(["clients", "status", "--root", str(tmp_path)]) == (0, "no clients recorded\n")
