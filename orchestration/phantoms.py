@@ -968,6 +968,9 @@ def _generate_into(spec: BenchmarkSpec, tmp: Path, final: Path, dicom: bool
         write_manifest(manifest, folder)
         shape, spacing = spec.grid(clinic)
         n_val = sum(1 for e in entries if e.split == "val")
+        if n_val == 0 or n_val == len(entries):
+            logger.warning("%s: %d case(s), %d in val: one split is empty", clinic.name,
+                           len(entries), n_val)
         clinics_json.append({
             "name": clinic.name, "folder": clinic.name, "cases": len(entries),
             "train": len(entries) - n_val, "val": n_val,
