@@ -282,6 +282,7 @@ def preset_spec(
     _check_int("clinics", clinics, 1, 64)
     _check_int("patients", patients, 1, 100_000)
     _check_int("seed", seed, 0, 2**63 - 1)
+    _check_int("size", size, MIN_SIZE, MAX_SIZE)
     names = [f"clinic-{k + 1}" for k in range(clinics)]
     if preset == "iid":
         specs = tuple(ClinicSpec(name=n, patients=patients) for n in names)
