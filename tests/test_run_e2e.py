@@ -246,3 +246,15 @@ def test_real_clinic_app_on_tiny_phantoms(tmp_path: Path, network_root: Path) ->
     assert (result.run_dir / "models" / "round-2.npz").is_file()
     settings = yaml.safe_load((result.run_dir / "settings" / "clinic-1.yaml").read_text())
     assert settings["model"]["base_filters"] == 4
+
+
+def test_auth_network_admits_callback_clients_with_their_token(tmp_path: Path) -> None:
+    path = _toy_experiment(tmp_path, "auth", {"clinic-1": {}}, rounds=1,
+                           network={**_network_keys(), "auth": True})
+    result = run_experiment(load_experiment(path), tmp_path / "runs")
+    assert result.status == "finished", result
+    row = _client_rows(result.run_dir)[(1, "clinic-1")]
+    assert row["train_failed"] == 0 and 0 < row["val_dice_mean"] <= 1
+    assert (result.run_dir / "models" / "round-1.npz").is_file()
+    log = (result.run_dir / "clients" / "clinic-1" / "client.log").read_text()
+    assert "UNAUTHENTICATED" not in log
