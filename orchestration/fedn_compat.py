@@ -18,6 +18,8 @@ Bug numbers refer to /work/shared/notes/fedn-0.33.md ("Bugs met in 0.33.0"):
 5. APIClient.start_session omits ``rounds``: :func:`start_session`.
 8. (found here) PostgreSQL enforces fedn's VARCHAR(255) columns (ServerFunctions
    source is longer): :func:`create_schema` widens them.
+9. (found here) A combiner restarted on a kept store keeps its first address and
+   port: :func:`sync_combiner_registry` before the combiners start.
 Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
    :func:`bind_api_server` and :func:`bind_grpc_servers` make them listen on
    127.0.0.1 only.
@@ -246,6 +248,43 @@ def _widen_existing_postgres_columns(engine: sqlalchemy.Engine,
             if table in metadata.tables:
                 conn.execute(sqlalchemy.text(
                     f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE VARCHAR'))
+
+
+# --- bug 9 -------------------------------------------------------------------------------
+
+def sync_combiner_registry(statestore: dict, combiners: dict[str, tuple[str, int]]) -> list[str]:
+    """Make the stored combiner list match the combiners about to start.
+
+    Symptom (bug 9, found here): a combiner registers itself only when its name is
+    not in the state store yet; restarted on a kept store with another port it keeps
+    the old address and port, and clients get "No combiner available" from
+    /api/v1/clients/add. Combiners of an earlier network that are not started again
+    stay listed and are probed on every client registration.
+
+    Args:
+        statestore: fedn's statestore config (SQLite or PostgreSQL).
+        combiners: name -> (host, port) of the combiners that will run.
+
+    Returns:
+        Names of the stale entries removed.
+    """
+    from fedn.network.storage.statestore.stores.sql.shared import CombinerModel
+
+    table = CombinerModel.__table__
+    engine = sqlalchemy.create_engine(sql_url(statestore))
+    try:
+        with engine.begin() as conn:
+            stored = [row.name for row in conn.execute(sqlalchemy.select(table.c.name))]
+            stale = sorted(set(stored) - set(combiners))
+            if stale:
+                conn.execute(table.delete().where(table.c.name.in_(stale)))
+            for name, (host, port) in combiners.items():
+                if name in stored:
+                    conn.execute(table.update().where(table.c.name == name).values(
+                        address=host, port=int(port), updated_at=datetime.now()))
+    finally:
+        engine.dispose()
+    return stale
 
 
 # --- bug 4 -------------------------------------------------------------------------------

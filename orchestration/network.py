@@ -385,6 +385,11 @@ def _combiner_registered(api_url: str, name: str, headers: dict[str, str]) -> bo
 
 
 def _previous_alive(root: Path) -> list[str]:
+    """Processes of an earlier network in ``root`` that still run.
+
+    When none does (it crashed), leftovers of their process groups (e.g. gunicorn
+    workers of a killed master) are stopped here so they free their ports.
+    """
     path = root / STATE_FILE
     if not path.is_file():
         return []
@@ -392,7 +397,12 @@ def _previous_alive(root: Path) -> list[str]:
         state = load_network_state(root)
     except FedsegError:
         return []
-    return [name for name, rec in state.records.items() if ports.is_alive(rec)]
+    alive = [name for name, rec in state.records.items() if ports.is_alive(rec)]
+    if not alive:
+        for record in state.records.values():
+            if ports.stop(record):
+                logger.info("stopped leftovers of %s from an earlier network", record.name)
+    return alive
 
 
 def network_up(config: NetworkConfig) -> NetworkState:
@@ -451,6 +461,11 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
         statestore = stores.parse_postgres_url(str(config.postgres_url))
         stores.check_postgres(statestore)
     fedn_compat.create_schema(statestore)  # once, before gunicorn's workers (bug 3)
+    stale = fedn_compat.sync_combiner_registry(  # a kept store may list old ports (bug 9)
+        statestore, {spec.name: (LOCALHOST, spec.port) for spec in config.combiners})
+    if stale:
+        logger.info("removed combiners of an earlier network from the store: %s",
+                    ", ".join(stale))
 
     settings = root / FEDN_SETTINGS_FILE
     _write_private(settings, yaml.safe_dump({

@@ -265,3 +265,26 @@ print(calls[0], app.cfg.control_socket_disable, app.cfg.graceful_timeout)
 
 def test_check_sqlalchemy_accepts_the_pinned_version() -> None:
     fedn_compat.check_sqlalchemy()  # SQLAlchemy 2.0.x is pinned
+
+
+def test_sync_combiner_registry_updates_ports_and_drops_stale(tmp_path: Path) -> None:
+    """Bug 9: a restarted combiner keeps its first port unless the store is synced."""
+    from fedn.network.storage.statestore.stores.sql.shared import CombinerModel
+
+    statestore = {"type": "SQLite", "sqlite_config": {"dbname": str(tmp_path / "s.sqlite")}}
+    fedn_compat.create_schema(statestore)
+    session_factory = sqlalchemy.orm.sessionmaker(
+        sqlalchemy.create_engine(fedn_compat.sql_url(statestore)))
+    with session_factory() as session:
+        for name, port in (("combiner-1", 1000), ("combiner-2", 1001)):
+            session.add(CombinerModel(id=name + "-id", address="127.0.0.1", name=name,
+                                      port=port, parent="localhost"))
+        session.commit()
+    stale = fedn_compat.sync_combiner_registry(statestore, {"combiner-1": ("127.0.0.1", 2000),
+                                                            "combiner-3": ("127.0.0.1", 2001)})
+    assert stale == ["combiner-2"]
+    with session_factory() as session:
+        rows = {c.name: (c.id, c.port) for c in session.query(CombinerModel)}
+    # combiner-1 keeps its id with the new port; combiner-3 registers itself on start.
+    assert rows == {"combiner-1": ("combiner-1-id", 2000)}
+    assert fedn_compat.sync_combiner_registry(statestore, {}) == ["combiner-1"]
