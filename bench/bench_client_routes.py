@@ -1,0 +1,85 @@
+"""Benchmark: callback route vs package route, same experiment, real FEDn processes.
+
+Runs one tiny DP experiment (2 phantom clinics, 2-level U-Net, 16^3 patches, 3 rounds)
+once per client route on a fresh local network each, and prints a table: time to
+connect the clients, session time, mean round time, and the mean time fedn measured
+for one train call at a clinic. The package route pays a Python + TensorFlow start,
+model build and first (tracing) step in every call; the callback route once per process.
+
+    .venv/bin/python bench/bench_client_routes.py [--rounds 3] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedseg.orchestration.experiment import parse_experiment
+from fedseg.orchestration.round_log import GLOBAL, read_rounds, read_run_info
+from fedseg.orchestration.runner import run_experiment
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _experiment(route: str, rounds: int) -> Any:
+    return parse_experiment({
+        "name": f"routes-{route}", "seed": 1,
+        "data": {"phantoms": {"preset": "iid", "clinics": 2,
+                              "options": {"patients": 3, "size": 32}}},
+        "model": {"levels": 2, "base_filters": 4, "groups": 2},
+        "clinic": {
+            "training": {"learning_rate": 0.003, "local_steps": 2, "batch_size": 2,
+                         "patch_size": [16, 16, 16]},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
+            "validation": {"patch_size": [16, 16, 16], "overlap": 0.0, "batch_size": 4},
+        },
+        "session": {"rounds": rounds, "round_timeout": 600, "min_clients": 2},
+        "clients": {"route": route, "env": {"TF_NUM_INTRAOP_THREADS": "1",
+                                            "TF_NUM_INTEROP_THREADS": "1",
+                                            "TF_CPP_MIN_LOG_LEVEL": "2"}},
+        "network": {"api_port": _free_port(), "s3_port": _free_port(),
+                    "combiners": [{"name": "combiner-1", "port": _free_port()}]},
+    }, source=f"bench {route}")
+
+
+def measure(route: str, rounds: int, out: Path) -> dict[str, float]:
+    """Run the experiment on one route; return its timings."""
+    result = run_experiment(_experiment(route, rounds), out, overwrite=True)
+    if result.status != "finished":
+        raise SystemExit(f"{route}: run ended {result.status}")
+    info = read_run_info(result.run_dir)
+    records = read_rounds(result.run_dir)
+    rounds_s = [r.value for r in records if r.client == GLOBAL and r.metric == "round_seconds"]
+    train_s = [r.value for r in records if r.metric == "client_processing_seconds"]
+    return {"clients_up": info["timings"]["clients_up_seconds"],
+            "session": info["timings"]["session_seconds"],
+            "round": statistics.mean(rounds_s), "train_call": statistics.mean(train_s),
+            "total": info["timings"]["total_seconds"]}
+
+
+def main() -> None:
+    """Print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-routes-"))
+    rows = {route: measure(route, args.rounds, out.resolve()) for route in ("callback", "package")}
+    print(f"| route | clients up s | session s ({args.rounds} rounds) | mean round s "
+          "| mean train call s | total s |")
+    print("|---|---|---|---|---|---|")
+    for route, r in rows.items():
+        print(f"| {route} | {r['clients_up']:.1f} | {r['session']:.1f} | {r['round']:.1f} "
+              f"| {r['train_call']:.2f} | {r['total']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
