@@ -454,6 +454,21 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     assert result.output.count("\n") == 1 and "no network state" in result.output
 
 
+@net
+def test_up_again_on_kept_store_with_new_ports(tmp_path: Path) -> None:
+    """The SQLite store survives down; the combiner's new port must reach it (bug 9)."""
+    network_up(make_config(tmp_path, n_combiners=2))
+    network_down(tmp_path)
+    config = make_config(tmp_path)
+    state = network_up(config)
+    try:
+        stored = state.api_client().get_combiners()["result"]
+        assert [(c["name"], c["port"]) for c in stored] == [
+            ("combiner-1", config.combiners[0].port)]
+    finally:
+        network_down(tmp_path)
+
+
 # --- configuration (no processes) -----------------------------------------------------
 
 def test_config_from_yaml_defaults_and_relative_root(tmp_path: Path) -> None:
