@@ -439,12 +439,13 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
 
     config_file.write_text(yaml.safe_dump(config.to_dict()))
     runner = CliRunner()
-    result = runner.invoke(cli, ["network", "up", "--config", str(config_file)])
+    result = runner.invoke(cli, ["network", "up", "--config", str(config_file), "--auth"])
     assert result.exit_code == 0, result.output
     try:
         result = runner.invoke(cli, ["network", "status", "--root", str(config.root)])
         assert result.exit_code == 0, result.output
         assert "combiner-1" in result.output and "alive" in result.output
+        assert "auth on" in result.output
     finally:
         result = runner.invoke(cli, ["network", "down", "--root", str(config.root)])
     assert result.exit_code == 0, result.output

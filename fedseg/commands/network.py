@@ -19,15 +19,40 @@ def network() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Network config YAML (keys as NetworkConfig; root defaults to its folder).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
-              help="Network folder for the default network (SQLite + moto, one combiner).")
-def up(config_path: Path | None, root: Path | None) -> None:
+              help="Network folder (without --config: SQLite + moto, one combiner).")
+@click.option("--statestore", type=click.Choice(["sqlite", "postgres-managed"]),
+              help="State store (overrides the config).")
+@click.option("--combiners", "n_combiners", type=click.IntRange(1, 32),
+              help="Number of combiners: combiner-1.. on ports 12080, 12082, ...")
+@click.option("--api-port", type=click.IntRange(1, 65535), help="API server port.")
+@click.option("--auth/--no-auth", default=None, help="Require JWTs at the API.")
+@click.option("--hooks/--no-hooks", default=None,
+              help="Start the hooks service (per-round client settings).")
+def up(config_path: Path | None, root: Path | None, statestore: str | None,
+       n_combiners: int | None, api_port: int | None, auth: bool | None,
+       hooks: bool | None) -> None:
     """Bring a network up and wait until every process answers."""
-    from fedseg.orchestration.network import NetworkConfig, network_up
+    from fedseg.orchestration.network import CombinerSpec, NetworkConfig, network_up
 
-    if (config_path is None) == (root is None):
-        raise FedsegError("network up needs exactly one of --config FILE or --root DIR")
+    if config_path is None and root is None:
+        raise FedsegError("network up needs --config FILE or --root DIR")
     config = (NetworkConfig.from_yaml(config_path) if config_path is not None
               else NetworkConfig.default(root))
+    if root is not None:
+        config.root = root.resolve()
+    if statestore is not None:
+        config.statestore = statestore
+    if n_combiners is not None:
+        # Even ports from 12080: 12081 stays free for the hooks service.
+        config.combiners = [CombinerSpec(f"combiner-{i + 1}", 12080 + 2 * i)
+                            for i in range(n_combiners)]
+    if api_port is not None:
+        config.api_port = api_port
+    if auth is not None:
+        config.auth = auth
+    if hooks is not None:
+        config.hooks = hooks
+    config.validate(str(config_path) if config_path is not None else "command line")
     state = network_up(config)
     click.echo(f"network up in {state.root}")
     click.echo(f"  api       {state.api_url}")
