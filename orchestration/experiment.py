@@ -319,7 +319,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     model = dict(check.mapping(top.get("model"), "model"))
     clinic = dict(check.mapping(top.get("clinic"), "clinic"))
     client_settings = _client_settings(check, top.get("client_settings"), session.rounds)
-    if clients.app == DEFAULT_APP:
+    if clients.app == DEFAULT_APP and top.get("package") is None:
         _check_clinic_settings(check, model, clinic, client_settings, session.rounds)
     return Experiment(
         name=name,

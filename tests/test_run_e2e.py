@@ -45,17 +45,17 @@ def _network_keys() -> dict[str, Any]:
             "combiners": [{"name": "combiner-1", "port": _free_port()}]}
 
 
-def _toy_experiment(folder: Path, name: str, clients: dict[str, dict[str, str]],
+def _toy_experiment(folder: Path, name: str, names: dict[str, dict[str, str]],
                     rounds: int = 2, **extra: Any) -> Path:
     """Write a toy experiment (one data folder per client) and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
-    for client in clients:
+    for client in names:
         (folder / client).mkdir(exist_ok=True)
         (folder / client / "manifest.json").write_text("{}")
     pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     doc: dict[str, Any] = {
         "name": name, "seed": 3,
-        "data": {"clinics": {c: c for c in clients}},
+        "data": {"clinics": {c: c for c in names}},
         "seed_builder": "toy_clinic_app:build_seed",
         "client_settings": {"learning_rate": [0.05] * rounds, "local_steps": 3},
         "session": {"rounds": rounds, "round_timeout": 20, "min_clients": 1},
@@ -258,3 +258,22 @@ def test_auth_network_admits_callback_clients_with_their_token(tmp_path: Path) -
     assert (result.run_dir / "models" / "round-1.npz").is_file()
     log = (result.run_dir / "clients" / "clinic-1" / "client.log").read_text()
     assert "UNAUTHENTICATED" not in log
+
+
+def test_package_route_runs_the_compute_package_entry_points(tmp_path: Path,
+                                                             network_root: Path) -> None:
+    # tests/fednpkg_numpy: train adds "step" (default 1) to every weight; numpy only.
+    path = _toy_experiment(tmp_path, "pkg", {"clinic-1": {}, "clinic-2": {}}, rounds=2,
+                           package=str(TESTS / "fednpkg_numpy"), client_settings={},
+                           clients={"route": "package"})
+    result = run_experiment(load_experiment(path), tmp_path / "runs", network_root=network_root)
+    assert result.status == "finished", result
+    table = _client_rows(result.run_dir)
+    for k in (1, 2):
+        for client in ("clinic-1", "clinic-2"):
+            assert table[(k, client)]["num_examples"] == 10
+            assert table[(k, client)]["step"] == 1.0
+    # Round 2 trains from round 1's global model (all ones): train_loss is its mean.
+    assert table[(2, "clinic-1")]["train_loss"] == 1.0
+    work = result.run_dir / "clients" / "clinic-1" / "work" / "package"
+    assert (work / "fedn.yaml").is_file()
