@@ -201,8 +201,13 @@ def stop(record: ProcessRecord, timeout_s: float = 10.0) -> bool:
         True if something was running and got stopped, False if it was already gone.
     """
     proc = _process(record)
+    if proc is None and psutil.pid_exists(record.pid) and not _is_zombie(record.pid):
+        # The pid now belongs to another process. Linux keeps a pid number reserved
+        # while any process still uses it as session id, so nothing of ours is left.
+        return False
     # Members of its session that outlived the leader (e.g. gunicorn workers).
-    members = _session_members(record.pid)
+    members = [m for m in _session_members(record.pid)
+               if _create_time(m) >= record.create_time - 1.0]
     if proc is None and not members:
         return False
     targets = ([proc] if proc is not None else []) + members
@@ -214,6 +219,20 @@ def stop(record: ProcessRecord, timeout_s: float = 10.0) -> bool:
         psutil.wait_procs(alive, timeout=5.0)
     _reap(record.pid)
     return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _create_time(proc: psutil.Process) -> float:
+    try:
+        return proc.create_time()
+    except psutil.Error:
+        return 0.0
 
 
 def _session_members(sid: int) -> list[psutil.Process]:

@@ -25,7 +25,7 @@ import requests
 from click.testing import CliRunner
 
 from fedseg.cli import cli
-from fedseg.orchestration import fedn_compat, ports
+from fedseg.orchestration import fedn_compat, ports, stores
 from fedseg.orchestration.network import (
     CombinerSpec,
     NetworkConfig,
@@ -429,6 +429,44 @@ def test_managed_postgres_network_runs_two_rounds(tmp_path: Path) -> None:
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
+@net
+@pytest.mark.postgres
+def test_external_postgres_and_s3_by_url_are_left_running(tmp_path: Path) -> None:
+    """postgres-url + s3 url: down stops only what up started, not the stores."""
+    if find_postgres_bindir() is None:
+        pytest.skip("PostgreSQL's initdb/postgres are not installed")
+    stores_root = Path(tempfile.mkdtemp(prefix="fedseg-ext-", dir="/tmp"))
+    os.chmod(stores_root, 0o755)
+    pg_port, s3_port = free_ports(2)
+    started = []
+    try:
+        pg_record, statestore = stores.start_managed_postgres(stores_root, pg_port, 60)
+        started.append(pg_record)
+        moto_record, storage = stores.start_moto(stores_root, s3_port, "eu-west-1", 60)
+        started.append(moto_record)
+        pg = statestore["postgres_config"]
+        url = f"postgresql://{pg['username']}:{pg['password']}@127.0.0.1:{pg_port}/fedn_db"
+        bad = make_config(tmp_path, statestore="postgres-url",
+                          postgres_url=url.replace(pg["password"], "wrong"))
+        with pytest.raises(FedsegError, match=r"unreachable: .*password") as info:
+            network_up(bad)
+        assert "wrong" not in str(info.value)  # passwords stay out of messages
+        s3 = storage["storage_config"]
+        config = make_config(tmp_path, statestore="postgres-url", postgres_url=url, s3="url",
+                             s3_endpoint=s3["storage_endpoint"],
+                             s3_access_key=s3["storage_access_key"],
+                             s3_secret_key=s3["storage_secret_key"])
+        state = network_up(config)
+        assert set(state.processes) == {"api", "combiner-1"}
+        assert state.api_client().get_combiners()["count"] == 1
+        assert network_down(tmp_path) == ["combiner-1", "api"]
+        assert ports.is_alive(pg_record) and ports.is_alive(moto_record)
+    finally:
+        for record in reversed(started):
+            ports.stop(record)
+        subprocess.run(["rm", "-rf", str(stores_root)], check=False)
+
+
 # --- the CLI ---------------------------------------------------------------------------
 
 @net
@@ -539,3 +577,45 @@ def test_load_state_without_network(tmp_path: Path) -> None:
     (tmp_path / "network.json").write_text("{}")
     with pytest.raises(FedsegError, match="malformed network state"):
         load_network_state(tmp_path)
+
+
+# --- process handling (plain processes, no FEDn) ---------------------------------------
+
+def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
+    record = ports.spawn("sh", ["/bin/sh", "-c", "sleep 60 & sleep 60"], cwd=tmp_path,
+                         log=tmp_path / "sh.log", env={"PATH": os.environ["PATH"]})
+    deadline = time.monotonic() + 10
+    while not ports._session_members(record.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = ports._session_members(record.pid)
+    assert children, "the shell should have started its sleeps"
+    assert ports.stop(record, timeout_s=5) is True
+    assert not ports.is_alive(record)
+    assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    assert ports.stop(record) is False  # already gone
+
+
+def test_stop_never_signals_a_reused_pid(tmp_path: Path) -> None:
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        # A record whose pid is now someone else's (its creation time differs).
+        record = ports.ProcessRecord(name="old", pid=victim.pid, create_time=1.0, port=None,
+                                     log=str(tmp_path / "x.log"))
+        assert not ports.is_alive(record)
+        assert ports.stop(record, timeout_s=1) is False
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_process_record_roundtrip() -> None:
+    record = ports.ProcessRecord("postgres", 12, 3.5, 5433, "/x/postgres.log",
+                                 stop_signal=int(signal.SIGINT))
+    assert ports.ProcessRecord.from_dict(record.to_dict()) == record
+
+
+def test_spawn_missing_program_is_fedseg_error(tmp_path: Path) -> None:
+    with pytest.raises(FedsegError, match="cannot start ghost"):
+        ports.spawn("ghost", [str(tmp_path / "no-such-program")], cwd=tmp_path,
+                    log=tmp_path / "g.log", env={})
