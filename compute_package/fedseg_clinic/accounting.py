@@ -281,7 +281,9 @@ def calibrate_noise(
     def search_eps(sigma: float) -> float:
         seg = [PrivacySegment(q, sigma, steps)]
         eps_pld = _epsilon_pld(seg, delta)
-        return eps_pld if accountant == "pld" else min(eps_pld, _epsilon_rdp(seg, delta))
+        if accountant == "pld" or eps_pld <= target_epsilon:
+            return eps_pld  # within budget already: RDP (usually looser) cannot change that
+        return min(eps_pld, _epsilon_rdp(seg, delta))
 
     # sigma_rdp meets the budget under RDP, hence under the tighter bound: upper bracket.
     high = sigma_rdp
