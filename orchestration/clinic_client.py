@@ -30,7 +30,6 @@ import importlib
 import io
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -271,20 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     # Telemetry (psutil every 5 s) costs CPU on a small machine and nobody reads it.
     client.run(with_telemetry=False, with_heartbeat=True)
     return 0
-
-
-def is_failure_status(text: str) -> bool:
-    """Whether a status text is one of our failure reports."""
-    return text.startswith((TRAIN_FAILED, VALIDATE_FAILED))
-
-
-def finite_or_nan(value: Any) -> float:
-    """A float, with anything unparsable as NaN (used when reading metadata back)."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return out
 
 
 if __name__ == "__main__":

@@ -19,6 +19,16 @@ def _echo_progress(line: str) -> None:
     click.echo(line)
 
 
+def _sigterm_as_interrupt() -> None:
+    """Treat SIGTERM like Ctrl-C, so `kill` also stops the clients and network we started."""
+    import signal
+
+    def _raise(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def _quiet_fedn() -> None:
     """Keep only warnings of fedn (it logs DEBUG to stdout by itself) unless -v was given."""
     import logging
@@ -44,6 +54,7 @@ def run(experiment: Path, runs_dir: Path | None, network_root: Path | None,
 
     exp = load_experiment(experiment)
     _quiet_fedn()
+    _sigterm_as_interrupt()
     runs = (runs_dir or _default_runs_dir()).resolve()
     try:
         result = run_experiment(exp, runs, progress=_echo_progress,
@@ -149,6 +160,7 @@ def demo(out: Path | None, rounds: int, overwrite: bool) -> None:
     click.echo(f"demo output goes to {runs / 'demo'}")
     exp = demo_experiment(rounds=rounds)
     _quiet_fedn()
+    _sigterm_as_interrupt()
     try:
         result = run_experiment(exp, runs, progress=_echo_progress, overwrite=overwrite)
     except KeyboardInterrupt:
