@@ -1,0 +1,494 @@
+"""Update inversion: what an honest-but-curious server can see in one client update.
+
+Geiping et al. 2020 ("Inverting Gradients - How easy is it to break privacy in federated
+learning?"): the server knows the global weights ``w0`` it sent, the weights ``w1`` the
+client returned and the client's training settings. It optimises dummy CT patches ``x``
+and dummy soft organ masks ``softmax(l)`` so that the update a simulated client would
+compute from them, ``simulate(w0, x, softmax(l)) - w0``, points the same way as the real
+update ``w1 - w0``:
+
+    minimise  1 - cos(simulated update, real update) + tv_weight * TV(x)
+
+The simulated client repeats the real one: ``local_steps`` unrolled steps of SGD (or Adam)
+on the same batch, each with per-example gradients clipped to ``l2_norm_clip`` and summed,
+divided by the expected batch size, exactly as :class:`fedseg_clinic.dp_sgd.DPTrainer`
+does (the attacker does not know the DP noise and leaves it out: the noise is the
+defence). The gradient of the objective flows through the simulated steps (second order,
+nested ``tf.GradientTape``), so the U-Net's forward pass is written here as a pure
+function of a weight dict (:func:`unet_forward`), checked against the Keras model in the
+tests.
+
+Threat model / simplification, stated: the client's batch is the same in every local
+step (the attacker's best case; the real ClinicApp draws new patches every step, which
+only makes the attack harder). Labels are soft (logits -> softmax over the 7 classes) and
+all classes are assumed labelled (the phantoms contour every organ).
+
+Quality of a reconstruction: PSNR and 3D SSIM of the CT patch (data range 2: patches are
+HU windows mapped to [-1, 1]), mean organ Dice of argmax(soft masks) vs the true label
+map, after matching reconstructed to true patches by the best pairing (Hungarian
+assignment on PSNR) when the batch has more than one patch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage, optimize
+
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.metrics import dice
+from fedseg_clinic.model import N_CLASSES, UNetConfig, build_unet
+from fedseg_clinic.tf_env import keras, tf
+
+logger = logging.getLogger(__name__)
+
+# Keras defaults of the layers build_unet uses; the functional forward must match them.
+GN_EPSILON: float = 1e-3
+LEAKY_SLOPE: float = 0.01
+PROB_FLOOR: float = 1e-7  # as losses.PROB_FLOOR
+DICE_SMOOTH: float = 1e-5  # as losses.DICE_SMOOTH
+ADAM_BETAS: tuple[float, float, float] = (0.9, 0.999, 1e-7)  # Keras 2 Adam defaults
+DATA_RANGE: float = 2.0  # patches live in [-1, 1]
+SSIM_SIGMA: float = 1.0  # Gaussian window sigma in voxels (16^3 patches: small window)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSettings:
+    """What the server knows about the client's local training.
+
+    Attributes:
+        learning_rate: client learning rate.
+        local_steps: number of local steps T.
+        batch_size: patches per step (the expected batch size B: the normaliser).
+        patch_size: (z, y, x) patch size.
+        l2_norm_clip: per-example clip norm; None = no clipping (non-DP client, mean over
+            the batch).
+        optimizer: "sgd" or "adam".
+    """
+
+    learning_rate: float
+    local_steps: int
+    batch_size: int
+    patch_size: tuple[int, int, int]
+    l2_norm_clip: float | None = None
+    optimizer: str = "sgd"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise FedsegError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.local_steps < 1:
+            raise FedsegError(f"local_steps={self.local_steps} must be >= 1")
+        if self.batch_size < 1:
+            raise FedsegError(f"batch_size={self.batch_size} must be >= 1")
+        if len(self.patch_size) != 3 or any(s < 1 for s in self.patch_size):
+            raise FedsegError(f"patch_size={self.patch_size} must be three positive sides")
+        if self.l2_norm_clip is not None and not self.l2_norm_clip > 0:
+            raise FedsegError(f"l2_norm_clip={self.l2_norm_clip} must be > 0 (or None)")
+        if self.optimizer not in ("sgd", "adam"):
+            raise FedsegError(f"optimizer={self.optimizer!r} must be sgd or adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """Settings of the reconstruction.
+
+    Attributes:
+        iterations: optimisation steps on the dummy data.
+        step_size: Adam learning rate on the dummy data (decayed x0.1 at 3/8, 5/8, 7/8
+            of the iterations, as Geiping et al.).
+        tv_weight: weight of the total-variation prior on the CT patch.
+        seed: seed of the dummy data's initialisation.
+    """
+
+    iterations: int = 300
+    step_size: float = 0.1
+    tv_weight: float = 1e-2
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Reconstruction:
+    """Result of one inversion.
+
+    Attributes:
+        images: reconstructed patches (b, z, y, x) in [-1, 1], matched to the truth order.
+        labels: reconstructed label maps (b, z, y, x) uint8 (argmax of the soft masks).
+        loss_history: attack objective every 10 iterations.
+        seconds: wall time of the optimisation.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    loss_history: list[float]
+    seconds: float
+
+
+# ------------------------------------------------------------------- functional U-Net
+
+
+def weight_names(config: UNetConfig) -> list[str]:
+    """Names of the model's weights in get_weights() order ("enc0_conv1/kernel", ...)."""
+    model = build_unet(config, seed=0)
+    return [w.name.split(":")[0] for w in model.weights]
+
+
+def weights_dict(config: UNetConfig, arrays: Sequence[Any]) -> dict[str, Any]:
+    """Pair get_weights()-ordered arrays (or tensors) with their layer/weight names.
+
+    Raises:
+        FedsegError: the number of arrays does not match the architecture.
+    """
+    names = weight_names(config)
+    if len(arrays) != len(names):
+        raise FedsegError(f"{len(arrays)} weight arrays, the U-Net {config.to_dict()} "
+                          f"has {len(names)} (different architecture?)")
+    return dict(zip(names, arrays, strict=True))
+
+
+def _group_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, groups: int) -> tf.Tensor:
+    shape = tf.shape(x)
+    channels = x.shape[-1]
+    grouped = tf.reshape(x, tf.concat([shape[:-1], [groups, channels // groups]], 0))
+    mean, var = tf.nn.moments(grouped, axes=[1, 2, 3, 5], keepdims=True)
+    grouped = (grouped - mean) * tf.math.rsqrt(var + GN_EPSILON)
+    return tf.reshape(grouped, shape) * gamma + beta
+
+
+def _block(x: tf.Tensor, w: Mapping[str, Any], name: str, config: UNetConfig) -> tf.Tensor:
+    filters = None
+    for unit in (1, 2):
+        kernel = w[f"{name}_conv{unit}/kernel"]
+        filters = kernel.shape[-1]
+        x = tf.nn.conv3d(x, kernel, strides=[1] * 5, padding="SAME")
+        x = _group_norm(x, w[f"{name}_gn{unit}/gamma"], w[f"{name}_gn{unit}/beta"],
+                        config.groups_for(int(filters)))
+        x = tf.nn.leaky_relu(x, LEAKY_SLOPE)
+    return x
+
+
+def unet_forward(config: UNetConfig, w: Mapping[str, Any], images: tf.Tensor) -> tf.Tensor:
+    """build_unet's forward pass as a pure function of its weights (for 2nd-order grads).
+
+    Args:
+        config: the architecture (residual and dropout unsupported).
+        w: weight name -> tensor (see :func:`weights_dict`).
+        images: float32 (b, z, y, x, 1).
+
+    Returns:
+        softmax probabilities (b, z, y, x, C).
+    """
+    if config.residual or config.dropout > 0:
+        raise FedsegError("the inversion attack supports U-Nets without residual "
+                          "shortcuts and dropout only")
+    x = images
+    skips = []
+    for level in range(config.levels):
+        x = _block(x, w, f"enc{level}", config)
+        if level < config.levels - 1:
+            skips.append(x)
+            x = tf.nn.max_pool3d(x, 2, 2, "VALID")
+    for level in reversed(range(config.levels - 1)):
+        kernel = w[f"up{level}/kernel"]
+        skip = skips[level]
+        out_shape = tf.concat([tf.shape(skip)[:-1], [kernel.shape[3]]], 0)
+        x = tf.nn.conv3d_transpose(x, kernel, out_shape, strides=[1, 2, 2, 2, 1],
+                                   padding="VALID") + w[f"up{level}/bias"]
+        x = tf.concat([skip, x], axis=-1)
+        x = _block(x, w, f"dec{level}", config)
+    logits = tf.nn.conv3d(x, w["head/kernel"], strides=[1] * 5, padding="VALID")
+    return tf.nn.softmax(logits + w["head/bias"], axis=-1)
+
+
+def soft_per_example_loss(soft_labels: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
+    """losses.per_example_loss for soft labels with every class known: CE + soft Dice.
+
+    Equals per_example_loss(labels, probs, all-known) when ``soft_labels`` is one-hot.
+    """
+    log_p = tf.math.log(tf.clip_by_value(probs, PROB_FLOOR, 1.0))
+    ce = -tf.reduce_mean(tf.reduce_sum(soft_labels * log_p, axis=-1), axis=[1, 2, 3])
+    inter = tf.reduce_sum(probs * soft_labels, axis=[1, 2, 3])
+    denom = tf.reduce_sum(probs, axis=[1, 2, 3]) + tf.reduce_sum(soft_labels, axis=[1, 2, 3])
+    dice_c = (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)
+    return ce + tf.reduce_mean(1.0 - dice_c[:, 1:], axis=1)
+
+
+def simulate_update(
+    config: UNetConfig,
+    names: Sequence[str],
+    settings: ClientSettings,
+    global_weights: Sequence[Any],
+    images: tf.Tensor,
+    soft_labels: tf.Tensor,
+) -> list[tf.Tensor]:
+    """The weight change a noise-free client would make on (images, soft_labels).
+
+    Differentiable with respect to images and soft_labels (call it under a tape).
+    ``names`` are :func:`weight_names` of ``config`` (built once, outside any tf.function).
+
+    Returns:
+        Per-weight updates (w_T - w_0) in get_weights() order.
+    """
+    start = [tf.convert_to_tensor(w, tf.float32) for w in global_weights]
+    current = list(start)
+    m = [tf.zeros_like(w) for w in start]
+    v = [tf.zeros_like(w) for w in start]
+    b = int(images.shape[0])
+    for step in range(settings.local_steps):
+        total = [tf.zeros_like(w) for w in current]
+        if settings.l2_norm_clip is None:
+            # Non-DP client: one gradient of the batch-mean loss.
+            with tf.GradientTape() as inner:
+                inner.watch(current)
+                probs = unet_forward(config, dict(zip(names, current, strict=True)), images)
+                loss = tf.reduce_mean(soft_per_example_loss(soft_labels, probs))
+            grads = inner.gradient(loss, current)
+        else:
+            for i in range(b):
+                with tf.GradientTape() as inner:
+                    inner.watch(current)
+                    probs = unet_forward(config, dict(zip(names, current, strict=True)),
+                                         images[i:i + 1])
+                    loss = soft_per_example_loss(soft_labels[i:i + 1], probs)[0]
+                g = inner.gradient(loss, current)
+                norm = tf.linalg.global_norm(g)
+                factor = tf.minimum(1.0, settings.l2_norm_clip / (norm + 1e-12))
+                total = [t + factor * gi for t, gi in zip(total, g, strict=True)]
+            grads = [t / float(settings.batch_size) for t in total]
+        if settings.optimizer == "sgd":
+            current = [w - settings.learning_rate * g for w, g in
+                       zip(current, grads, strict=True)]
+        else:
+            beta1, beta2, eps = ADAM_BETAS
+            t = step + 1
+            m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads, strict=True)]
+            v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads, strict=True)]
+            lr_t = settings.learning_rate * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+            # sqrt(v + tiny) keeps the second derivative finite where a gradient is 0.
+            current = [w - lr_t * mi / (tf.sqrt(vi + 1e-24) + eps)
+                       for w, mi, vi in zip(current, m, v, strict=True)]
+    return [c - s for c, s in zip(current, start, strict=True)]
+
+
+def _cosine_distance(a: Sequence[tf.Tensor], b: Sequence[tf.Tensor]) -> tf.Tensor:
+    dot = tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b, strict=True)])
+    return 1.0 - dot / (tf.linalg.global_norm(list(a)) * tf.linalg.global_norm(list(b))
+                        + 1e-12)
+
+
+def total_variation(images: tf.Tensor) -> tf.Tensor:
+    """Mean absolute difference between neighbouring voxels along z, y and x."""
+    dz = tf.reduce_mean(tf.abs(images[:, 1:] - images[:, :-1]))
+    dy = tf.reduce_mean(tf.abs(images[:, :, 1:] - images[:, :, :-1]))
+    dx = tf.reduce_mean(tf.abs(images[:, :, :, 1:] - images[:, :, :, :-1]))
+    return dz + dy + dx
+
+
+def invert_update(
+    config: UNetConfig,
+    settings: ClientSettings,
+    global_weights: Sequence[np.ndarray],
+    client_weights: Sequence[np.ndarray],
+    attack: AttackConfig,
+    known_labels: np.ndarray | None = None,
+) -> Reconstruction:
+    """Reconstruct the client's batch from one update (unmatched order).
+
+    Args:
+        config: the U-Net architecture of the weights.
+        settings: the client's training settings.
+        global_weights: the weights the client received (get_weights() order).
+        client_weights: the weights it sent back.
+        attack: the reconstruction's settings.
+        known_labels: optional (b, z, y, x) label maps the attacker already knows (side
+            information, e.g. an atlas); then only the CT patches are optimised.
+
+    Returns:
+        The reconstruction in the attacker's order (see :func:`match_and_score`).
+
+    Raises:
+        FedsegError: the weight lists do not fit the architecture or each other, or the
+            update is all zeros.
+    """
+    names = list(weights_dict(config, global_weights))  # also checks the count
+    if len(client_weights) != len(global_weights):
+        raise FedsegError(f"client weights have {len(client_weights)} arrays, global "
+                          f"weights {len(global_weights)}")
+    real = []
+    for index, (g, c) in enumerate(zip(global_weights, client_weights, strict=True)):
+        if np.shape(g) != np.shape(c):
+            raise FedsegError(f"weight {index}: global shape {np.shape(g)} != client shape "
+                              f"{np.shape(c)}")
+        real.append(tf.constant(np.asarray(c, np.float32) - np.asarray(g, np.float32)))
+    if float(tf.linalg.global_norm(real)) == 0.0:
+        raise FedsegError("the client update is all zeros: nothing to invert")
+
+    rng = np.random.default_rng(attack.seed)
+    b = settings.batch_size
+    shape = (b, *settings.patch_size)
+    x = tf.Variable(rng.uniform(-0.1, 0.1, (*shape, 1)).astype(np.float32))
+    logits = tf.Variable(rng.normal(0.0, 0.1, (*shape, N_CLASSES)).astype(np.float32))
+    boundaries = [int(attack.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries, [attack.step_size * f for f in (1.0, 0.1, 0.01, 0.001)])
+    opt = keras.optimizers.Adam(schedule)
+    fixed = None
+    if known_labels is not None:
+        fixed = tf.one_hot(np.asarray(known_labels, np.int32), N_CLASSES)
+    globals_t = [tf.constant(np.asarray(w, np.float32)) for w in global_weights]
+
+    @tf.function
+    def attack_step() -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            soft = fixed if fixed is not None else tf.nn.softmax(logits, axis=-1)
+            simulated = simulate_update(config, names, settings, globals_t, x, soft)
+            objective = _cosine_distance(simulated, real) + attack.tv_weight * \
+                total_variation(x)
+        grads = tape.gradient(objective, [x, logits])
+        opt.apply_gradients(zip(grads, [x, logits], strict=True))
+        x.assign(tf.clip_by_value(x, -1.0, 1.0))  # box constraint: the HU window
+        return objective
+
+    started = time.perf_counter()
+    history: list[float] = []
+    for it in range(attack.iterations):
+        value = float(attack_step())
+        if it % 10 == 0 or it == attack.iterations - 1:
+            history.append(value)
+    seconds = time.perf_counter() - started
+    logger.info("inversion: %d iterations in %.1f s, final objective %.4f",
+                attack.iterations, seconds, history[-1])
+    return Reconstruction(
+        images=x.numpy()[..., 0],
+        labels=(np.asarray(known_labels, np.uint8) if known_labels is not None
+                else np.argmax(logits.numpy(), axis=-1).astype(np.uint8)),
+        loss_history=history,
+        seconds=seconds,
+    )
+
+
+# ----------------------------------------------------------------------- quality
+
+
+def psnr(reconstruction: np.ndarray, truth: np.ndarray, data_range: float = DATA_RANGE
+         ) -> float:
+    """Peak signal-to-noise ratio in dB (inf for identical arrays)."""
+    mse = float(np.mean((np.asarray(reconstruction, np.float64)
+                         - np.asarray(truth, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+
+
+def ssim3d(reconstruction: np.ndarray, truth: np.ndarray, data_range: float = DATA_RANGE,
+           sigma: float = SSIM_SIGMA) -> float:
+    """Mean structural similarity of two 3D volumes with a Gaussian window.
+
+    Hand-written (Wang et al. 2004, K1 = 0.01, K2 = 0.03, Gaussian-weighted local
+    statistics) because no installed library computes it: scikit-image is not in the
+    stack and TensorFlow's tf.image.ssim is 2D only. Local statistics come from
+    scipy.ndimage.gaussian_filter (reflect padding), so the mean covers every voxel.
+    """
+    a = np.asarray(reconstruction, np.float64)
+    b = np.asarray(truth, np.float64)
+    if a.shape != b.shape:
+        raise FedsegError(f"SSIM: shapes differ {a.shape} vs {b.shape}")
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def blur(v: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(v, sigma, truncate=3.0)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    return float(np.mean(num / den))
+
+
+def correlation(reconstruction: np.ndarray, truth: np.ndarray) -> float:
+    """Pearson correlation of voxel intensities (0 when either patch is constant).
+
+    Blind to a global affine change of intensity, which the attack cannot see: the first
+    GroupNormalization removes each channel's offset and scale.
+    """
+    a = np.asarray(reconstruction, np.float64).ravel()
+    b = np.asarray(truth, np.float64).ravel()
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def mask_dice(pred_labels: np.ndarray, true_labels: np.ndarray) -> float:
+    """Mean Dice over the organ classes 1..6 present in either map (NaN if none is)."""
+    scores = [dice(pred_labels == k, true_labels == k) for k in range(1, N_CLASSES)]
+    finite = [s for s in scores if not math.isnan(s)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def match_and_score(
+    reconstruction: Reconstruction, true_images: np.ndarray, true_labels: np.ndarray
+) -> tuple[Reconstruction, dict[str, Any]]:
+    """Pair reconstructed with true patches (best total PSNR) and score every pair.
+
+    Args:
+        reconstruction: the attack's output.
+        true_images: (b, z, y, x) true patches in [-1, 1].
+        true_labels: (b, z, y, x) true label maps.
+
+    Returns:
+        (reconstruction reordered to the truth's order, metrics dict with per-example
+        lists psnr / ssim / mask_dice and their means).
+    """
+    b = true_images.shape[0]
+    cost = np.array([[-psnr(reconstruction.images[j], true_images[i]) for j in range(b)]
+                     for i in range(b)])
+    _, cols = optimize.linear_sum_assignment(np.where(np.isfinite(cost), cost, -1e9))
+    images = reconstruction.images[cols]
+    labels = reconstruction.labels[cols]
+    per_psnr = [psnr(images[i], true_images[i]) for i in range(b)]
+    per_ssim = [ssim3d(images[i], true_images[i]) for i in range(b)]
+    per_dice = [mask_dice(labels[i], true_labels[i]) for i in range(b)]
+    per_corr = [correlation(images[i], true_images[i]) for i in range(b)]
+    metrics = {
+        "correlation": float(np.mean(per_corr)),
+        "psnr": float(np.mean(per_psnr)),
+        "ssim": float(np.mean(per_ssim)),
+        "mask_dice": float(np.nanmean(per_dice)) if not all(map(math.isnan, per_dice))
+        else math.nan,
+        "psnr_per_example": per_psnr,
+        "ssim_per_example": per_ssim,
+        "mask_dice_per_example": per_dice,
+    }
+    matched = dataclasses.replace(reconstruction, images=images, labels=labels)
+    return matched, metrics
+
+
+def prior_baseline(true_images: np.ndarray, true_labels: np.ndarray,
+                   prior_images: np.ndarray, prior_labels: np.ndarray) -> dict[str, float]:
+    """Scores of the best guess without the update: the population's mean patch.
+
+    Args:
+        true_images: the client's true patches (b, z, y, x).
+        true_labels: their label maps.
+        prior_images: patches of *other* patients (the attacker's prior).
+        prior_labels: their label maps.
+
+    Returns:
+        psnr / ssim of the mean prior patch and mask_dice of the voxelwise most common
+        prior label, averaged over the true batch.
+    """
+    mean_patch = prior_images.mean(axis=0)
+    counts = np.stack([(prior_labels == k).sum(axis=0) for k in range(N_CLASSES)])
+    mode_labels = np.argmax(counts, axis=0).astype(np.uint8)
+    dices = [mask_dice(mode_labels, t) for t in true_labels]
+    return {
+        "psnr": float(np.mean([psnr(mean_patch, t) for t in true_images])),
+        "ssim": float(np.mean([ssim3d(mean_patch, t) for t in true_images])),
+        "mask_dice": float(np.nanmean(dices)) if not all(map(math.isnan, dices))
+        else math.nan,
+    }

@@ -1,0 +1,130 @@
+"""Update inversion: functional U-Net, simulated client update, quality metrics, attack."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedseg.analysis import inversion as inv
+from fedseg.analysis.canary_audit import CanaryAuditConfig, records
+from fedseg_clinic.dp_sgd import DPConfig, DPTrainer
+from fedseg_clinic.losses import per_example_loss
+from fedseg_clinic.model import UNetConfig, build_unet
+from fedseg_clinic.tf_env import tf
+
+KNOWN = np.ones((1, 7), np.float32)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[np.ndarray, np.ndarray]:
+    """Two 8^3 phantom patches (images (2,8,8,8,1), labels (2,8,8,8))."""
+    images, labels, _ = records(CanaryAuditConfig(n_canaries=2, n_patients=2, patch=8))
+    return images[:2], labels[:2]
+
+
+@pytest.mark.parametrize("levels,base", [(1, 4), (2, 4), (2, 8)])
+def test_forward_matches_keras(batch, levels: int, base: int) -> None:
+    config = UNetConfig(levels=levels, base_filters=base)
+    model = build_unet(config, seed=3)
+    expected = model(batch[0]).numpy()
+    got = inv.unet_forward(config, inv.weights_dict(config, model.weights),
+                           tf.constant(batch[0])).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_soft_loss_equals_project_loss_on_one_hot(batch) -> None:
+    config = UNetConfig(levels=2, base_filters=4)
+    probs = build_unet(config, seed=0)(batch[0])
+    expected = per_example_loss(batch[1], probs, np.ones((2, 7), np.float32)).numpy()
+    got = inv.soft_per_example_loss(tf.one_hot(batch[1], 7), probs).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("noise,steps,optimizer", [
+    (0.0, 1, "sgd"), (0.0, 2, "sgd"), (None, 2, "sgd"), (0.0, 2, "adam")])
+def test_simulated_update_equals_dp_trainer(batch, noise, steps: int, optimizer: str) -> None:
+    """With zero noise the attacker's simulation is exactly the client's DPTrainer update."""
+    config = UNetConfig(levels=2, base_filters=4)
+    model = build_unet(config, seed=1)
+    start = [w.copy() for w in model.get_weights()]
+    trainer = DPTrainer(model, per_example_loss, DPConfig(0.5, noise, 2, 0.05, optimizer),
+                        seed=0)
+    images, labels = batch
+    for _ in range(steps):
+        trainer.step(images, labels, np.ones((2, 7), np.float32))
+    real = [w - s for w, s in zip(model.get_weights(), start, strict=True)]
+    settings = inv.ClientSettings(0.05, steps, 2, (8, 8, 8),
+                                  None if noise is None else 0.5, optimizer)
+    names = inv.weight_names(config)
+    sim = inv.simulate_update(config, names, settings, start, tf.constant(images),
+                              tf.one_hot(labels, 7))
+    # Adam's steps are ~learning_rate in size; float32 round-off differs a little.
+    atol = 1e-4 if optimizer == "adam" else 2e-5
+    for r, s in zip(real, sim, strict=True):
+        np.testing.assert_allclose(s.numpy(), r, atol=atol)
+
+
+@pytest.mark.parametrize("offset,expected", [(0.2, 20.0), (0.02, 40.0)])
+def test_psnr_hand_computed(offset: float, expected: float) -> None:
+    truth = np.linspace(-1, 1, 64).reshape(4, 4, 4)
+    assert inv.psnr(truth + offset, truth) == pytest.approx(expected)
+    assert inv.psnr(truth, truth) == math.inf
+
+
+def test_ssim_identity_and_constant() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(-1, 1, (8, 8, 8))
+    assert inv.ssim3d(truth, truth) == pytest.approx(1.0)
+    assert inv.ssim3d(np.zeros_like(truth), truth) < 0.1
+    assert inv.correlation(np.zeros_like(truth), truth) == 0.0
+
+
+def test_mask_dice_empty_and_perfect() -> None:
+    empty = np.zeros((4, 4, 4), np.uint8)
+    assert math.isnan(inv.mask_dice(empty, empty))
+    labels = empty.copy()
+    labels[1:3, 1:3, 1:3] = 4
+    assert inv.mask_dice(labels, labels) == 1.0
+    assert inv.mask_dice(empty, labels) == 0.0
+
+
+def test_matching_undoes_permutation(batch) -> None:
+    images = batch[0][..., 0]
+    rec = inv.Reconstruction(images=images[::-1].copy(), labels=batch[1][::-1].copy(),
+                             loss_history=[], seconds=0.0)
+    matched, metrics = inv.match_and_score(rec, images, batch[1])
+    np.testing.assert_array_equal(matched.images, images)
+    assert metrics["psnr"] == math.inf and metrics["mask_dice"] == 1.0
+
+
+def test_bad_weights_rejected() -> None:
+    config = UNetConfig(levels=2, base_filters=4)
+    start = build_unet(config, seed=0).get_weights()
+    settings = inv.ClientSettings(0.1, 1, 1, (8, 8, 8))
+    with pytest.raises(inv.FedsegError, match="all zeros"):
+        inv.invert_update(config, settings, start, start, inv.AttackConfig(iterations=1))
+    with pytest.raises(inv.FedsegError, match="weight arrays"):
+        inv.invert_update(config, settings, start[:-1], start[:-1],
+                          inv.AttackConfig(iterations=1))
+
+
+@pytest.mark.slow
+def test_attack_recovers_structure_without_noise_not_with_heavy_noise(batch) -> None:
+    """One patch, one SGD step, base-8 U-Net: structure leaks (correlation clearly above
+    0, masks better than under noise); sigma = 10 noise leaves no structure."""
+    config = UNetConfig(levels=2, base_filters=8)
+    images, labels = batch[0][:1], batch[1][:1]
+    results = {}
+    for noise in (0.0, 10.0):
+        model = build_unet(config, seed=1)
+        start = [w.copy() for w in model.get_weights()]
+        DPTrainer(model, per_example_loss, DPConfig(1.0, noise, 1, 0.1), seed=0).step(
+            images, labels, KNOWN)
+        rec = inv.invert_update(config, inv.ClientSettings(0.1, 1, 1, (8, 8, 8), 1.0),
+                                start, model.get_weights(), inv.AttackConfig(iterations=150))
+        results[noise] = inv.match_and_score(rec, images[..., 0], labels)[1]
+    assert results[0.0]["correlation"] > 0.1
+    assert abs(results[10.0]["correlation"]) < 0.1
+    assert results[0.0]["correlation"] > results[10.0]["correlation"] + 0.1
