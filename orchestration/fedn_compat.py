@@ -5,7 +5,8 @@ copies fedn code: each function patches fedn (or a library it calls) at run
 time in the process that will run fedn's own start function (see
 :mod:`fedseg.orchestration.fedn_launch`). Each fix names the upstream symptom.
 
-Bug numbers refer to /work/shared/notes/fedn-0.33.md ("Bugs met in 0.33.0"):
+Bug numbers follow the team notes on fedn 0.33.0 ("Bugs met in 0.33.0"); docs/network.md
+has the same list as a table:
 
 1. SQLAlchemy 2.1 maps postgresql:// to psycopg 3: fixed by the pin
    SQLAlchemy==2.0.58 in setup.cfg, checked by :func:`check_sqlalchemy`.

@@ -470,8 +470,8 @@ def test_external_postgres_and_s3_by_url_are_left_running(tmp_path: Path) -> Non
 # --- the CLI ---------------------------------------------------------------------------
 
 @net
-def test_cli_up_status_down(tmp_path: Path) -> None:
-    config = make_config(tmp_path / "net")
+def test_cli_up_status_down_then_up_again_on_kept_store(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "net", n_combiners=2)
     config_file = tmp_path / "network.yaml"
     import yaml
 
@@ -492,91 +492,15 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "no network state" in result.output
 
-
-@net
-def test_up_again_on_kept_store_with_new_ports(tmp_path: Path) -> None:
-    """The SQLite store survives down; the combiner's new port must reach it (bug 9)."""
-    network_up(make_config(tmp_path, n_combiners=2))
-    network_down(tmp_path)
-    config = make_config(tmp_path)
-    state = network_up(config)
+    # The SQLite store survived; one combiner on a new port must replace both (bug 9).
+    again = make_config(config.root)
+    state = network_up(again)
     try:
         stored = state.api_client().get_combiners()["result"]
         assert [(c["name"], c["port"]) for c in stored] == [
-            ("combiner-1", config.combiners[0].port)]
+            ("combiner-1", again.combiners[0].port)]
     finally:
-        network_down(tmp_path)
-
-
-# --- configuration (no processes) -----------------------------------------------------
-
-def test_config_from_yaml_defaults_and_relative_root(tmp_path: Path) -> None:
-    path = tmp_path / "net.yaml"
-    path.write_text("root: here\ncombiners:\n  - {name: a, port: 13000}\n"
-                    "  - {name: b, port: '13001'}\nauth: true\n")
-    config = NetworkConfig.from_yaml(path)
-    assert config.root == tmp_path / "here"
-    assert [(c.name, c.port) for c in config.combiners] == [("a", 13000), ("b", 13001)]
-    assert (config.api_port, config.statestore, config.s3, config.auth) == (
-        8092, "sqlite", "moto", True)
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("")
-    assert NetworkConfig.from_yaml(empty) == NetworkConfig.default(tmp_path)
-
-
-def test_config_roundtrip_through_yaml(tmp_path: Path) -> None:
-    import yaml
-
-    config = NetworkConfig.default(tmp_path)
-    config.hooks = True
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict()))
-    assert NetworkConfig.from_yaml(path) == config
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ("statestore: postgres-url\n", "statestore postgres-url needs the key postgres_url"),
-    ("s3: url\ns3_endpoint: http://x:1\n", "s3 url needs the key s3_access_key"),
-    ("s3: url\ns3_endpoint: x:1\ns3_access_key: a\ns3_secret_key: b\n",
-     "must start with http"),
-    ("api_prot: 1\n", "unknown key 'api_prot'"),
-    ("statestore: mongodb\n", "statestore 'mongodb' is not one of"),
-    ("api_port: eighty\n", "api_port must be an integer"),
-    ("api_port: 70000\n", "api_port 70000 is not a TCP port"),
-    ("auth: yes please\n", "auth must be true or false"),
-    ("combiners: []\n", "at least one combiner"),
-    ("combiners:\n  - {name: a}\n", r"combiners\[0\] needs the keys name and port"),
-    ("combiners:\n  - {name: a, port: 1}\n  - {name: a, port: 2}\n", "must be unique"),
-    ("- a\n- b\n", "must be a mapping"),
-    ("api_port: [\n", "not valid YAML"),
-])
-def test_config_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(FedsegError, match=message) as info:
-        NetworkConfig.from_yaml(path)
-    assert str(path) in str(info.value)
-    assert "\n" not in str(info.value)
-
-
-def test_config_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(FedsegError, match="cannot read network config"):
-        NetworkConfig.from_yaml(tmp_path / "absent.yaml")
-
-
-def test_same_port_twice_is_refused(tmp_path: Path) -> None:
-    port = free_port()
-    config = make_config(tmp_path, api_port=port, s3_port=port)
-    with pytest.raises(FedsegError, match=f"s3_port {port} is the same port as api_port"):
-        network_up(config)
-
-
-def test_load_state_without_network(tmp_path: Path) -> None:
-    with pytest.raises(FedsegError, match="no network state"):
-        load_network_state(tmp_path)
-    (tmp_path / "network.json").write_text("{}")
-    with pytest.raises(FedsegError, match="malformed network state"):
-        load_network_state(tmp_path)
+        network_down(config.root)
 
 
 # --- process handling (plain processes, no FEDn) ---------------------------------------
