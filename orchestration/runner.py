@@ -119,10 +119,17 @@ def prepare_data(exp: Experiment, run_dir: Path) -> dict[str, Path]:
     return {g.name: g.folder for g in generated}
 
 
-def write_clinic_settings(exp: Experiment, run_dir: Path, name: str) -> Path:
-    """Write one clinic's FEDSEG_SETTINGS YAML: the experiment's model + clinic sections."""
+def write_clinic_settings(exp: Experiment, run_dir: Path, name: str, index: int) -> Path:
+    """Write one clinic's FEDSEG_SETTINGS YAML: the experiment's model + clinic sections.
+
+    Unless the experiment sets ``clinic.training.seed``, clinic ``index`` (0-based) gets
+    ``seed + index``, so the experiment's seed reaches every clinic and clinics differ.
+    """
     settings: dict[str, Any] = {"model": dict(exp.model)}
     settings.update(exp.clinic)
+    training = dict(settings.get("training") or {})
+    training.setdefault("seed", exp.seed + index)
+    settings["training"] = training
     path = run_dir / "settings" / f"{name}.yaml"
     atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False))
     return path
@@ -313,8 +320,10 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         info["seed_model_id"] = seed_id
 
         specs = [clients_mod.ClientSpec(
-            name=n, data_dir=data_dirs[n], settings_file=write_clinic_settings(exp, run_dir, n),
-            env={**exp.clients.env, **(client_env or {}).get(n, {})}) for n in names]
+            name=n, data_dir=data_dirs[n],
+            settings_file=write_clinic_settings(exp, run_dir, n, i),
+            env={**exp.clients.env, **(client_env or {}).get(n, {})})
+            for i, n in enumerate(names)]
         say(f"clients up ({exp.clients.route} route): {', '.join(names)}")
         clients_started = True
         handles = step("clients_up", lambda: clients_mod.clients_up(

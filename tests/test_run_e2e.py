@@ -246,6 +246,7 @@ def test_real_clinic_app_on_tiny_phantoms(tmp_path: Path, network_root: Path) ->
     assert (result.run_dir / "models" / "round-2.npz").is_file()
     settings = yaml.safe_load((result.run_dir / "settings" / "clinic-1.yaml").read_text())
     assert settings["model"]["base_filters"] == 4
+    assert settings["training"]["seed"] == 5  # experiment seed + clinic index 0
 
 
 def test_auth_network_admits_callback_clients_with_their_token(tmp_path: Path) -> None:
