@@ -28,6 +28,7 @@ import logging
 import math
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -423,12 +424,20 @@ def _restore_sigint(previous: Any) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((ports.LOCALHOST, 0))
+        return int(sock.getsockname()[1])
+
+
 def demo_experiment(rounds: int = 5) -> Experiment:
     """The ``fedseg demo`` experiment: 3 non-iid phantom clinics, small U-Net, DP-SGD.
 
     Sized for a few minutes on a 2-core CPU: 48^2 x 48 phantoms, a 3-level U-Net with 8
     base filters on 16^3 patches, 4 DP-SGD steps per round, one TensorFlow thread per
-    client process (three clients share the cores).
+    client process (three clients share the cores). The network listens on free ports
+    picked now, so the demo runs beside any other network and can be rerun at once.
     """
     from fedseg.orchestration.experiment import parse_experiment
 
@@ -449,5 +458,7 @@ def demo_experiment(rounds: int = 5) -> Experiment:
         "clients": {"route": "callback",
                     "env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
                             "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
+        "network": {"api_port": free_port(), "s3_port": free_port(),
+                    "combiners": [{"name": "combiner-1", "port": free_port()}]},
     }
     return parse_experiment(doc, source="fedseg demo")

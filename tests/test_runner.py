@@ -1,0 +1,47 @@
+"""runner.py pieces that need no network: the progress line, the demo experiment."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fedseg.orchestration.collect import RoundInfo
+from fedseg.orchestration.round_log import RoundRecord
+from fedseg.orchestration.runner import RoundReporter, demo_experiment, write_clinic_settings
+
+
+class _Log:
+    def __init__(self, records: list[RoundRecord]) -> None:
+        self.records = records
+
+
+def test_progress_line_names_failed_clients(tmp_path: Path) -> None:
+    reporter = RoundReporter(None, "s", "seed", ["c1", "c2", "c3"], 5, tmp_path, True, None)
+    info = RoundInfo(2, "7", "Finished", "m", 12.0, 1.0, 0.1, 3, 2)
+    log = _Log([RoundRecord(2, "c1", "val_dice_mean", 0.4123), RoundRecord(2, "c1", "epsilon", 1.2),
+                RoundRecord(2, "c1", "train_failed", 0.0),
+                RoundRecord(2, "c2", "val_dice_mean", math.nan),
+                RoundRecord(2, "c2", "train_failed", 0.0),
+                RoundRecord(2, "c3", "train_failed", 1.0),
+                RoundRecord(1, "c3", "val_dice_mean", 0.9)])
+    assert reporter.round_line(info, log) == (
+        "round 2/5  c1 dice 0.41 eps 1.20  c2 dice -  c3 FAILED  12.0 s")
+
+
+def test_demo_experiment_is_valid_and_uses_free_ports() -> None:
+    first, second = demo_experiment(rounds=3), demo_experiment()
+    assert first.session.rounds == 3 and second.session.rounds == 5
+    assert first.data.clinic_names() == ["clinic-1", "clinic-2", "clinic-3"]
+    assert first.clinic["privacy"]["enabled"] is True
+    assert first.network["api_port"] != first.network["s3_port"]
+
+
+def test_clinic_settings_file_carries_model_and_seed(tmp_path: Path) -> None:
+    import yaml
+
+    exp = demo_experiment()
+    path = write_clinic_settings(exp, tmp_path, "clinic-2", 1)
+    data = yaml.safe_load(path.read_text())
+    assert data["model"] == exp.model
+    assert data["training"]["seed"] == exp.seed + 1
+    assert data["privacy"] == exp.clinic["privacy"]
