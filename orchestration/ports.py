@@ -83,6 +83,9 @@ def port_owner(port: int) -> str:
 def is_port_free(port: int, host: str = LOCALHOST) -> bool:
     """Whether nothing listens on host:port (a bind test, as the server would do)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Servers set SO_REUSEADDR too: a port left in TIME_WAIT by a stopped network is
+        # free for them, so it must count as free here.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
