@@ -1,0 +1,61 @@
+"""``fedseg sweep SWEEP.yaml``: a grid of experiments (and baselines), resumable."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+
+def _default_runs_dir() -> Path:
+    # The one place a default follows the shell's folder; it is printed before use.
+    return Path(os.getcwd()) / "runs"
+
+
+def _quiet_fedn() -> None:
+    """Keep only fedn's warnings (it logs DEBUG to stdout by itself) unless -v was given."""
+    import fedn.common.log_config  # noqa: F401 - it configures the "fedn" logger on import
+
+    if logging.getLogger().level >= logging.WARNING:
+        logging.getLogger("fedn").setLevel(logging.WARNING)
+
+
+@click.command("sweep")
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Parent of the sweep folder <name>/ (default: ./runs, printed).")
+@click.option("--dry-run", is_flag=True,
+              help="Plan only: data, noise calibration and sweep.json; run nothing.")
+def sweep(sweep_file: Path, runs_dir: Path | None, dry_run: bool) -> None:
+    """Run every point of SWEEP (YAML: base experiment + grid) one after another.
+
+    Each run gets RUNS_DIR/<sweep>/<point>/; sweep.json indexes them. Runs that
+    finished before are skipped, so running the same command again resumes.
+    """
+    from fedseg.orchestration.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(sweep_file)
+    runs = (runs_dir or _default_runs_dir()).resolve()
+    if not dry_run:
+        _quiet_fedn()
+    try:
+        result = run_sweep(spec, runs, progress=click.echo, dry_run=dry_run)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; run the same command again to resume ({runs / spec.name})",
+                   err=True)
+        raise SystemExit(130) from None
+    done = [n for n, s in result.statuses.items() if s in ("finished", "skipped")]
+    click.echo(f"sweep {spec.name}: {len(done)}/{len(result.statuses)} runs finished; "
+               f"index {result.sweep_dir / 'sweep.json'}")
+    for name in result.failed:
+        click.echo(f"  {name}: {result.statuses[name]}")
+    if done:
+        folders = " ".join(str(result.sweep_dir / n) for n in done)
+        click.echo(f"report: fedseg analyze {folders} --out {result.sweep_dir / 'report'}")
+    if result.failed and not dry_run:
+        raise SystemExit(1)
+
+
+COMMANDS = [sweep]

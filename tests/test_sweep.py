@@ -1,0 +1,239 @@
+"""Sweeps: grid expansion, per-point experiments, noise calibration, resume, bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from fedseg.analysis.summary import load_run, run_epsilon
+from fedseg.orchestration.round_log import RoundRecord, write_rounds, write_run_info
+from fedseg.orchestration.sweep import (
+    expand_grid,
+    load_sweep,
+    plan_noise,
+    plan_runs,
+    point_experiment,
+    run_sweep,
+)
+from fedseg_clinic.accounting import calibrate_noise, compute_epsilon
+from fedseg_clinic.case_format import Manifest, ManifestEntry, write_manifest
+from fedseg_clinic.errors import FedsegError
+
+ROUNDS = 2
+STEPS = 3
+
+
+def _clinic(folder: Path, n_train: int, n_val: int = 1) -> Path:
+    """A clinic folder with only a manifest (enough for planning; the runs are faked)."""
+    folder.mkdir(parents=True)
+    entries = [ManifestEntry(f"p{i}", "train" if i < n_train else "val", ("heart",),
+                             (8, 8, 8)) for i in range(n_train + n_val)]
+    write_manifest(Manifest(clinic=folder.name, cases=entries), folder)
+    return folder
+
+
+def _base(tmp_path: Path, **extra: Any) -> Path:
+    _clinic(tmp_path / "cases" / "a", n_train=3)
+    _clinic(tmp_path / "cases" / "b", n_train=6)
+    doc: dict[str, Any] = {
+        "name": "base", "seed": 1,
+        "data": {"clinics": {"a": "cases/a", "b": "cases/b"}},
+        "model": {"levels": 2, "base_filters": 4, "groups": 2},
+        "clinic": {"training": {"local_steps": STEPS, "batch_size": 2,
+                                "patch_size": [16, 16, 16]},
+                   "privacy": {"noise_multiplier": 1.0}},
+        "session": {"rounds": ROUNDS},
+    }
+    doc.update(extra)
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _sweep(tmp_path: Path, grid: dict[str, Any], **extra: Any) -> Path:
+    if not (tmp_path / "base.yaml").exists():
+        _base(tmp_path)
+    doc = {"name": "sw", "base": "base.yaml", "grid": grid, **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(("grid", "names"), [
+    ({"aggregator": ["fedavg", "fedopt"], "server_learning_rate": [0.1, 0.01]},
+     ["fedavg", "fedopt-slr0.1", "fedopt-slr0.01"]),
+    ({"local_steps": [2, 3], "target_epsilon": [1, ".inf"]},
+     ["eps1-ls2", "eps1-ls3", "epsinf-ls2", "epsinf-ls3"]),
+    ({"learning_rate": 0.003}, ["lr0.003"]),
+    ({"server_learning_rate": [0.1, 0.2]}, [""]),  # base aggregates with fedavg: dropped
+])
+def test_expand_grid(tmp_path: Path, grid: dict[str, Any], names: list[str]) -> None:
+    from fedseg.orchestration.sweep import point_name
+
+    sweep = load_sweep(_sweep(tmp_path, grid))
+    assert [point_name(p) for p in expand_grid(sweep)] == names
+
+
+def test_point_experiment_applies_values(tmp_path: Path) -> None:
+    _base(tmp_path, client_settings={"learning_rate": [0.01, 0.02]})
+    sweep = load_sweep(_sweep(tmp_path, {"aggregator": ["fedopt"], "learning_rate": [0.005],
+                                         "local_steps": [4], "server_learning_rate": [0.1]}))
+    run = point_experiment(sweep, expand_grid(sweep)[0], None, None)
+    exp = run.experiment
+    assert run.name == exp.name == "fedopt-ls4-lr0.005-slr0.1"
+    assert exp.session.aggregator == "fedopt"
+    assert exp.session.aggregator_kwargs == {"learning_rate": 0.1}
+    assert exp.client_settings["learning_rate"] == 0.005  # the schedule is replaced
+    assert exp.clinic["training"]["local_steps"] == 4
+    assert exp.data.clinic_dirs["a"] == (tmp_path / "cases" / "a").resolve()
+    assert exp.raw["sweep"]["params"]["server_learning_rate"] == 0.1
+
+
+@pytest.mark.slow  # each calibration takes seconds
+def test_plan_noise_meets_target_at_every_clinic(tmp_path: Path) -> None:
+    target = 3.0
+    sweep = load_sweep(_sweep(tmp_path, {"target_epsilon": [target]}))
+    cache: dict[tuple[Any, ...], float] = {}
+    sigma = plan_noise(sweep.base, {"a": 3, "b": 6, "c": 3}, target, cache)
+    assert len(cache) == 2  # clinics a and c share one calibration
+    steps = ROUNDS * STEPS
+    # The smallest clinic (largest q) needs the most noise.
+    assert sigma == pytest.approx(calibrate_noise(3, 2, steps, target, 1 / 30))
+    for n in (3, 6):
+        assert compute_epsilon(n, 2, steps, sigma, 1 / (10 * n)).epsilon <= target + 1e-9
+
+
+def test_target_epsilon_in_config(tmp_path: Path) -> None:
+    sweep = load_sweep(_sweep(tmp_path, {"target_epsilon": [3, "inf"]}))
+    runs = plan_runs(sweep, None)
+    dp, no_dp = runs
+    assert dp.experiment.clinic["privacy"]["enabled"] is True
+    assert dp.experiment.clinic["privacy"]["noise_multiplier"] == dp.noise_multiplier > 0
+    assert dp.experiment.raw["sweep"]["target_epsilon"] == 3.0
+    assert no_dp.experiment.clinic["privacy"]["enabled"] is False
+    assert no_dp.noise_multiplier is None
+    assert math.isinf(no_dp.experiment.raw["sweep"]["target_epsilon"])
+
+
+class FakeRunner:
+    """Stands in for run_experiment / run_baseline: writes a finished run folder."""
+
+    def __init__(self, fail: tuple[str, ...] = ()) -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+
+    def _write(self, name: str, kind: str, exp: Any, runs_dir: Path) -> Any:
+        self.calls.append(name)
+        if name in self.fail:
+            raise FedsegError(f"{name}: boom")
+        run_dir = runs_dir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_rounds(run_dir, [RoundRecord(1, "a", "val_dice_mean", 0.5),
+                               RoundRecord(1, "a", "epsilon", 2.5)])
+        write_run_info(run_dir, {"name": name, "kind": kind, "status": "finished",
+                                 "config": exp.raw})
+        return type("Result", (), {"status": "finished"})()
+
+    def federated(self, exp: Any, runs_dir: Path, *, progress: Any, overwrite: bool) -> Any:
+        assert overwrite
+        return self._write(exp.name, "federated", exp, runs_dir)
+
+    def baseline(self, exp: Any, kind: str, runs_dir: Path, *, progress: Any,
+                 overwrite: bool) -> Any:
+        return self._write(f"{exp.name}-{kind}", kind, exp, runs_dir)
+
+
+def test_run_sweep_resumes_and_indexes(tmp_path: Path) -> None:
+    sweep = load_sweep(_sweep(tmp_path, {"target_epsilon": [3, "inf"],
+                                         "aggregator": ["fedavg", "fedopt"]},
+                              baselines=["pooled"]))
+    runs_dir = tmp_path / "runs"
+    first = FakeRunner(fail=("epsinf-fedopt",))
+    result = run_sweep(sweep, runs_dir, run_federated=first.federated,
+                       run_baseline=first.baseline)
+    # Baselines do not depend on the aggregator: one per target epsilon.
+    assert first.calls == ["eps3-fedavg", "eps3-fedopt", "epsinf-fedavg", "epsinf-fedopt",
+                           "eps3-pooled", "epsinf-pooled"]
+    assert result.failed == ["epsinf-fedopt"]
+    index = json.loads((runs_dir / "sw" / "sweep.json").read_text())
+    status = {r["name"]: r["status"] for r in index["runs"]}
+    assert status["eps3-fedavg"] == "finished"
+    assert status["epsinf-fedopt"] == "failed: epsinf-fedopt: boom"
+    assert index["grid"]["target_epsilon"] == [3.0, "inf"] or \
+        math.isinf(index["grid"]["target_epsilon"][1])
+    # Again: only the failed run is redone.
+    second = FakeRunner()
+    again = run_sweep(sweep, runs_dir, run_federated=second.federated,
+                      run_baseline=second.baseline)
+    assert second.calls == ["epsinf-fedopt"]
+    assert again.failed == [] and again.statuses["eps3-fedavg"] == "skipped"
+    # The analysis finds the sweep's target epsilon in run.json config.
+    assert run_epsilon(load_run(runs_dir / "sw" / "eps3-fedavg")) == 3.0
+    assert run_epsilon(load_run(runs_dir / "sw" / "epsinf-fedavg")) is None
+
+
+def test_dry_run_plans_only(tmp_path: Path) -> None:
+    sweep = load_sweep(_sweep(tmp_path, {"local_steps": [1, 2]}))
+    runner = FakeRunner()
+    result = run_sweep(sweep, tmp_path / "runs", run_federated=runner.federated,
+                       run_baseline=runner.baseline, dry_run=True)
+    assert runner.calls == [] and set(result.statuses.values()) == {"planned"}
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ("[1, 2]", "must be a YAML mapping"),
+    ("name: sw\nbase: base.yaml\ngrid: {local_steps: [1]}\nextra: 1", "extra: unknown key"),
+    ("name: 'bad name'\nbase: base.yaml\ngrid: {local_steps: [1]}", "name:"),
+    ("name: sw\ngrid: {local_steps: [1]}", "base:"),
+    ("name: sw\nbase: nothere.yaml\ngrid: {local_steps: [1]}",
+     r"base: experiment file .*nothere\.yaml not found"),
+    ("name: sw\nbase: base.yaml\ngrid: {}", "grid: must be a mapping"),
+    ("name: sw\nbase: base.yaml\ngrid: {rounds: [1]}", "grid.rounds: unknown axis"),
+    ("name: sw\nbase: base.yaml\ngrid: {local_steps: [0]}", "grid.local_steps"),
+    ("name: sw\nbase: base.yaml\ngrid: {local_steps: []}", "needs at least one value"),
+    ("name: sw\nbase: base.yaml\ngrid: {target_epsilon: [-1]}", "grid.target_epsilon"),
+    ("name: sw\nbase: base.yaml\ngrid: {aggregator: [fedsgd]}", "grid.aggregator"),
+    ("name: sw\nbase: base.yaml\ngrid: {learning_rate: [0]}", "grid.learning_rate"),
+    ("name: sw\nbase: base.yaml\ngrid: {local_steps: [1]}\nbaselines: [central]", "baselines"),
+    ("name: sw\nbase: base.yaml\ngrid: {local_steps: [1]\n", "not valid YAML"),
+])
+def test_bad_sweep_files(tmp_path: Path, doc: str, message: str) -> None:
+    _base(tmp_path)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(doc)
+    with pytest.raises(FedsegError, match=message) as info:
+        load_sweep(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_calibration_conflicts_with_noise_schedule(tmp_path: Path) -> None:
+    _base(tmp_path, client_settings={"noise_multiplier": 1.5})
+    with pytest.raises(FedsegError, match=r"client_settings\.noise_multiplier"):
+        load_sweep(_sweep(tmp_path, {"target_epsilon": [1]}))
+
+
+def test_cli_bad_sweep_one_line(tmp_path: Path) -> None:
+    from fedseg.cli import cli
+
+    path = _sweep(tmp_path, {"local_steps": ["many"]})
+    result = CliRunner().invoke(cli, ["sweep", str(path), "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "grid.local_steps" in result.output
+
+
+def test_cli_dry_run_lists_runs(tmp_path: Path) -> None:
+    from fedseg.cli import cli
+
+    path = _sweep(tmp_path, {"target_epsilon": [3], "learning_rate": [0.01, 0.02]},
+                  baselines=["local"])
+    result = CliRunner().invoke(cli, ["sweep", str(path), "--runs-dir", str(tmp_path / "r"),
+                                      "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "[1/4] eps3-lr0.01 (federated, sigma" in result.output
+    assert "[4/4] eps3-lr0.02-local (local, sigma" in result.output
