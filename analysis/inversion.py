@@ -104,12 +104,14 @@ class AttackConfig:
             of the iterations, as Geiping et al.).
         tv_weight: weight of the total-variation prior on the CT patch.
         seed: seed of the dummy data's initialisation.
+        signed: feed the sign of the gradient to Adam (Geiping et al.'s choice).
     """
 
     iterations: int = 300
     step_size: float = 0.1
     tv_weight: float = 1e-2
     seed: int = 0
+    signed: bool = False
 
 
 @dataclasses.dataclass
@@ -350,6 +352,8 @@ def invert_update(
             objective = _cosine_distance(simulated, real) + attack.tv_weight * \
                 total_variation(x)
         grads = tape.gradient(objective, [x, logits])
+        if attack.signed:
+            grads = [tf.sign(g) for g in grads]
         opt.apply_gradients(zip(grads, [x, logits], strict=True))
         x.assign(tf.clip_by_value(x, -1.0, 1.0))  # box constraint: the HU window
         return objective
@@ -491,4 +495,168 @@ def prior_baseline(true_images: np.ndarray, true_labels: np.ndarray,
         "ssim": float(np.mean([ssim3d(mean_patch, t) for t in true_images])),
         "mask_dice": float(np.nanmean(dices)) if not all(map(math.isnan, dices))
         else math.nan,
+    }
+
+
+# ------------------------------------------------------------- simulated client, study
+
+# A reconstruction is called recognisable when its CT patch correlates with the truth at
+# least this much (visible structure: organ boundaries line up; the attack cannot see a
+# global intensity offset/scale, hence correlation rather than PSNR) or its masks beat
+# the prior's most-common-label guess by MASK_MARGIN Dice.
+RECOGNISABLE_CORRELATION: float = 0.2
+MASK_MARGIN: float = 0.1
+PRIOR_PATCHES: int = 8  # other patients' patches the attacker's prior is made of
+
+
+@dataclasses.dataclass
+class SimulatedClient:
+    """A client update made by the project's real DPTrainer on phantom patches.
+
+    Attributes:
+        global_weights, client_weights: the weights before and after local training.
+        images, labels: the client's true batch ((b, z, y, x) in [-1, 1], uint8 labels).
+        prior_images, prior_labels: patches of other phantom patients (attacker's prior).
+    """
+
+    global_weights: list[np.ndarray]
+    client_weights: list[np.ndarray]
+    images: np.ndarray
+    labels: np.ndarray
+    prior_images: np.ndarray
+    prior_labels: np.ndarray
+
+
+def simulate_client(config: UNetConfig, settings: ClientSettings,
+                    noise_multiplier: float | None, seed: int) -> SimulatedClient:
+    """Train a fresh client: ``local_steps`` DPTrainer steps on one fixed phantom batch.
+
+    Args:
+        config: the (tiny) U-Net.
+        settings: client settings; l2_norm_clip None means a non-DP client.
+        noise_multiplier: DP sigma (ignored, must be None or 0, for a non-DP client).
+        seed: model initialisation, phantoms and noise.
+    """
+    from fedseg.analysis.membership import phantom_patches
+    from fedseg_clinic.dp_sgd import DPConfig, DPTrainer
+    from fedseg_clinic.losses import per_example_loss
+
+    if len(set(settings.patch_size)) != 1:
+        raise FedsegError(f"--simulate needs a cubic patch, got {settings.patch_size}")
+    if settings.l2_norm_clip is None and noise_multiplier:
+        raise FedsegError("DP noise needs a clip norm (l2_norm_clip)")
+    b = settings.batch_size
+    images, labels = phantom_patches(b + PRIOR_PATCHES, settings.patch_size[0], seed)
+    keras.utils.set_random_seed(seed)
+    model = build_unet(config, seed=seed)
+    start = [np.array(w) for w in model.get_weights()]
+    dp = DPConfig(
+        l2_norm_clip=settings.l2_norm_clip or 1.0,
+        noise_multiplier=None if settings.l2_norm_clip is None else (noise_multiplier or 0.0),
+        expected_batch_size=b, learning_rate=settings.learning_rate,
+        optimizer=settings.optimizer)
+    trainer = DPTrainer(model, per_example_loss, dp, seed=seed)
+    known = np.ones((b, N_CLASSES), np.float32)
+    for _ in range(settings.local_steps):
+        trainer.step(images[:b], labels[:b], known)
+    return SimulatedClient(start, [np.array(w) for w in model.get_weights()],
+                           images[:b, ..., 0], labels[:b].astype(np.uint8),
+                           images[b:, ..., 0], labels[b:].astype(np.uint8))
+
+
+def recognisable(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
+    """The stated threshold (see RECOGNISABLE_CORRELATION and MASK_MARGIN)."""
+    mask_gain = metrics["mask_dice"] - baseline["mask_dice"]
+    return bool(metrics["correlation"] >= RECOGNISABLE_CORRELATION
+                or (math.isfinite(mask_gain) and mask_gain >= MASK_MARGIN))
+
+
+def attack_simulated(config: UNetConfig, settings: ClientSettings,
+                     noise_multiplier: float | None, attack: AttackConfig, seed: int
+                     ) -> tuple[dict[str, Any], SimulatedClient, Reconstruction]:
+    """Simulate a client, invert its update, score against the truth and the prior.
+
+    Returns:
+        (JSON-ready result, the simulated client, the matched reconstruction).
+    """
+    client = simulate_client(config, settings, noise_multiplier, seed)
+    rec = invert_update(config, settings, client.global_weights, client.client_weights,
+                        attack)
+    matched, metrics = match_and_score(rec, client.images, client.labels)
+    baseline = prior_baseline(client.images, client.labels, client.prior_images,
+                              client.prior_labels)
+    result = {
+        "batch_size": settings.batch_size,
+        "local_steps": settings.local_steps,
+        "noise_multiplier": noise_multiplier,
+        "settings": dataclasses.asdict(settings),
+        "model": config.to_dict(),
+        "attack": dataclasses.asdict(attack),
+        "seed": seed,
+        **metrics,
+        "baseline": baseline,
+        "recognisable": recognisable(metrics, baseline),
+        "objective": rec.loss_history[-1],
+        "seconds": rec.seconds,
+    }
+    return result, client, matched
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyGrid:
+    """One-factor-at-a-time grid around batch 1, 1 local step, no noise.
+
+    Attributes:
+        batch_sizes: batch sizes tried (1 local step, no noise).
+        local_steps: local step counts tried (batch 1, no noise).
+        epsilons: target epsilons whose calibrated sigma is tried (batch 1, 1 step),
+            besides sigma = 0.
+        schedule: (patients N, expected batch B, total steps T, delta) the noise is
+            calibrated for with accounting.calibrate_noise.
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 2, 4)
+    local_steps: tuple[int, ...] = (1, 5)
+    epsilons: tuple[float, ...] = (8.0, 4.0, 1.0)
+    schedule: tuple[int, int, int, float] = (100, 4, 100, 1e-3)
+
+
+def run_study(config: UNetConfig, grid: StudyGrid, attack: AttackConfig, patch: int,
+              learning_rate: float, l2_norm_clip: float, seed: int) -> dict[str, Any]:
+    """Reconstruction quality vs batch size, local steps and DP noise.
+
+    Returns:
+        JSON-ready dict: rows (one per grid point), the sigma per epsilon, and the
+        smallest sigma tried whose reconstruction is no longer recognisable.
+    """
+    from fedseg_clinic.accounting import calibrate_noise
+
+    n, b, t, delta = grid.schedule
+    sigmas = {eps: calibrate_noise(n, b, t, eps, delta) for eps in grid.epsilons}
+    points: list[tuple[int, int, float, float | None]] = []
+    for batch in grid.batch_sizes:
+        points.append((batch, 1, 0.0, None))
+    for steps in grid.local_steps:
+        if steps != 1:
+            points.append((1, steps, 0.0, None))
+    for eps in sorted(grid.epsilons, reverse=True):
+        points.append((1, 1, sigmas[eps], eps))
+    rows = []
+    for batch, steps, sigma, eps in points:
+        settings = ClientSettings(learning_rate, steps, batch, (patch,) * 3, l2_norm_clip)
+        result, _, _ = attack_simulated(config, settings, sigma, attack, seed)
+        result["target_epsilon"] = eps
+        rows.append(result)
+        logger.info("study b=%d T=%d sigma=%.3g: corr %.3f ssim %.3f dice %.3f", batch,
+                    steps, sigma, result["correlation"], result["ssim"], result["mask_dice"])
+    noise_rows = sorted((r for r in rows if r["batch_size"] == 1 and r["local_steps"] == 1),
+                        key=lambda r: r["noise_multiplier"])
+    threshold = next((r["noise_multiplier"] for r in noise_rows if not r["recognisable"]),
+                     None)
+    return {
+        "rows": rows,
+        "sigma_for_epsilon": {str(k): v for k, v in sigmas.items()},
+        "schedule": {"patients": n, "batch_size": b, "steps": t, "delta": delta},
+        "smallest_unrecognisable_sigma": threshold,
+        "threshold": {"correlation": RECOGNISABLE_CORRELATION, "mask_margin": MASK_MARGIN},
     }

@@ -114,7 +114,8 @@ class MembershipConfig:
     seed: int = 0
 
 
-def _phantom_patches(n: int, patch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def phantom_patches(n: int, patch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Phantom patches: one organ-centred (patch)^3 patch of each of n patients."""
     from fedseg.orchestration.phantoms import make_case, preset_spec
     from fedseg_clinic.patches import PatchSampler
 
@@ -161,7 +162,7 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
     if config.n_targets < 4:
         raise FedsegError(f"n_targets={config.n_targets} must be >= 4")
     started = time.perf_counter()
-    images, labels = _phantom_patches(config.n_targets, config.patch, config.seed)
+    images, labels = phantom_patches(config.n_targets, config.patch, config.seed)
     rng = np.random.default_rng([config.seed, 4])
     member = np.zeros(config.n_targets, bool)
     member[rng.permutation(config.n_targets)[: config.n_targets // 2]] = True
@@ -173,7 +174,7 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
     shadow_stats = []
     for k in range(config.n_shadow):
         shadow_seed = config.seed + 1000 * (k + 1)
-        s_images, s_labels = _phantom_patches(len(images) // 2, config.patch, shadow_seed)
+        s_images, s_labels = phantom_patches(len(images) // 2, config.patch, shadow_seed)
         shadow = _train(config, s_images, s_labels, shadow_seed)
         shadow_stats.append(confidence_statistic(
             shadow(tf.constant(images), training=False).numpy(), labels))

@@ -61,3 +61,32 @@ def test_dp_run_bound_stays_below_accountant() -> None:
     result = ca.run_canary_audit(ca.CanaryAuditConfig(noise_multiplier=2.0, seed=0))
     assert math.isfinite(result["epsilon"])
     assert 0.0 <= result["epsilon_lower_bound"] <= result["epsilon"]
+
+
+def _cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from fedseg.cli import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+def test_audit_cli_rejects_bad_noise(tmp_path) -> None:
+    result = _cli(["audit", "--out", str(tmp_path / "o"), "--noise", "none,abc"])
+    assert result.exit_code == 1 and "'abc'" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_audit_cli_writes_report(tmp_path) -> None:
+    import json
+
+    out = tmp_path / "audit"
+    result = _cli(["audit", "--out", str(out), "--noise", "none,1.0", "--canaries", "4",
+                   "--steps", "2", "--batch", "2", "--no-membership"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "audit.json").read_text())["rows"]
+    assert [r["noise_multiplier"] for r in rows] == ["none", 1.0]
+    assert rows[0]["epsilon_accountant"] == "inf"
+    assert 0 < rows[1]["epsilon_accountant"] < 1e6
+    assert (out / "audit.png").exists() and (out / "report.html").exists()

@@ -128,3 +128,52 @@ def test_attack_recovers_structure_without_noise_not_with_heavy_noise(batch) -> 
     assert results[0.0]["correlation"] > 0.1
     assert abs(results[10.0]["correlation"]) < 0.1
     assert results[0.0]["correlation"] > results[10.0]["correlation"] + 0.1
+
+
+def _cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from fedseg.cli import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+def test_invert_cli_needs_exactly_one_source(tmp_path) -> None:
+    result = _cli(["attack", "invert", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "give either --simulate" in result.output and "Traceback" not in result.output
+    result = _cli(["attack", "invert", "--out", str(tmp_path / "o"), "--global-weights",
+                   str(tmp_path / "missing.npz"), "--client-weights",
+                   str(tmp_path / "missing.npz")])
+    assert result.exit_code == 1 and "missing.npz" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_invert_cli_stored_round_and_simulate(tmp_path, batch) -> None:
+    import json
+
+    from fedseg_clinic.weights import save_weights_npz
+
+    config = UNetConfig(levels=2, base_filters=4)
+    model = build_unet(config, seed=0)
+    save_weights_npz(model.get_weights(), tmp_path / "global.npz")
+    DPTrainer(model, per_example_loss, DPConfig(1.0, 0.0, 1, 0.1), seed=0).step(
+        batch[0][:1], batch[1][:1], KNOWN)
+    save_weights_npz(model.get_weights(), tmp_path / "client.npz")
+    out = tmp_path / "stored"
+    result = _cli(["attack", "invert", "--global-weights", str(tmp_path / "global.npz"),
+                   "--client-weights", str(tmp_path / "client.npz"), "--patch", "8",
+                   "--iterations", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert 0.0 <= data["objective"] <= 2.0
+    assert (out / "montage.png").stat().st_size > 1000 and (out / "report.html").exists()
+
+    out = tmp_path / "sim"
+    result = _cli(["attack", "invert", "--simulate", "--patch", "8", "--batch", "2",
+                   "--iterations", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["psnr_per_example"]) == 2 and "baseline" in data
+    assert "PSNR" in result.output
