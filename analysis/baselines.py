@@ -128,11 +128,15 @@ def build_pooled_folder(clinic_dirs: dict[str, Path], out: Path) -> Path:
     return out
 
 
-def _clinic_app(exp: Experiment, run_dir: Path, name: str, data_dir: Path,
+def _clinic_app(exp: Experiment, run_dir: Path, name: str, index: int, data_dir: Path,
                 factory: AppFactory) -> Any:
-    """A ClinicApp configured exactly as the clinic's client would be (FEDSEG_* settings)."""
+    """A ClinicApp configured exactly as the clinic's client would be (FEDSEG_* settings).
+
+    ``index`` is the clinic's position (its training seed is ``seed + index`` unless the
+    experiment sets one, as in a federated run).
+    """
     environ = {
-        ENV_SETTINGS: str(write_clinic_settings(exp, run_dir, name)),
+        ENV_SETTINGS: str(write_clinic_settings(exp, run_dir, name, index)),
         ENV_DATA_DIR: str(data_dir),
         ENV_STATE_DIR: str(run_dir / "clients" / name / "state"),
         ENV_CLIENT_NAME: name,
@@ -240,12 +244,12 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
         seed_weights = load_weights_npz(run_dir / "seed.npz")
         timings["seed_seconds"] = round(time.monotonic() - tic, 3)
         tic = time.monotonic()
-        validators = {n: _clinic_app(exp, run_dir, n, data_dirs[n], app_factory)
-                      for n in names}
+        validators = {n: _clinic_app(exp, run_dir, n, i, data_dirs[n], app_factory)
+                      for i, n in enumerate(names)}
         if kind == "pooled":
             pooled_dir = build_pooled_folder(data_dirs, run_dir / POOLED_DATA_DIR)
-            trainers = {POOLED_CLIENT: _clinic_app(exp, run_dir, POOLED_CLIENT, pooled_dir,
-                                                   app_factory)}
+            trainers = {POOLED_CLIENT: _clinic_app(exp, run_dir, POOLED_CLIENT, len(names),
+                                                   pooled_dir, app_factory)}
             steps_factor = len(names)
             info["baseline"] = {
                 "matched": "same total DP-SGD steps x expected batch size as the federated "

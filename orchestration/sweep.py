@@ -101,7 +101,8 @@ class SweepResult:
     @property
     def failed(self) -> list[str]:
         """Names of runs that did not finish."""
-        return [n for n, s in self.statuses.items() if s not in ("finished", "skipped")]
+        return [n for n, s in self.statuses.items()
+                if s not in ("finished", "skipped", "planned")]
 
 
 # -- the sweep file ---------------------------------------------------------------------

@@ -237,3 +237,41 @@ def test_cli_dry_run_lists_runs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "[1/4] eps3-lr0.01 (federated, sigma" in result.output
     assert "[4/4] eps3-lr0.02-local (local, sigma" in result.output
+
+
+@pytest.mark.slow
+def test_real_tiny_sweep_through_fedn(tmp_path: Path) -> None:
+    """One point through the real runner (FEDn processes, the numpy toy clinic app)."""
+    import os
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    tests = Path(__file__).resolve().parent
+    for client in ("c1", "c2"):
+        (tmp_path / client).mkdir()
+        (tmp_path / client / "manifest.json").write_text("{}")
+    doc = {
+        "name": "toy", "seed": 3, "data": {"clinics": {"c1": "c1", "c2": "c2"}},
+        "seed_builder": "toy_clinic_app:build_seed",
+        "session": {"rounds": 2, "round_timeout": 20, "min_clients": 2},
+        "clients": {"app": "toy_clinic_app:ToyApp.from_environment",
+                    "env": {"PYTHONPATH": os.pathsep.join(
+                        [str(tests), os.environ.get("PYTHONPATH", "")])}},
+        "network": {"api_port": free_port(), "s3_port": free_port(),
+                    "combiners": [{"name": "combiner-1", "port": free_port()}]},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(doc))
+    sweep = load_sweep(_sweep(tmp_path, {"local_steps": [2]}))
+    lines: list[str] = []
+    result = run_sweep(sweep, tmp_path / "runs", progress=lines.append)
+    assert result.statuses == {"ls2": "finished"}, lines
+    run_dir = tmp_path / "runs" / "sw" / "ls2"
+    summary = load_run(run_dir)
+    assert summary.clients == ("c1", "c2") and summary.rounds == (1, 2)
+    assert any(line.startswith("round 2/2") for line in lines)
+    again = run_sweep(sweep, tmp_path / "runs")
+    assert again.statuses == {"ls2": "skipped"}
