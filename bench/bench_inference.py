@@ -34,7 +34,7 @@ CASES = [
     (96, 0.25, "gaussian", 2),
     (128, 0.5, "gaussian", 1),
 ]
-QUICK = [(64, 0.5, "gaussian", 2), (128, 0.5, "gaussian", 1)]
+QUICK = [(64, 0.5, "gaussian", 1), (128, 0.5, "gaussian", 1)]
 
 
 def peak_rss_gb() -> float:
