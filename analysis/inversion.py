@@ -298,6 +298,7 @@ def invert_update(
     client_weights: Sequence[np.ndarray],
     attack: AttackConfig,
     known_labels: np.ndarray | None = None,
+    prior: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Reconstruction:
     """Reconstruct the client's batch from one update (unmatched order).
 
@@ -309,6 +310,10 @@ def invert_update(
         attack: the reconstruction's settings.
         known_labels: optional (b, z, y, x) label maps the attacker already knows (side
             information, e.g. an atlas); then only the CT patches are optimised.
+        prior: optional (images, labels) patches of other patients: the dummy data
+            start from their mean patch and most common labels, and the result gets
+            their mean and standard deviation (the update is blind to a patch's
+            intensity offset and scale, see the module docstring of the study section).
 
     Returns:
         The reconstruction in the attacker's order (see :func:`match_and_score`).
@@ -333,8 +338,14 @@ def invert_update(
     rng = np.random.default_rng(attack.seed)
     b = settings.batch_size
     shape = (b, *settings.patch_size)
-    x = tf.Variable(rng.uniform(-0.1, 0.1, (*shape, 1)).astype(np.float32))
-    logits = tf.Variable(rng.normal(0.0, 0.1, (*shape, N_CLASSES)).astype(np.float32))
+    init_x = rng.uniform(-0.1, 0.1, (*shape, 1))
+    init_logits = rng.normal(0.0, 0.1, (*shape, N_CLASSES))
+    if prior is not None:
+        init_x = init_x + prior[0].mean(axis=0)[None, ..., None]
+        counts = np.stack([(prior[1] == k).mean(axis=0) for k in range(N_CLASSES)], -1)
+        init_logits = init_logits + np.log(counts + 0.05)[None]
+    x = tf.Variable(np.clip(init_x, -1, 1).astype(np.float32))
+    logits = tf.Variable(init_logits.astype(np.float32))
     boundaries = [int(attack.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
         boundaries, [attack.step_size * f for f in (1.0, 0.1, 0.01, 0.001)])
@@ -367,8 +378,16 @@ def invert_update(
     seconds = time.perf_counter() - started
     logger.info("inversion: %d iterations in %.1f s, final objective %.4f",
                 attack.iterations, seconds, history[-1])
+    images = x.numpy()[..., 0]
+    if prior is not None:
+        # Fill in the offset and scale the update cannot show from the prior's statistics.
+        axes = (1, 2, 3)
+        centred = images - images.mean(axis=axes, keepdims=True)
+        spread = centred.std(axis=axes, keepdims=True)
+        images = np.clip(prior[0].mean() + centred / np.maximum(spread, 1e-6)
+                         * prior[0].std(axis=axes).mean(), -1.0, 1.0)
     return Reconstruction(
-        images=x.numpy()[..., 0],
+        images=images,
         labels=(np.asarray(known_labels, np.uint8) if known_labels is not None
                 else np.argmax(logits.numpy(), axis=-1).astype(np.uint8)),
         loss_history=history,
@@ -581,7 +600,7 @@ def attack_simulated(config: UNetConfig, settings: ClientSettings,
     """
     client = simulate_client(config, settings, noise_multiplier, seed)
     rec = invert_update(config, settings, client.global_weights, client.client_weights,
-                        attack)
+                        attack, prior=(client.prior_images, client.prior_labels))
     matched, metrics = match_and_score(rec, client.images, client.labels)
     baseline = prior_baseline(client.images, client.labels, client.prior_images,
                               client.prior_labels)

@@ -4,10 +4,10 @@ Loss threshold (Yeom et al. 2018): score = -loss; members tend to have lower los
 
 LiRA (Carlini et al. 2022, "Membership inference attacks from first principles"), offline
 variant: the attacker trains ``n_shadow`` shadow models on phantom patients that exclude
-the target patients, so every target has only "out" losses; per target it fits a Gaussian
-N(mu_out, sigma_out^2) to the shadow models' (logit-scaled) scores and scores the target
-model's value by the one-sided likelihood ``1 - Phi_out(x)``... here as the log
-probability under the out-Gaussian's upper tail. Offline is justified here because the
+the target patients, so every target has only "out" values; per target it fits a
+Gaussian N(mu_out, sigma_out^2) to the shadow models' (logit-scaled) statistic and scores
+the target model's value x by how far it sits in that Gaussian's upper tail:
+score = -log P_out[X >= x]. Offline is justified here because the
 online variant needs shadow models trained *with* each target, doubling the training
 cost, and Carlini et al. report offline LiRA retains most of the power at low FPR.
 

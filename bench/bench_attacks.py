@@ -1,11 +1,12 @@
 """Benchmark: the inversion study at its default grid, and the cost of the audits.
 
-Runs ``fedseg.analysis.inversion.run_study`` (tiny U-Net: levels 2, base 4, 16^3 patches,
+Runs ``fedseg.analysis.inversion.run_study`` (tiny U-Net: levels 2, base 8, 8^3 patches,
 one-factor-at-a-time grid: batch 1/2/4, local steps 1/5, sigma 0 and the sigma
 calibrated for epsilon 8/4/1), then one non-private and one DP canary audit, and prints
 markdown tables (quality per grid point with the prior-only baseline, seconds).
 
-Usage: .venv/bin/python bench/bench_attacks.py [--iterations 200] [--skip-audit]
+Usage: .venv/bin/python bench/bench_attacks.py [--iterations 150] [--skip-audit]
+           [--base-filters 8] [--patch 8]
            [--out DIR]   (DIR receives study.json)
 """
 
@@ -19,7 +20,9 @@ from pathlib import Path
 def main() -> None:
     """Run the study (and audits) and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=150)
+    parser.add_argument("--base-filters", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=8)
     parser.add_argument("--skip-audit", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -30,12 +33,15 @@ def main() -> None:
     from fedseg_clinic.model import UNetConfig
 
     started = time.perf_counter()
-    result = inv.run_study(UNetConfig(levels=2, base_filters=4), inv.StudyGrid(),
-                           inv.AttackConfig(iterations=args.iterations), patch=16,
+    result = inv.run_study(UNetConfig(levels=2, base_filters=args.base_filters),
+                           inv.StudyGrid(), inv.AttackConfig(iterations=args.iterations),
+                           patch=args.patch,
                            learning_rate=0.1, l2_norm_clip=1.0, seed=0)
     study_seconds = time.perf_counter() - started
     if args.out is not None:
         lr.write_json(args.out / "study.json", result)
+    print(f"model levels 2, base {args.base_filters}, patch {args.patch}^3, "
+          f"{args.iterations} attack iterations")
     print(f"sigma for epsilon (N, B, T, delta = {result['schedule']}): "
           f"{result['sigma_for_epsilon']}")
     print("| batch | local steps | sigma (target eps) | PSNR dB (prior) | SSIM (prior) | "

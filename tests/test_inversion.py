@@ -111,23 +111,24 @@ def test_bad_weights_rejected() -> None:
 
 
 @pytest.mark.slow
-def test_attack_recovers_structure_without_noise_not_with_heavy_noise(batch) -> None:
-    """One patch, one SGD step, base-8 U-Net: structure leaks (correlation clearly above
-    0, masks better than under noise); sigma = 10 noise leaves no structure."""
+def test_attack_inverts_single_step_and_fails_under_heavy_noise() -> None:
+    """One 8^3 patch, one SGD step of a base-8 U-Net: the reconstruction beats the
+    prior-only guess (mean patch of 8 other patients) clearly - by 1 dB PSNR, 0.2 SSIM,
+    0.15 mask Dice (measured: +1.8 dB, 0.54 vs 0.18, 0.45 vs 0.14); with sigma = 5 noise
+    it is no better than the prior and has no structure."""
     config = UNetConfig(levels=2, base_filters=8)
-    images, labels = batch[0][:1], batch[1][:1]
-    results = {}
-    for noise in (0.0, 10.0):
-        model = build_unet(config, seed=1)
-        start = [w.copy() for w in model.get_weights()]
-        DPTrainer(model, per_example_loss, DPConfig(1.0, noise, 1, 0.1), seed=0).step(
-            images, labels, KNOWN)
-        rec = inv.invert_update(config, inv.ClientSettings(0.1, 1, 1, (8, 8, 8), 1.0),
-                                start, model.get_weights(), inv.AttackConfig(iterations=150))
-        results[noise] = inv.match_and_score(rec, images[..., 0], labels)[1]
-    assert results[0.0]["correlation"] > 0.1
-    assert abs(results[10.0]["correlation"]) < 0.1
-    assert results[0.0]["correlation"] > results[10.0]["correlation"] + 0.1
+    settings = inv.ClientSettings(0.1, 1, 1, (8, 8, 8), 1.0)
+    attack = inv.AttackConfig(iterations=150)
+    clean, _, _ = inv.attack_simulated(config, settings, 0.0, attack, seed=0)
+    prior = clean["baseline"]
+    assert clean["psnr"] > prior["psnr"] + 1.0
+    assert clean["ssim"] > prior["ssim"] + 0.2
+    assert clean["mask_dice"] > prior["mask_dice"] + 0.15
+    assert clean["recognisable"]
+    noisy, _, _ = inv.attack_simulated(config, settings, 5.0, attack, seed=0)
+    assert noisy["ssim"] < noisy["baseline"]["ssim"]
+    assert abs(noisy["correlation"]) < 0.1
+    assert not noisy["recognisable"]
 
 
 def _cli(args: list[str]):

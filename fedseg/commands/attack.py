@@ -38,9 +38,9 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 _model_options = [
     click.option("--levels", type=int, default=2, show_default=True, help="U-Net levels."),
-    click.option("--base-filters", type=int, default=4, show_default=True,
+    click.option("--base-filters", type=int, default=8, show_default=True,
                  help="U-Net channels at the first level."),
-    click.option("--iterations", type=int, default=200, show_default=True,
+    click.option("--iterations", type=int, default=150, show_default=True,
                  help="Attack optimisation steps."),
     click.option("--tv-weight", type=float, default=1e-2, show_default=True,
                  help="Total-variation prior weight."),
@@ -75,7 +75,7 @@ def attack() -> None:
 @click.option("--batch", "batch_size", type=int, default=1, show_default=True,
               help="Client batch size (patches per step).")
 @click.option("--local-steps", type=int, default=1, show_default=True)
-@click.option("--patch", type=int, default=16, show_default=True, help="Cubic patch side.")
+@click.option("--patch", type=int, default=8, show_default=True, help="Cubic patch side.")
 @click.option("--noise", "noise_multiplier", type=float, default=0.0, show_default=True,
               help="DP noise multiplier of the simulated client.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd",
@@ -128,7 +128,7 @@ def invert(levels: int, base_filters: int, iterations: int, tv_weight: float,
 
 @attack.command()
 @_with_model_options
-@click.option("--patch", type=int, default=16, show_default=True, help="Cubic patch side.")
+@click.option("--patch", type=int, default=8, show_default=True, help="Cubic patch side.")
 @click.option("--batch-sizes", default="1,2,4", show_default=True,
               help="Batch sizes (1 local step, no noise); the full grid is 1,2,4,8.")
 @click.option("--local-steps", "local_steps_text", default="1,5", show_default=True,
