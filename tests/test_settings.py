@@ -57,3 +57,16 @@ def test_server_overrides(tmp_path: Path) -> None:
     assert base.privacy.enabled is True  # the clinic's own settings are not mutated
     with pytest.raises(FedsegError, match="batch_size must be >= 1"):
         with_server_overrides(base, {"batch_size": 0})
+
+
+@pytest.mark.parametrize(("value", "ok"), [([-1000, 1000], True), ([500, -500], False),
+                                          ([1, 2, 3], False)])
+def test_hu_window(tmp_path: Path, value: list[int], ok: bool) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"training:\n  hu_window: {value}\n")
+    env = {"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(tmp_path)}
+    if ok:
+        assert load_settings(env).training.hu_window == (-1000.0, 1000.0)
+    else:
+        with pytest.raises(FedsegError, match="hu_window"):
+            load_settings(env)

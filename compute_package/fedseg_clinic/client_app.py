@@ -199,7 +199,8 @@ class ClinicApp:
         apply_weights(self.model, weights, "global model")
         noise_seed, sampling_seed = self._round_seeds(settings, round_index)
         trainer = self._get_trainer(settings, noise_seed)
-        sampler = PatchSampler(patch, foreground_fraction=t.foreground_fraction)
+        sampler = PatchSampler(patch, foreground_fraction=t.foreground_fraction,
+                               hu_clip=t.hu_window)
         rng = np.random.default_rng(sampling_seed)
         losses: list[float] = []
         for _ in range(t.local_steps):
@@ -250,9 +251,10 @@ class ClinicApp:
 
     def predict_case(self, case: Case, settings: ClinicSettings | None = None) -> np.ndarray:
         """Class probabilities (z, y, x, C) of a whole case by sliding-window inference."""
-        v = (settings or self.settings).validation
+        resolved = settings or self.settings
+        v = resolved.validation
         patch = check_patch_size(self.model_config, v.patch_size)
-        image = normalise_hu(case.image, case.meta.hu_clip)
+        image = normalise_hu(case.image, resolved.training.hu_window)
         return sliding_window_predict(self.model, image, patch, overlap=v.overlap,
                                       batch_size=v.batch_size)
 

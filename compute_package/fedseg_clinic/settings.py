@@ -43,6 +43,10 @@ class TrainingSettings:
         batch_size: expected number of patients per step (Poisson sampling, q = B / N).
         patch_size: (z, y, x) voxels of the random crop taken from each sampled patient.
         foreground_fraction: share of patches centred on a labelled organ voxel.
+        hu_window: (low, high) HU mapped linearly onto [-1, 1] as the network's input
+            (values outside are clipped). The default covers lung to bone while keeping
+            soft-tissue contrast; the stored cases' wider clip window (-1024..3071)
+            would squeeze fat, muscle and contrast blood into a few percent of the range.
         seed: base seed; each round's randomness derives from it and the round count.
     """
 
@@ -52,6 +56,7 @@ class TrainingSettings:
     batch_size: int = 2
     patch_size: tuple[int, int, int] = (32, 32, 32)
     foreground_fraction: float = 0.5
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
     seed: int = 0
 
 
@@ -140,6 +145,11 @@ def _coerce(section: str, name: str, value: Any, where: str) -> Any:
     field_type = {f.name: f.type for f in dataclasses.fields(_SECTIONS[section])}[name]
     label = f"{where}: {section}.{name}={value!r}"
     try:
+        if "tuple[float, float]" in str(field_type):
+            pair = tuple(float(v) for v in value)
+            if len(pair) != 2 or not pair[0] < pair[1]:
+                raise ValueError
+            return pair
         if "tuple" in str(field_type):
             if isinstance(value, int | float):
                 value = [value] * 3
