@@ -392,12 +392,19 @@ def baseline_runs(sweep: Sweep, point: SweepRun) -> list[SweepRun]:
     client_axes = tuple(a for a in AXES if a not in SERVER_AXES)
     params = {a: v for a, v in point.params.items() if a in client_axes}
     stem = point_name(params, client_axes) or sweep.base.name
-    raw = dict(point.experiment.raw)
-    raw["name"] = stem
-    raw["sweep"] = {**raw["sweep"], "point": stem, "params": params}
-    exp = dataclasses.replace(point.experiment, name=stem, raw=raw)
-    return [SweepRun(f"{stem}-{kind}", kind, params, exp, point.noise_multiplier)
-            for kind in sweep.baselines]
+    runs = []
+    for kind in sweep.baselines:
+        section = {**point.experiment.raw["sweep"], "point": stem, "params": params}
+        if kind == "pooled":
+            # The noise was calibrated for the clinics' N; the pooled N spends less, so
+            # the analysis should take the pooled run's own (final) epsilon instead.
+            # (find_key searches every depth: params may not hold it either.)
+            section["clinic_target_epsilon"] = section.pop("target_epsilon")
+            section["params"] = {a: v for a, v in params.items() if a != "target_epsilon"}
+        raw = {**point.experiment.raw, "name": stem, "sweep": section}
+        exp = dataclasses.replace(point.experiment, name=stem, raw=raw)
+        runs.append(SweepRun(f"{stem}-{kind}", kind, params, exp, point.noise_multiplier))
+    return runs
 
 
 def plan_runs(sweep: Sweep, data: dict[str, Path] | None) -> list[SweepRun]:

@@ -176,6 +176,10 @@ def test_run_sweep_resumes_and_indexes(tmp_path: Path) -> None:
     # The analysis finds the sweep's target epsilon in run.json config.
     assert run_epsilon(load_run(runs_dir / "sw" / "eps3-fedavg")) == 3.0
     assert run_epsilon(load_run(runs_dir / "sw" / "epsinf-fedavg")) is None
+    # The pooled baseline's epsilon is its own (the fake logged 2.5), not the clinics' target.
+    pooled_config = json.loads((runs_dir / "sw" / "eps3-pooled" / "run.json").read_text())
+    assert pooled_config["config"]["sweep"]["clinic_target_epsilon"] == 3.0
+    assert run_epsilon(load_run(runs_dir / "sw" / "eps3-pooled")) == 2.5
 
 
 def test_dry_run_plans_only(tmp_path: Path) -> None:
