@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.orchestration.experiment import Experiment
+from fedseg.orchestration.experiment import DEFAULT_APP, Experiment
 from fedseg.orchestration.round_log import (
     GLOBAL,
     MODELS_DIR,
@@ -210,6 +210,9 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
     if app_factory is None:
         from fedseg_clinic.client_app import ClinicApp
 
+        if exp.clients.app != DEFAULT_APP:
+            raise FedsegError(f"{exp.source or exp.name}: clients.app: baselines train with "
+                              f"the clinic app ClinicApp, not {exp.clients.app}")
         app_factory = ClinicApp
     say = progress or (lambda _line: None)
     run_dir = Path(runs_dir).resolve() / baseline_name(exp, kind)

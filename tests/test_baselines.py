@@ -134,6 +134,15 @@ def test_unknown_kind(tmp_path: Path, kind: str) -> None:
     assert not (tmp_path / baseline_name(exp, kind)).exists()
 
 
+def test_other_clinic_app_refused(tmp_path: Path) -> None:
+    doc = tiny_doc()
+    doc["clients"] = {"app": "toy_clinic_app:ToyApp.from_environment"}
+    exp = parse_experiment(doc, source="tiny")
+    with pytest.raises(FedsegError, match=r"clients\.app: baselines train with"):
+        run_baseline(exp, "pooled", tmp_path)
+    assert not (tmp_path / "tiny-pooled").exists()
+
+
 def test_existing_run_folder_refused(tmp_path: Path) -> None:
     exp = parse_experiment(tiny_doc(), source="tiny")
     (tmp_path / "tiny-local").mkdir()
