@@ -23,6 +23,11 @@ step (the attacker's best case; the real ClinicApp draws new patches every step,
 only makes the attack harder). Labels are soft (logits -> softmax over the 7 classes) and
 all classes are assumed labelled (the phantoms contour every organ).
 
+The first GroupNormalization removes each channel's offset and scale, so the update says
+almost nothing about a patch's absolute intensity. The attacker therefore starts from its
+prior (the mean patch and label frequencies of other patients' patches) and gives the
+result the prior's mean and standard deviation.
+
 Quality of a reconstruction: PSNR and 3D SSIM of the CT patch (data range 2: patches are
 HU windows mapped to [-1, 1]), mean organ Dice of argmax(soft masks) vs the true label
 map, after matching reconstructed to true patches by the best pairing (Hungarian
@@ -313,7 +318,7 @@ def invert_update(
         prior: optional (images, labels) patches of other patients: the dummy data
             start from their mean patch and most common labels, and the result gets
             their mean and standard deviation (the update is blind to a patch's
-            intensity offset and scale, see the module docstring of the study section).
+            intensity offset and scale, see the module docstring).
 
     Returns:
         The reconstruction in the attacker's order (see :func:`match_and_score`).
