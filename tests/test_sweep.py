@@ -109,6 +109,7 @@ def test_plan_noise_meets_target_at_every_clinic(tmp_path: Path) -> None:
         assert compute_epsilon(n, 2, steps, sigma, 1 / (10 * n)).epsilon <= target + 1e-9
 
 
+@pytest.mark.slow  # noise calibration takes seconds per clinic size
 def test_target_epsilon_in_config(tmp_path: Path) -> None:
     sweep = load_sweep(_sweep(tmp_path, {"target_epsilon": [3, "inf"]}))
     runs = plan_runs(sweep, None)
@@ -149,6 +150,7 @@ class FakeRunner:
         return self._write(f"{exp.name}-{kind}", kind, exp, runs_dir)
 
 
+@pytest.mark.slow  # noise calibration takes seconds per clinic size
 def test_run_sweep_resumes_and_indexes(tmp_path: Path) -> None:
     sweep = load_sweep(_sweep(tmp_path, {"target_epsilon": [3, "inf"],
                                          "aggregator": ["fedavg", "fedopt"]},
@@ -231,6 +233,7 @@ def test_cli_bad_sweep_one_line(tmp_path: Path) -> None:
     assert result.output.count("\n") == 1 and "grid.local_steps" in result.output
 
 
+@pytest.mark.slow  # noise calibration takes seconds per clinic size
 def test_cli_dry_run_lists_runs(tmp_path: Path) -> None:
     from fedseg.cli import cli
 
