@@ -282,3 +282,9 @@ def test_real_tiny_sweep_through_fedn(tmp_path: Path) -> None:
     assert any(line.startswith("round 2/2") for line in lines)
     again = run_sweep(sweep, tmp_path / "runs")
     assert again.statuses == {"ls2": "skipped"}
+
+
+def test_shipped_sweep_example_loads(repo_root: Path) -> None:
+    sweep = load_sweep(repo_root / "experiments" / "sweeps" / "sweep-epsilon.yaml")
+    assert sweep.base.name == "fedavg-dp-budget" and sweep.baselines == ("pooled", "local")
+    assert len(expand_grid(sweep)) == 4
