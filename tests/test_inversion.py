@@ -178,3 +178,20 @@ def test_invert_cli_stored_round_and_simulate(tmp_path, batch) -> None:
     data = json.loads((out / "results.json").read_text())
     assert len(data["psnr_per_example"]) == 2 and "baseline" in data
     assert "PSNR" in result.output
+
+
+@pytest.mark.slow
+def test_study_cli_small_grid(tmp_path) -> None:
+    import json
+
+    out = tmp_path / "study"
+    result = _cli(["attack", "study", "--out", str(out), "--batch-sizes", "1",
+                   "--local-steps", "1", "--epsilons", "8", "--iterations", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "study.json").read_text())
+    sigmas = [r["noise_multiplier"] for r in data["rows"]]
+    assert sigmas[0] == 0.0 and sigmas[1] == pytest.approx(data["sigma_for_epsilon"]["8.0"])
+    assert 0.3 < sigmas[1] < 1.0  # eps 8 over N=100, B=4, T=100, delta 1e-3: ~0.54
+    assert (out / "report.html").exists() and (out / "study_noise_multiplier.png").exists()
+    bad = _cli(["attack", "study", "--out", str(tmp_path / "bad"), "--batch-sizes", "0"])
+    assert bad.exit_code == 1 and "--batch-sizes" in bad.output
