@@ -637,11 +637,14 @@ class StudyGrid:
             besides sigma = 0.
         schedule: (patients N, expected batch B, total steps T, delta) the noise is
             calibrated for with accounting.calibrate_noise.
+        sigmas: further noise multipliers below the calibrated ones (batch 1, 1 step),
+            to locate where reconstructions stop being recognisable.
     """
 
     batch_sizes: tuple[int, ...] = (1, 2, 4)
     local_steps: tuple[int, ...] = (1, 5)
     epsilons: tuple[float, ...] = (8.0, 4.0, 1.0)
+    sigmas: tuple[float, ...] = (0.001, 0.01, 0.1)
     schedule: tuple[int, int, int, float] = (100, 4, 100, 1e-3)
 
 
@@ -663,6 +666,8 @@ def run_study(config: UNetConfig, grid: StudyGrid, attack: AttackConfig, patch: 
     for steps in grid.local_steps:
         if steps != 1:
             points.append((1, steps, 0.0, None))
+    for sigma in sorted(grid.sigmas):
+        points.append((1, 1, sigma, None))
     for eps in sorted(grid.epsilons, reverse=True):
         points.append((1, 1, sigmas[eps], eps))
     rows = []

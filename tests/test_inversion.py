@@ -186,7 +186,8 @@ def test_study_cli_small_grid(tmp_path) -> None:
 
     out = tmp_path / "study"
     result = _cli(["attack", "study", "--out", str(out), "--batch-sizes", "1",
-                   "--local-steps", "1", "--epsilons", "8", "--iterations", "2"])
+                   "--local-steps", "1", "--epsilons", "8", "--sigmas", "",
+                   "--iterations", "2"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "study.json").read_text())
     sigmas = [r["noise_multiplier"] for r in data["rows"]]

@@ -135,9 +135,11 @@ def invert(levels: int, base_filters: int, iterations: int, tv_weight: float,
               help="Local steps (batch 1, no noise); the full grid is 1,5,20.")
 @click.option("--epsilons", default="8,4,1", show_default=True,
               help="Target epsilons whose calibrated sigma is tried (batch 1, 1 step).")
+@click.option("--sigmas", default="0.001,0.01,0.1", show_default=True,
+              help="Further noise multipliers tried (batch 1, 1 step); '' for none.")
 def study(levels: int, base_filters: int, iterations: int, tv_weight: float,
           learning_rate: float, l2_norm_clip: float, seed: int, out: Path, patch: int,
-          batch_sizes: str, local_steps_text: str, epsilons: str) -> None:
+          batch_sizes: str, local_steps_text: str, epsilons: str, sigmas: str) -> None:
     """Reconstruction quality vs batch size, local steps and DP noise."""
     from fedseg.analysis import inversion as inv
     from fedseg.analysis import leakage_report as lr
@@ -147,7 +149,8 @@ def study(levels: int, base_filters: int, iterations: int, tv_weight: float,
         raise FedsegError("study: --clip must be > 0 (the noise is relative to it)")
     grid = inv.StudyGrid(batch_sizes=_ints(batch_sizes, "--batch-sizes"),
                          local_steps=_ints(local_steps_text, "--local-steps"),
-                         epsilons=_floats(epsilons, "--epsilons"))
+                         epsilons=_floats(epsilons, "--epsilons"),
+                         sigmas=_floats(sigmas, "--sigmas"))
     result = inv.run_study(UNetConfig(levels=levels, base_filters=base_filters), grid,
                            inv.AttackConfig(iterations=iterations, tv_weight=tv_weight,
                                             seed=seed),
