@@ -351,20 +351,29 @@ def load_experiment(path: Path) -> Experiment:
         FedsegError: unreadable file, bad YAML, or a bad key (named with the file).
     """
     path = Path(path).expanduser().resolve()
+    return parse_experiment(read_yaml(path, "experiment file"), str(path), path.parent)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file; a missing, unreadable or invalid file is a one-line FedsegError.
+
+    Args:
+        path: The file (already resolved).
+        what: How to name it in the error ("experiment file", "sweep file").
+    """
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise FedsegError(f"{path}: experiment file not found") from None
+        raise FedsegError(f"{path}: {what} not found") from None
     except OSError as exc:
         raise FedsegError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise FedsegError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
                           ) from None
-    return parse_experiment(raw, str(path), path.parent)
 
 
 def with_overrides(exp: Experiment, **changes: Any) -> Experiment:

@@ -43,13 +43,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedseg.orchestration.experiment import (
     AGGREGATORS,
     Experiment,
     load_experiment,
     parse_experiment,
+    read_yaml,
 )
 from fedseg.orchestration.round_log import RUN_NAME, read_run_info
 from fedseg_clinic.case_format import atomic_write_text
@@ -206,20 +205,7 @@ def load_sweep(path: Path) -> Sweep:
         FedsegError: unreadable file, bad YAML, or a bad key, named with the file.
     """
     path = Path(path).expanduser().resolve()
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FedsegError(f"{path}: sweep file not found") from None
-    except OSError as exc:
-        raise FedsegError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise FedsegError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
-                          ) from None
-    return parse_sweep(raw, str(path), path.parent)
+    return parse_sweep(read_yaml(path, "sweep file"), str(path), path.parent)
 
 
 # -- grid -------------------------------------------------------------------------------
