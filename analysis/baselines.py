@@ -27,7 +27,6 @@ settings/, clients/<name>/state (privacy ledgers), data/ (generated phantoms).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import math
 import os
@@ -48,9 +47,11 @@ from fedseg.orchestration.round_log import (
     write_run_info,
 )
 from fedseg.orchestration.runner import (
+    format_metric,
     package_versions,
     prepare_data,
     resolve_callable,
+    utc_now_iso,
     write_clinic_settings,
 )
 from fedseg_clinic.case_format import Manifest, read_manifest, write_manifest
@@ -169,16 +170,6 @@ def _as_float(value: Any) -> float:
         return math.nan
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def _now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
 def _save_model(weights: list[np.ndarray], path: Path) -> None:
     from fedseg_clinic.weights import save_weights_npz
 
@@ -225,7 +216,7 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
     rounds = exp.session.rounds
     info: dict[str, Any] = {
         "name": run_dir.name, "kind": kind, "experiment": exp.name, "seed": exp.seed,
-        "status": "starting", "started_at": _now_iso(),
+        "status": "starting", "started_at": utc_now_iso(),
         "experiment_file": str(exp.source) if exp.source else None, "config": exp.raw,
         "versions": package_versions(), "timings": {}, "failures": [], "rounds_done": 0,
     }
@@ -289,7 +280,7 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
         raise
     finally:
         timings["total_seconds"] = round(time.monotonic() - t_start, 3)
-        info["finished_at"] = _now_iso()
+        info["finished_at"] = utc_now_iso()
         write_run_info(run_dir, info)
     return BaselineResult(run_dir=run_dir, kind=kind, status=info["status"],
                           rounds_done=info["rounds_done"], failures=info["failures"])
@@ -353,7 +344,7 @@ def _block_line(k: int, rounds: int, kind: str, trainers: dict[str, Any],
     """"block 2/5  clinic-1 dice 0.41  clinic-2 dice 0.38  pooled eps 1.20  12.3 s"."""
     parts = [f"block {k}/{rounds}"]
     for name in validations or trainers:
-        text = f"{name} dice {_fmt(validations.get(name, {}).get('val_dice_mean'))}"
+        text = f"{name} dice {format_metric(validations.get(name, {}).get('val_dice_mean'))}"
         if kind == "local":
             text += _eps_text(name, train_meta)
         parts.append(text)
@@ -368,4 +359,4 @@ def _eps_text(name: str, train_meta: dict[str, dict[str, float]]) -> str:
     if meta is None:
         return " FAILED"
     eps = meta.get("epsilon", math.nan)
-    return f" eps {_fmt(eps)}" if math.isfinite(eps) else " eps inf"
+    return f" eps {format_metric(eps)}" if math.isfinite(eps) else " eps inf"

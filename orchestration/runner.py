@@ -222,21 +222,23 @@ class RoundReporter:
             if row.get("train_failed", 0.0) >= 1.0:
                 parts.append(f"{client} FAILED")
                 continue
-            text = f"{client} dice {_fmt(row.get('val_dice_mean'))}"
+            text = f"{client} dice {format_metric(row.get('val_dice_mean'))}"
             if "epsilon" in row:
-                text += f" eps {_fmt(row['epsilon'], 2)}"
+                text += f" eps {format_metric(row['epsilon'], 2)}"
             parts.append(text)
-        parts.append(f"{_fmt(info.seconds, 1)} s")
+        parts.append(f"{format_metric(info.seconds, 1)} s")
         return "  ".join(parts)
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
+def format_metric(value: float | None, digits: int = 2) -> str:
+    """A metric for a progress line: fixed digits, "-" when missing or NaN."""
     if value is None or math.isnan(value):
         return "-"
     return f"{value:.{digits}f}"
 
 
-def _now_iso() -> str:
+def utc_now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second (run.json timestamps)."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
@@ -273,7 +275,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         _clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
-        "name": exp.name, "seed": exp.seed, "status": "starting", "started_at": _now_iso(),
+        "name": exp.name, "seed": exp.seed, "status": "starting", "started_at": utc_now_iso(),
         "experiment_file": str(exp.source) if exp.source else None, "config": exp.raw,
         "versions": package_versions(), "timings": {}, "model_ids": {}, "failures": [],
     }
@@ -369,7 +371,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             _cleanup(reporter, info, run_dir, clients_started, own_network_root)
         finally:
             timings["total_seconds"] = round(time.monotonic() - t_start, 3)
-            info["finished_at"] = _now_iso()
+            info["finished_at"] = utc_now_iso()
             write_run_info(run_dir, info)
             _restore_sigint(previous)
     return RunResult(run_dir=run_dir, status=info["status"],
