@@ -1,0 +1,108 @@
+"""`fedseg analyze` on a real federated run: real FEDn processes, ClinicApp, DP-SGD.
+
+One short run (2 tiny phantom clinics, a levels-2 base-4 U-Net, 2 rounds) on its own
+network, then analysis.report.write_report over its run folder. The shape follows
+tests/test_run_e2e.py::test_real_clinic_app_on_tiny_phantoms; that test's network is a
+module fixture of its own file, so this file starts its own (the run owns it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedseg.analysis.report import write_report
+from fedseg.orchestration.experiment import parse_experiment
+from fedseg.orchestration.runner import RunResult, run_experiment
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = ("clinic-1", "clinic-2")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tiny_real_doc() -> dict[str, Any]:
+    return {
+        "name": "tiny-real-report", "seed": 5,
+        "data": {"phantoms": {"preset": "non-iid", "clinics": len(CLIENTS),
+                              "options": {"patients": 3, "size": 32}}},
+        "model": {"levels": 2, "base_filters": 4, "groups": 2},
+        "clinic": {
+            "training": {"learning_rate": 0.003, "local_steps": 2, "batch_size": 2,
+                         "patch_size": [16, 16, 16]},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
+            "validation": {"patch_size": [16, 16, 16], "overlap": 0.0, "batch_size": 4},
+        },
+        "session": {"rounds": 2, "round_timeout": 300, "min_clients": 2},
+        "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+                            "TF_CPP_MIN_LOG_LEVEL": "2"}},
+        "network": {"api_port": _free_port(), "s3_port": _free_port(),
+                    "combiners": [{"name": "combiner-1", "port": _free_port()}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    """One real 2-round run, shared by the tests of this file."""
+    runs = tmp_path_factory.mktemp("runs")
+    exp = parse_experiment(_tiny_real_doc(), source="test_report_real_run")
+    return run_experiment(exp, runs)
+
+
+@pytest.fixture(scope="module")
+def report(real_run: RunResult, tmp_path_factory: pytest.TempPathFactory
+           ) -> tuple[Path, dict[str, Any]]:
+    """write_report over the real run: (report folder, parsed summary.json)."""
+    out = tmp_path_factory.mktemp("report")
+    files = write_report([real_run.run_dir], out)
+    assert files.summary.parent == out
+    return out, json.loads(files.summary.read_text())
+
+
+def test_the_real_run_finishes_cleanly(real_run: RunResult) -> None:
+    assert real_run.status == "finished", real_run
+    assert real_run.failures == []
+    assert real_run.rounds_done == 2
+
+
+def test_report_html_embeds_its_figures(report: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = report
+    page = (out / "report.html").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert pngs, "no figure files written beside the report"
+    # Figures are inline data URIs: one <img> per PNG written beside the page.
+    assert page.count('src="data:image/png;base64,') == len(pngs)
+    assert "tiny-real-report" in page
+
+
+def test_summary_has_the_run_with_two_rounds(report: tuple[Path, dict[str, Any]]) -> None:
+    _, data = report
+    assert [r["name"] for r in data["runs"]] == ["tiny-real-report"]
+    run = data["runs"][0]
+    assert (run["first_round"], run["last_round"], run["final_round"]) == (1, 2, 2)
+    assert sorted(run["clients"]) == list(CLIENTS)
+    assert run["missing_clients"] == {}
+
+
+def test_summary_final_dice_is_a_fraction(report: tuple[Path, dict[str, Any]]) -> None:
+    run = report[1]["runs"][0]
+    assert run["final_dice_mean"] is not None
+    assert 0.0 <= run["final_dice_mean"] <= 1.0
+    assert 0.0 <= run["best_dice_mean"] <= 1.0
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_summary_final_epsilon_is_finite_and_positive(
+        report: tuple[Path, dict[str, Any]], client: str) -> None:
+    eps = report[1]["runs"][0]["final_epsilon"][client]
+    assert eps is not None and math.isfinite(eps) and eps > 0
