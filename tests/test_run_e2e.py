@@ -266,7 +266,11 @@ def test_package_route_runs_the_compute_package_entry_points(tmp_path: Path,
     # tests/fednpkg_numpy: train adds "step" (default 1) to every weight; numpy only.
     path = _toy_experiment(tmp_path, "pkg", {"clinic-1": {}, "clinic-2": {}}, rounds=2,
                            package=str(TESTS / "fednpkg_numpy"), client_settings={},
-                           clients={"route": "package"})
+                           clients={"route": "package"},
+                           # A package-route client's first call extracts the package and
+                           # starts Python: on a loaded CI machine that can outlast 20 s,
+                           # and the round would then close without it.
+                           session={"rounds": 2, "round_timeout": 120, "min_clients": 2})
     result = run_experiment(load_experiment(path), tmp_path / "runs", network_root=network_root)
     assert result.status == "finished", result
     table = _client_rows(result.run_dir)
