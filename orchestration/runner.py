@@ -332,6 +332,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         handles = step("clients_up", lambda: clients_mod.clients_up(
             run_dir, specs, api_url=state.api_url, route=exp.clients.route,
             app=exp.clients.app, token=state.client_token, api_client=api,
+            combiner=[c.name for c in state.combiners] if len(state.combiners) > 1 else None,
             ready_timeout_s=ready_timeout_s))
         info["clients"] = {h.name: {"route": h.route, "data_dir": str(data_dirs[h.name]),
                                     "log": str(h.log), "folder": str(h.folder)}
