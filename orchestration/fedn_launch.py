@@ -36,6 +36,7 @@ def run_api(workers: int) -> None:
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.bind_api_server(HOST, workers)
+    fedn_compat.shorten_round_polling()
     from fedn.network.api import server
 
     fedn_compat.install_client_add_alias(server.app)
@@ -47,6 +48,7 @@ def run_combiner(name: str, port: int, max_clients: int) -> None:
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.bind_grpc_servers(HOST)
+    fedn_compat.shorten_round_polling()
     from fedn.cli import main as fedn_main
 
     fedn_main(args=["combiner", "start", "--name", name, "--host", HOST, "--port", str(port),

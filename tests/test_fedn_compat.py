@@ -288,3 +288,23 @@ def test_sync_combiner_registry_updates_ports_and_drops_stale(tmp_path: Path) ->
     # combiner-1 keeps its id with the new port; combiner-3 registers itself on start.
     assert rows == {"combiner-1": ("combiner-1-id", 2000)}
     assert fedn_compat.sync_combiner_registry(statestore, {}) == ["combiner-1"]
+
+
+def test_shorten_round_polling_scales_fedn_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedn.network.combiner import roundhandler
+    from fedn.network.controller import control
+
+    monkeypatch.setattr(roundhandler.RoundHandler, "run", roundhandler.RoundHandler.run)
+    monkeypatch.setattr(control, "wait_random", control.wait_random)
+    seen: list[float] = []
+
+    def fake_run(self: object, polling_interval: float = 1.0) -> None:
+        seen.append(polling_interval)
+
+    monkeypatch.setattr(roundhandler.RoundHandler, "run", fake_run)
+    fedn_compat.shorten_round_polling(0.1)
+    fedn_compat.shorten_round_polling(0.1)  # idempotent: wraps the original, not itself
+    roundhandler.RoundHandler.run(object())
+    assert seen == [pytest.approx(0.1)]
+    waits = [control.wait_random(min=1.0, max=2.0)(None) for _ in range(50)]
+    assert all(0.1 <= w <= 0.2 for w in waits)
