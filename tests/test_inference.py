@@ -111,3 +111,13 @@ def test_bad_arguments(pointwise_model: keras.Model, kwargs: dict, fragment: str
     args = {"image": np.zeros((8, 8, 8), np.float32), "patch_size": (8, 8, 8)} | kwargs
     with pytest.raises(FedsegError, match=fragment):
         sliding_window_predict(pointwise_model, **args)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_concurrent_windows_give_the_same_result(tiny_unet: keras.Model, workers: int) -> None:
+    rng = np.random.default_rng(5)
+    image = rng.uniform(-1, 1, (20, 24, 16)).astype(np.float32)
+    reference = sliding_window_predict(tiny_unet, image, (8, 8, 8), overlap=0.5, workers=2)
+    result = sliding_window_predict(tiny_unet, image, (8, 8, 8), overlap=0.5, workers=workers)
+    np.testing.assert_allclose(result, reference, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(result.sum(axis=-1), 1.0, rtol=1e-5)
