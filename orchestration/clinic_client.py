@@ -34,7 +34,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 TRAIN_FAILED = "FEDSEG_TRAIN_FAILED"
 VALIDATE_FAILED = "FEDSEG_VALIDATE_FAILED"
 TOKEN_ENV = "FEDSEG_CLIENT_TOKEN"
+KEEP_UPDATES_ENV = "FEDSEG_KEEP_UPDATES"
 _CLIENT_ID_NAMESPACE = uuid.UUID("6f1c1d3e-2b7a-4e43-9a51-6b0c1f1b2e70")
 
 
@@ -114,16 +115,23 @@ def _json_safe(metadata: dict[str, Any], where: str) -> dict[str, Any]:
 class CallbackAdapter:
     """Turns an app's numpy interface into FEDn's BytesIO callbacks."""
 
-    def __init__(self, app: ClientApp) -> None:
+    def __init__(self, app: ClientApp, keep_updates: Path | None = None) -> None:
         """Wrap ``app``.
 
         Args:
             app: The clinic app (train / validate on numpy weight lists).
+            keep_updates: Folder to keep every update this client sends (its weights as
+                ``update-<n>.npz`` and the training metadata as ``update-<n>.json``, n =
+                1, 2, ... per training call), for attacking real rounds with
+                ``fedseg attack invert``. None (the default) keeps nothing: an update
+                is exactly what DP protects, so keeping it is a research opt-in.
         """
         from fedn.utils.helpers.helpers import get_helper
 
         self.app = app
         self.helper = get_helper("numpyhelper")
+        self.keep_updates = keep_updates
+        self.trained = 0
 
     def train(self, in_model: io.BytesIO, client_settings: dict[str, Any]
               ) -> tuple[io.BytesIO, dict[str, Any]]:
@@ -137,7 +145,25 @@ class CallbackAdapter:
         out = io.BytesIO()
         self.helper.save([np.asarray(w) for w in new_weights], out)
         out.seek(0)
+        self.trained += 1
+        if self.keep_updates is not None:
+            self._keep(out.getvalue(), metadata, dict(client_settings or {}))
         return out, {"training_metadata": metadata}
+
+    def _keep(self, update: bytes, metadata: dict[str, Any], settings: dict[str, Any]) -> None:
+        """Write this call's update and its metadata atomically into keep_updates."""
+        assert self.keep_updates is not None
+        stem = self.keep_updates / f"update-{self.trained}"
+        self.keep_updates.mkdir(parents=True, exist_ok=True)
+        tmp = stem.with_suffix(".npz.tmp")
+        tmp.write_bytes(update)
+        os.replace(tmp, stem.with_suffix(".npz"))
+        record = {"call": self.trained, "training_metadata": metadata,
+                  "server_settings": {k: v for k, v in settings.items()
+                                      if isinstance(v, int | float | str | bool)}}
+        tmp = stem.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, stem.with_suffix(".json"))
 
     def validate(self, in_model: io.BytesIO) -> dict[str, Any]:
         """FEDn validate callback: model bytes -> flat metrics dict."""
@@ -238,6 +264,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def keep_updates_dir(environ: Mapping[str, str]) -> Path | None:
+    """``$FEDSEG_STATE_DIR/updates`` when ``$FEDSEG_KEEP_UPDATES`` is 1/true, else None."""
+    if environ.get(KEEP_UPDATES_ENV, "").lower() not in ("1", "true", "yes"):
+        return None
+    state = environ.get("FEDSEG_STATE_DIR")
+    if not state:
+        raise FedsegError(f"{KEEP_UPDATES_ENV} is set but FEDSEG_STATE_DIR is not")
+    return Path(state) / "updates"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the app, connect, serve rounds until killed."""
     args = _parse_args(argv)
@@ -250,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         tic = time.monotonic()
         app = factory()
         logger.info("app %s ready in %.1f s", args.app, time.monotonic() - tic)
-        adapter = CallbackAdapter(app)
+        adapter = CallbackAdapter(app, keep_updates_dir(os.environ))
         client = _make_fedn_client(adapter)
     except FedsegError as exc:
         print(f"clinic_client: error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -182,3 +183,26 @@ def test_cli_clients_down_and_status_with_nothing_recorded(tmp_path: Path) -> No
     assert _cli(["clients", "down", "--root", str(tmp_path)]) == (
         0, "stopped nothing (none running)\n")
     assert _cli(["clients", "status", "--root", str(tmp_path)]) == (0, "no clients recorded\n")
+
+
+def test_adapter_keeps_updates_only_when_asked(tmp_path: Path) -> None:
+    from fedn.utils.helpers.helpers import get_helper
+    from toy_clinic_app import ToyApp
+
+    from fedseg.orchestration.clinic_client import keep_updates_dir
+
+    assert keep_updates_dir({"FEDSEG_STATE_DIR": str(tmp_path)}) is None
+    folder = keep_updates_dir({"FEDSEG_KEEP_UPDATES": "1", "FEDSEG_STATE_DIR": str(tmp_path)})
+    assert folder == tmp_path / "updates"
+    with pytest.raises(FedsegError, match="FEDSEG_STATE_DIR"):
+        keep_updates_dir({"FEDSEG_KEEP_UPDATES": "true"})
+    adapter = CallbackAdapter(ToyApp("clinic-a"), keep_updates=folder)
+    for _ in range(2):
+        out, _meta = adapter.train(_npz([np.zeros(4)]), {"learning_rate": 0.1})
+    kept = get_helper("numpyhelper").load(folder / "update-2.npz")
+    np.testing.assert_array_equal(kept[0], get_helper("numpyhelper").load(out)[0])
+    record = json.loads((folder / "update-1.json").read_text())
+    assert record["call"] == 1 and record["server_settings"] == {"learning_rate": 0.1}
+    assert record["training_metadata"]["num_examples"] == 40
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "update-1.json", "update-1.npz", "update-2.json", "update-2.npz"]

@@ -227,7 +227,7 @@ def test_real_clinic_app_on_tiny_phantoms(tmp_path: Path, network_root: Path) ->
         },
         "session": {"rounds": 2, "round_timeout": 300, "min_clients": 2},
         "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
-                            "TF_CPP_MIN_LOG_LEVEL": "2"}},
+                            "TF_CPP_MIN_LOG_LEVEL": "2", "FEDSEG_KEEP_UPDATES": "1"}},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -247,6 +247,23 @@ def test_real_clinic_app_on_tiny_phantoms(tmp_path: Path, network_root: Path) ->
     settings = yaml.safe_load((result.run_dir / "settings" / "clinic-1.yaml").read_text())
     assert settings["model"]["base_filters"] == 4
     assert settings["training"]["seed"] == 5  # experiment seed + clinic index 0
+    # Kept updates (FEDSEG_KEEP_UPDATES) let the inversion attack target a real round.
+    updates = result.run_dir / "clients" / "clinic-1" / "state" / "updates"
+    record = json.loads((updates / "update-2.json").read_text())
+    assert record["training_metadata"]["local_steps"] == 2
+    from click.testing import CliRunner
+
+    from fedseg.cli import cli
+
+    answer = CliRunner().invoke(cli, [
+        "attack", "invert", "--levels", "2", "--base-filters", "4", "--groups", "2",
+        "--global-weights", str(result.run_dir / "models" / "round-1.npz"),
+        "--client-weights", str(updates / "update-2.npz"), "--batch", "2",
+        "--local-steps", "2", "--patch", "16", "--optimizer", "adam", "--lr", "0.003",
+        "--iterations", "3", "--out", str(tmp_path / "attack")])
+    assert answer.exit_code == 0, answer.output
+    attack = json.loads((tmp_path / "attack" / "results.json").read_text())
+    assert np.isfinite(attack["objective"])
 
 
 def test_auth_network_admits_callback_clients_with_their_token(tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ _model_options = [
     click.option("--levels", type=int, default=2, show_default=True, help="U-Net levels."),
     click.option("--base-filters", type=int, default=8, show_default=True,
                  help="U-Net channels at the first level."),
+    click.option("--groups", type=int, default=8, show_default=True,
+                 help="U-Net GroupNormalization groups (as in the attacked run's model)."),
     click.option("--iterations", type=int, default=150, show_default=True,
                  help="Attack optimisation steps."),
     click.option("--tv-weight", type=float, default=1e-2, show_default=True,
@@ -80,7 +82,7 @@ def attack() -> None:
               help="DP noise multiplier of the simulated client.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd",
               show_default=True)
-def invert(levels: int, base_filters: int, iterations: int, tv_weight: float,
+def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weight: float,
            learning_rate: float, l2_norm_clip: float, seed: int, out: Path, simulate: bool,
            global_weights: Path | None, client_weights: Path | None, batch_size: int,
            local_steps: int, patch: int, noise_multiplier: float, optimizer: str) -> None:
@@ -94,7 +96,7 @@ def invert(levels: int, base_filters: int, iterations: int, tv_weight: float,
     if simulate == stored or (stored and (global_weights is None or client_weights is None)):
         raise FedsegError("give either --simulate or both --global-weights and "
                           "--client-weights")
-    config = UNetConfig(levels=levels, base_filters=base_filters)
+    config = UNetConfig(levels=levels, base_filters=base_filters, groups=groups)
     settings = inv.ClientSettings(learning_rate, local_steps, batch_size, (patch,) * 3,
                                   l2_norm_clip or None, optimizer)
     attack_config = inv.AttackConfig(iterations=iterations, tv_weight=tv_weight, seed=seed)
@@ -137,7 +139,7 @@ def invert(levels: int, base_filters: int, iterations: int, tv_weight: float,
               help="Target epsilons whose calibrated sigma is tried (batch 1, 1 step).")
 @click.option("--sigmas", default="0.001,0.01,0.1", show_default=True,
               help="Further noise multipliers tried (batch 1, 1 step); '' for none.")
-def study(levels: int, base_filters: int, iterations: int, tv_weight: float,
+def study(levels: int, base_filters: int, groups: int, iterations: int, tv_weight: float,
           learning_rate: float, l2_norm_clip: float, seed: int, out: Path, patch: int,
           batch_sizes: str, local_steps_text: str, epsilons: str, sigmas: str) -> None:
     """Reconstruction quality vs batch size, local steps and DP noise."""
@@ -151,7 +153,8 @@ def study(levels: int, base_filters: int, iterations: int, tv_weight: float,
                          local_steps=_ints(local_steps_text, "--local-steps"),
                          epsilons=_floats(epsilons, "--epsilons"),
                          sigmas=_floats(sigmas, "--sigmas"))
-    result = inv.run_study(UNetConfig(levels=levels, base_filters=base_filters), grid,
+    result = inv.run_study(UNetConfig(levels=levels, base_filters=base_filters, groups=groups),
+                           grid,
                            inv.AttackConfig(iterations=iterations, tv_weight=tv_weight,
                                             seed=seed),
                            patch, learning_rate, l2_norm_clip, seed)
