@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -236,14 +236,12 @@ def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "ca
 
 def clients_up(root: Path, specs: list[ClientSpec], *, api_url: str,
                route: str = "callback", app: str, token: str | None = None,
-               combiner: str | Sequence[str] | None = None, ready_timeout_s: float = 120.0,
+               combiner: str | None = None, ready_timeout_s: float = 120.0,
                api_client: Any = None) -> list[ClientHandle]:
     """Start all clients, then wait until each is connected.
 
     "Connected" is the client's ready file (callback route) and, when ``api_client``
-    is given, the API listing the client as online (both routes). ``combiner`` is one
-    preferred combiner for all, or a list that the clients are split across in turn
-    (client i prefers ``combiner[i % len(combiner)]``: hierarchical FEDn).
+    is given, the API listing the client as online (both routes).
 
     Raises:
         FedsegError: a name twice, a client that exits while starting (the message holds
@@ -260,11 +258,9 @@ def clients_up(root: Path, specs: list[ClientSpec], *, api_url: str,
                           "stop them first (fedseg clients down)")
     handles: list[ClientHandle] = []
     try:
-        for i, spec in enumerate(specs):
-            preferred = (combiner if combiner is None or isinstance(combiner, str)
-                         else combiner[i % len(combiner)])
+        for spec in specs:
             handles.append(start_client(root, spec, api_url=api_url, route=route, app=app,
-                                        token=token, combiner=preferred))
+                                        token=token, combiner=combiner))
         wait_connected(handles, ready_timeout_s, api_client)
     except BaseException:
         stop_clients(root, [h.name for h in handles])

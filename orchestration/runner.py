@@ -332,13 +332,20 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         handles = step("clients_up", lambda: clients_mod.clients_up(
             run_dir, specs, api_url=state.api_url, route=exp.clients.route,
             app=exp.clients.app, token=state.client_token, api_client=api,
-            combiner=[c.name for c in state.combiners] if len(state.combiners) > 1 else None,
             ready_timeout_s=ready_timeout_s))
         info["clients"] = {h.name: {"route": h.route, "data_dir": str(data_dirs[h.name]),
                                     "log": str(h.log), "folder": str(h.folder)}
                            for h in handles}
-        settings_by_round = ([exp.settings_for_round(k) for k in range(1, exp.session.rounds + 1)]
-                             if exp.client_settings else None)
+        if exp.client_settings:
+            settings_by_round = [exp.settings_for_round(k)
+                                 for k in range(1, exp.session.rounds + 1)]
+        elif state.hooks_host:
+            # A hooks service keeps the last session's ServerFunctions and the combiner
+            # asks it every round: without a fresh, empty one, this session's clients
+            # would get the previous session's settings.
+            settings_by_round = [{} for _ in range(exp.session.rounds)]
+        else:
+            settings_by_round = None
         session_id = session.start_session(api, exp.session, seed_id, exp.name,
                                            settings_by_round, n_clients=len(names))
         info["session_id"] = session_id

@@ -301,30 +301,24 @@ def test_package_route_runs_the_compute_package_entry_points(tmp_path: Path,
     assert (work / "fedn.yaml").is_file()
 
 
-@pytest.mark.parametrize("store", ["postgres-managed", "sqlite-two-combiners"])
-def test_round_log_on_postgres_and_on_two_combiners(tmp_path: Path, store: str) -> None:
-    """The same run and round log against managed PostgreSQL, and split over 2 combiners."""
+def test_round_log_on_managed_postgres(tmp_path: Path) -> None:
+    """The same run and round log against a managed PostgreSQL state store."""
     import shutil
     import tempfile
 
     from fedseg.orchestration.stores import find_postgres_bindir
 
-    network = _network_keys()
+    if find_postgres_bindir() is None:
+        pytest.skip("PostgreSQL's initdb/postgres are not installed")
+    network = {**_network_keys(), "statestore": "postgres-managed",
+               "postgres_port": _free_port()}
     session = {"rounds": 2, "round_timeout": 60, "min_clients": 1}
-    if store == "postgres-managed":
-        if find_postgres_bindir() is None:
-            pytest.skip("PostgreSQL's initdb/postgres are not installed")
-        network.update(statestore="postgres-managed", postgres_port=_free_port())
-        # The postgres user must be able to enter the run folder (pytest's tmp is 0700).
-        base = Path(tempfile.mkdtemp(prefix="fedseg-e2e-pg-", dir="/tmp"))
-        os.chmod(base, 0o755)
-    else:
-        network["combiners"] = [{"name": "combiner-1", "port": _free_port()},
-                                {"name": "combiner-2", "port": _free_port()}]
-        base = tmp_path
+    # The postgres user must be able to enter the run folder (pytest's tmp is 0700).
+    base = Path(tempfile.mkdtemp(prefix="fedseg-e2e-pg-", dir="/tmp"))
+    os.chmod(base, 0o755)
     try:
         names = {"clinic-1": {}, "clinic-2": {}}
-        path = _toy_experiment(base / "exp", store, names, network=network, session=session)
+        path = _toy_experiment(base / "exp", "pg", names, network=network, session=session)
         result = run_experiment(load_experiment(path), base / "runs")
         assert result.status == "finished", result
         table = _client_rows(result.run_dir)
@@ -336,16 +330,5 @@ def test_round_log_on_postgres_and_on_two_combiners(tmp_path: Path, store: str) 
                 assert 0 < table[(k, client)]["val_dice_mean"] <= 1
         info = read_run_info(result.run_dir)
         assert info["status"] == "finished" and info["network"]["owned"] is True
-        if store != "postgres-managed":
-            # Each client's ready file names the combiner it is attached to: one each.
-            attached = {json.loads(p.read_text()).get("combiner")
-                        for p in (result.run_dir / "clients").glob("*/ready.json")}
-            ports = {f"127.0.0.1:{c['port']}" for c in network["combiners"]}
-            assert attached == ports
-            logs = [(result.run_dir / "network" / "logs" / f"combiner-{i}.log")
-                    for i in (1, 2)]
-            for log in logs:
-                assert log.is_file()
     finally:
-        if base != tmp_path:
-            shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
