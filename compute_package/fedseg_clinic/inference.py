@@ -188,7 +188,9 @@ def predict_labels(
     overlap: float = 0.5,
     blend: str = "gaussian",
     batch_size: int = 2,
+    workers: int = 2,
 ) -> np.ndarray:
     """Argmax label map (uint8 (z, y, x)) of :func:`sliding_window_predict`."""
-    probs = sliding_window_predict(model, image, patch_size, overlap, blend, batch_size)
+    probs = sliding_window_predict(model, image, patch_size, overlap, blend, batch_size,
+                                   workers)
     return np.argmax(probs, axis=-1).astype(np.uint8)
