@@ -9,19 +9,23 @@ update ``w1 - w0``:
 
     minimise  1 - cos(simulated update, real update) + tv_weight * TV(x)
 
-The simulated client repeats the real one: ``local_steps`` unrolled steps of SGD (or Adam)
-on the same batch, each with per-example gradients clipped to ``l2_norm_clip`` and summed,
-divided by the expected batch size, exactly as :class:`fedseg_clinic.dp_sgd.DPTrainer`
-does (the attacker does not know the DP noise and leaves it out: the noise is the
-defence). The gradient of the objective flows through the simulated steps (second order,
-nested ``tf.GradientTape``), so the U-Net's forward pass is written here as a pure
-function of a weight dict (:func:`unet_forward`), checked against the Keras model in the
-tests.
+The simulated client repeats the real one: ``local_steps`` unrolled steps of SGD (or Adam),
+each with per-example gradients clipped to ``l2_norm_clip`` and summed, divided by the
+expected batch size, exactly as :class:`fedseg_clinic.dp_sgd.DPTrainer` does (the
+attacker does not know the DP noise and leaves it out: the noise is the defence). The
+gradient of the objective flows through the simulated steps (second order, nested
+``tf.GradientTape``), so the U-Net's forward pass is written here as a pure function of a
+weight dict (:func:`unet_forward`), checked against the Keras model in the tests.
 
-Threat model / simplification, stated: the client's batch is the same in every local
-step (the attacker's best case; the real ClinicApp draws new patches every step, which
-only makes the attack harder). Labels are soft (logits -> softmax over the 7 classes) and
-all classes are assumed labelled (the phantoms contour every organ).
+Threat model (Geiping et al.'s multi-step setting): the attacker knows the number of
+local steps T and the batch size B but not the data. Like the real ClinicApp, the client
+draws a fresh batch at every local step, so the unknowns are T x B patches: the attacker
+optimises one dummy batch per step and the simulated step t uses dummy batch t. The real
+client's Poisson sampling makes its batch size vary around B; the simulation (victim and
+attacker) uses exactly B patches per step. ``ClientSettings(fresh_batches=False)`` keeps
+the older assumption that the same batch is used at every step: the attacker's best case
+(B unknown patches, each seen T times). Labels are soft (logits -> softmax over the 7
+classes) and all classes are assumed labelled (the phantoms contour every organ).
 
 The first GroupNormalization removes each channel's offset and scale, so the update says
 almost nothing about a patch's absolute intensity. The attacker therefore starts from its
@@ -75,6 +79,9 @@ class ClientSettings:
         l2_norm_clip: per-example clip norm; None = no clipping (non-DP client, mean over
             the batch).
         optimizer: "sgd" or "adam".
+        fresh_batches: True (the real ClinicApp, the default): a new batch at every local
+            step, so the client's data are local_steps x batch_size patches. False: the
+            same batch at every step (the attacker's best case; batch_size patches).
     """
 
     learning_rate: float
@@ -83,6 +90,12 @@ class ClientSettings:
     patch_size: tuple[int, int, int]
     l2_norm_clip: float | None = None
     optimizer: str = "sgd"
+    fresh_batches: bool = True
+
+    @property
+    def n_patches(self) -> int:
+        """Distinct patches behind one update: the attack's unknowns."""
+        return self.local_steps * self.batch_size if self.fresh_batches else self.batch_size
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -97,6 +110,8 @@ class ClientSettings:
             raise FedsegError(f"l2_norm_clip={self.l2_norm_clip} must be > 0 (or None)")
         if self.optimizer not in ("sgd", "adam"):
             raise FedsegError(f"optimizer={self.optimizer!r} must be sgd or adam")
+        if not isinstance(self.fresh_batches, bool):
+            raise FedsegError(f"fresh_batches={self.fresh_batches!r} must be true or false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,30 +253,50 @@ def simulate_update(
     Differentiable with respect to images and soft_labels (call it under a tape).
     ``names`` are :func:`weight_names` of ``config`` (built once, outside any tf.function).
 
+    Args:
+        config: the U-Net architecture.
+        names: its weight names.
+        settings: the client's settings; with ``fresh_batches`` step t trains on
+            images[t * B:(t + 1) * B], otherwise every step trains on all of ``images``.
+        global_weights: the starting weights (get_weights() order).
+        images: (settings.n_patches, z, y, x, 1), step by step.
+        soft_labels: (settings.n_patches, z, y, x, C).
+
     Returns:
         Per-weight updates (w_T - w_0) in get_weights() order.
+
+    Raises:
+        FedsegError: the number of patches does not fit the settings.
     """
+    if int(images.shape[0]) != settings.n_patches:
+        raise FedsegError(f"simulate_update: {int(images.shape[0])} patches, the settings "
+                          f"(T={settings.local_steps}, B={settings.batch_size}, fresh "
+                          f"batches {settings.fresh_batches}) need {settings.n_patches}")
     start = [tf.convert_to_tensor(w, tf.float32) for w in global_weights]
     current = list(start)
     m = [tf.zeros_like(w) for w in start]
     v = [tf.zeros_like(w) for w in start]
-    b = int(images.shape[0])
+    b = settings.batch_size
     for step in range(settings.local_steps):
+        first = step * b if settings.fresh_batches else 0
+        batch_images = images[first:first + b]
+        batch_labels = soft_labels[first:first + b]
         total = [tf.zeros_like(w) for w in current]
         if settings.l2_norm_clip is None:
             # Non-DP client: one gradient of the batch-mean loss.
             with tf.GradientTape() as inner:
                 inner.watch(current)
-                probs = unet_forward(config, dict(zip(names, current, strict=True)), images)
-                loss = tf.reduce_mean(soft_per_example_loss(soft_labels, probs))
+                probs = unet_forward(config, dict(zip(names, current, strict=True)),
+                                     batch_images)
+                loss = tf.reduce_mean(soft_per_example_loss(batch_labels, probs))
             grads = inner.gradient(loss, current)
         else:
             for i in range(b):
                 with tf.GradientTape() as inner:
                     inner.watch(current)
                     probs = unet_forward(config, dict(zip(names, current, strict=True)),
-                                         images[i:i + 1])
-                    loss = soft_per_example_loss(soft_labels[i:i + 1], probs)[0]
+                                         batch_images[i:i + 1])
+                    loss = soft_per_example_loss(batch_labels[i:i + 1], probs)[0]
                 g = inner.gradient(loss, current)
                 norm = tf.linalg.global_norm(g)
                 factor = tf.minimum(1.0, settings.l2_norm_clip / (norm + 1e-12))
@@ -305,7 +340,10 @@ def invert_update(
     known_labels: np.ndarray | None = None,
     prior: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Reconstruction:
-    """Reconstruct the client's batch from one update (unmatched order).
+    """Reconstruct the client's patches from one update (unmatched order).
+
+    The unknowns are ``settings.n_patches`` patches: one dummy batch per local step with
+    fresh batches (step t uses dummies t * B .. (t + 1) * B - 1), else one batch.
 
     Args:
         config: the U-Net architecture of the weights.
@@ -313,7 +351,7 @@ def invert_update(
         global_weights: the weights the client received (get_weights() order).
         client_weights: the weights it sent back.
         attack: the reconstruction's settings.
-        known_labels: optional (b, z, y, x) label maps the attacker already knows (side
+        known_labels: optional (n_patches, z, y, x) label maps the attacker knows (side
             information, e.g. an atlas); then only the CT patches are optimised.
         prior: optional (images, labels) patches of other patients: the dummy data
             start from their mean patch and most common labels, and the result gets
@@ -341,8 +379,7 @@ def invert_update(
         raise FedsegError("the client update is all zeros: nothing to invert")
 
     rng = np.random.default_rng(attack.seed)
-    b = settings.batch_size
-    shape = (b, *settings.patch_size)
+    shape = (settings.n_patches, *settings.patch_size)
     init_x = rng.uniform(-0.1, 0.1, (*shape, 1))
     init_logits = rng.normal(0.0, 0.1, (*shape, N_CLASSES))
     if prior is not None:
@@ -539,7 +576,9 @@ class SimulatedClient:
 
     Attributes:
         global_weights, client_weights: the weights before and after local training.
-        images, labels: the client's true batch ((b, z, y, x) in [-1, 1], uint8 labels).
+        images, labels: every patch the client trained on ((n_patches, z, y, x) in
+            [-1, 1], uint8 labels), step by step: with fresh batches step t's batch is
+            images[t * B:(t + 1) * B].
         prior_images, prior_labels: patches of other phantom patients (attacker's prior).
     """
 
@@ -553,7 +592,12 @@ class SimulatedClient:
 
 def simulate_client(config: UNetConfig, settings: ClientSettings,
                     noise_multiplier: float | None, seed: int) -> SimulatedClient:
-    """Train a fresh client: ``local_steps`` DPTrainer steps on one fixed phantom batch.
+    """Train a fresh client: ``local_steps`` DPTrainer steps on phantom patches.
+
+    As ClinicApp, the client takes a new batch of B patches (of B further patients) at
+    every step, unless ``settings.fresh_batches`` is False (one batch for every step).
+    Every patch comes from a distinct phantom patient; the attacker's prior is made of
+    PRIOR_PATCHES further patients.
 
     Args:
         config: the (tiny) U-Net.
@@ -570,7 +614,8 @@ def simulate_client(config: UNetConfig, settings: ClientSettings,
     if settings.l2_norm_clip is None and noise_multiplier:
         raise FedsegError("DP noise needs a clip norm (l2_norm_clip)")
     b = settings.batch_size
-    images, labels = phantom_patches(b + PRIOR_PATCHES, settings.patch_size[0], seed)
+    n = settings.n_patches
+    images, labels = phantom_patches(n + PRIOR_PATCHES, settings.patch_size[0], seed)
     keras.utils.set_random_seed(seed)
     model = build_unet(config, seed=seed)
     start = [np.array(w) for w in model.get_weights()]
@@ -581,11 +626,12 @@ def simulate_client(config: UNetConfig, settings: ClientSettings,
         optimizer=settings.optimizer)
     trainer = DPTrainer(model, per_example_loss, dp, seed=seed)
     known = np.ones((b, N_CLASSES), np.float32)
-    for _ in range(settings.local_steps):
-        trainer.step(images[:b], labels[:b], known)
+    for step in range(settings.local_steps):
+        first = step * b if settings.fresh_batches else 0
+        trainer.step(images[first:first + b], labels[first:first + b], known)
     return SimulatedClient(start, [np.array(w) for w in model.get_weights()],
-                           images[:b, ..., 0], labels[:b].astype(np.uint8),
-                           images[b:, ..., 0], labels[b:].astype(np.uint8))
+                           images[:n, ..., 0], labels[:n].astype(np.uint8),
+                           images[n:, ..., 0], labels[n:].astype(np.uint8))
 
 
 def recognisable(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
@@ -612,6 +658,8 @@ def attack_simulated(config: UNetConfig, settings: ClientSettings,
     result = {
         "batch_size": settings.batch_size,
         "local_steps": settings.local_steps,
+        "fresh_batches": settings.fresh_batches,
+        "n_patches": settings.n_patches,
         "noise_multiplier": noise_multiplier,
         "settings": dataclasses.asdict(settings),
         "model": config.to_dict(),
@@ -649,8 +697,20 @@ class StudyGrid:
 
 
 def run_study(config: UNetConfig, grid: StudyGrid, attack: AttackConfig, patch: int,
-              learning_rate: float, l2_norm_clip: float, seed: int) -> dict[str, Any]:
+              learning_rate: float, l2_norm_clip: float, seed: int,
+              fresh_batches: bool = True) -> dict[str, Any]:
     """Reconstruction quality vs batch size, local steps and DP noise.
+
+    Args:
+        config: the (tiny) U-Net.
+        grid: the grid points.
+        attack: the reconstruction's settings.
+        patch: cubic patch side.
+        learning_rate: client learning rate (SGD).
+        l2_norm_clip: client clip norm.
+        seed: model, phantoms and noise.
+        fresh_batches: a new batch per local step (ClinicApp, the default); False = the
+            same batch at every step (the attacker's best case).
 
     Returns:
         JSON-ready dict: rows (one per grid point), the sigma per epsilon, and the
@@ -672,7 +732,8 @@ def run_study(config: UNetConfig, grid: StudyGrid, attack: AttackConfig, patch: 
         points.append((1, 1, sigmas[eps], eps))
     rows = []
     for batch, steps, sigma, eps in points:
-        settings = ClientSettings(learning_rate, steps, batch, (patch,) * 3, l2_norm_clip)
+        settings = ClientSettings(learning_rate, steps, batch, (patch,) * 3, l2_norm_clip,
+                                  fresh_batches=fresh_batches)
         result, _, _ = attack_simulated(config, settings, sigma, attack, seed)
         result["target_epsilon"] = eps
         rows.append(result)
@@ -688,4 +749,5 @@ def run_study(config: UNetConfig, grid: StudyGrid, attack: AttackConfig, patch: 
         "schedule": {"patients": n, "batch_size": b, "steps": t, "delta": delta},
         "smallest_unrecognisable_sigma": threshold,
         "threshold": {"correlation": RECOGNISABLE_CORRELATION, "mask_margin": MASK_MARGIN},
+        "fresh_batches": fresh_batches,
     }

@@ -18,10 +18,16 @@ KNOWN = np.ones((1, 7), np.float32)
 
 
 @pytest.fixture(scope="module")
-def batch() -> tuple[np.ndarray, np.ndarray]:
-    """Two 8^3 phantom patches (images (2,8,8,8,1), labels (2,8,8,8))."""
+def four() -> tuple[np.ndarray, np.ndarray]:
+    """Four 8^3 phantom patches (images (4,8,8,8,1), labels (4,8,8,8))."""
     images, labels, _ = records(CanaryAuditConfig(n_canaries=2, n_patients=2, patch=8))
-    return images[:2], labels[:2]
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def batch(four) -> tuple[np.ndarray, np.ndarray]:
+    """Two 8^3 phantom patches (images (2,8,8,8,1), labels (2,8,8,8))."""
+    return four[0][:2], four[1][:2]
 
 
 @pytest.mark.parametrize("levels,base", [(1, 4), (2, 4), (2, 8)])
@@ -42,28 +48,68 @@ def test_soft_loss_equals_project_loss_on_one_hot(batch) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("noise,steps,optimizer", [
-    (0.0, 1, "sgd"), (0.0, 2, "sgd"), (None, 2, "sgd"), (0.0, 2, "adam")])
-def test_simulated_update_equals_dp_trainer(batch, noise, steps: int, optimizer: str) -> None:
-    """With zero noise the attacker's simulation is exactly the client's DPTrainer update."""
+@pytest.mark.parametrize("noise,steps,optimizer,fresh", [
+    (0.0, 1, "sgd", True), (0.0, 2, "sgd", True), (None, 2, "sgd", True),
+    (0.0, 2, "adam", True), (0.0, 2, "sgd", False)])
+def test_simulated_update_equals_dp_trainer(four, noise, steps: int, optimizer: str,
+                                            fresh: bool) -> None:
+    """With zero noise the attacker's simulation is exactly the client's DPTrainer update:
+    a new batch of 2 at each step (fresh), or the same batch at every step."""
     config = UNetConfig(levels=2, base_filters=4)
     model = build_unet(config, seed=1)
     start = [w.copy() for w in model.get_weights()]
     trainer = DPTrainer(model, per_example_loss, DPConfig(0.5, noise, 2, 0.05, optimizer),
                         seed=0)
-    images, labels = batch
-    for _ in range(steps):
-        trainer.step(images, labels, np.ones((2, 7), np.float32))
+    images, labels = four
+    for step in range(steps):
+        first = 2 * step if fresh else 0
+        trainer.step(images[first:first + 2], labels[first:first + 2],
+                     np.ones((2, 7), np.float32))
     real = [w - s for w, s in zip(model.get_weights(), start, strict=True)]
     settings = inv.ClientSettings(0.05, steps, 2, (8, 8, 8),
-                                  None if noise is None else 0.5, optimizer)
+                                  None if noise is None else 0.5, optimizer, fresh)
+    n = settings.n_patches
+    assert n == (2 * steps if fresh else 2)
     names = inv.weight_names(config)
-    sim = inv.simulate_update(config, names, settings, start, tf.constant(images),
-                              tf.one_hot(labels, 7))
+    sim = inv.simulate_update(config, names, settings, start, tf.constant(images[:n]),
+                              tf.one_hot(labels[:n], 7))
     # Adam's steps are ~learning_rate in size; float32 round-off differs a little.
     atol = 1e-4 if optimizer == "adam" else 2e-5
     for r, s in zip(real, sim, strict=True):
         np.testing.assert_allclose(s.numpy(), r, atol=atol)
+
+
+def test_simulate_update_refuses_wrong_patch_count(four) -> None:
+    config = UNetConfig(levels=1, base_filters=4)
+    settings = inv.ClientSettings(0.05, 2, 2, (8, 8, 8), 1.0)  # fresh: needs 4 patches
+    start = build_unet(config, seed=0).get_weights()
+    with pytest.raises(inv.FedsegError, match=r"2 patches, .* need 4"):
+        inv.simulate_update(config, inv.weight_names(config), settings, start,
+                            tf.constant(four[0][:2]), tf.one_hot(four[1][:2], 7))
+
+
+def test_simulated_victim_draws_a_new_batch_every_step() -> None:
+    """3 steps x batch 2: six distinct patches, and the victim's update is the per-step
+    simulation on them (not the same-batch one)."""
+    config = UNetConfig(levels=2, base_filters=4)
+    settings = inv.ClientSettings(0.1, 3, 2, (8, 8, 8), 1.0)
+    client = inv.simulate_client(config, settings, 0.0, seed=0)
+    assert client.images.shape == (6, 8, 8, 8) and client.labels.shape == (6, 8, 8, 8)
+    flat = client.images.reshape(6, -1)
+    assert all(not np.array_equal(flat[i], flat[j]) for i in range(6) for j in range(i))
+    names = inv.weight_names(config)
+    real = [c - g for c, g in zip(client.client_weights, client.global_weights, strict=True)]
+    images = tf.constant(client.images[..., None])
+    labels = tf.one_hot(client.labels.astype(np.int32), 7)
+    per_step = inv.simulate_update(config, names, settings, client.global_weights, images,
+                                   labels)
+    for r, s in zip(real, per_step, strict=True):
+        np.testing.assert_allclose(s.numpy(), r, atol=2e-5)
+    same = inv.ClientSettings(0.1, 3, 2, (8, 8, 8), 1.0, fresh_batches=False)
+    repeated = inv.simulate_update(config, names, same, client.global_weights, images[:2],
+                                   labels[:2])
+    gap = max(float(np.abs(s.numpy() - r).max()) for r, s in zip(real, repeated, strict=True))
+    assert gap > 1e-3
 
 
 @pytest.mark.parametrize("offset,expected", [(0.2, 20.0), (0.02, 40.0)])
@@ -173,10 +219,12 @@ def test_invert_cli_stored_round_and_simulate(tmp_path, batch) -> None:
 
     out = tmp_path / "sim"
     result = _cli(["attack", "invert", "--simulate", "--patch", "8", "--batch", "2",
-                   "--iterations", "3", "--out", str(out)])
+                   "--local-steps", "2", "--iterations", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
-    assert len(data["psnr_per_example"]) == 2 and "baseline" in data
+    # a new batch per local step: 2 steps x 2 patches, all matched and scored
+    assert data["n_patches"] == 4 and len(data["psnr_per_example"]) == 4
+    assert "baseline" in data
     assert "PSNR" in result.output
 
 
@@ -190,6 +238,7 @@ def test_study_cli_small_grid(tmp_path) -> None:
                    "--iterations", "2"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "study.json").read_text())
+    assert data["fresh_batches"] is True
     sigmas = [r["noise_multiplier"] for r in data["rows"]]
     assert sigmas[0] == 0.0 and sigmas[1] == pytest.approx(data["sigma_for_epsilon"]["8.0"])
     assert 0.3 < sigmas[1] < 1.0  # eps 8 over N=100, B=4, T=100, delta 1e-3: ~0.54

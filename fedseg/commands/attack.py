@@ -4,7 +4,9 @@
 ``--client-weights`` npz files plus the client's training settings) or a freshly
 simulated client (``--simulate``: tiny model, phantom patients). ``study`` measures
 reconstruction quality vs batch size, local steps and DP noise. Both write JSON, PNG and
-an HTML page under ``--out``.
+an HTML page under ``--out``. The client draws a new batch at every local step, as
+ClinicApp does (local steps x batch patches to reconstruct); ``--same-batch`` assumes one
+batch for every step instead (the attacker's best case).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ _model_options = [
     click.option("--clip", "l2_norm_clip", type=float, default=1.0, show_default=True,
                  help="Client per-example clip norm (0 = non-DP client, no clipping)."),
     click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--same-batch", is_flag=True,
+                 help="Assume the client reuses one batch at every local step (the "
+                      "attacker's best case); default: a new batch per step, as ClinicApp."),
     click.option("--out", type=click.Path(path_type=Path), required=True,
                  help="Output folder (results.json, montage.png, report.html)."),
 ]
@@ -83,7 +88,8 @@ def attack() -> None:
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd",
               show_default=True)
 def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weight: float,
-           learning_rate: float, l2_norm_clip: float, seed: int, out: Path, simulate: bool,
+           learning_rate: float, l2_norm_clip: float, seed: int, same_batch: bool, out: Path,
+           simulate: bool,
            global_weights: Path | None, client_weights: Path | None, batch_size: int,
            local_steps: int, patch: int, noise_multiplier: float, optimizer: str) -> None:
     """Reconstruct a client's CT patches and masks from one update."""
@@ -98,7 +104,8 @@ def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weig
                           "--client-weights")
     config = UNetConfig(levels=levels, base_filters=base_filters, groups=groups)
     settings = inv.ClientSettings(learning_rate, local_steps, batch_size, (patch,) * 3,
-                                  l2_norm_clip or None, optimizer)
+                                  l2_norm_clip or None, optimizer,
+                                  fresh_batches=not same_batch)
     attack_config = inv.AttackConfig(iterations=iterations, tv_weight=tv_weight, seed=seed)
     if simulate:
         result, client, rec = inv.attack_simulated(config, settings, noise_multiplier,
@@ -110,7 +117,8 @@ def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weig
                                 load_weights_npz(client_weights), attack_config)
         result = {"global_weights": str(global_weights),
                   "client_weights": str(client_weights),
-                  "settings": settings.__dict__, "objective": rec.loss_history[-1],
+                  "settings": settings.__dict__, "n_patches": settings.n_patches,
+                  "objective": rec.loss_history[-1],
                   "seconds": rec.seconds, "note": "truth unknown: no quality metrics"}
         truth = (None, None)
     lr.write_json(out / "results.json", result)
@@ -140,7 +148,8 @@ def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weig
 @click.option("--sigmas", default="0.001,0.01,0.1", show_default=True,
               help="Further noise multipliers tried (batch 1, 1 step); '' for none.")
 def study(levels: int, base_filters: int, groups: int, iterations: int, tv_weight: float,
-          learning_rate: float, l2_norm_clip: float, seed: int, out: Path, patch: int,
+          learning_rate: float, l2_norm_clip: float, seed: int, same_batch: bool, out: Path,
+          patch: int,
           batch_sizes: str, local_steps_text: str, epsilons: str, sigmas: str) -> None:
     """Reconstruction quality vs batch size, local steps and DP noise."""
     from fedseg.analysis import inversion as inv
@@ -157,13 +166,16 @@ def study(levels: int, base_filters: int, groups: int, iterations: int, tv_weigh
                            grid,
                            inv.AttackConfig(iterations=iterations, tv_weight=tv_weight,
                                             seed=seed),
-                           patch, learning_rate, l2_norm_clip, seed)
+                           patch, learning_rate, l2_norm_clip, seed,
+                           fresh_batches=not same_batch)
     keys = ("batch_size", "local_steps", "noise_multiplier", "target_epsilon", "psnr",
             "ssim", "correlation", "mask_dice", "recognisable", "seconds")
     rows = [{k: r[k] for k in keys} | {"prior_ssim": r["baseline"]["ssim"],
                                        "prior_mask_dice": r["baseline"]["mask_dice"]}
             for r in result["rows"]]
     lr.write_json(out / "study.json", result)
+    mode = ("the same batch at every local step (the attacker's best case)" if same_batch
+            else "a new batch at every local step (as ClinicApp)")
     figures = []
     for factor, label in (("batch_size", "batch size"), ("local_steps", "local steps"),
                           ("noise_multiplier", "noise multiplier")):
@@ -178,6 +190,7 @@ def study(levels: int, base_filters: int, groups: int, iterations: int, tv_weigh
                                                 "score", inv.RECOGNISABLE_CORRELATION))
         figures.append(name)
     lr.write_html(out / "report.html", "Inversion study",
+                  f"Client batches: {mode}. "
                   f"Smallest noise multiplier tried whose reconstruction is not "
                   f"recognisable: {result['smallest_unrecognisable_sigma']}. Recognisable = "
                   f"correlation >= {inv.RECOGNISABLE_CORRELATION} or mask Dice >= prior + "
