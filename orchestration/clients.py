@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import requests
 
 from fedseg.orchestration import ports
-from fedseg.orchestration.clinic_client import TOKEN_ENV, client_id_for
+from fedseg.orchestration.clinic_client import TOKEN_ENV, new_client_id
 from fedseg_clinic.case_format import atomic_write_text
 from fedseg_clinic.errors import FedsegError
 
@@ -54,7 +54,7 @@ class ClientSpec:
     """One clinic to attach.
 
     Attributes:
-        name: Client name (also the source of its stable client id).
+        name: Client name (the round log's key; the fedn client id is fresh per start).
         data_dir: The clinic's cases folder (FEDSEG_DATA_DIR).
         settings_file: The clinic settings YAML (FEDSEG_SETTINGS), or None.
         env: Extra environment variables (e.g. thread counts).
@@ -74,6 +74,7 @@ class ClientHandle:
     route: str
     folder: Path
     record: ports.ProcessRecord
+    client_id: str = ""
 
     @property
     def log(self) -> Path:
@@ -83,14 +84,15 @@ class ClientHandle:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"name": self.name, "route": self.route, "folder": str(self.folder),
-                "process": self.record.to_dict()}
+                "client_id": self.client_id, "process": self.record.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientHandle:
         """Inverse of :meth:`to_dict`."""
         return cls(name=str(data["name"]), route=str(data["route"]),
                    folder=Path(data["folder"]),
-                   record=ports.ProcessRecord.from_dict(data["process"]))
+                   record=ports.ProcessRecord.from_dict(data["process"]),
+                   client_id=str(data.get("client_id", "")))
 
 
 def client_folder(root: Path, name: str) -> Path:
@@ -135,7 +137,8 @@ def client_env(spec: ClientSpec, folder: Path, token: str | None,
 
 
 def client_argv(route: str, spec: ClientSpec, api_url: str, app: str, folder: Path,
-                token: str | None, combiner: str | None = None) -> list[str]:
+                token: str | None, combiner: str | None = None, client_id: str = ""
+                ) -> list[str]:
     """The command line of one client process.
 
     Args:
@@ -147,11 +150,13 @@ def client_argv(route: str, spec: ClientSpec, api_url: str, app: str, folder: Pa
         token: Client JWT (package route passes it on the command line: fedn reads no
             environment variable for it).
         combiner: Preferred combiner name, or None.
+        client_id: The fedn client id (default: a fresh one).
     """
+    client_id = client_id or new_client_id()
     if route == "callback":
         argv = [sys.executable, "-m", "fedseg.orchestration.clinic_client",
-                "--api-url", api_url, "--name", spec.name, "--app", app,
-                "--ready-file", str(folder / "ready.json")]
+                "--api-url", api_url, "--name", spec.name, "--client-id", client_id,
+                "--app", app, "--ready-file", str(folder / "ready.json")]
         if combiner:
             argv += ["--combiner", combiner]
         return argv
@@ -161,7 +166,7 @@ def client_argv(route: str, spec: ClientSpec, api_url: str, app: str, folder: Pa
         argv = [str(fedn_bin), "client", "start",
                 "--api-url", f"{parts.scheme}://{parts.hostname}",
                 "--api-port", str(parts.port or 80),
-                "--name", spec.name, "--client-id", client_id_for(spec.name)]
+                "--name", spec.name, "--client-id", client_id]
         if token:
             argv += ["--token", token]
         if combiner:
@@ -224,11 +229,13 @@ def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "ca
     for sub in ("work", "state"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     (folder / "ready.json").unlink(missing_ok=True)
+    client_id = new_client_id()
     record = ports.spawn(spec.name, client_argv(route, spec, api_url, app, folder, token,
-                                                combiner),
+                                                combiner, client_id),
                          cwd=folder / "work", log=folder / "client.log",
                          env=client_env(spec, folder, token))
-    handle = ClientHandle(name=spec.name, route=route, folder=folder, record=record)
+    handle = ClientHandle(name=spec.name, route=route, folder=folder, record=record,
+                          client_id=client_id)
     others = [h for h in load_clients(root) if h.name != spec.name]
     _save_clients(root, [*others, handle])
     return handle
@@ -236,12 +243,14 @@ def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "ca
 
 def clients_up(root: Path, specs: list[ClientSpec], *, api_url: str,
                route: str = "callback", app: str, token: str | None = None,
-               combiner: str | None = None, ready_timeout_s: float = 120.0,
+               combiner: str | Sequence[str] | None = None, ready_timeout_s: float = 120.0,
                api_client: Any = None) -> list[ClientHandle]:
     """Start all clients, then wait until each is connected.
 
     "Connected" is the client's ready file (callback route) and, when ``api_client``
-    is given, the API listing the client as online (both routes).
+    is given, the API listing the client as online (both routes). ``combiner`` is one
+    preferred combiner for all, or a list that the clients are split across in turn
+    (client i prefers ``combiner[i % len(combiner)]``: hierarchical FEDn).
 
     Raises:
         FedsegError: a name twice, a client that exits while starting (the message holds
@@ -258,9 +267,11 @@ def clients_up(root: Path, specs: list[ClientSpec], *, api_url: str,
                           "stop them first (fedseg clients down)")
     handles: list[ClientHandle] = []
     try:
-        for spec in specs:
+        for i, spec in enumerate(specs):
+            preferred = (combiner if combiner is None or isinstance(combiner, str)
+                         else combiner[i % len(combiner)])
             handles.append(start_client(root, spec, api_url=api_url, route=route, app=app,
-                                        token=token, combiner=combiner))
+                                        token=token, combiner=preferred))
         wait_connected(handles, ready_timeout_s, api_client)
     except BaseException:
         stop_clients(root, [h.name for h in handles])

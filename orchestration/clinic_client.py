@@ -48,7 +48,6 @@ TRAIN_FAILED = "FEDSEG_TRAIN_FAILED"
 VALIDATE_FAILED = "FEDSEG_VALIDATE_FAILED"
 TOKEN_ENV = "FEDSEG_CLIENT_TOKEN"
 KEEP_UPDATES_ENV = "FEDSEG_KEEP_UPDATES"
-_CLIENT_ID_NAMESPACE = uuid.UUID("6f1c1d3e-2b7a-4e43-9a51-6b0c1f1b2e70")
 
 
 class ClientApp(Protocol):
@@ -62,9 +61,17 @@ class ClientApp(Protocol):
         """Metrics of the global model on local validation data."""
 
 
-def client_id_for(name: str) -> str:
-    """A stable client id derived from the name (same id across restarts)."""
-    return str(uuid.uuid5(_CLIENT_ID_NAMESPACE, name))
+def new_client_id() -> str:
+    """A fresh client id for one client process.
+
+    Why not one id per name: the combiner keeps one task queue per client id, and the
+    task stream of a client that just stopped keeps taking tasks from it for up to a
+    second (it polls with a 1 s timeout before it notices the closed connection). A
+    new process under the same id then lost its first round's request (seen here: a
+    second ``fedseg run`` on one network aggregated 0 updates in its round 1). A fresh
+    id gets a fresh queue; sessions name the ids of their own clients.
+    """
+    return str(uuid.uuid4())
 
 
 def normalise_api_url(url: str) -> str:
@@ -209,7 +216,7 @@ def _make_fedn_client(adapter: CallbackAdapter) -> Any:
                                validate_callback=adapter.validate)
 
 
-def connect(client: Any, api_url: str, name: str, token: str | None,
+def connect(client: Any, api_url: str, name: str, client_id: str, token: str | None,
             preferred_combiner: str | None, wait_s: float) -> Any:
     """Register with the API (retrying while it starts) and open the gRPC channel.
 
@@ -221,7 +228,6 @@ def connect(client: Any, api_url: str, name: str, token: str | None,
     """
     from fedn.network.clients.fedn_client import ConnectToApiResult
 
-    client_id = client_id_for(name)
     client.set_name(name)
     client.set_client_id(client_id)
     # fedn's route reads combiner_preferred (bug 4); send both spellings.
@@ -239,7 +245,7 @@ def connect(client: Any, api_url: str, name: str, token: str | None,
             raise FedsegError(f"{api_url}: client {name} not admitted ({result.name}: {answer})")
         time.sleep(1.0)
     config = answer
-    # connect_to_api overwrote the id with the server's answer; keep ours (stable).
+    # connect_to_api overwrote the id with the server's answer; keep ours.
     client.set_client_id(client_id)
     if not client.init_grpchandler(config=config, client_name=client_id, token=token or ""):
         raise FedsegError(f"{config.host}:{config.port}: cannot open the combiner channel")
@@ -255,6 +261,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-url", required=True, help="FEDn API base URL")
     parser.add_argument("--name", required=True, help="client (clinic) name")
     parser.add_argument("--app", required=True, help="MODULE:FACTORY returning the app")
+    parser.add_argument("--client-id", default=None,
+                        help="client id (default: a fresh random one)")
     parser.add_argument("--combiner", default=None, help="preferred combiner name")
     parser.add_argument("--ready-file", type=Path, default=None,
                         help="written (JSON) once connected to the combiner")
@@ -292,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
         return 1
     try:
-        config = connect(client, api_url, args.name, token, args.combiner, args.connect_wait)
+        config = connect(client, api_url, args.name, args.client_id or new_client_id(), token,
+                         args.combiner, args.connect_wait)
     except FedsegError as exc:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
         return 2

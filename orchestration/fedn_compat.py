@@ -323,7 +323,7 @@ def start_session(client: Any, rounds: int, *, model_id: str, name: str | None =
                   round_timeout: int = 180, min_clients: int = 1,
                   requested_clients: int | None = None, validate: bool = True,
                   helper: str = "numpyhelper", server_functions: str | None = None,
-                  timeout_s: float = 30.0) -> str:
+                  client_ids: list[str] | None = None, timeout_s: float = 30.0) -> str:
     """Create and start a session through the REST API; returns the session id.
 
     Symptom (bug 5): APIClient.start_session leaves ``rounds`` out of the session
@@ -343,6 +343,8 @@ def start_session(client: Any, rounds: int, *, model_id: str, name: str | None =
         validate: Whether clients validate each new global model.
         helper: The fedn helper (numpyhelper).
         server_functions: Source code of a ServerFunctions class (hooks), or None.
+        client_ids: Only these clients train (fedn's ``selected_clients``); None = any
+            client connected to a combiner.
         timeout_s: HTTP timeout.
 
     Raises:
@@ -374,9 +376,12 @@ def start_session(client: Any, rounds: int, *, model_id: str, name: str | None =
         raise FedsegError(f"POST {url} refused ({answer.status_code}): {answer.text.strip()}")
     session_id = answer.json()["session_id"]
     url = client._get_url("api/v1/sessions/start")
-    answer = requests.post(url, json={"session_id": session_id, "rounds": int(rounds),
-                                      "round_timeout": int(round_timeout)},
-                           headers=client.headers, timeout=timeout_s, verify=client.verify)
+    start: dict[str, Any] = {"session_id": session_id, "rounds": int(rounds),
+                             "round_timeout": int(round_timeout)}
+    if client_ids:
+        start["client_ids"] = ",".join(client_ids)  # the route wants one string
+    answer = requests.post(url, json=start, headers=client.headers, timeout=timeout_s,
+                           verify=client.verify)
     if answer.status_code >= 300:
         raise FedsegError(f"POST {url} refused ({answer.status_code}): {answer.text.strip()}")
     return str(session_id)

@@ -332,8 +332,10 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         handles = step("clients_up", lambda: clients_mod.clients_up(
             run_dir, specs, api_url=state.api_url, route=exp.clients.route,
             app=exp.clients.app, token=state.client_token, api_client=api,
+            combiner=[c.name for c in state.combiners] if len(state.combiners) > 1 else None,
             ready_timeout_s=ready_timeout_s))
-        info["clients"] = {h.name: {"route": h.route, "data_dir": str(data_dirs[h.name]),
+        info["clients"] = {h.name: {"route": h.route, "client_id": h.client_id,
+                                    "data_dir": str(data_dirs[h.name]),
                                     "log": str(h.log), "folder": str(h.folder)}
                            for h in handles}
         if exp.client_settings:
@@ -346,8 +348,11 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             settings_by_round = [{} for _ in range(exp.session.rounds)]
         else:
             settings_by_round = None
-        session_id = session.start_session(api, exp.session, seed_id, exp.name,
-                                           settings_by_round, n_clients=len(names))
+        # Only this run's clients train: a network may hold other experiments' clients,
+        # or the just-stopped clients of the previous run (active for 10 s more).
+        session_id = session.start_session(
+            api, exp.session, seed_id, exp.name, settings_by_round, n_clients=len(names),
+            client_ids=[h.client_id for h in handles if h.client_id] or None)
         info["session_id"] = session_id
         info["status"] = "running"
         write_run_info(run_dir, info)

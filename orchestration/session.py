@@ -117,7 +117,8 @@ def server_functions_source(settings_by_round: list[dict[str, Any]], nonce: str)
 
 def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: str,
                   settings_by_round: list[dict[str, Any]] | None = None,
-                  n_clients: int | None = None, available_wait_s: float = 30.0) -> str:
+                  n_clients: int | None = None, available_wait_s: float = 30.0,
+                  client_ids: list[str] | None = None) -> str:
     """Create and start a session; returns its id.
 
     Args:
@@ -129,6 +130,7 @@ def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: 
         n_clients: Clients asked per round (None = all connected).
         available_wait_s: How long to retry while the combiner reports fewer connected
             clients than ``spec.min_clients``.
+        client_ids: Only these clients train (this run's own), or None for any.
     """
     deadline = time.monotonic() + available_wait_s
     while True:
@@ -139,7 +141,8 @@ def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: 
                 api_client, spec.rounds, model_id=seed_model_id, name=f"{name}-{nonce}",
                 aggregator=spec.aggregator, aggregator_kwargs=spec.aggregator_kwargs or None,
                 round_timeout=spec.round_timeout, min_clients=spec.min_clients,
-                requested_clients=n_clients, validate=spec.validate, server_functions=source)
+                requested_clients=n_clients, validate=spec.validate, server_functions=source,
+                client_ids=client_ids)
             break
         except FedsegError as exc:
             # A client counts as available once its task stream is open, a moment after

@@ -14,7 +14,7 @@ from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.clinic_client import (
     TOKEN_ENV,
     CallbackAdapter,
-    client_id_for,
+    new_client_id,
     normalise_api_url,
     resolve_factory,
 )
@@ -24,10 +24,9 @@ TESTS = Path(__file__).resolve().parent
 TOY_APP = "toy_clinic_app:ToyApp.from_environment"
 
 
-def test_client_id_is_stable_and_distinct() -> None:
-    assert client_id_for("clinic-1") == client_id_for("clinic-1")
-    assert client_id_for("clinic-1") != client_id_for("clinic-2")
-    assert len(client_id_for("x")) == 36
+def test_each_client_start_gets_a_fresh_id() -> None:
+    ids = {new_client_id() for _ in range(50)}
+    assert len(ids) == 50 and all(len(i) == 36 for i in ids)
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -117,13 +116,14 @@ def test_client_argv_for_both_routes(tmp_path: Path) -> None:
     cb = clients_mod.client_argv("callback", spec, "http://127.0.0.1:8092/", TOY_APP,
                                  tmp_path, "tok")
     assert cb[1:3] == ["-m", "fedseg.orchestration.clinic_client"]
+    assert len(cb[cb.index("--client-id") + 1]) == 36
     assert "tok" not in cb  # the token travels in the environment, not in ps output
     pkg = clients_mod.client_argv("package", spec, "http://127.0.0.1:8092/", TOY_APP,
-                                  tmp_path, "tok", combiner="combiner-1")
+                                  tmp_path, "tok", combiner="combiner-1", client_id="id-1")
     assert pkg[1:3] == ["client", "start"]
     assert pkg[pkg.index("--api-url") + 1] == "http://127.0.0.1"
     assert pkg[pkg.index("--api-port") + 1] == "8092"
-    assert pkg[pkg.index("--client-id") + 1] == client_id_for("c1")
+    assert pkg[pkg.index("--client-id") + 1] == "id-1"
     assert pkg[pkg.index("--preferred-combiner") + 1] == "combiner-1"
     with pytest.raises(FedsegError, match="route"):
         clients_mod.client_argv("docker", spec, "http://x/", TOY_APP, tmp_path, None)

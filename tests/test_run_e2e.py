@@ -92,8 +92,21 @@ def test_two_sessions_on_one_network_log_only_their_own_rounds(
     runs = tmp_path / "runs"
     first = run_experiment(load_experiment(_toy_experiment(tmp_path / "a", "first", names)),
                            runs, network_root=network_root, progress=lines.append)
-    second = run_experiment(load_experiment(_toy_experiment(tmp_path / "b", "second", names)),
-                            runs, network_root=network_root, progress=lines.append)
+    # A bystander client of somebody else is connected during run 2: the session asks
+    # only its own clients (fedn's selected_clients), which also keeps the just-stopped
+    # clients of run 1 (still "active" on the combiner for seconds) out of its rounds.
+    from fedseg.orchestration.network import load_network_state
+
+    bystander = clients_mod.ClientSpec("bystander", tmp_path / "a" / "clinic-1",
+                                       env={"PYTHONPATH": str(TESTS)})
+    clients_mod.clients_up(tmp_path / "other", [bystander],
+                           api_url=load_network_state(network_root).api_url, app=TOY_APP)
+    try:
+        second = run_experiment(load_experiment(_toy_experiment(tmp_path / "b", "second",
+                                                                names)),
+                                runs, network_root=network_root, progress=lines.append)
+    finally:
+        clients_mod.stop_clients(tmp_path / "other")
     assert first.status == second.status == "finished"
     assert first.session_id != second.session_id
     for result in (first, second):
@@ -101,6 +114,7 @@ def test_two_sessions_on_one_network_log_only_their_own_rounds(
         assert {k for k, _ in table} == {1, 2}  # global round ids 3, 4 renumbered for #2
         for k in (1, 2):
             assert table[(k, GLOBAL)]["round_seconds"] >= 0
+            assert table[(k, GLOBAL)]["updates_expected"] == 2
             assert table[(k, GLOBAL)]["updates_aggregated"] == 2
             for client in names:
                 row = table[(k, client)]
@@ -113,6 +127,9 @@ def test_two_sessions_on_one_network_log_only_their_own_rounds(
         assert (result.run_dir / "models" / "round-2.npz").is_file()
         assert not [n for n, _r, alive, _l in clients_mod.client_status(result.run_dir)
                     if alive]
+    client_ids = [{c["client_id"] for c in read_run_info(r.run_dir)["clients"].values()}
+                  for r in (first, second)]
+    assert all(len(ids) == 2 for ids in client_ids) and not client_ids[0] & client_ids[1]
     ids_first = set(read_run_info(first.run_dir)["model_ids"].values())
     ids_second = set(read_run_info(second.run_dir)["model_ids"].values())
     assert not ids_first & ids_second
@@ -324,6 +341,7 @@ def test_round_log_on_managed_postgres(tmp_path: Path) -> None:
         table = _client_rows(result.run_dir)
         assert {k for k, _ in table} == {1, 2}
         for k in (1, 2):
+            assert table[(k, GLOBAL)]["updates_expected"] == 2
             assert table[(k, GLOBAL)]["updates_aggregated"] == 2
             for client in names:
                 assert table[(k, client)]["num_examples"] == 40
@@ -332,3 +350,32 @@ def test_round_log_on_managed_postgres(tmp_path: Path) -> None:
         assert info["status"] == "finished" and info["network"]["owned"] is True
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_round_log_with_clients_split_over_two_combiners(tmp_path: Path) -> None:
+    """Hierarchical FEDn: a client on each of two combiners, both in every round."""
+    network = _network_keys()
+    network["combiners"] = [{"name": "combiner-1", "port": _free_port()},
+                            {"name": "combiner-2", "port": _free_port()}]
+    names = {"clinic-1": {}, "clinic-2": {}, "clinic-3": {}}
+    path = _toy_experiment(tmp_path / "exp", "two", names, network=network,
+                           session={"rounds": 2, "round_timeout": 60, "min_clients": 1})
+    result = run_experiment(load_experiment(path), tmp_path / "runs")
+    assert result.status == "finished", result
+    table = _client_rows(result.run_dir)
+    for k in (1, 2):
+        # Both combiners report: expected updates add up over them.
+        assert table[(k, GLOBAL)]["updates_expected"] == 3
+        assert table[(k, GLOBAL)]["updates_aggregated"] == 3
+        for client in names:
+            assert table[(k, client)]["train_failed"] == 0
+            assert 0 < table[(k, client)]["val_dice_mean"] <= 1
+    # Clients were split in turn: clinic-1 and clinic-3 on combiner-1, clinic-2 on 2.
+    attached = {p.parent.name: json.loads(p.read_text())["combiner"]
+                for p in (result.run_dir / "clients").glob("*/ready.json")}
+    port = {c["name"]: f"127.0.0.1:{c['port']}" for c in network["combiners"]}
+    assert attached == {"clinic-1": port["combiner-1"], "clinic-2": port["combiner-2"],
+                        "clinic-3": port["combiner-1"]}
+    for i in (1, 2):
+        log = (result.run_dir / "network" / "logs" / f"combiner-{i}.log").read_text()
+        assert "TRAINING ROUND COMPLETED" in log
