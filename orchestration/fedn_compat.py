@@ -387,6 +387,43 @@ def start_session(client: Any, rounds: int, *, model_id: str, name: str | None =
     return str(session_id)
 
 
+# --- bug 10 ------------------------------------------------------------------------------
+
+def merge_round_combiners() -> None:
+    """Keep every combiner's report on a round when several combiners write at once.
+
+    Symptom (bug 10, found here: a two-combiner session hung once in five runs, "Started"
+    for good): each combiner reports its part of a round by reading the round, appending
+    itself to ``combiners`` and writing the round back; fedn's SQL store writes the list
+    by clearing the stored one and inserting the DTO's. Two combiners that finish
+    together each read the round without the other, so the second write deletes the
+    first report. The controller then waits for the missing combiner until the round
+    timeout and afterwards retries ``check_combiners_done_reporting`` forever (it has
+    no stop condition): the session never ends.
+
+    Fix: in this process, an update of a round's combiners keeps the stored reports the
+    written round lacks (keyed by combiner name and job id) instead of deleting them.
+    Nothing in fedn removes a combiner's report on purpose, so merging changes no other
+    outcome. Installed in the combiner and API processes.
+    """
+    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+
+    original = getattr(SQLRoundStore._update_orm_model_from_dto, "__wrapped__",
+                       SQLRoundStore._update_orm_model_from_dto)
+
+    def update_keeping_reports(self: Any, entity: Any, item: Any) -> Any:
+        stored = list(entity.combiners or [])
+        entity = original(self, entity, item)
+        kept = {(c.name, c.config_job_id) for c in entity.combiners}
+        for report in stored:
+            if (report.name, report.config_job_id) not in kept:
+                entity.combiners.append(report)  # back before the flush: not deleted
+        return entity
+
+    update_keeping_reports.__wrapped__ = original  # type: ignore[attr-defined]
+    SQLRoundStore._update_orm_model_from_dto = update_keeping_reports
+
+
 # --- binding -----------------------------------------------------------------------------
 
 def bind_api_server(host: str, workers: int) -> None:

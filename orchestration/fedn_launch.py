@@ -35,6 +35,7 @@ def run_api(workers: int) -> None:
     """Patch, then run fedn.network.api.server.start_server_api (blocks)."""
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
+    fedn_compat.merge_round_combiners()
     fedn_compat.bind_api_server(HOST, workers)
     fedn_compat.shorten_round_polling()
     from fedn.network.api import server
@@ -47,6 +48,7 @@ def run_combiner(name: str, port: int, max_clients: int) -> None:
     """Patch, then run fedn's ``combiner start`` command (blocks)."""
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
+    fedn_compat.merge_round_combiners()
     fedn_compat.bind_grpc_servers(HOST)
     fedn_compat.shorten_round_polling()
     from fedn.cli import main as fedn_main

@@ -308,3 +308,54 @@ def test_shorten_round_polling_scales_fedn_waits(monkeypatch: pytest.MonkeyPatch
     assert seen == [pytest.approx(0.1)]
     waits = [control.wait_random(min=1.0, max=2.0)(None) for _ in range(50)]
     assert all(0.1 <= w <= 0.2 for w in waits)
+
+
+def _round_report(name: str) -> dict:
+    """What a combiner's RoundHandler appends to a round's ``combiners``."""
+    config = {"aggregator": "fedavg", "round_timeout": 60, "buffer_size": -1,
+              "delete_models_storage": True, "clients_required": 1, "validate": True,
+              "helper_type": "numpyhelper", "task": "training", "round_id": "1", "rounds": 1,
+              "_job_id": f"job-{name}", "session_id": None, "model_id": "m1"}
+    return {"config": config, "round_id": "1", "model_id": "m1", "time_exec_training": 1.0,
+            "status": "Success", "name": name,
+            "data": {"nr_expected_updates": 1, "nr_required_updates": 1, "timeout": 60.0,
+                     "time_combination": 0.1,
+                     "aggregation_time": {"nr_aggregated_models": 1,
+                                          "time_model_aggregation": 0.0,
+                                          "time_model_load": 0.0}}}
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_two_combiners_reporting_at_once_keep_both_reports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merged: bool) -> None:
+    """Bug 10: the second of two concurrent round updates deleted the first report."""
+    import datetime
+
+    from fedn.network.storage.statestore.stores.dto.round import RoundDTO
+    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+    from fedn.network.storage.statestore.stores.sql.shared import ModelModel
+
+    monkeypatch.setattr(SQLRoundStore, "_update_orm_model_from_dto",
+                        SQLRoundStore._update_orm_model_from_dto)
+    if merged:
+        fedn_compat.merge_round_combiners()
+    session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
+    with session_factory() as session:
+        session.add(ModelModel(id="m1", name="m", active=True,
+                               committed_at=datetime.datetime.now()))
+        session.commit()
+    store = SQLRoundStore(session_factory)
+    store.add(RoundDTO(round_id="1", status="Pending"))
+    # Both combiners read the round before either writes (as when they finish together).
+    first, second = store.get("1"), store.get("1")
+    first.combiners.append(_round_report("combiner-1"))
+    store.update(first)
+    second.combiners.append(_round_report("combiner-2"))
+    store.update(second)
+    names = sorted(c.name for c in store.get("1").combiners)
+    assert names == (["combiner-1", "combiner-2"] if merged else ["combiner-2"])
+    # A later full write (the controller setting the status) neither drops nor doubles.
+    final = store.get("1")
+    final.status = "Success"
+    store.update(final)
+    assert len(store.get("1").combiners) == (2 if merged else 1)
