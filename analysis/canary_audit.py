@@ -161,12 +161,14 @@ class CanaryAuditConfig:
         l2_norm_clip: per-patient clip norm.
         batch_size: expected batch size B (Poisson q = B / N).
         steps: DP-SGD steps.
-        learning_rate: SGD learning rate.
+        learning_rate: the optimiser's learning rate.
         delta: the run's delta.
         confidence: confidence of the lower bound.
         patch: cubic patch side (one fixed patch per patient; 8 lets the tiny model
             memorise canaries when it is not private).
-        levels, base_filters: the tiny U-Net.
+        levels, base_filters, groups: the U-Net (tiny by default; the demo's is levels
+            3, base 8, groups 4).
+        optimizer: "sgd" or "adam" (the demo trains with Adam, lr 0.01).
         seed: everything random (phantoms, coin flips, sampling, noise, init).
     """
 
@@ -182,6 +184,8 @@ class CanaryAuditConfig:
     patch: int = 8
     levels: int = 2
     base_filters: int = 4
+    groups: int = 8
+    optimizer: str = "sgd"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -223,10 +227,17 @@ def records(config: CanaryAuditConfig) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.stack(images), np.stack(labels), is_canary
 
 
+LOSS_CHUNK: int = 8  # patches per forward pass when scoring (bounds memory at 32^3)
+
+
 def _losses(model: Any, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    known = np.ones((len(images), 7), np.float32)
-    probs = model(tf.constant(images), training=False)
-    return np.asarray(per_example_loss(labels, probs, known))
+    losses = []
+    for first in range(0, len(images), LOSS_CHUNK):
+        chunk = slice(first, first + LOSS_CHUNK)
+        known = np.ones((len(images[chunk]), 7), np.float32)
+        probs = model(tf.constant(images[chunk]), training=False)
+        losses.append(np.asarray(per_example_loss(labels[chunk], probs, known)))
+    return np.concatenate(losses)
 
 
 def run_canary_audit(config: CanaryAuditConfig) -> dict[str, Any]:
@@ -234,10 +245,14 @@ def run_canary_audit(config: CanaryAuditConfig) -> dict[str, Any]:
 
     Returns:
         JSON-ready dict: config, epsilon (accountant), epsilon_lower_bound, r, v, k,
-        canary scores and membership, seconds.
+        canary scores and membership, seconds, and timings (seconds per phase: records,
+        model = build and score before training, first_step = tracing included, steps =
+        the other steps, score_and_bound).
     """
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     images, labels, is_canary = records(config)
+    timings["records"] = time.perf_counter() - started
     rng = np.random.default_rng([config.seed, 2])
     included_canary = rng.random(config.n_canaries) < 0.5
     member = np.concatenate([np.ones(config.n_patients, bool), included_canary])
@@ -246,19 +261,26 @@ def run_canary_audit(config: CanaryAuditConfig) -> dict[str, Any]:
     if config.batch_size > n_train:
         raise FedsegError(f"batch_size={config.batch_size} exceeds the {n_train} training "
                           "patients of this draw")
+    mark = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    model = build_unet(UNetConfig(levels=config.levels, base_filters=config.base_filters),
-                       seed=config.seed)
+    model = build_unet(UNetConfig(levels=config.levels, base_filters=config.base_filters,
+                                  groups=config.groups), seed=config.seed)
     canary_images, canary_labels = images[is_canary], labels[is_canary]
     before = _losses(model, canary_images, canary_labels)
+    timings["model"] = time.perf_counter() - mark
     dp = DPConfig(l2_norm_clip=config.l2_norm_clip, noise_multiplier=config.noise_multiplier,
-                  expected_batch_size=config.batch_size, learning_rate=config.learning_rate)
+                  expected_batch_size=config.batch_size, learning_rate=config.learning_rate,
+                  optimizer=config.optimizer)
     trainer = DPTrainer(model, per_example_loss, dp, seed=config.seed)
     known = np.ones((n_train, 7), np.float32)
-    for _ in range(config.steps):
+    for step in range(config.steps):
+        mark = time.perf_counter()
         chosen = train_idx[poisson_sample(n_train, config.batch_size, rng)]
         pos = np.searchsorted(train_idx, chosen)
         trainer.step(images[chosen], labels[chosen], known[pos])
+        phase = "first_step" if step == 0 else "steps"
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - mark
+    mark = time.perf_counter()
     after = _losses(model, canary_images, canary_labels)
     scores = before - after
     if config.noise_multiplier is None:
@@ -278,7 +300,9 @@ def run_canary_audit(config: CanaryAuditConfig) -> dict[str, Any]:
         "scores": [float(s) for s in scores],
         "included": [bool(b) for b in included_canary],
         "seconds": time.perf_counter() - started,
+        "timings": timings,
     }
+    timings["score_and_bound"] = time.perf_counter() - mark
     logger.info("canary audit: eps accountant %.3f, empirical lower bound %.3f (v=%d/%d)",
                 accountant, bound["epsilon_lower_bound"], bound["v"], bound["r"])
     return result

@@ -96,7 +96,8 @@ class MembershipConfig:
         noise_multiplier: DP sigma of target and shadows; None = non-private.
         steps, batch_size, learning_rate, l2_norm_clip: training schedule.
         delta: for the accountant's epsilon.
-        patch, levels, base_filters: tiny model and patches.
+        patch, levels, base_filters, groups: patches and the U-Net (tiny by default).
+        optimizer: "sgd" or "adam".
         seed: everything random.
     """
 
@@ -111,6 +112,8 @@ class MembershipConfig:
     patch: int = 8
     levels: int = 2
     base_filters: int = 4
+    groups: int = 8
+    optimizer: str = "sgd"
     seed: int = 0
 
 
@@ -135,10 +138,10 @@ def _train(config: MembershipConfig, images: np.ndarray, labels: np.ndarray, see
     from fedseg_clinic.tf_env import keras
 
     keras.utils.set_random_seed(seed)
-    model = build_unet(UNetConfig(levels=config.levels, base_filters=config.base_filters),
-                       seed=seed)
+    model = build_unet(UNetConfig(levels=config.levels, base_filters=config.base_filters,
+                                  groups=config.groups), seed=seed)
     dp = DPConfig(config.l2_norm_clip, config.noise_multiplier, config.batch_size,
-                  config.learning_rate)
+                  config.learning_rate, config.optimizer)
     trainer = DPTrainer(model, per_example_loss, dp, seed=seed)
     rng = np.random.default_rng([seed, 3])
     known = np.ones((len(images), 7), np.float32)
@@ -152,8 +155,9 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
     """Train a target on half of the candidates, shadows on others; attack both ways.
 
     Returns:
-        JSON-ready dict with loss-threshold and LiRA metrics (auc, TPR at FPRs) and the
-        accountant's epsilon of the target's schedule.
+        JSON-ready dict with loss-threshold and LiRA metrics (auc, TPR at FPRs), the
+        accountant's epsilon of the target's schedule, seconds and timings (seconds:
+        target = phantoms, training and scoring of the target; shadows = all shadows).
     """
     from fedseg_clinic.accounting import compute_epsilon
     from fedseg_clinic.losses import per_example_loss
@@ -171,6 +175,7 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
     probs = target(tf.constant(images), training=False).numpy()
     loss = np.asarray(per_example_loss(labels, probs, known))
     target_stat = confidence_statistic(probs, labels)
+    timings = {"target": time.perf_counter() - started}
     shadow_stats = []
     for k in range(config.n_shadow):
         shadow_seed = config.seed + 1000 * (k + 1)
@@ -178,6 +183,7 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
         shadow = _train(config, s_images, s_labels, shadow_seed)
         shadow_stats.append(confidence_statistic(
             shadow(tf.constant(images), training=False).numpy(), labels))
+    timings["shadows"] = time.perf_counter() - started - timings["target"]
     lira = lira_offline_scores(target_stat, np.stack(shadow_stats))
     n_train = int(member.sum())
     epsilon = math.inf if config.noise_multiplier is None else compute_epsilon(
@@ -189,4 +195,5 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
         "loss_threshold": roc_metrics(-loss, member),
         "lira_offline": roc_metrics(lira, member),
         "seconds": time.perf_counter() - started,
+        "timings": timings,
     }

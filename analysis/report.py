@@ -1,9 +1,17 @@
 """The analysis report: report.html (figures embedded), the PNGs beside it, summary.json.
 
-:func:`write_report` reads and checks every run first, so bad input raises
-:class:`FedsegError` before anything is written; each file is then written through a
-temporary name and ``os.replace``. The HTML needs nothing else: the figures are
-base64 data URIs and the style is inline, so it can be mailed or archived on its own.
+:func:`write_report` reads and checks every run (and every attack or audit result given
+with it) first, so bad input raises :class:`FedsegError` before anything is written; each
+file is then written through a temporary name and ``os.replace``. The HTML needs nothing
+else: the figures are base64 data URIs and the style is inline, so it can be mailed or
+archived on its own.
+
+Privacy sections: the results of ``fedseg attack study`` / ``fedseg attack invert`` and
+``fedseg audit`` (read back by :func:`fedseg.analysis.leakage_report.load_leakage`) appear
+after the runs: reconstruction quality vs batch size, local steps and noise with the
+recognisability threshold; per audited configuration the accountant's epsilon beside the
+empirical lower bound and the membership attacks' AUC and TPR at low FPR. Their PNG
+figures are copied into the report folder (prefixed ``leak<i>_``) and embedded.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from fedseg.analysis import plots, summary
+from fedseg.analysis import leakage_report, plots, summary
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
@@ -207,13 +215,120 @@ def _run_section(entry: dict[str, Any], info: dict[str, Any], figures: list[Figu
     return "\n".join(parts)
 
 
+def leakage_figures(results: Sequence[leakage_report.LeakageResult]
+                    ) -> list[list[FigureFile]]:
+    """Each attack/audit result's PNGs, renamed ``leak<i>_<name>`` for the report folder."""
+    captions = {"study": "Inversion study (fedseg attack study)",
+                "invert": "Update inversion (fedseg attack invert)",
+                "audit": "Privacy audit (fedseg audit)"}
+    return [[FigureFile(f"leak{i}_{name}", f"{captions[result.kind]}: {name} from "
+                        f"{result.source.parent}", png) for name, png in result.figures]
+            for i, result in enumerate(results, start=1)]
+
+
+def _pair(value: Any, prior: Any) -> str:
+    return f"{_fmt(value)} ({_fmt(prior)})"
+
+
+def _study_section(result: leakage_report.LeakageResult) -> str:
+    data = result.data
+    threshold = data["threshold"]
+    rows = []
+    for r in data["rows"]:
+        b = r["baseline"]
+        # Studies written before per-step batches lack the key: they used one batch.
+        fresh = r.get("settings", {}).get("fresh_batches", data.get("fresh_batches", False))
+        rows.append((r["batch_size"], r["local_steps"],
+                     "new per step" if fresh else "same every step",
+                     r["noise_multiplier"], r["target_epsilon"], r["correlation"],
+                     _pair(r["ssim"], b["ssim"]), _pair(r["mask_dice"], b["mask_dice"]),
+                     _pair(r["psnr"], b["psnr"]), "yes" if r["recognisable"] else "no"))
+    sigma = data["smallest_unrecognisable_sigma"]
+    sigmas = data.get("sigma_for_epsilon", {})
+    calibrated = ", ".join(f"epsilon {k}: sigma {_fmt(v)}" for k, v in sigmas.items())
+    return "\n".join([
+        f"<p>Recognisable = correlation with the true CT patch &ge; "
+        f"{html.escape(_fmt(threshold['correlation'], 2))} or mask Dice &ge; prior + "
+        f"{html.escape(_fmt(threshold['mask_margin'], 2))}. Smallest noise multiplier tried "
+        f"whose reconstruction is not recognisable: <b>{html.escape(_fmt(sigma))}</b>"
+        + (f"; calibrated noise {html.escape(calibrated)}" if calibrated else "")
+        + ". (prior) = the mean patch / most common labels of other patients.</p>",
+        _table(("batch", "local steps", "batches", "noise multiplier", "target epsilon",
+                "correlation", "SSIM (prior)", "mask Dice (prior)", "PSNR dB (prior)",
+                "recognisable"), rows),
+    ])
+
+
+def _invert_section(result: leakage_report.LeakageResult) -> str:
+    data = result.data
+    settings = data["settings"]
+    rows = [(key, value) for key, value in (
+        ("batch size", settings.get("batch_size")),
+        ("local steps", settings.get("local_steps")),
+        ("patches reconstructed", data.get("n_patches")),
+        ("noise multiplier", data.get("noise_multiplier")),
+        ("correlation", data.get("correlation")),
+        ("SSIM (prior)", _pair(data["ssim"], data["baseline"]["ssim"]) if "ssim" in data
+         else None),
+        ("mask Dice (prior)", _pair(data["mask_dice"], data["baseline"]["mask_dice"])
+         if "mask_dice" in data else None),
+        ("recognisable", data.get("recognisable")),
+        ("final objective", data["objective"]), ("attack seconds", data["seconds"]),
+    ) if value is not None]
+    note = data.get("note")
+    return (_table(("quantity", "value"), rows)
+            + (f"<p class='note'>{html.escape(str(note))}</p>" if note else ""))
+
+
+def _audit_section(result: leakage_report.LeakageResult) -> str:
+    rows = []
+    violated = []
+    for r in result.data["rows"]:
+        confidence = r["confidence"]
+        bound = f"{_fmt(r['epsilon_lower_bound'])} ({_fmt(100 * confidence, 0)} %)"
+        member = [r.get(f"{attack}_{key}") for attack in leakage_report.MEMBERSHIP_ATTACKS
+                  for key in leakage_report.MEMBERSHIP_KEYS]
+        rows.append((r["noise_multiplier"], r["epsilon_accountant"], bound,
+                     r["canary_correct"], r["canary_auc"], *member))
+        accountant = r["epsilon_accountant"]
+        if isinstance(accountant, int | float) and r["epsilon_lower_bound"] > accountant:
+            violated.append(r["noise_multiplier"])
+    parts = [
+        "<p>Per configuration: the accountant's epsilon (an upper bound) beside the "
+        "one-run canary audit's empirical lower bound (Steinke et al. 2023) at the "
+        "stated confidence, and the membership attacks' AUC and TPR at 0.1 % / 1 % FPR "
+        "(— = not run). inf = no DP.</p>",
+        _table(("noise multiplier", "accountant epsilon", "empirical lower bound "
+                "(confidence)", "canaries correct/guessed", "canary AUC",
+                "loss-threshold AUC", "TPR @0.1 % FPR", "TPR @1 % FPR",
+                "LiRA (offline) AUC", "TPR @0.1 % FPR", "TPR @1 % FPR"), rows),
+    ]
+    if violated:
+        parts.append(f"<p><b>Warning:</b> the empirical lower bound exceeds the "
+                     f"accountant's epsilon at noise {html.escape(str(violated))}: check "
+                     "the DP code.</p>")
+    return "\n".join(parts)
+
+
+def _leakage_section(result: leakage_report.LeakageResult, figures: list[FigureFile]
+                     ) -> str:
+    titles = {"study": "Inversion study", "invert": "Update inversion",
+              "audit": "Privacy audit"}
+    render = {"study": _study_section, "invert": _invert_section, "audit": _audit_section}
+    return "\n".join([
+        f"<h2>{titles[result.kind]} <span class='note'>({html.escape(str(result.source))})"
+        "</span></h2>", render[result.kind](result), *(_img(fig) for fig in figures)])
+
+
 def render_html(
     data: dict[str, Any],
     runs: Sequence[summary.RunLog],
     comparison: Sequence[FigureFile],
     per_run: Sequence[Sequence[FigureFile]],
+    leakage: Sequence[leakage_report.LeakageResult] = (),
+    leakage_figs: Sequence[Sequence[FigureFile]] = (),
 ) -> str:
-    """The self-contained report page."""
+    """The self-contained report page (runs, then the attack and audit sections)."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = [
         "<h1>fedseg round-log report</h1>",
@@ -233,6 +348,8 @@ def render_html(
                                 for e in data["runs"]]))
     for entry, run, figures in zip(data["runs"], runs, per_run, strict=True):
         body.append(_run_section(entry, run.info, list(figures)))
+    for result, figures in zip(leakage, leakage_figs, strict=True):
+        body.append(_leakage_section(result, list(figures)))
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             "<title>fedseg report</title>"
             f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) +
@@ -244,6 +361,8 @@ def write_report(
     out_dir: Path,
     target_dice: float | None = None,
     target_fraction: float | None = None,
+    attacks: Sequence[Path] = (),
+    audits: Sequence[Path] = (),
 ) -> ReportFiles:
     """Read run folders and write report.html, the figures and summary.json to out_dir.
 
@@ -252,22 +371,29 @@ def write_report(
         out_dir: the report folder (created if needed; files in it are replaced).
         target_dice: absolute Dice target for rounds/seconds to target.
         target_fraction: target as a fraction of the pooled run's final Dice.
+        attacks: results of ``fedseg attack study`` or ``invert`` (their JSON or --out
+            folder), shown as sections after the runs.
+        audits: results of ``fedseg audit`` (audit.json or its folder).
 
     Returns:
         The paths written.
 
     Raises:
-        FedsegError: no runs, a bad run folder or log, or a bad target (nothing written).
+        FedsegError: no runs, a bad run folder or log, a bad target, or a missing or
+            malformed attack/audit JSON (nothing written).
     """
     if not run_dirs:
         raise FedsegError("no run folders given")
     runs = [summary.load_run(Path(d)) for d in run_dirs]
+    leakage = ([leakage_report.load_leakage(Path(p), "attack") for p in attacks]
+               + [leakage_report.load_leakage(Path(p), "audit") for p in audits])
     data = summary.summarize_runs(runs, target_dice, target_fraction)
     comparison, per_run = render_figures(runs, data["target_dice"])
-    page = render_html(data, runs, comparison, per_run)
+    leakage_figs = leakage_figures(leakage)
+    page = render_html(data, runs, comparison, per_run, leakage, leakage_figs)
     out_dir = Path(out_dir)
     figure_paths = []
-    for fig in [*comparison, *(f for figs in per_run for f in figs)]:
+    for fig in [*comparison, *(f for figs in [*per_run, *leakage_figs] for f in figs)]:
         path = out_dir / fig.filename
         _atomic_write_bytes(path, fig.png)
         figure_paths.append(path)

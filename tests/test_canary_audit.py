@@ -81,12 +81,31 @@ def test_audit_cli_rejects_bad_noise(tmp_path) -> None:
 def test_audit_cli_writes_report(tmp_path) -> None:
     import json
 
+    from fedseg.analysis import leakage_report as lr
+
     out = tmp_path / "audit"
     result = _cli(["audit", "--out", str(out), "--noise", "none,1.0", "--canaries", "4",
                    "--steps", "2", "--batch", "2", "--no-membership"])
     assert result.exit_code == 0, result.output
-    rows = json.loads((out / "audit.json").read_text())["rows"]
+    data = json.loads((out / "audit.json").read_text())
+    rows = data["rows"]
     assert [r["noise_multiplier"] for r in rows] == ["none", 1.0]
+    assert set(lr.AUDIT_ROW_KEYS) <= set(rows[0]) and rows[1]["confidence"] == 0.95
+    assert set(data["runs"][0]["canary_audit"]["timings"]) == {
+        "records", "model", "first_step", "steps", "score_and_bound"}
     assert rows[0]["epsilon_accountant"] == "inf"
     assert 0 < rows[1]["epsilon_accountant"] < 1e6
     assert (out / "audit.png").exists() and (out / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_audit_of_the_demo_model_with_adam() -> None:
+    """The demo's U-Net (levels 3, base 8, groups 4) and optimiser (Adam) run in the
+    audit; a few steps only, so the accountant's epsilon is small and the bound 0."""
+    config = ca.CanaryAuditConfig(n_canaries=4, n_patients=2, noise_multiplier=0.8,
+                                  batch_size=2, steps=3, learning_rate=0.01, levels=3,
+                                  base_filters=8, groups=4, optimizer="adam", patch=8)
+    result = ca.run_canary_audit(config)
+    assert result["config"]["optimizer"] == "adam" and result["config"]["groups"] == 4
+    assert 0.0 == result["epsilon_lower_bound"] < result["epsilon"] < math.inf
+    assert result["timings"]["steps"] > 0 and len(result["scores"]) == 4

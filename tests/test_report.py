@@ -186,3 +186,151 @@ def test_unwritable_report_folder_is_one_line_error(tmp_path: Path, runs: list[P
     blocker.write_text("not a folder")
     with pytest.raises(FedsegError, match="cannot write the report"):
         report.write_report(runs[:1], blocker / "report")
+
+
+# ------------------------------------------------ attack and audit sections (issue 6)
+
+def _study(path: Path) -> Path:
+    """A two-row study.json in the schema run_study writes, plus one of its figures."""
+    from fedseg.analysis import leakage_report as lr
+
+    rows = []
+    for sigma, corr, recognisable in ((0.0, 0.66, True), (0.543, -0.05, False)):
+        row = {"batch_size": 1, "local_steps": 5, "noise_multiplier": sigma,
+               "target_epsilon": None if sigma == 0 else 8.0, "correlation": corr,
+               "psnr": 17.8, "ssim": 0.5, "mask_dice": 0.45, "recognisable": recognisable,
+               "baseline": {"psnr": 16.0, "ssim": 0.183, "mask_dice": 0.142},
+               "settings": {"fresh_batches": True}, "seconds": 7.0}
+        assert set(lr.STUDY_ROW_KEYS) <= set(row)
+        rows.append(row)
+    lr.write_json(path / lr.STUDY_NAME, {
+        "rows": rows, "smallest_unrecognisable_sigma": 0.543, "fresh_batches": True,
+        "threshold": {"correlation": 0.2, "mask_margin": 0.1},
+        "sigma_for_epsilon": {"8.0": 0.543}})
+    lr.write_png(path / "study_noise_multiplier.png",
+                 lr.line_figure("q", "sigma", {"correlation": ([0, 0.5], [0.66, -0.05])}, "s"))
+    return path
+
+
+def _audit(path: Path) -> Path:
+    """audit.json from the real row writer, the real bound and the real ROC metrics."""
+    from fedseg.analysis import leakage_report as lr
+    from fedseg.analysis.canary_audit import audit_bound
+    from fedseg.analysis.membership import roc_metrics
+
+    included = np.array([True, False] * 16)
+    rows = []
+    for noise, scores in ((None, included.astype(float)), (1.0, np.arange(32.0))):
+        canary = {"epsilon": math.inf if noise is None else 24.2,
+                  "attack_auc": roc_metrics(scores, included)["auc"],
+                  **audit_bound(scores, included, 1e-5, 0.95)}
+        member = {a: roc_metrics(np.arange(8.0), np.arange(8) >= 4)
+                  for a in lr.MEMBERSHIP_ATTACKS}
+        rows.append(lr.audit_row(noise, canary, member if noise is None else None))
+    lr.write_json(path / lr.AUDIT_NAME, {"rows": rows, "runs": []})
+    return path
+
+
+def test_report_shows_study_and_audit(tmp_path: Path, runs: list[Path]) -> None:
+    study = _study(tmp_path / "study")
+    (tmp_path / "aud").mkdir()
+    audit = _audit(tmp_path / "aud") / "audit.json"
+    files = report.write_report(runs[:1], tmp_path / "out", attacks=[study], audits=[audit])
+    page = files.html.read_text()
+    assert "Inversion study" in page and "Privacy audit" in page
+    # the threshold and the smallest unrecognisable sigma, one row per grid point
+    assert "&ge; 0.20 or mask Dice &ge; prior + 0.10" in page
+    assert "not recognisable: <b>0.543</b>" in page
+    assert "<td>new per step</td>" in page and "<td>0.500 (0.183)</td>" in page
+    # all 16 guesses right (perfect scores): 1.230 at 95 %; accountant inf beside it
+    assert "<td>inf</td><td>1.230 (95 %)</td><td>16/16</td><td>1.000</td>" in page
+    # membership AUC 1 and TPR 1 at both FPRs for the first row, dashes for the second
+    assert page.count("<td>1.000</td>") >= 6 and "<td>—</td><td>—</td>" in page
+    copied = tmp_path / "out" / "leak1_study_noise_multiplier.png"
+    assert copied in files.figures
+    assert copied.read_bytes() == (study / "study_noise_multiplier.png").read_bytes()
+    assert page.count("data:image/png;base64,") == len(files.figures)
+
+
+def test_old_audit_without_row_confidence_is_read(tmp_path: Path, runs: list[Path]) -> None:
+    from fedseg.analysis import leakage_report as lr
+
+    path = _audit(tmp_path) / "audit.json"
+    data = json.loads(path.read_text())
+    for row in data["rows"]:
+        del row["confidence"]
+    data["runs"] = [{"canary_audit": {"confidence": 0.9}}] * 2
+    path.write_text(json.dumps(data))
+    assert [r["confidence"] for r in lr.load_leakage(path, "audit").data["rows"]] == [0.9] * 2
+
+
+@pytest.mark.parametrize(("content", "kind", "message"), [
+    (None, "audit", "no such file or folder"),
+    ("{not json", "audit", "not JSON"),
+    ('{"rows": []}', "audit", "non-empty list"),
+    ('{"rows": [{"noise_multiplier": 1.0}]}', "audit", "lacks epsilon_accountant"),
+    ('{"rows": [{"batch_size": 1}], "smallest_unrecognisable_sigma": null, '
+     '"threshold": {"correlation": 0.2, "mask_margin": 0.1}}', "attack", "lacks local_steps"),
+    ('{"note": "x"}', "attack", "lacks objective"),
+    ("[1, 2]", "attack", "expected a JSON object"),
+])
+def test_bad_leakage_json_is_one_line_error(tmp_path: Path, runs: list[Path], content: str,
+                                            kind: str, message: str) -> None:
+    path = tmp_path / ("audit.json" if kind == "audit" else "study.json")
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "out"
+    args = {"audits": [path]} if kind == "audit" else {"attacks": [path]}
+    with pytest.raises(FedsegError, match=message) as info:
+        report.write_report(runs[:1], out, **args)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_cli_analyze_with_sections_and_bad_folder(tmp_path: Path, runs: list[Path]) -> None:
+    study = _study(tmp_path / "study")
+    (tmp_path / "aud").mkdir()
+    _audit(tmp_path / "aud")
+    out = tmp_path / "cli"
+    ok = CliRunner().invoke(cli, ["analyze", str(runs[0]), "--out", str(out), "--attack",
+                                  str(study), "--audit", str(tmp_path / "aud")])
+    assert ok.exit_code == 0, ok.output
+    assert "privacy sections: 1 attack, 1 audit" in ok.output
+    assert "Privacy audit" in (out / "report.html").read_text()
+    bad = CliRunner().invoke(cli, ["analyze", str(runs[0]), "--out", str(tmp_path / "r2"),
+                                   "--audit", str(tmp_path / "study")])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1
+    assert "no audit.json in this folder" in bad.output and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.slow
+def test_real_study_and_audit_in_the_report(tmp_path: Path, runs: list[Path]) -> None:
+    """The real writers (fedseg attack study / invert / audit, tiny settings) feed the
+    report, so reader and writers cannot drift apart."""
+    invoke = CliRunner().invoke
+    result = invoke(cli, ["attack", "study", "--out", str(tmp_path / "study"),
+                          "--batch-sizes", "1", "--local-steps", "2", "--epsilons", "8",
+                          "--sigmas", "", "--iterations", "2", "--levels", "1",
+                          "--base-filters", "4", "--groups", "4"])
+    assert result.exit_code == 0, result.output
+    result = invoke(cli, ["attack", "invert", "--simulate", "--out", str(tmp_path / "inv"),
+                          "--iterations", "2", "--levels", "1", "--base-filters", "4",
+                          "--groups", "4"])
+    assert result.exit_code == 0, result.output
+    result = invoke(cli, ["audit", "--out", str(tmp_path / "audit"), "--noise", "none,1.0",
+                          "--canaries", "4", "--steps", "2", "--batch", "2",
+                          "--no-membership"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "report"
+    result = invoke(cli, ["analyze", str(runs[0]), "--out", str(out), "--attack",
+                          str(tmp_path / "study"), "--attack", str(tmp_path / "inv"),
+                          "--audit", str(tmp_path / "audit" / "audit.json")])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    # sigma 0 and the epsilon-8 sigma at batch 1 / 1 step, plus the 2-step point
+    assert page.count("<td>new per step</td>") == len(study["rows"]) == 3
+    assert "Update inversion" in page and "patches reconstructed" in page
+    assert "(95 %)" in page and "<td>none</td><td>inf</td>" in page
+    names = {p.name for p in out.glob("leak*.png")}
+    assert {"leak1_study_batch_size.png", "leak2_montage.png", "leak3_audit.png"} <= names

@@ -25,13 +25,21 @@ def _fmt(value: float | int | None, digits: int = 3) -> str:
 @click.option("--target-fraction", type=float, default=None,
               help="Target = this fraction of the final Dice of the pooled run among the "
                    "inputs.")
+@click.option("--attack", "attacks", multiple=True, type=click.Path(path_type=Path),
+              help="Result of `fedseg attack study|invert` (study.json / results.json or "
+                   "its --out folder), shown as a section; repeatable.")
+@click.option("--audit", "audits", multiple=True, type=click.Path(path_type=Path),
+              help="Result of `fedseg audit` (audit.json or its --out folder), shown as a "
+                   "section; repeatable.")
 def analyze(run_dirs: tuple[Path, ...], out_dir: Path, target_dice: float | None,
-            target_fraction: float | None) -> None:
+            target_fraction: float | None, attacks: tuple[Path, ...],
+            audits: tuple[Path, ...]) -> None:
     """Summarise and plot the round logs of RUN_DIRS (runs/<name> folders)."""
     # Imported here so `fedseg --help` does not pay for matplotlib.
     from fedseg.analysis.report import write_report
 
-    files = write_report(list(run_dirs), out_dir, target_dice, target_fraction)
+    files = write_report(list(run_dirs), out_dir, target_dice, target_fraction,
+                         attacks=list(attacks), audits=list(audits))
     data = json.loads(files.summary.read_text())
     click.echo(f"target: {data['target_source']}")
     click.echo(f"{'run':<24} {'kind':<10} {'rounds':>6} {'final':>7} {'best':>7} "
@@ -40,6 +48,8 @@ def analyze(run_dirs: tuple[Path, ...], out_dir: Path, target_dice: float | None
         click.echo(f"{entry['name'][:24]:<24} {entry['kind']:<10} {entry['last_round']:>6} "
                    f"{_fmt(entry['final_dice_mean']):>7} {_fmt(entry['best_dice_mean']):>7} "
                    f"{_fmt(entry['dice_auc']):>7} {_fmt(entry['rounds_to_target']):>9}")
+    if attacks or audits:
+        click.echo(f"privacy sections: {len(attacks)} attack, {len(audits)} audit")
     click.echo(f"wrote {files.html}, {files.summary} and {len(files.figures)} figures")
 
 

@@ -3,7 +3,9 @@
 Per noise multiplier (``none`` = non-private baseline) it trains the tiny U-Net once with
 canaries (Steinke et al. 2023 one-run audit) and, unless ``--no-membership``, runs the
 loss-threshold and offline LiRA membership attacks; it writes audit.json, audit.png and
-report.html under ``--out``.
+report.html under ``--out`` (``fedseg analyze --audit`` puts them into the run report).
+The model and optimiser options default to the tiny audit model; the demo's is
+``--levels 3 --base-filters 8 --groups 4 --patch 32 --optimizer adam --lr 0.01``.
 """
 
 from __future__ import annotations
@@ -54,37 +56,45 @@ def _noises(text: str) -> list[float | None]:
 @click.option("--shadow", "n_shadow", type=int, default=3, show_default=True,
               help="Shadow models for offline LiRA.")
 @click.option("--no-membership", is_flag=True, help="Skip the membership attacks.")
+@click.option("--patients", "n_patients", type=int, default=4, show_default=True,
+              help="Ordinary (always included) patients beside the canaries.")
+@click.option("--levels", type=int, default=2, show_default=True, help="U-Net levels.")
+@click.option("--base-filters", type=int, default=4, show_default=True,
+              help="U-Net channels at the first level.")
+@click.option("--groups", type=int, default=8, show_default=True,
+              help="U-Net GroupNormalization groups.")
+@click.option("--patch", type=int, default=8, show_default=True, help="Cubic patch side.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd",
+              show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def audit(out: Path, noise_text: str, canaries: int, steps: int, batch_size: int,
           learning_rate: float, l2_norm_clip: float, delta: float, confidence: float,
-          n_shadow: int, no_membership: bool, seed: int) -> None:
+          n_shadow: int, no_membership: bool, n_patients: int, levels: int,
+          base_filters: int, groups: int, patch: int, optimizer: str, seed: int) -> None:
     """Empirical epsilon lower bound (one-run canary audit) and membership AUC."""
     from fedseg.analysis import leakage_report as lr
     from fedseg.analysis.canary_audit import CanaryAuditConfig, run_canary_audit
     from fedseg.analysis.membership import MembershipConfig, run_membership
 
+    model = {"levels": levels, "base_filters": base_filters, "groups": groups,
+             "patch": patch, "optimizer": optimizer}
     rows = []
     details = []
     for noise in _noises(noise_text):
         canary = run_canary_audit(CanaryAuditConfig(
-            n_canaries=canaries, noise_multiplier=noise, l2_norm_clip=l2_norm_clip,
-            batch_size=batch_size, steps=steps, learning_rate=learning_rate, delta=delta,
-            confidence=confidence, seed=seed))
-        row = {"noise_multiplier": "none" if noise is None else noise,
-               "epsilon_accountant": canary["epsilon"],
-               "epsilon_lower_bound": canary["epsilon_lower_bound"],
-               "canary_correct": f"{canary['v']}/{canary['r']}",
-               "canary_auc": canary["attack_auc"]}
+            n_canaries=canaries, n_patients=n_patients, noise_multiplier=noise,
+            l2_norm_clip=l2_norm_clip, batch_size=batch_size, steps=steps,
+            learning_rate=learning_rate, delta=delta, confidence=confidence, seed=seed,
+            **model))
         entry = {"canary_audit": canary}
+        member = None
         if not no_membership:
             member = run_membership(MembershipConfig(
                 n_shadow=n_shadow, noise_multiplier=noise, steps=steps,
                 batch_size=min(batch_size, 8), learning_rate=learning_rate,
-                l2_norm_clip=l2_norm_clip, delta=delta, seed=seed))
+                l2_norm_clip=l2_norm_clip, delta=delta, seed=seed, **model))
             entry["membership"] = member
-            for attack_name in ("loss_threshold", "lira_offline"):
-                for key, value in member[attack_name].items():
-                    row[f"{attack_name}_{key}"] = value
+        row = lr.audit_row(noise, canary, member)
         rows.append(row)
         details.append(entry)
         click.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
