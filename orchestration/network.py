@@ -9,6 +9,7 @@ One network lives in one folder (its root)::
     root/postgres/            managed PostgreSQL data (statestore: postgres-managed)
     root/logs/<name>.log      one log per process
     root/fedn-home/           FEDN_HOME_DIR of the server processes
+    root/models/<combiner>/   each combiner's temporary model files (FEDN_MODEL_DIR)
 
 Processes: stores we run (moto, postgres), the hooks service (optional), the API
 server, the combiners. fedn's servers are started through
@@ -43,7 +44,7 @@ STATESTORES = ("sqlite", "postgres-managed", "postgres-url")
 S3_KINDS = ("moto", "url")
 # Environment variables of ours that must not leak into fedn's processes from the caller.
 _FEDN_ENV_DROP = ("STATESTORE_CONFIG", "MODELSTORAGE_CONFIG", "FEDN_JWT_SECRET_KEY",
-                  "FEDN_AUTH_TOKEN", "HOOK_SERVICE_HOST", "OTEL_SERVICE_NAME",
+                  "FEDN_MODEL_DIR", "FEDN_AUTH_TOKEN", "HOOK_SERVICE_HOST", "OTEL_SERVICE_NAME",
                   "FEDN_CUSTOM_URL_PREFIX", "FEDN_AUTH_WHITELIST_URL_PREFIX")
 
 
@@ -363,6 +364,11 @@ def _fedn_env(root: Path, settings: Path, extra: dict[str, str]) -> dict[str, st
     return env
 
 
+def combiner_model_dir(root: Path, name: str) -> Path:
+    """``<root>/models/<combiner>``: the combiner's temporary model files (FEDN_MODEL_DIR)."""
+    return root / "models" / name
+
+
 def _launch_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedseg.orchestration.fedn_launch", *args]
 
@@ -506,10 +512,18 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
     combiner_extra = {"HOOK_SERVICE_HOST": hooks_host} if hooks_host else {}
     combiner_records = []
     for spec in config.combiners:
+        # Each combiner its own model folder: fedn's default /tmp/models is shared by
+        # every combiner on the machine, and a combiner deletes the round's global model
+        # file when its round ends - while another one may still be reading it (seen
+        # here: FileNotFoundError killed combiner-2's round thread; the session hung).
+        models = combiner_model_dir(root, spec.name)
+        models.mkdir(parents=True, exist_ok=True)
         record = ports.spawn(spec.name, _launch_argv("combiner", "--name", spec.name,
                                                      "--port", str(spec.port)),
                              cwd=root, log=root / "logs" / f"{spec.name}.log",
-                             env=_fedn_env(root, settings, combiner_extra), port=spec.port)
+                             env=_fedn_env(root, settings, {**combiner_extra,
+                                                            "FEDN_MODEL_DIR": str(models)}),
+                             port=spec.port)
         started.append(record)
         combiner_records.append((spec, record))
     for spec, record in combiner_records:

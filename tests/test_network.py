@@ -30,6 +30,7 @@ from fedseg.orchestration.network import (
     CombinerSpec,
     NetworkConfig,
     NetworkState,
+    combiner_model_dir,
     load_network_state,
     network_down,
     network_status,
@@ -395,6 +396,12 @@ def test_two_combiners_with_auth_and_hooks_run_two_rounds(auth_net: NetworkState
     rounds = client.get_rounds()["result"]
     # Both combiners took part in every round of the session.
     assert all(len(r["combiners"]) == 2 for r in rounds), rounds
+    # Each combiner keeps its temporary model files in a folder of its own (fedn's
+    # shared default let one combiner delete the other's global model mid-round).
+    dirs = {c.name: psutil.Process(c.pid).environ()["FEDN_MODEL_DIR"]
+            for c in auth_net.combiners}
+    assert dirs == {c.name: str(combiner_model_dir(auth_net.root, c.name))
+                    for c in auth_net.combiners}
     # The hooks service sent step 3 to every client in both rounds.
     weights = final_weights(auth_net, session_id, tmp_path)
     np.testing.assert_allclose(weights[1], seed_weights()[1] + 6.0)
