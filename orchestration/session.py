@@ -53,7 +53,15 @@ def build_package(src: Path, out: Path) -> Path:
     os.close(fd)
     try:
         # fedn's packer logs errors instead of raising: check the result ourselves.
-        create_tar_with_ignore(str(src), tmp)
+        # It also logs every file at DEBUG, and fedn's logger is at DEBUG with its own
+        # stderr handler from import on: quiet it for this call only.
+        fedn_logger = logging.getLogger("fedn")
+        level = fedn_logger.level
+        fedn_logger.setLevel(max(level, logging.INFO))
+        try:
+            create_tar_with_ignore(str(src), tmp)
+        finally:
+            fedn_logger.setLevel(level)
         with tarfile.open(tmp, "r:gz") as tar:
             if "fedn.yaml" not in tar.getnames():
                 raise FedsegError(f"{src}: packing failed (no fedn.yaml in {out.name})")

@@ -33,14 +33,22 @@ def test_hook_source_differs_per_session_so_fedn_rebuilds_it() -> None:
         server_functions_source([], "a")
 
 
-def test_build_package_honours_fednignore(tmp_path: Path) -> None:
+def test_build_package_honours_fednignore(tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     src = tmp_path / "pkg"
     (src / "sub").mkdir(parents=True)
     (src / "fedn.yaml").write_text("entry_points: {}\n")
     (src / "sub" / "keep.py").write_text("x = 1\n")
     (src / "sub" / "drop.pyc").write_bytes(b"\0")
     (src / ".fednignore").write_text("*.pyc\n")
-    out = build_package(src, tmp_path / "out" / "package.tgz")
+    level = logging.getLogger("fedn").level
+    with caplog.at_level(logging.DEBUG):
+        out = build_package(src, tmp_path / "out" / "package.tgz")
+    # fedn logs every packed file at DEBUG: kept out of a run's output, level restored.
+    assert not [r for r in caplog.records if "Adding file" in r.getMessage()]
+    assert logging.getLogger("fedn").level == level
     with tarfile.open(out) as tar:
         names = set(tar.getnames())
     assert {"fedn.yaml", "sub/keep.py"} <= names and "sub/drop.pyc" not in names
