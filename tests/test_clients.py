@@ -206,3 +206,20 @@ def test_adapter_keeps_updates_only_when_asked(tmp_path: Path) -> None:
     assert record["training_metadata"]["num_examples"] == 40
     assert sorted(p.name for p in folder.iterdir()) == [
         "update-1.json", "update-1.npz", "update-2.json", "update-2.npz"]
+
+
+def test_cli_clients_status_lists_each_client_with_its_fedn_id(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    spec = clients_mod.ClientSpec("c1", data, env={"PYTHONPATH": str(TESTS)})
+    # Nothing listens on port 9: the client keeps retrying the API, i.e. stays alive.
+    handle = clients_mod.start_client(tmp_path, spec, api_url="http://127.0.0.1:9/",
+                                      app=TOY_APP)
+    try:
+        assert clients_mod.load_clients(tmp_path)[0].client_id == handle.client_id
+        code, out = _cli(["clients", "status", "--root", str(tmp_path)])
+        assert code == 0 and out.startswith("c1 ") and f"id {handle.client_id}" in out
+        assert " alive " in out
+    finally:
+        clients_mod.stop_clients(tmp_path)
+    assert _cli(["clients", "status", "--root", str(tmp_path)]) == (0, "no clients recorded\n")

@@ -138,13 +138,15 @@ def clients_down(root: Path) -> None:
               help="Folder holding clients/.")
 def clients_status(root: Path) -> None:
     """List the recorded clients."""
-    from fedseg.orchestration.clients import client_status
+    from fedseg.orchestration import ports
+    from fedseg.orchestration.clients import load_clients
 
-    rows = client_status(root.resolve())
-    if not rows:
+    handles = load_clients(root.resolve())
+    if not handles:
         click.echo("no clients recorded")
-    for name, route, alive, log in rows:
-        click.echo(f"{name:<14} {route:<8} {'alive' if alive else 'stopped':<7} log {log}")
+    for h in handles:
+        state = "alive" if ports.is_alive(h.record) else "stopped"
+        click.echo(f"{h.name:<14} {h.route:<8} {state:<7} id {h.client_id or '-'}  log {h.log}")
 
 
 @click.command("demo")
