@@ -116,7 +116,8 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_experiment(listy)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted([*(REPO / "experiments").glob("*.yaml"),
+                                         *(REPO / "experiments" / "studies").glob("*.yaml")]),
                          ids=lambda p: p.name)
 def test_shipped_examples_are_valid(path: Path) -> None:
     exp = load_experiment(path)

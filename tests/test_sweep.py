@@ -288,3 +288,9 @@ def test_shipped_sweep_example_loads(repo_root: Path) -> None:
     sweep = load_sweep(repo_root / "experiments" / "sweeps" / "sweep-epsilon.yaml")
     assert sweep.base.name == "fedavg-dp-budget" and sweep.baselines == ("pooled", "local")
     assert len(expand_grid(sweep)) == 4
+
+
+def test_shipped_study_sweep_loads(repo_root: Path) -> None:
+    sweep = load_sweep(repo_root / "experiments" / "sweeps" / "study-dp-rounds.yaml")
+    assert sweep.base.name == "noniid-dp" and sweep.baselines == ("pooled", "local")
+    assert [p["target_epsilon"] for p in expand_grid(sweep)] == [2, 8, float("inf")]
