@@ -544,8 +544,8 @@ def prior_baseline(true_images: np.ndarray, true_labels: np.ndarray,
         prior_labels: their label maps.
 
     Returns:
-        psnr / ssim of the mean prior patch and mask_dice of the voxelwise most common
-        prior label, averaged over the true batch.
+        psnr / ssim / correlation of the mean prior patch and mask_dice of the voxelwise
+        most common prior label, averaged over the true patches.
     """
     mean_patch = prior_images.mean(axis=0)
     counts = np.stack([(prior_labels == k).sum(axis=0) for k in range(N_CLASSES)])
@@ -554,6 +554,7 @@ def prior_baseline(true_images: np.ndarray, true_labels: np.ndarray,
     return {
         "psnr": float(np.mean([psnr(mean_patch, t) for t in true_images])),
         "ssim": float(np.mean([ssim3d(mean_patch, t) for t in true_images])),
+        "correlation": float(np.mean([correlation(mean_patch, t) for t in true_images])),
         "mask_dice": float(np.nanmean(dices)) if not all(map(math.isnan, dices))
         else math.nan,
     }
@@ -561,11 +562,14 @@ def prior_baseline(true_images: np.ndarray, true_labels: np.ndarray,
 
 # ------------------------------------------------------------- simulated client, study
 
-# A reconstruction is called recognisable when its CT patch correlates with the truth at
-# least this much (visible structure: organ boundaries line up; the attack cannot see a
-# global intensity offset/scale, hence correlation rather than PSNR) or its masks beat
-# the prior's most-common-label guess by MASK_MARGIN Dice.
-RECOGNISABLE_CORRELATION: float = 0.2
+# A reconstruction is called recognisable when it shows the patient beyond what the
+# population prior shows: its CT patch correlates with the truth at least
+# CORRELATION_MARGIN more than the prior's mean patch does (visible structure: organ
+# boundaries line up; the attack cannot see a global intensity offset/scale, hence
+# correlation rather than PSNR), or its masks beat the prior's most-common-label guess by
+# MASK_MARGIN Dice. Relative, because the mean patch alone already correlates 0.16-0.27
+# with a phantom patch (measured on the study's patches).
+CORRELATION_MARGIN: float = 0.1
 MASK_MARGIN: float = 0.1
 PRIOR_PATCHES: int = 8  # other patients' patches the attacker's prior is made of
 
@@ -635,9 +639,9 @@ def simulate_client(config: UNetConfig, settings: ClientSettings,
 
 
 def recognisable(metrics: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
-    """The stated threshold (see RECOGNISABLE_CORRELATION and MASK_MARGIN)."""
+    """The stated threshold (see CORRELATION_MARGIN and MASK_MARGIN)."""
     mask_gain = metrics["mask_dice"] - baseline["mask_dice"]
-    return bool(metrics["correlation"] >= RECOGNISABLE_CORRELATION
+    return bool(metrics["correlation"] - baseline["correlation"] >= CORRELATION_MARGIN
                 or (math.isfinite(mask_gain) and mask_gain >= MASK_MARGIN))
 
 
@@ -689,8 +693,8 @@ class StudyGrid:
             to locate where reconstructions stop being recognisable.
     """
 
-    batch_sizes: tuple[int, ...] = (1, 2, 4)
-    local_steps: tuple[int, ...] = (1, 5)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    local_steps: tuple[int, ...] = (1, 5, 20)
     epsilons: tuple[float, ...] = (8.0, 4.0, 1.0)
     sigmas: tuple[float, ...] = (0.001, 0.01, 0.1)
     schedule: tuple[int, int, int, float] = (100, 4, 100, 1e-3)
@@ -748,6 +752,6 @@ def run_study(config: UNetConfig, grid: StudyGrid, attack: AttackConfig, patch: 
         "sigma_for_epsilon": {str(k): v for k, v in sigmas.items()},
         "schedule": {"patients": n, "batch_size": b, "steps": t, "delta": delta},
         "smallest_unrecognisable_sigma": threshold,
-        "threshold": {"correlation": RECOGNISABLE_CORRELATION, "mask_margin": MASK_MARGIN},
+        "threshold": {"correlation_margin": CORRELATION_MARGIN, "mask_margin": MASK_MARGIN},
         "fresh_batches": fresh_batches,
     }

@@ -173,8 +173,11 @@ STUDY_KEYS: tuple[str, ...] = ("rows", "smallest_unrecognisable_sigma", "thresho
 STUDY_ROW_KEYS: tuple[str, ...] = (
     "batch_size", "local_steps", "noise_multiplier", "target_epsilon", "correlation",
     "psnr", "ssim", "mask_dice", "recognisable", "baseline")
-BASELINE_KEYS: tuple[str, ...] = ("psnr", "ssim", "mask_dice")
-THRESHOLD_KEYS: tuple[str, ...] = ("correlation", "mask_margin")
+BASELINE_KEYS: tuple[str, ...] = ("psnr", "ssim", "mask_dice")  # + correlation since v2
+# correlation_margin: recognisable = correlation >= the prior's + margin (current);
+# studies written before it carry an absolute "correlation" threshold instead.
+THRESHOLD_KEYS: tuple[str, ...] = ("mask_margin",)
+CORRELATION_THRESHOLD_KEYS: tuple[str, ...] = ("correlation_margin", "correlation")
 INVERT_KEYS: tuple[str, ...] = ("objective", "seconds", "settings")
 AUDIT_ROW_KEYS: tuple[str, ...] = (
     "noise_multiplier", "epsilon_accountant", "epsilon_lower_bound", "confidence",
@@ -247,6 +250,8 @@ def _number(value: Any, source: Path, where: str, none_ok: bool = True) -> None:
 def _check_study(data: Mapping[str, Any], source: Path) -> None:
     _need(data, STUDY_KEYS, source, "the study")
     _need(data["threshold"], THRESHOLD_KEYS, source, "threshold")
+    if not any(k in data["threshold"] for k in CORRELATION_THRESHOLD_KEYS):
+        raise FedsegError(f"{source}: threshold lacks correlation_margin")
     rows = data["rows"]
     if not isinstance(rows, list) or not rows:
         raise FedsegError(f"{source}: rows must be a non-empty list")

@@ -240,21 +240,26 @@ def _study_section(result: leakage_report.LeakageResult) -> str:
         fresh = r.get("settings", {}).get("fresh_batches", data.get("fresh_batches", False))
         rows.append((r["batch_size"], r["local_steps"],
                      "new per step" if fresh else "same every step",
-                     r["noise_multiplier"], r["target_epsilon"], r["correlation"],
+                     r["noise_multiplier"], r["target_epsilon"],
+                     _pair(r["correlation"], b.get("correlation")),
                      _pair(r["ssim"], b["ssim"]), _pair(r["mask_dice"], b["mask_dice"]),
                      _pair(r["psnr"], b["psnr"]), "yes" if r["recognisable"] else "no"))
     sigma = data["smallest_unrecognisable_sigma"]
     sigmas = data.get("sigma_for_epsilon", {})
     calibrated = ", ".join(f"epsilon {k}: sigma {_fmt(v)}" for k, v in sigmas.items())
+    if "correlation_margin" in threshold:
+        rule = f"prior + {_fmt(threshold['correlation_margin'], 2)}"
+    else:  # studies written before the threshold was relative to the prior
+        rule = _fmt(threshold["correlation"], 2)
     return "\n".join([
         f"<p>Recognisable = correlation with the true CT patch &ge; "
-        f"{html.escape(_fmt(threshold['correlation'], 2))} or mask Dice &ge; prior + "
+        f"{html.escape(rule)} or mask Dice &ge; prior + "
         f"{html.escape(_fmt(threshold['mask_margin'], 2))}. Smallest noise multiplier tried "
         f"whose reconstruction is not recognisable: <b>{html.escape(_fmt(sigma))}</b>"
         + (f"; calibrated noise {html.escape(calibrated)}" if calibrated else "")
         + ". (prior) = the mean patch / most common labels of other patients.</p>",
         _table(("batch", "local steps", "batches", "noise multiplier", "target epsilon",
-                "correlation", "SSIM (prior)", "mask Dice (prior)", "PSNR dB (prior)",
+                "correlation (prior)", "SSIM (prior)", "mask Dice (prior)", "PSNR dB (prior)",
                 "recognisable"), rows),
     ])
 
@@ -267,7 +272,9 @@ def _invert_section(result: leakage_report.LeakageResult) -> str:
         ("local steps", settings.get("local_steps")),
         ("patches reconstructed", data.get("n_patches")),
         ("noise multiplier", data.get("noise_multiplier")),
-        ("correlation", data.get("correlation")),
+        ("correlation (prior)", _pair(data["correlation"],
+                                      data["baseline"].get("correlation"))
+         if "correlation" in data else None),
         ("SSIM (prior)", _pair(data["ssim"], data["baseline"]["ssim"]) if "ssim" in data
          else None),
         ("mask Dice (prior)", _pair(data["mask_dice"], data["baseline"]["mask_dice"])

@@ -245,3 +245,16 @@ def test_study_cli_small_grid(tmp_path) -> None:
     assert (out / "report.html").exists() and (out / "study_noise_multiplier.png").exists()
     bad = _cli(["attack", "study", "--out", str(tmp_path / "bad"), "--batch-sizes", "0"])
     assert bad.exit_code == 1 and "--batch-sizes" in bad.output
+
+
+@pytest.mark.parametrize("corr,prior_corr,dice,prior_dice,expected", [
+    (0.66, 0.25, 0.45, 0.14, True),  # both well above the prior
+    (0.30, 0.25, 0.20, 0.14, False),  # above 0.2 but no better than the mean patch
+    (0.36, 0.25, 0.10, 0.14, True),  # correlation margin 0.11
+    (0.10, 0.25, 0.25, 0.14, True),  # mask margin 0.11
+    (0.10, 0.25, math.nan, 0.14, False),  # no mask score
+])
+def test_recognisable_is_relative_to_the_prior(corr, prior_corr, dice, prior_dice,
+                                               expected: bool) -> None:
+    assert inv.recognisable({"correlation": corr, "mask_dice": dice},
+                            {"correlation": prior_corr, "mask_dice": prior_dice}) is expected

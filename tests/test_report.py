@@ -190,8 +190,9 @@ def test_unwritable_report_folder_is_one_line_error(tmp_path: Path, runs: list[P
 
 # ------------------------------------------------ attack and audit sections (issue 6)
 
-def _study(path: Path) -> Path:
-    """A two-row study.json in the schema run_study writes, plus one of its figures."""
+def _study(path: Path, old: bool = False) -> Path:
+    """A two-row study.json in the schema run_study writes, plus one of its figures
+    (old: as written before the threshold became relative to the prior)."""
     from fedseg.analysis import leakage_report as lr
 
     rows = []
@@ -199,13 +200,15 @@ def _study(path: Path) -> Path:
         row = {"batch_size": 1, "local_steps": 5, "noise_multiplier": sigma,
                "target_epsilon": None if sigma == 0 else 8.0, "correlation": corr,
                "psnr": 17.8, "ssim": 0.5, "mask_dice": 0.45, "recognisable": recognisable,
-               "baseline": {"psnr": 16.0, "ssim": 0.183, "mask_dice": 0.142},
+               "baseline": {"psnr": 16.0, "ssim": 0.183, "mask_dice": 0.142,
+                            "correlation": 0.25},
                "settings": {"fresh_batches": True}, "seconds": 7.0}
         assert set(lr.STUDY_ROW_KEYS) <= set(row)
         rows.append(row)
     lr.write_json(path / lr.STUDY_NAME, {
         "rows": rows, "smallest_unrecognisable_sigma": 0.543, "fresh_batches": True,
-        "threshold": {"correlation": 0.2, "mask_margin": 0.1},
+        "threshold": ({"correlation": 0.2} if old else {"correlation_margin": 0.1})
+        | {"mask_margin": 0.1},
         "sigma_for_epsilon": {"8.0": 0.543}})
     lr.write_png(path / "study_noise_multiplier.png",
                  lr.line_figure("q", "sigma", {"correlation": ([0, 0.5], [0.66, -0.05])}, "s"))
@@ -239,9 +242,10 @@ def test_report_shows_study_and_audit(tmp_path: Path, runs: list[Path]) -> None:
     page = files.html.read_text()
     assert "Inversion study" in page and "Privacy audit" in page
     # the threshold and the smallest unrecognisable sigma, one row per grid point
-    assert "&ge; 0.20 or mask Dice &ge; prior + 0.10" in page
+    assert "&ge; prior + 0.10 or mask Dice &ge; prior + 0.10" in page
     assert "not recognisable: <b>0.543</b>" in page
     assert "<td>new per step</td>" in page and "<td>0.500 (0.183)</td>" in page
+    assert "<td>0.660 (0.250)</td>" in page
     # all 16 guesses right (perfect scores): 1.230 at 95 %; accountant inf beside it
     assert "<td>inf</td><td>1.230 (95 %)</td><td>16/16</td><td>1.000</td>" in page
     # membership AUC 1 and TPR 1 at both FPRs for the first row, dashes for the second
@@ -250,6 +254,12 @@ def test_report_shows_study_and_audit(tmp_path: Path, runs: list[Path]) -> None:
     assert copied in files.figures
     assert copied.read_bytes() == (study / "study_noise_multiplier.png").read_bytes()
     assert page.count("data:image/png;base64,") == len(files.figures)
+
+
+def test_old_study_threshold_is_shown(tmp_path: Path, runs: list[Path]) -> None:
+    files = report.write_report(runs[:1], tmp_path / "out",
+                                attacks=[_study(tmp_path / "s", old=True)])
+    assert "&ge; 0.20 or mask Dice &ge; prior + 0.10" in files.html.read_text()
 
 
 def test_old_audit_without_row_confidence_is_read(tmp_path: Path, runs: list[Path]) -> None:
@@ -270,7 +280,10 @@ def test_old_audit_without_row_confidence_is_read(tmp_path: Path, runs: list[Pat
     ('{"rows": []}', "audit", "non-empty list"),
     ('{"rows": [{"noise_multiplier": 1.0}]}', "audit", "lacks epsilon_accountant"),
     ('{"rows": [{"batch_size": 1}], "smallest_unrecognisable_sigma": null, '
-     '"threshold": {"correlation": 0.2, "mask_margin": 0.1}}', "attack", "lacks local_steps"),
+     '"threshold": {"correlation_margin": 0.1, "mask_margin": 0.1}}', "attack",
+     "lacks local_steps"),
+    ('{"rows": [], "smallest_unrecognisable_sigma": null, "threshold": {"mask_margin": 0.1}}',
+     "attack", "lacks correlation_margin"),
     ('{"note": "x"}', "attack", "lacks objective"),
     ("[1, 2]", "attack", "expected a JSON object"),
 ])
