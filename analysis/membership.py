@@ -130,8 +130,9 @@ def phantom_patches(n: int, patch: int, seed: int) -> tuple[np.ndarray, np.ndarr
             np.stack([p[1] for p in pairs]).astype(np.int32))
 
 
-def _train(config: MembershipConfig, images: np.ndarray, labels: np.ndarray, seed: int
-           ) -> Any:
+def _train(config: MembershipConfig, images: np.ndarray, labels: np.ndarray, seed: int,
+           timings: dict[str, float]) -> Any:
+    """Train one model; add its first step (tracing) and other steps to ``timings``."""
     from fedseg_clinic.dp_sgd import DPConfig, DPTrainer, poisson_sample
     from fedseg_clinic.losses import per_example_loss
     from fedseg_clinic.model import UNetConfig, build_unet
@@ -145,9 +146,12 @@ def _train(config: MembershipConfig, images: np.ndarray, labels: np.ndarray, see
     trainer = DPTrainer(model, per_example_loss, dp, seed=seed)
     rng = np.random.default_rng([seed, 3])
     known = np.ones((len(images), 7), np.float32)
-    for _ in range(config.steps):
+    for step in range(config.steps):
+        mark = time.perf_counter()
         chosen = poisson_sample(len(images), config.batch_size, rng)
         trainer.step(images[chosen], labels[chosen], known[chosen])
+        phase = "first_steps" if step == 0 else "steps"
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - mark
     return model
 
 
@@ -157,7 +161,8 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
     Returns:
         JSON-ready dict with loss-threshold and LiRA metrics (auc, TPR at FPRs), the
         accountant's epsilon of the target's schedule, seconds and timings (seconds:
-        target = phantoms, training and scoring of the target; shadows = all shadows).
+        target = phantoms, training and scoring of the target; shadows = all shadows;
+        first_steps / steps = the models' first (tracing) and other training steps).
     """
     from fedseg_clinic.accounting import compute_epsilon
     from fedseg_clinic.losses import per_example_loss
@@ -170,7 +175,8 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
     rng = np.random.default_rng([config.seed, 4])
     member = np.zeros(config.n_targets, bool)
     member[rng.permutation(config.n_targets)[: config.n_targets // 2]] = True
-    target = _train(config, images[member], labels[member], config.seed)
+    step_timings: dict[str, float] = {}
+    target = _train(config, images[member], labels[member], config.seed, step_timings)
     known = np.ones((config.n_targets, 7), np.float32)
     probs = target(tf.constant(images), training=False).numpy()
     loss = np.asarray(per_example_loss(labels, probs, known))
@@ -180,10 +186,11 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
     for k in range(config.n_shadow):
         shadow_seed = config.seed + 1000 * (k + 1)
         s_images, s_labels = phantom_patches(len(images) // 2, config.patch, shadow_seed)
-        shadow = _train(config, s_images, s_labels, shadow_seed)
+        shadow = _train(config, s_images, s_labels, shadow_seed, step_timings)
         shadow_stats.append(confidence_statistic(
             shadow(tf.constant(images), training=False).numpy(), labels))
     timings["shadows"] = time.perf_counter() - started - timings["target"]
+    timings.update(step_timings)
     lira = lira_offline_scores(target_stat, np.stack(shadow_stats))
     n_train = int(member.sum())
     epsilon = math.inf if config.noise_multiplier is None else compute_epsilon(

@@ -54,3 +54,16 @@ def test_non_private_model_leaks_membership() -> None:
     result = mi.run_membership(mi.MembershipConfig(n_targets=16, n_shadow=3))
     assert result["loss_threshold"]["auc"] > 0.7
     assert result["lira_offline"]["auc"] > 0.7
+
+
+@pytest.mark.slow
+def test_membership_reports_phase_timings_with_adam() -> None:
+    config = mi.MembershipConfig(n_targets=4, n_shadow=1, steps=2, batch_size=1,
+                                 learning_rate=0.01, groups=4, optimizer="adam")
+    result = mi.run_membership(config)
+    timings = result["timings"]
+    assert set(timings) == {"target", "shadows", "first_steps", "steps"}
+    # two models, each with one traced first step and one further step
+    assert 0 < timings["steps"] < timings["first_steps"] + timings["steps"] \
+        <= timings["target"] + timings["shadows"]
+    assert 0.0 <= result["lira_offline"]["auc"] <= 1.0

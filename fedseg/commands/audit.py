@@ -56,6 +56,9 @@ def _noises(text: str) -> list[float | None]:
 @click.option("--shadow", "n_shadow", type=int, default=3, show_default=True,
               help="Shadow models for offline LiRA.")
 @click.option("--no-membership", is_flag=True, help="Skip the membership attacks.")
+@click.option("--membership-batch", type=int, default=None,
+              help="Expected batch of the membership target and shadows (8 members each); "
+                   "default min(--batch, 8).")
 @click.option("--patients", "n_patients", type=int, default=4, show_default=True,
               help="Ordinary (always included) patients beside the canaries.")
 @click.option("--levels", type=int, default=2, show_default=True, help="U-Net levels.")
@@ -69,7 +72,8 @@ def _noises(text: str) -> list[float | None]:
 @click.option("--seed", type=int, default=0, show_default=True)
 def audit(out: Path, noise_text: str, canaries: int, steps: int, batch_size: int,
           learning_rate: float, l2_norm_clip: float, delta: float, confidence: float,
-          n_shadow: int, no_membership: bool, n_patients: int, levels: int,
+          n_shadow: int, no_membership: bool, membership_batch: int | None,
+          n_patients: int, levels: int,
           base_filters: int, groups: int, patch: int, optimizer: str, seed: int) -> None:
     """Empirical epsilon lower bound (one-run canary audit) and membership AUC."""
     from fedseg.analysis import leakage_report as lr
@@ -91,7 +95,8 @@ def audit(out: Path, noise_text: str, canaries: int, steps: int, batch_size: int
         if not no_membership:
             member = run_membership(MembershipConfig(
                 n_shadow=n_shadow, noise_multiplier=noise, steps=steps,
-                batch_size=min(batch_size, 8), learning_rate=learning_rate,
+                batch_size=membership_batch or min(batch_size, 8),
+                learning_rate=learning_rate,
                 l2_norm_clip=l2_norm_clip, delta=delta, seed=seed, **model))
             entry["membership"] = member
         row = lr.audit_row(noise, canary, member)
