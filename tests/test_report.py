@@ -163,7 +163,10 @@ def test_cli_names_the_missing_log(tmp_path: Path) -> None:
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent "
                     "(apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tmp_path: Path, runs: list[Path]) -> None:
-    files = report.write_report(runs, tmp_path / "report", target_fraction=0.5)
+    (tmp_path / "aud").mkdir()
+    files = report.write_report(runs, tmp_path / "report", target_fraction=0.5,
+                                attacks=[_study(tmp_path / "study")],
+                                audits=[_audit(tmp_path / "aud")])
     shot = tmp_path / "shot.png"
     proc = subprocess.run(
         [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
