@@ -424,6 +424,82 @@ def merge_round_combiners() -> None:
     SQLRoundStore._update_orm_model_from_dto = update_keeping_reports
 
 
+# --- bug 12 ------------------------------------------------------------------------------
+
+REPORT_GRACE_S = 20.0
+
+
+def bound_report_wait(grace_s: float = REPORT_GRACE_S) -> None:
+    """End a round whose combiner never reports, instead of waiting forever.
+
+    Symptom (bug 12): after a round's combiners are done or the round timed out, the
+    controller waits for every participating combiner's report in the state store with
+    ``@retry(wait=..., retry=retry_if_exception_type(KeyError))`` - no stop condition.
+    A combiner that died mid-round never reports: the session thread loops forever,
+    the session stays "Started" and the controller runs no other session.
+
+    Fix, in the API process: a ``tenacity.retry`` in fedn's controller module that has no
+    ``stop`` gets ``stop_after_delay(grace_s)`` (reports normally land within a second),
+    and ``Control.round`` turns the resulting ``tenacity.RetryError`` into a failed round,
+    as fedn does for its other round failures; the session goes on with the next round
+    and the combiners still alive.
+
+    Args:
+        grace_s: Seconds to wait for combiner reports once the round is over.
+    """
+    import tenacity
+    from fedn.network.controller import control
+
+    original_retry = getattr(control.retry, "__wrapped__", control.retry)
+
+    def retry_with_stop(*args: Any, **kwargs: Any) -> Any:
+        if not args and "stop" not in kwargs:
+            kwargs["stop"] = tenacity.stop_after_delay(grace_s)
+        return original_retry(*args, **kwargs)
+
+    retry_with_stop.__wrapped__ = original_retry  # type: ignore[attr-defined]
+    control.retry = retry_with_stop
+
+    original_round = getattr(control.Control.round, "__wrapped__", control.Control.round)
+
+    def round_ending_cleanly(self: Any, session_config: Any, round_id: str, *args: Any,
+                             **kwargs: Any) -> Any:
+        try:
+            return original_round(self, session_config, round_id, *args, **kwargs)
+        except tenacity.RetryError:
+            logger.warning("round %s: a combiner did not report within %.0f s after the "
+                           "round; round failed", round_id, grace_s)
+            self.set_round_status(round_id, "Failed")
+            return None, self.db.round_store.get(round_id)
+
+    round_ending_cleanly.__wrapped__ = original_round  # type: ignore[attr-defined]
+    control.Control.round = round_ending_cleanly
+
+
+# --- bug 13 ------------------------------------------------------------------------------
+
+def skip_unavailable_combiners() -> None:
+    """Give fedn's controller the ``_handle_unavailable_combiner`` it calls.
+
+    Symptom (bug 13): when a combiner does not answer (process gone), the controller
+    calls ``self._handle_unavailable_combiner(combiner)`` and then skips it - but no
+    class in fedn 0.33.0 defines that method, so the AttributeError ends the session
+    thread (session "Started" for good) at the next round or validation request.
+
+    Fix, in the API process: the method, which logs the combiner as unavailable; fedn's
+    callers then skip it (``continue`` / ``pass`` after the call), so the round goes on
+    with the combiners that answer.
+    """
+    from fedn.network.controller.controlbase import ControlBase
+
+    def handle_unavailable_combiner(self: Any, combiner: Any) -> None:
+        logger.warning("combiner %s is unavailable: skipped",
+                       getattr(combiner, "name", combiner))
+
+    if not hasattr(ControlBase, "_handle_unavailable_combiner"):
+        ControlBase._handle_unavailable_combiner = handle_unavailable_combiner
+
+
 # --- binding -----------------------------------------------------------------------------
 
 def bind_api_server(host: str, workers: int) -> None:

@@ -36,6 +36,8 @@ def run_api(workers: int) -> None:
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.merge_round_combiners()
+    fedn_compat.bound_report_wait()
+    fedn_compat.skip_unavailable_combiners()
     fedn_compat.bind_api_server(HOST, workers)
     fedn_compat.shorten_round_polling()
     from fedn.network.api import server

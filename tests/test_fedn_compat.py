@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -359,3 +360,60 @@ def test_two_combiners_reporting_at_once_keep_both_reports(
     final.status = "Success"
     store.update(final)
     assert len(store.get("1").combiners) == (2 if merged else 1)
+
+
+def test_bound_report_wait_gives_fedn_s_endless_retry_a_stop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug 12: the controller's wait for combiner reports had no stop condition."""
+    import tenacity
+    from fedn.network.controller import control
+
+    monkeypatch.setattr(control, "retry", control.retry)
+    monkeypatch.setattr(control.Control, "round", control.Control.round)
+    fedn_compat.bound_report_wait(0.3)
+    fedn_compat.bound_report_wait(0.3)  # idempotent: wraps fedn's, not itself
+    calls: list[float] = []
+
+    # The same decorator call as fedn's check_combiners_done_reporting.
+    @control.retry(wait=control.wait_random(min=0.01, max=0.02),
+                   retry=control.retry_if_exception_type(KeyError))
+    def never_reported() -> None:
+        calls.append(time.monotonic())
+        raise KeyError("Combiners have not yet reported.")
+
+    started = time.monotonic()
+    with pytest.raises(tenacity.RetryError):
+        never_reported()
+    assert 0.3 <= time.monotonic() - started < 2.0 and len(calls) > 3
+
+    # A retry that has its own stop keeps it.
+    @control.retry(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(),
+                   retry=control.retry_if_exception_type(KeyError))
+    def twice() -> None:
+        calls.append(0.0)
+        raise KeyError
+
+    calls.clear()
+    with pytest.raises(tenacity.RetryError):
+        twice()
+    assert len(calls) == 2
+
+
+def test_skip_unavailable_combiners_defines_the_method_fedn_calls(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Bug 13: fedn calls a method no class defines when a combiner does not answer."""
+    import inspect
+
+    from fedn.network.controller import controlbase
+
+    source = inspect.getsource(controlbase.ControlBase.get_participating_combiners)
+    assert "self._handle_unavailable_combiner(combiner)" in source
+    had = "_handle_unavailable_combiner" in vars(controlbase.ControlBase)
+    fedn_compat.skip_unavailable_combiners()
+    try:
+        with caplog.at_level("WARNING"):
+            controlbase.ControlBase._handle_unavailable_combiner(object(), "combiner-2")
+        assert "combiner combiner-2 is unavailable" in caplog.text
+    finally:
+        if not had:
+            del controlbase.ControlBase._handle_unavailable_combiner

@@ -380,3 +380,46 @@ def test_round_log_with_clients_split_over_two_combiners(tmp_path: Path) -> None
         log = (result.run_dir / "network" / "logs" / f"combiner-{i}.log").read_text()
         assert "TRAINING ROUND COMPLETED" in log
         assert "Traceback" not in log  # e.g. a round thread killed by a shared model dir
+
+
+def test_combiner_killed_mid_round_fails_that_round_and_the_session_goes_on(
+        tmp_path: Path) -> None:
+    """fedn's controller waited forever for a dead combiner's report (bug 12)."""
+    from fedseg.orchestration.network import load_network_state
+
+    network = _network_keys()
+    network["combiners"] = [{"name": "combiner-1", "port": _free_port()},
+                            {"name": "combiner-2", "port": _free_port()}]
+    names = {"clinic-1": {}, "clinic-2": {}, "clinic-3": {}}
+    path = _toy_experiment(tmp_path / "exp", "dead-combiner", names, network=network,
+                           session={"rounds": 2, "round_timeout": 10, "min_clients": 1})
+    run_dir = tmp_path / "runs" / "dead-combiner"
+    slow = {"TOY_TRAIN_SLEEP_S": "3"}
+    killed: list[int] = []
+
+    def kill_combiner_2() -> None:
+        state = load_network_state(run_dir / "network")
+        pid = next(c.pid for c in state.combiners if c.name == "combiner-2")
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    def progress(line: str) -> None:
+        if line.startswith("session "):
+            threading.Timer(1.5, kill_combiner_2).start()
+
+    tic = time.monotonic()
+    result = run_experiment(load_experiment(path), tmp_path / "runs", progress=progress,
+                            client_env={n: slow for n in names})
+    assert killed
+    # Round 1 timed out at the dead combiner and failed; round 2 ran on combiner-1.
+    assert result.status == "finished", result
+    assert time.monotonic() - tic < 120
+    table = _client_rows(result.run_dir)
+    assert table[(2, GLOBAL)]["updates_aggregated"] >= 2
+    for client in ("clinic-1", "clinic-3"):  # the clients of combiner-1
+        assert table[(2, client)]["train_failed"] == 0
+    # clinic-2's combiner is gone; fedn does not move it: the log names it in both rounds.
+    assert table[(1, "clinic-2")]["train_failed"] == table[(2, "clinic-2")]["train_failed"] == 1
+    assert {f["round"] for f in result.failures if f["client"] == "clinic-2"} == {1, 2}
+    info = read_run_info(result.run_dir)
+    assert list(info["model_ids"]) == ["2"]
