@@ -294,3 +294,11 @@ def test_shipped_study_sweep_loads(repo_root: Path) -> None:
     sweep = load_sweep(repo_root / "experiments" / "sweeps" / "study-dp-rounds.yaml")
     assert sweep.base.name == "noniid-dp" and sweep.baselines == ("pooled", "local")
     assert [p["target_epsilon"] for p in expand_grid(sweep)] == [2, 8, float("inf")]
+
+
+def test_shipped_rounds_sweep_loads(repo_root: Path) -> None:
+    sweep = load_sweep(repo_root / "experiments" / "sweeps" / "study-rounds.yaml")
+    points = expand_grid(sweep)
+    assert len(points) == 6
+    # server_learning_rate applies to the fedopt points only.
+    assert all(("server_learning_rate" in p) == (p["aggregator"] == "fedopt") for p in points)
