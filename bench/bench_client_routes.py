@@ -12,21 +12,15 @@ model build and first (tracing) step in every call; the callback route once per 
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from fedseg.orchestration.experiment import parse_experiment
+from fedseg.orchestration.ports import free_port
 from fedseg.orchestration.round_log import GLOBAL, read_rounds, read_run_info
 from fedseg.orchestration.runner import run_experiment
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _experiment(route: str, rounds: int) -> Any:
@@ -45,8 +39,8 @@ def _experiment(route: str, rounds: int) -> Any:
         "clients": {"route": route, "env": {"TF_NUM_INTRAOP_THREADS": "1",
                                             "TF_NUM_INTEROP_THREADS": "1",
                                             "TF_CPP_MIN_LOG_LEVEL": "2"}},
-        "network": {"api_port": _free_port(), "s3_port": _free_port(),
-                    "combiners": [{"name": "combiner-1", "port": _free_port()}]},
+        "network": {"api_port": free_port(), "s3_port": free_port(),
+                    "combiners": [{"name": "combiner-1", "port": free_port()}]},
     }, source=f"bench {route}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -21,20 +20,8 @@ import time
 from pathlib import Path
 
 from fedseg.orchestration.network import CombinerSpec, NetworkConfig, network_down, network_up
+from fedseg.orchestration.ports import free_ports
 from fedseg.orchestration.stores import find_postgres_bindir
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def config_for(root: Path, scenario: str) -> NetworkConfig:

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -131,13 +130,6 @@ def round_overheads(run_dir: Path) -> list[RoundOverhead]:
     return out
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def client_pythonpath() -> str:
     """Client processes import TimedApp (bench/) and the toy app (tests/)."""
     return os.pathsep.join([str(BENCH), str(TESTS), os.environ.get("PYTHONPATH", "")])
@@ -163,6 +155,7 @@ def demo_run(runs_dir: Path, rounds: int) -> tuple[Path, float]:
 def toy_run(runs_dir: Path, n_clients: int, rounds: int, train_s: float) -> tuple[Path, float]:
     """Run n toy clients (train sleeps train_s) for rounds; (run folder, total seconds)."""
     from fedseg.orchestration.experiment import parse_experiment
+    from fedseg.orchestration.ports import free_port
     from fedseg.orchestration.runner import run_experiment
 
     data = runs_dir / f"toy-data-{n_clients}"

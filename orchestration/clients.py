@@ -335,6 +335,6 @@ def stop_clients(root: Path, names: Iterable[str] | None = None,
     return stopped
 
 
-def client_status(root: Path) -> list[tuple[str, str, bool, Path]]:
-    """(name, route, alive, log) of every recorded client."""
-    return [(h.name, h.route, ports.is_alive(h.record), h.log) for h in load_clients(root)]
+def client_status(root: Path) -> list[tuple[ClientHandle, bool]]:
+    """(handle, alive) of every recorded client."""
+    return [(h, ports.is_alive(h.record)) for h in load_clients(root)]

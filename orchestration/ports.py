@@ -95,6 +95,28 @@ def is_port_free(port: int, host: str = LOCALHOST) -> bool:
     return True
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1.
+
+    The sockets are held open together, so the OS cannot hand out one port twice.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind((LOCALHOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def require_free_ports(ports: dict[str, int]) -> None:
     """Raise FedsegError for the first named port that is taken or duplicated.
 

@@ -28,7 +28,6 @@ import logging
 import math
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -352,7 +351,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         # or the just-stopped clients of the previous run (active for 10 s more).
         session_id = session.start_session(
             api, exp.session, seed_id, exp.name, settings_by_round, n_clients=len(names),
-            client_ids=[h.client_id for h in handles if h.client_id] or None)
+            client_ids=[h.client_id for h in handles])
         info["session_id"] = session_id
         info["status"] = "running"
         write_run_info(run_dir, info)
@@ -439,13 +438,6 @@ def _restore_sigint(previous: Any) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((ports.LOCALHOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def demo_experiment(rounds: int = 5) -> Experiment:
     """The ``fedseg demo`` experiment: 3 non-iid phantom clinics, small U-Net, DP-SGD.
 
@@ -456,6 +448,7 @@ def demo_experiment(rounds: int = 5) -> Experiment:
     """
     from fedseg.orchestration.experiment import parse_experiment
 
+    api_port, s3_port, combiner_port = ports.free_ports(3)
     doc = {
         "name": "demo",
         "seed": 7,
@@ -477,7 +470,7 @@ def demo_experiment(rounds: int = 5) -> Experiment:
         "clients": {"route": "callback",
                     "env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
                             "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
-        "network": {"api_port": free_port(), "s3_port": free_port(),
-                    "combiners": [{"name": "combiner-1", "port": free_port()}]},
+        "network": {"api_port": api_port, "s3_port": s3_port,
+                    "combiners": [{"name": "combiner-1", "port": combiner_port}]},
     }
     return parse_experiment(doc, source="fedseg demo")

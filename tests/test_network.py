@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from fedseg.orchestration.network import (
     network_status,
     network_up,
 )
+from fedseg.orchestration.ports import free_port, free_ports
 from fedseg.orchestration.stores import find_postgres_bindir
 from fedseg_clinic.errors import FedsegError
 
@@ -47,26 +47,6 @@ SESSION_TIMEOUT_S = 120.0
 def net(func: Callable[..., None]) -> Callable[..., None]:
     """Mark a test that starts real FEDn server processes."""
     return pytest.mark.slow(pytest.mark.network(func))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (sockets held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def make_config(root: Path, n_combiners: int = 1, **overrides: object) -> NetworkConfig:
@@ -550,3 +530,9 @@ def test_spawn_missing_program_is_fedseg_error(tmp_path: Path) -> None:
     with pytest.raises(FedsegError, match="cannot start ghost"):
         ports.spawn("ghost", [str(tmp_path / "no-such-program")], cwd=tmp_path,
                     log=tmp_path / "g.log", env={})
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    chosen = free_ports(5)
+    assert len(set(chosen)) == 5
+    assert all(ports.is_port_free(p) for p in chosen) and ports.is_port_free(free_port())

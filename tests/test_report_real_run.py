@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,12 @@ import pytest
 
 from fedseg.analysis.report import write_report
 from fedseg.orchestration.experiment import parse_experiment
+from fedseg.orchestration.ports import free_port
 from fedseg.orchestration.runner import RunResult, run_experiment
 
 pytestmark = pytest.mark.slow
 
 CLIENTS = ("clinic-1", "clinic-2")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tiny_real_doc() -> dict[str, Any]:
@@ -46,8 +40,8 @@ def _tiny_real_doc() -> dict[str, Any]:
         "session": {"rounds": 2, "round_timeout": 300, "min_clients": 2},
         "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
                             "TF_CPP_MIN_LOG_LEVEL": "2"}},
-        "network": {"api_port": _free_port(), "s3_port": _free_port(),
-                    "combiners": [{"name": "combiner-1", "port": _free_port()}]},
+        "network": {"api_port": free_port(), "s3_port": free_port(),
+                    "combiners": [{"name": "combiner-1", "port": free_port()}]},
     }
 
 

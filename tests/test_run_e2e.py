@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import yaml
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.experiment import load_experiment
+from fedseg.orchestration.ports import free_port
 from fedseg.orchestration.round_log import GLOBAL, pivot, read_rounds, read_run_info
 from fedseg.orchestration.runner import run_experiment
 
@@ -34,15 +34,10 @@ TESTS = Path(__file__).resolve().parent
 TOY_APP = "toy_clinic_app:ToyApp.from_environment"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _network_keys() -> dict[str, Any]:
-    return {"api_port": _free_port(), "s3_port": _free_port(), "hooks_port": _free_port(),
-            "combiners": [{"name": "combiner-1", "port": _free_port()}]}
+def _network_keys(combiners: int = 1) -> dict[str, Any]:
+    return {"api_port": free_port(), "s3_port": free_port(), "hooks_port": free_port(),
+            "combiners": [{"name": f"combiner-{i}", "port": free_port()}
+                          for i in range(1, combiners + 1)]}
 
 
 def _toy_experiment(folder: Path, name: str, names: dict[str, dict[str, str]],
@@ -125,7 +120,7 @@ def test_two_sessions_on_one_network_log_only_their_own_rounds(
         assert info["status"] == "finished" and info["network"]["owned"] is False
         assert sorted(info["model_ids"]) == ["1", "2"]
         assert (result.run_dir / "models" / "round-2.npz").is_file()
-        assert not [n for n, _r, alive, _l in clients_mod.client_status(result.run_dir)
+        assert not [h.name for h, alive in clients_mod.client_status(result.run_dir)
                     if alive]
     client_ids = [{c["client_id"] for c in read_run_info(r.run_dir)["clients"].values()}
                   for r in (first, second)]
@@ -328,7 +323,7 @@ def test_round_log_on_managed_postgres(tmp_path: Path) -> None:
     if find_postgres_bindir() is None:
         pytest.skip("PostgreSQL's initdb/postgres are not installed")
     network = {**_network_keys(), "statestore": "postgres-managed",
-               "postgres_port": _free_port()}
+               "postgres_port": free_port()}
     session = {"rounds": 2, "round_timeout": 60, "min_clients": 1}
     # The postgres user must be able to enter the run folder (pytest's tmp is 0700).
     base = Path(tempfile.mkdtemp(prefix="fedseg-e2e-pg-", dir="/tmp"))
@@ -354,9 +349,7 @@ def test_round_log_on_managed_postgres(tmp_path: Path) -> None:
 
 def test_round_log_with_clients_split_over_two_combiners(tmp_path: Path) -> None:
     """Hierarchical FEDn: a client on each of two combiners, both in every round."""
-    network = _network_keys()
-    network["combiners"] = [{"name": "combiner-1", "port": _free_port()},
-                            {"name": "combiner-2", "port": _free_port()}]
+    network = _network_keys(combiners=2)
     names = {"clinic-1": {}, "clinic-2": {}, "clinic-3": {}}
     path = _toy_experiment(tmp_path / "exp", "two", names, network=network,
                            session={"rounds": 2, "round_timeout": 60, "min_clients": 1})
@@ -387,9 +380,7 @@ def test_combiner_killed_mid_round_fails_that_round_and_the_session_goes_on(
     """fedn's controller waited forever for a dead combiner's report (bug 12)."""
     from fedseg.orchestration.network import load_network_state
 
-    network = _network_keys()
-    network["combiners"] = [{"name": "combiner-1", "port": _free_port()},
-                            {"name": "combiner-2", "port": _free_port()}]
+    network = _network_keys(combiners=2)
     names = {"clinic-1": {}, "clinic-2": {}, "clinic-3": {}}
     path = _toy_experiment(tmp_path / "exp", "dead-combiner", names, network=network,
                            session={"rounds": 2, "round_timeout": 10, "min_clients": 1})

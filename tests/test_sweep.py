@@ -250,12 +250,8 @@ def test_cli_dry_run_lists_runs(tmp_path: Path) -> None:
 def test_real_tiny_sweep_through_fedn(tmp_path: Path) -> None:
     """One point through the real runner (FEDn processes, the numpy toy clinic app)."""
     import os
-    import socket
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
+    from fedseg.orchestration.ports import free_port
 
     tests = Path(__file__).resolve().parent
     for client in ("c1", "c2"):

@@ -138,14 +138,13 @@ def clients_down(root: Path) -> None:
               help="Folder holding clients/.")
 def clients_status(root: Path) -> None:
     """List the recorded clients."""
-    from fedseg.orchestration import ports
-    from fedseg.orchestration.clients import load_clients
+    from fedseg.orchestration.clients import client_status
 
-    handles = load_clients(root.resolve())
-    if not handles:
+    rows = client_status(root.resolve())
+    if not rows:
         click.echo("no clients recorded")
-    for h in handles:
-        state = "alive" if ports.is_alive(h.record) else "stopped"
+    for h, alive in rows:
+        state = "alive" if alive else "stopped"
         click.echo(f"{h.name:<14} {h.route:<8} {state:<7} id {h.client_id or '-'}  log {h.log}")
 
 
