@@ -60,8 +60,7 @@ def _read_server_settings(in_path: Path) -> dict[str, Any]:
 
 def build(out: Path | None = None) -> Path:
     """Write seed weights from the package's model settings; return the path."""
-    from fedseg_clinic.model.unet import UNetConfig, build_unet
-    from fedseg_clinic.model.weights import save_weights_npz
+    from fedseg_clinic.model.seed import write_seed_weights
     from fedseg_clinic.settings import default_settings_path, settings_from_mapping
 
     settings_path = Path(os.environ.get("FEDSEG_SETTINGS") or default_settings_path())
@@ -72,10 +71,8 @@ def build(out: Path | None = None) -> Path:
     except OSError as exc:
         raise FedsegError(f"{settings_path}: cannot read settings ({exc.strerror})") from None
     settings = settings_from_mapping(raw, str(settings_path))
-    model = build_unet(UNetConfig.from_dict(settings.model), seed=settings.training.seed)
     target = out or Path(__file__).resolve().parent.parent / "seed.npz"
-    save_weights_npz([np.asarray(w) for w in model.get_weights()], target)
-    return target
+    return write_seed_weights(settings.model, target, seed=settings.training.seed)
 
 
 def _run(argv: Sequence[str]) -> int:
