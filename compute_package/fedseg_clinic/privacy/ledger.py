@@ -9,7 +9,7 @@ ledger lives with the data, in the data set's *privacy folder* (default
   (a hash of the training patients' pseudonyms). Each entry records one segment (round
   id, steps, sampling probability q, noise multiplier sigma, clip norm), who trained it
   (client name, run) and when; epsilon is recomputed from all of them
-  (:func:`fedseg_clinic.accounting.compute_epsilon_history`) at whatever delta is asked.
+  (:func:`fedseg_clinic.privacy.accounting.compute_epsilon_history`) at whatever delta is asked.
 * ``.lock``: every read-check-write of any ledger in the folder holds an exclusive
   ``fcntl.flock`` on it, so two trainings (or two processes recording) at once can
   neither overspend nor lose an entry.
@@ -53,15 +53,15 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedseg_clinic.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
+from fedseg_clinic.privacy.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -176,23 +176,14 @@ def default_anchor_path(ledger_file: Path) -> Path:
 def _private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) and make it 0700: ledgers reveal who trained when."""
     path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    os.chmod(path, PRIVATE_DIR)
     return path
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write a 0600 file through a temporary sibling, fsync and ``os.replace``."""
+    """Write a 0600 file atomically in a 0700 folder."""
     _private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text, mode=PRIVATE_FILE)
 
 
 @contextlib.contextmanager

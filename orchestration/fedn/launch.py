@@ -1,7 +1,7 @@
-"""``python -m fedseg.orchestration.fedn_launch api|combiner|hooks ...``.
+"""``python -m fedseg.orchestration.fedn.launch api|combiner|hooks ...``.
 
 The network starts this module instead of the ``fedn`` console script: it applies
-:mod:`fedseg.orchestration.fedn_compat` in the new process, makes the server listen
+:mod:`fedseg.orchestration.fedn.compat` in the new process, makes the server listen
 on 127.0.0.1 only, and then calls fedn's own start function. fedn reads its store
 settings from the files named by STATESTORE_CONFIG and MODELSTORAGE_CONFIG, which
 the network sets in the environment.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedseg.orchestration import fedn_compat
+from fedseg.orchestration.fedn import compat as fedn_compat
 
 HOST = "127.0.0.1"
 
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_api(workers: int) -> None:
     """Patch, then run fedn.network.api.server.start_server_api (blocks)."""
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.merge_round_combiners()
@@ -48,6 +49,7 @@ def run_api(workers: int) -> None:
 
 def run_combiner(name: str, port: int, max_clients: int) -> None:
     """Patch, then run fedn's ``combiner start`` command (blocks)."""
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.merge_round_combiners()
@@ -62,6 +64,7 @@ def run_combiner(name: str, port: int, max_clients: int) -> None:
 
 def run_hooks(port: int) -> None:
     """Patch, then run fedn's hooks service (blocks); fedn hard-codes port 12081."""
+    fedn_compat.check_fedn_version()
     fedn_compat.bind_grpc_servers(HOST, port)
     from fedn.network.combiner.hooks.hooks import serve
 
