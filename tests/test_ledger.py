@@ -276,7 +276,7 @@ def test_changed_training_set_composes_with_the_earlier_one(ledger_path: Path) -
 
 
 def test_reset_archives_and_logs(ledger_path: Path) -> None:
-    from fedseg_clinic.ledger import describe_privacy_dir, reset_ledgers
+    from fedseg_clinic.privacy.ledger import describe_privacy_dir, reset_ledgers
 
     filled(ledger_path, rounds=2)
     shown = describe_privacy_dir(ledger_path.parent, DELTA)
