@@ -38,7 +38,7 @@ from fedseg_clinic.model.unet import (
 )
 from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
-from fedseg_clinic.privacy.accounting import compute_epsilon
+from fedseg_clinic.privacy.accounting import compute_epsilon, default_delta
 from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.privacy.ledger import (
     LedgerSegment,
@@ -51,11 +51,6 @@ from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_ov
 from fedseg_clinic.tf_env import tf
 
 logger = logging.getLogger(__name__)
-
-def default_delta(n_patients: int) -> float:
-    """Delta = 1 / (10 N): comfortably below the 1 / N that would allow naming a patient."""
-    return 1.0 / (10.0 * n_patients)
-
 
 class ClinicApp:
     """A clinic's train / validate / predict on its local cases.

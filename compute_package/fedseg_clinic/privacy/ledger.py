@@ -395,6 +395,11 @@ class PrivacyLedger:
         """Everything the budget composes: this data set's and its siblings' segments."""
         return self._segments(self._entries()) + self._sibling_segments()
 
+    def history(self) -> list[LedgerSegment]:
+        """Every segment the budget composes (this data set's and its siblings'), locked."""
+        with folder_lock(self.folder):
+            return self._history()
+
     def _report(self, segments: list[LedgerSegment], n_patients: int | None = None
                 ) -> EpsilonReport:
         return compute_epsilon_history([s.privacy_segment() for s in segments], self.delta,
