@@ -36,3 +36,26 @@ def make_run(path: Path, rows: list[tuple[int, str, str, float]], kind: str = "f
                           "config": {"aggregator": "fedavg"}, "versions": {}, "timings": {},
                           **info})
     return path
+
+
+def tiny_real_experiment(name: str, **client_env: str) -> dict[str, Any]:
+    """The smallest experiment of the real clinic app through FEDn, as an experiment dict.
+
+    Two non-iid phantom clinics of 3 patients (size 32), a 2-level U-Net, 2 DP rounds of 2
+    local steps; clients single-threaded. ``client_env`` adds client environment variables.
+    """
+    return {
+        "name": name, "seed": 5,
+        "data": {"phantoms": {"preset": "non-iid", "clinics": 2,
+                              "options": {"patients": 3, "size": 32}}},
+        "model": {"levels": 2, "base_filters": 4, "groups": 2},
+        "clinic": {
+            "training": {"learning_rate": 0.003, "local_steps": 2, "batch_size": 2,
+                         "patch_size": [16, 16, 16]},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
+            "validation": {"patch_size": [16, 16, 16], "overlap": 0.0, "batch_size": 4},
+        },
+        "session": {"rounds": 2, "round_timeout": 300, "min_clients": 2},
+        "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+                            "TF_CPP_MIN_LOG_LEVEL": "2", **client_env}},
+    }
