@@ -5,8 +5,9 @@
 client name or ``"global"`` (server-side numbers: round timings, aggregated means).
 Metric names use one vocabulary, listed in docs/experiments.md (train_loss, val_dice_mean,
 val_dice_<organ>, val_hd95_<organ>, num_examples, n_val, epsilon, delta,
-noise_multiplier, l2_norm_clip, train_seconds, round_seconds, ...). NaN is written as ``nan`` and means "not measured
-for this client" (e.g. an organ the clinic does not contour).
+noise_multiplier, l2_norm_clip, train_seconds, round_seconds, ...). NaN is written as
+``nan`` and means "not measured for this client" (e.g. an organ the clinic does not
+contour).
 
 ``runs/<name>/run.json`` holds the config snapshot, seed, package versions, timings and
 global model ids. ``runs/<name>/models/`` holds the global weights of every round.
