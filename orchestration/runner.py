@@ -300,6 +300,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         seed_path = run_dir / "seed.npz"
         builder = resolve_callable(exp.seed_builder, "seed_builder")
         step("seed", lambda: builder(dict(exp.model), seed_path, seed=exp.seed))
+        info["model_bytes"] = seed_path.stat().st_size  # what one transfer moves
         package = step("package", lambda: session.build_package(
             exp.package or default_package_dir(), run_dir / "package.tgz"))
 
