@@ -7,7 +7,7 @@ else: the figures are base64 data URIs and the style is inline, so it can be mai
 archived on its own.
 
 Privacy sections: the results of ``fedseg attack study`` / ``fedseg attack invert`` and
-``fedseg audit`` (read back by :func:`fedseg.analysis.leakage_report.load_leakage`) appear
+``fedseg audit`` (read back by :func:`fedseg.analysis.leakage.results.load_leakage`) appear
 after the runs: reconstruction quality vs batch size, local steps and noise with the
 recognisability threshold; per audited configuration the accountant's epsilon beside the
 empirical lower bound and the membership attacks' AUC and TPR at low FPR. Their PNG
@@ -31,7 +31,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from fedseg.analysis import leakage_report, plots, summary
+from fedseg.analysis import plots, summary
+from fedseg.analysis.leakage import results as leakage_report
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ fedn 0.33.0 specifics handled here (notes: /work/shared/notes/fedn-0.33.md):
 - ``set_active_model`` fails until a package was uploaded, even for callback clients:
   :func:`upload_package_and_seed` always uploads the package first.
 - Sessions are created and started through
-  :func:`fedseg.orchestration.fedn_compat.start_session` (bug 5).
+  :func:`fedseg.orchestration.fedn.compat.start_session` (bug 5).
 - The session config has no client-settings field: per-round settings travel through a
   ServerFunctions ``client_settings`` hook, whose *source code* is sent with the session
   (:func:`server_functions_source`). The hooks process keeps one ServerFunctions object
@@ -29,7 +29,7 @@ from typing import Any
 
 import requests
 
-from fedseg.orchestration import fedn_compat
+from fedseg.orchestration.fedn import compat as fedn_compat
 from fedseg.orchestration.experiment import SessionSpec
 from fedseg_clinic.errors import FedsegError
 

@@ -1,6 +1,6 @@
 """Build the initial global model (the seed) from the compute package's model code.
 
-The seed is the U-Net of :func:`fedseg_clinic.model.build_unet` with a seeded
+The seed is the U-Net of :func:`fedseg_clinic.model.unet.build_unet` with a seeded
 initialisation, saved as fedn's numpyhelper npz. Clients must be configured with the same
 model settings, or their weights will not load (``apply_weights`` says which array).
 """
@@ -27,8 +27,8 @@ def build_seed(model_config: dict[str, Any], out: Path, seed: int = 0) -> Path:
     """
     import numpy as np
 
-    from fedseg_clinic.model import UNetConfig, build_unet
-    from fedseg_clinic.weights import save_weights_npz
+    from fedseg_clinic.model.unet import UNetConfig, build_unet
+    from fedseg_clinic.model.weights import save_weights_npz
 
     model = build_unet(UNetConfig.from_dict(model_config), seed=seed)
     weights = [np.asarray(w) for w in model.get_weights()]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from fedseg_clinic.accounting import (
+from fedseg_clinic.privacy.accounting import (
     CALIBRATION_TOL,
     PrivacySegment,
     calibrate_noise,

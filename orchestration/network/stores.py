@@ -24,9 +24,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fedseg.orchestration import ports
-from fedseg.orchestration.fedn_compat import sql_url
-from fedseg.orchestration.ports import LOCALHOST, ProcessRecord
+from fedseg.orchestration.network import ports
+from fedseg.orchestration.fedn.compat import sql_url
+from fedseg.orchestration.network.ports import LOCALHOST, ProcessRecord
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)

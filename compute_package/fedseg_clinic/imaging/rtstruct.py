@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from fedseg_clinic.dicom_series import CtSeries, Geometry
+from fedseg_clinic.imaging.series import CtSeries, Geometry
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)

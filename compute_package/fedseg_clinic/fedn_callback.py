@@ -2,8 +2,8 @@
 
 Run as::
 
-    python -m fedseg.orchestration.clinic_client --api-url http://127.0.0.1:8092/ \
-        --name clinic-1 --app fedseg_clinic.client_app:ClinicApp.from_environment
+    python -m fedseg_clinic.fedn_callback --api-url http://127.0.0.1:8092/ \
+        --name clinic-1 --app fedseg_clinic.app:ClinicApp.from_environment
 
 The app factory (``MODULE:FACTORY``, FACTORY may be dotted, e.g.
 ``ClinicApp.from_environment``) is called once at start and returns an object with
@@ -256,7 +256,7 @@ def connect(client: Any, api_url: str, name: str, client_id: str, token: str | N
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fedseg.orchestration.clinic_client",
+    parser = argparse.ArgumentParser(prog="python -m fedseg_clinic.fedn_callback",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--api-url", required=True, help="FEDn API base URL")
     parser.add_argument("--name", required=True, help="client (clinic) name")
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
         return 2
     if args.ready_file is not None:
-        from fedseg_clinic.case_format import atomic_write_text
+        from fedseg_clinic.cases import atomic_write_text
 
         atomic_write_text(args.ready_file, json.dumps(
             {"name": args.name, "client_id": client.client_id, "pid": os.getpid(),

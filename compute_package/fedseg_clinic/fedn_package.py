@@ -40,7 +40,7 @@ USAGE = (
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    from fedseg_clinic.case_format import atomic_write_text
+    from fedseg_clinic.cases import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2))
 
@@ -60,9 +60,9 @@ def _read_server_settings(in_path: Path) -> dict[str, Any]:
 
 def build(out: Path | None = None) -> Path:
     """Write seed weights from the package's model settings; return the path."""
-    from fedseg_clinic.model import UNetConfig, build_unet
+    from fedseg_clinic.model.unet import UNetConfig, build_unet
     from fedseg_clinic.settings import default_settings_path, settings_from_mapping
-    from fedseg_clinic.weights import save_weights_npz
+    from fedseg_clinic.model.weights import save_weights_npz
 
     settings_path = Path(os.environ.get("FEDSEG_SETTINGS") or default_settings_path())
     import yaml
@@ -86,7 +86,7 @@ def _run(argv: Sequence[str]) -> int:
         path = build(args[0] if args else None)
         print(f"seed weights written to {path}")
         return 0
-    from fedseg_clinic.client_app import ClinicApp
+    from fedseg_clinic.app import ClinicApp
 
     if entry == "startup":
         app = ClinicApp.from_environment()
@@ -94,7 +94,7 @@ def _run(argv: Sequence[str]) -> int:
         return 0
     if entry not in ("train", "validate", "predict") or len(args) != 2:
         raise FedsegError(USAGE)
-    from fedseg_clinic.weights import load_weights_npz, save_weights_npz
+    from fedseg_clinic.model.weights import load_weights_npz, save_weights_npz
 
     in_path, out_path = args
     weights = load_weights_npz(in_path)
@@ -112,7 +112,7 @@ def _run(argv: Sequence[str]) -> int:
 
 def predict_cases(app: Any, weights: list[np.ndarray]) -> dict[str, Any]:
     """Predict every validation case; write label maps under the state folder."""
-    from fedseg_clinic.weights import apply_weights
+    from fedseg_clinic.model.weights import apply_weights
 
     apply_weights(app.model, weights, "global model")
     out_dir = app.state_dir / "predictions"
@@ -132,7 +132,7 @@ def predict_cases(app: Any, weights: list[np.ndarray]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one entry point; user errors become one line on stderr."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from fedseg_clinic.ledger import BudgetExceededError
+    from fedseg_clinic.privacy.ledger import BudgetExceededError
 
     try:
         code = _run(list(sys.argv[1:] if argv is None else argv))

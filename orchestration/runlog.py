@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedseg_clinic.case_format import atomic_write_text
+from fedseg_clinic.cases import atomic_write_text
 from fedseg_clinic.errors import FedsegError
 
 ROUNDS_NAME = "rounds.csv"

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
-from fedseg_clinic.dicom_series import Geometry
+from fedseg_clinic.imaging.series import Geometry
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)

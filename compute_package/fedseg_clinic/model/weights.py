@@ -1,6 +1,6 @@
 """Model weights as they travel through FEDn: a numpyhelper npz of a list of arrays.
 
-The list is ``model.get_weights()`` of :func:`fedseg_clinic.model.build_unet`: the
+The list is ``model.get_weights()`` of :func:`fedseg_clinic.model.unet.build_unet`: the
 layers in the order build_unet creates them (encoder blocks top to bottom, then for each
 decoder level the transposed convolution and its block, then the head), each layer's
 weights in Keras order (Conv3D: kernel [, bias]; GroupNormalization: gamma, beta;

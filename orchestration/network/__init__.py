@@ -13,7 +13,7 @@ One network lives in one folder (its root)::
 
 Processes: stores we run (moto, postgres), the hooks service (optional), the API
 server, the combiners. fedn's servers are started through
-:mod:`fedseg.orchestration.fedn_launch`, which applies our fedn 0.33.0 workarounds
+:mod:`fedseg.orchestration.fedn.launch`, which applies our fedn 0.33.0 workarounds
 and binds 127.0.0.1 only.
 """
 
@@ -31,8 +31,9 @@ from typing import Any
 import requests
 import yaml
 
-from fedseg.orchestration import auth, fedn_compat, ports, stores
-from fedseg.orchestration.ports import LOCALHOST, ProcessRecord
+from fedseg.orchestration.fedn import compat as fedn_compat
+from fedseg.orchestration.network import auth, ports, stores
+from fedseg.orchestration.network.ports import LOCALHOST, ProcessRecord
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ def combiner_model_dir(root: Path, name: str) -> Path:
 
 
 def _launch_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedseg.orchestration.fedn_launch", *args]
+    return [sys.executable, "-m", "fedseg.orchestration.fedn.launch", *args]
 
 
 def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:

@@ -192,8 +192,8 @@ def audit_row(noise_multiplier: float | None, canary: Mapping[str, Any],
 
     Args:
         noise_multiplier: sigma, None = non-private ("none" in the row).
-        canary: :func:`fedseg.analysis.canary_audit.run_canary_audit`'s result.
-        membership: :func:`fedseg.analysis.membership.run_membership`'s result, or None.
+        canary: :func:`fedseg.analysis.leakage.canary.run_canary_audit`'s result.
+        membership: :func:`fedseg.analysis.leakage.membership.run_membership`'s result, or None.
 
     Returns:
         AUDIT_ROW_KEYS, plus <attack>_<metric> for each membership attack and metric.

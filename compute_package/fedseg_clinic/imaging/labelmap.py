@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from fedseg_clinic.dicom_series import Geometry
+from fedseg_clinic.imaging.series import Geometry
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
