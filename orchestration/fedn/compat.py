@@ -208,7 +208,7 @@ def create_schema(statestore: dict) -> None:
         MyAbstractBase.metadata.create_all(engine, checkfirst=True)
         if engine.dialect.name == "postgresql":
             _widen_existing_postgres_columns(engine, MyAbstractBase.metadata)
-    except sqlalchemy.exc.OperationalError as exc:
+    except sqlalchemy.exc.DatabaseError as exc:  # OperationalError, "not a database", ...
         raise FedsegError(f"cannot create the fedn schema in the state store: "
                           f"{str(exc.orig).strip().splitlines()[0]}") from exc
     finally:

@@ -450,6 +450,8 @@ def network_up(config: NetworkConfig) -> NetworkState:
 
 def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -> NetworkState:
     timeout = config.startup_timeout_s
+    if config.statestore == "sqlite":
+        stores.check_sqlite_statestore(root)  # before anything starts
     # Object store.
     if config.s3 == "moto":
         record, storage = stores.start_moto(root, config.s3_port, config.s3_region, timeout)

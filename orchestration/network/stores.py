@@ -18,6 +18,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -35,6 +36,7 @@ BUCKETS = {"storage_bucket": "fedn-models", "context_bucket": "fedn-context",
            "prediction_bucket": "fedn-prediction"}
 FEDN_DATABASE = "fedn_db"  # hard-coded by fedn's DatabaseConnection
 POSTGRES_USER = "fedn"
+SQLITE_FILE = "fedn.sqlite"
 MOTO_ACCESS_KEY = "fedseg"
 MOTO_SECRET_KEY = "fedseg-moto-secret"
 
@@ -43,7 +45,35 @@ MOTO_SECRET_KEY = "fedseg-moto-secret"
 
 def sqlite_statestore(root: Path) -> dict:
     """Fedn's statestore config for a SQLite file in the network root."""
-    return {"type": "SQLite", "sqlite_config": {"dbname": str(root / "fedn.sqlite")}}
+    return {"type": "SQLite", "sqlite_config": {"dbname": str(root / SQLITE_FILE)}}
+
+
+def check_sqlite_statestore(root: Path) -> None:
+    """Refuse a SQLite state store file that SQLite cannot use (corrupt, truncated, junk).
+
+    A missing file is fine (fedn creates it). Without this check fedn's schema code
+    dies deep in SQLAlchemy with a traceback ("file is not a database").
+
+    Raises:
+        FedsegError: naming the file and SQLite's complaint.
+    """
+    path = root / SQLITE_FILE
+    if not path.exists():
+        return
+    try:
+        # Read-only URI: a check must never create or repair the file.
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise FedsegError(f"{path}: corrupt SQLite state store ({exc}); move it away to "
+                          "start with an empty store") from None
+    problems = [str(row[0]) for row in rows if row and row[0] != "ok"]
+    if problems:
+        raise FedsegError(f"{path}: corrupt SQLite state store ({problems[0]}); move it "
+                          "away to start with an empty store")
 
 
 def postgres_statestore(username: str, password: str, host: str, port: int) -> dict:
