@@ -316,6 +316,44 @@ def install_client_add_alias(app: Any) -> None:
         app.before_request(_alias)
 
 
+# --- bug 14 ------------------------------------------------------------------------------
+
+#: Endpoints that stay open with auth on: the readiness probe (answers "OK", no data).
+OPEN_ENDPOINTS = frozenset({"health_check", "static"})
+
+
+def unprotected_endpoints(app: Any) -> list[str]:
+    """Flask endpoints whose view is not wrapped by fedn's ``jwt_auth_required``.
+
+    ``jwt_auth_required`` returns the view unchanged when FEDN_JWT_SECRET_KEY is unset,
+    and a ``functools.wraps`` wrapper (with ``__wrapped__``) otherwise, so with a secret
+    set an unwrapped view is one that no token guards.
+    """
+    return sorted(endpoint for endpoint, view in app.view_functions.items()
+                  if endpoint not in OPEN_ENDPOINTS and not hasattr(view, "__wrapped__"))
+
+
+def require_token_everywhere(app: Any, role: str = "admin") -> list[str]:
+    """Guard every unguarded endpoint of fedn's API app with an admin token.
+
+    Symptom (bug 14, found here): with auth on, POST /api/v1/graphql has no
+    ``jwt_auth_required`` at all, and POST /api/v1/metrics/list has it *above*
+    ``@bp.route``, so Flask registered the bare function; both answer without a token
+    with sessions, model ids and every client's metrics. Each such view is wrapped
+    with fedn's own decorator (same 401 answers, same expiry check). No-op without a
+    secret (the decorator then returns the view unchanged).
+
+    Returns:
+        The endpoints that were guarded.
+    """
+    from fedn.network.api.auth import jwt_auth_required
+
+    guarded = unprotected_endpoints(app)
+    for endpoint in guarded:
+        app.view_functions[endpoint] = jwt_auth_required(role=role)(app.view_functions[endpoint])
+    return [e for e in guarded if hasattr(app.view_functions[e], "__wrapped__")]
+
+
 # --- bug 5 -------------------------------------------------------------------------------
 
 def start_session(client: Any, rounds: int, *, model_id: str, name: str | None = None,

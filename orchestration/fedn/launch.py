@@ -43,6 +43,7 @@ def run_api(workers: int) -> None:
     from fedn.network.api import server
 
     fedn_compat.install_client_add_alias(server.app)
+    fedn_compat.require_token_everywhere(server.app)  # bug 14
     server.start_server_api()
 
 
