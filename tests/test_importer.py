@@ -498,3 +498,25 @@ def test_cli_rejected_ct_reason_is_shown(shared_data: Path, tmp_path: Path) -> N
     ds.save_as(src / "ct_2.dcm")
     code, _, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"))
     assert f"{src / 'ct_1.dcm'}: skipped: CT file without SeriesInstanceUID" in stderr
+
+
+def test_cli_import_writes_owner_only(shared_data: Path, tmp_path: Path) -> None:
+    """Imported CT data and the pseudonym salt: files 0600, folders 0700."""
+    import os
+    import stat
+
+    src = _copy_mock(shared_data, tmp_path / "src")
+    out = tmp_path / "out"
+    old = os.umask(0o000)  # even a permissive umask gives nothing to others
+    try:
+        code, _, stderr = _run("data", "import", str(src), "--out", str(out))
+    finally:
+        os.umask(old)
+    assert code == 0, stderr
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode)
+             for p in [out, *out.rglob("*")]}
+    assert modes["."] == 0o700 and modes[".pseudonym-salt"] == 0o600
+    assert modes["manifest.json"] == 0o600
+    assert len(modes) == 7  # folder, salt, manifest, one case folder with 3 files
+    for name, mode in modes.items():
+        assert mode == (0o700 if (out / name).is_dir() else 0o600), (name, oct(mode))

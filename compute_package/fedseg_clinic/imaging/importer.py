@@ -31,6 +31,8 @@ import numpy as np
 from fedseg_clinic.imaging import preprocess
 from fedseg_clinic.cases import (
     CASE_META_NAME,
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
     Case,
     CaseMeta,
     Manifest,
@@ -171,7 +173,7 @@ def load_salt(out: Path) -> str:
         if salt:
             return salt
     salt = secrets.token_hex(16)
-    atomic_write_text(path, salt + "\n")
+    atomic_write_text(path, salt + "\n", mode=PRIVATE_FILE_MODE)
     return salt
 
 
@@ -412,6 +414,11 @@ def _import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport
         raise FedsegError(f"{src}: no CT series found ({len(scan.dicom)} usable DICOM "
                           f"file(s){_skipped_summary(scan.skipped)})")
     out.mkdir(parents=True, exist_ok=True)
+    # The clinic folder holds CT data and the pseudonym salt: its owner only.
+    os.chmod(out, PRIVATE_DIR_MODE)
+    salt_path = out / SALT_NAME
+    if salt_path.exists():
+        os.chmod(salt_path, PRIVATE_FILE_MODE)  # tighten a salt written by older versions
     salt = options.salt if options.salt is not None else load_salt(out)
     patients = _group_patients(scan, salt)
 
