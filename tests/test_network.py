@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -86,19 +87,19 @@ def upload_package_and_seed(state: NetworkState, work: Path) -> None:
 
 def start_clients(state: NetworkState, names: list[str], work: Path, token: str | None,
                   preferred: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """`fedn client start` processes, one working directory each."""
+    """fedn's `client start` processes (package route: token in a 0600 file, not argv)."""
+    from fedseg.orchestration.clients import ClientSpec, client_argv, write_package_config
+
     procs = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDN_")}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in fedn.yaml
     for name in names:
         cwd = work / name
         cwd.mkdir(parents=True, exist_ok=True)
-        argv = [str(VENV_BIN / "fedn"), "client", "start", "--api-url", "http://127.0.0.1",
-                "--api-port", str(state.api_port), "--name", name]
-        if token:
-            argv += ["--token", token]
-        if preferred and name in preferred:
-            argv += ["--preferred-combiner", preferred[name]]
+        spec = ClientSpec(name, cwd)
+        combiner = (preferred or {}).get(name)
+        write_package_config(cwd, spec, state.api_url, token, combiner, str(uuid.uuid4()))
+        argv = client_argv("package", spec, state.api_url, "", cwd, token, combiner)
         log = open(cwd / "client.log", "wb")
         procs.append(subprocess.Popen(argv, cwd=cwd, env={**env, "FEDN_HOME_DIR": str(cwd)},
                                       stdout=log, stderr=subprocess.STDOUT,
