@@ -6,7 +6,7 @@ model -> compute package -> network up (or an existing one) -> package + seed up
 
 Output, in ``<runs_dir>/<name>/``::
 
-    rounds.csv            round log (long format, see round_log.py), rewritten per round
+    rounds.csv            round log (long format, see runlog.py), rewritten per round
     run.json              config snapshot, seed, versions, timings, model ids, failures
     models/round-<k>.npz  global weights after round k
     seed.npz, package.tgz the uploaded seed and compute package
@@ -39,11 +39,11 @@ import yaml
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration import collect, session
-from fedseg.orchestration.network import ports
 from fedseg.orchestration.experiment import Experiment
+from fedseg.orchestration.network import ports
 from fedseg.orchestration.runlog import GLOBAL, MODELS_DIR, write_rounds, write_run_info
-from fedseg_clinic.cases import atomic_write_text
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
 from fedseg_clinic.organs import ORGANS
 
 FORMAT_VERSION = 1
@@ -147,8 +148,8 @@ def _check_case(case: Case) -> None:
 
 
 #: Modes of what holds patient data (CT, masks, sidecars, manifest, salt): owner only.
-PRIVATE_FILE_MODE = 0o600
-PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = PRIVATE_FILE
+PRIVATE_DIR_MODE = PRIVATE_DIR
 
 
 def _private_file(path: Path) -> BinaryIO:
@@ -304,32 +305,3 @@ def assign_splits(case_ids: Sequence[str], val_fraction: float, seed: int) -> di
     return {cid: ("val" if cid in val else "train") for cid in ids}
 
 
-def _umask() -> int:
-    """The process umask (reading it requires setting it; restored at once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
-    """Write a text file through a temporary sibling and ``os.replace``.
-
-    Args:
-        path: The file.
-        text: Its content.
-        mode: Permission bits (e.g. 0o600 for secrets); None = a plain open()'s
-            (0666 minus the umask).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp makes 0600; widen only when no mode is asked for.
-        os.fchmod(fd, (0o666 & ~_umask()) if mode is None else mode)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -36,6 +36,7 @@ from fedseg.orchestration.fedn import compat as fedn_compat
 from fedseg.orchestration.network import auth, ports, stores
 from fedseg.orchestration.network.ports import LOCALHOST, ProcessRecord
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import PRIVATE_FILE, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +325,8 @@ class NetworkState:
                               f"({exc.strerror})") from None
         return auth.mint_token(secret, role, subject, lifetime_s=self.token_lifetime_s)
 
+    @property
+    def api_url(self) -> str:
         """The API server's URL, ending in "/" (as fedn's connect_to_api wants)."""
         return f"http://{self.api_host}:{self.api_port}/"
 
@@ -391,11 +394,7 @@ def load_network_state(root: Path) -> NetworkState:
 
 def _write_private(path: Path, text: str) -> None:
     """Atomic write, readable by the owner only (it holds passwords and tokens)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, PRIVATE_FILE)
 
 
 def _fedn_env(root: Path, settings: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -475,6 +474,7 @@ def network_up(config: NetworkConfig) -> NetworkState:
     (root / STATE_FILE).unlink(missing_ok=True)
     (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
     ports.require_free_ports(config.ports())
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     (root / "logs").mkdir(exist_ok=True)
     (root / "fedn-home").mkdir(exist_ok=True)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fedseg_clinic.imaging import preprocess
 from fedseg_clinic.cases import (
     CASE_META_NAME,
     PRIVATE_DIR_MODE,
@@ -37,14 +36,13 @@ from fedseg_clinic.cases import (
     CaseMeta,
     Manifest,
     assign_splits,
-    atomic_write_text,
     manifest_entry,
     read_case_meta,
     write_case,
     write_manifest,
 )
-from fedseg_clinic.imaging.series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.imaging import preprocess
 from fedseg_clinic.imaging.labelmap import (
     DicomSeg,
     LabelMap,
@@ -54,8 +52,15 @@ from fedseg_clinic.imaging.labelmap import (
     read_dicom_seg,
     read_labelmap,
 )
+from fedseg_clinic.imaging.rtstruct import (
+    StructureSet,
+    check_reference,
+    rasterise_roi,
+    read_rtstruct,
+)
+from fedseg_clinic.imaging.series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
+from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.organs import AliasTable
-from fedseg_clinic.imaging.rtstruct import StructureSet, check_reference, rasterise_roi, read_rtstruct
 
 logger = logging.getLogger(__name__)
 
