@@ -8,9 +8,9 @@ the model and its traced step functions are paid for once) and the compute packa
 Privacy unit: the patient. Each local step samples patients by Poisson sampling
 (each independently with q = batch_size / N, the accountant's assumption) and takes one
 random patch per sampled patient, so one patient contributes at most one clipped
-gradient per step. Before training, the ledger checks that the whole planned round fits
-in the clinic's epsilon budget; if not, :class:`BudgetExceededError` is raised and no
-weights leave the clinic.
+gradient per step. Before training, the data set's ledger reserves the whole planned
+round (check and record in one locked step); if it would exceed the clinic's epsilon
+budget, :class:`BudgetExceededError` is raised and no weights leave the clinic.
 """
 
 from __future__ import annotations
@@ -38,21 +38,19 @@ from fedseg_clinic.model.unet import (
 )
 from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
-from fedseg_clinic.privacy.accounting import compute_epsilon
+from fedseg_clinic.privacy.accounting import compute_epsilon, default_delta
 from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
-from fedseg_clinic.privacy.ledger import LedgerSegment, PrivacyLedger
+from fedseg_clinic.privacy.ledger import (
+    LedgerSegment,
+    PrivacyLedger,
+    data_identity,
+    default_privacy_dir,
+    ledger_path,
+)
 from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_overrides
 from fedseg_clinic.tf_env import tf
 
 logger = logging.getLogger(__name__)
-
-LEDGER_NAME = "privacy_ledger.json"
-
-
-def default_delta(n_patients: int) -> float:
-    """Delta = 1 / (10 N): comfortably below the 1 / N that would allow naming a patient."""
-    return 1.0 / (10.0 * n_patients)
-
 
 class ClinicApp:
     """A clinic's train / validate / predict on its local cases.
@@ -67,7 +65,10 @@ class ClinicApp:
         self.settings = settings
         self.data_dir: Path = settings.data_dir
         self.state_dir: Path = settings.state_dir
+        self.privacy_dir: Path = settings.privacy_dir or default_privacy_dir(self.data_dir)
         self.train_cases: list[Case] = load_cases(self.data_dir, "train")
+        # The ledger's key: the patients whose privacy training spends.
+        self.data_id = data_identity(c.meta.patient_pseudonym for c in self.train_cases)
         self._val_cases: list[Case] | None = None
         self.model_config = UNetConfig.from_dict(settings.model)
         self.model = build_unet(self.model_config, seed=settings.training.seed)
@@ -105,17 +106,14 @@ class ClinicApp:
     # -- privacy ------------------------------------------------------------------------
 
     def ledger(self, delta: float, epsilon_budget: float | None) -> PrivacyLedger:
-        """The clinic's privacy ledger (persists across rounds and restarts).
+        """The privacy ledger of this clinic's training data (outlives runs and restarts).
 
-        Its anchor lives outside the state folder (ledger.default_anchor_path), so that
-        deleting the whole state folder is detected too.
+        Kept in the data set's privacy folder (``<data_dir>/.fedseg-privacy`` unless
+        settings say otherwise), never in a run folder; its anchor lives outside that
+        folder (ledger.default_anchor_path), so deleting the folder is detected too.
         """
-        return PrivacyLedger(
-            self.state_dir / LEDGER_NAME,
-            client_id=self.settings.client_name,
-            delta=delta,
-            epsilon_budget=epsilon_budget,
-        )
+        return PrivacyLedger(ledger_path(self.privacy_dir, self.data_id), self.data_id,
+                             delta=delta, epsilon_budget=epsilon_budget)
 
     # -- training -----------------------------------------------------------------------
 
@@ -185,7 +183,7 @@ class ClinicApp:
             )
         delta = p.delta if p.delta is not None else default_delta(n)
         ledger = self.ledger(delta, p.epsilon_budget) if p.enabled else None
-        round_index = len(ledger.segments()) if ledger else self._rounds_without_ledger
+        round_index = len(ledger.entries()) if ledger else self._rounds_without_ledger
         segment = LedgerSegment.for_schedule(
             round_id=str(server_settings.get("round_id", f"local-{round_index + 1}")),
             n_patients=n,
@@ -194,8 +192,13 @@ class ClinicApp:
             noise_multiplier=p.noise_multiplier,
             l2_norm_clip=p.l2_norm_clip,
         )
+        reserved = None
         if ledger is not None:
-            ledger.check_budget(segment)  # raises BudgetExceededError; nothing is trained
+            # Record before train, in one locked step: a concurrent training of the same
+            # data cannot slip in between the check and the record. Raises
+            # BudgetExceededError (nothing written, nothing trained).
+            reserved = ledger.reserve(segment, client=settings.client_name,
+                                      run=settings.run_name)
         apply_weights(self.model, weights, "global model")
         noise_seed, sampling_seed = self._round_seeds(settings, round_index)
         trainer = self._get_trainer(settings, noise_seed)
@@ -210,8 +213,8 @@ class ClinicApp:
             loss = trainer.step(images, labels, known)
             if len(chosen):
                 losses.append(float(loss))
-        if ledger is not None:
-            epsilon = ledger.record(segment).epsilon
+        if reserved is not None:
+            epsilon = reserved.epsilon
         else:
             self._rounds_without_ledger += 1
             epsilon = math.inf
