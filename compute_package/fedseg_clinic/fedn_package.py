@@ -72,9 +72,13 @@ def build(out: Path | None = None) -> Path:
     except OSError as exc:
         raise FedsegError(f"{settings_path}: cannot read settings ({exc.strerror})") from None
     settings = settings_from_mapping(raw, str(settings_path))
-    model = build_unet(UNetConfig.from_dict(settings.model), seed=settings.training.seed)
+    from fedseg_clinic.model.record import sidecar_path, write_record
+
+    config = UNetConfig.from_dict(settings.model)
+    model = build_unet(config, seed=settings.training.seed)
     target = out or Path(__file__).resolve().parent.parent / "seed.npz"
     save_weights_npz([np.asarray(w) for w in model.get_weights()], target)
+    write_record(sidecar_path(target), config)  # which organ set the seed is for
     return target
 
 
