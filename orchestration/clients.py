@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 import requests
 
 from fedseg.orchestration.network import ports
-from fedseg_clinic.fedn_callback import TOKEN_ENV, new_client_id
-from fedseg_clinic.cases import atomic_write_text
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.fedn_callback import TOKEN_ENV, new_client_id
+from fedseg_clinic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

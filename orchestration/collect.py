@@ -30,8 +30,8 @@ from typing import Any
 
 import requests
 
-from fedseg_clinic.fedn_callback import TRAIN_FAILED, VALIDATE_FAILED
 from fedseg.orchestration.runlog import GLOBAL, RoundRecord
+from fedseg_clinic.fedn_callback import TRAIN_FAILED, VALIDATE_FAILED
 
 logger = logging.getLogger(__name__)
 

@@ -39,11 +39,11 @@ import yaml
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration import collect, session
-from fedseg.orchestration.network import ports
 from fedseg.orchestration.experiment import Experiment
+from fedseg.orchestration.network import ports
 from fedseg.orchestration.runlog import GLOBAL, MODELS_DIR, write_rounds, write_run_info
-from fedseg_clinic.cases import atomic_write_text
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.organs import OrganSet
 
 logger = logging.getLogger(__name__)

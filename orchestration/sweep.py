@@ -51,8 +51,8 @@ from fedseg.orchestration.experiment import (
     read_yaml,
 )
 from fedseg.orchestration.runlog import RUN_NAME, read_run_info
-from fedseg_clinic.cases import atomic_write_text
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +275,8 @@ def plan_noise(exp: Experiment, n_train: dict[str, int], target_epsilon: float,
         FedsegError: a per-round batch-size schedule (one q per plan is needed), or a
             delta that is not below 1 / N.
     """
-    from fedseg_clinic.privacy.accounting import calibrate_noise
     from fedseg_clinic.app import default_delta
+    from fedseg_clinic.privacy.accounting import calibrate_noise
     from fedseg_clinic.settings import settings_from_mapping, with_server_overrides
 
     where = f"{exp.source or exp.name}"

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.privacy.accounting import (
     CALIBRATION_TOL,
     PrivacySegment,
@@ -14,7 +15,6 @@ from fedseg_clinic.privacy.accounting import (
     compute_epsilon,
     compute_epsilon_history,
 )
-from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.tf_env import tf  # noqa: F401  (sets TF Privacy's import flags first)
 
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fedseg.orchestration.baselines import baseline_name, build_pooled_folder, run_baseline
 from fedseg.analysis.summary import load_run, summarize_run
+from fedseg.orchestration.baselines import baseline_name, build_pooled_folder, run_baseline
 from fedseg.orchestration.experiment import parse_experiment
 from fedseg.orchestration.runlog import GLOBAL, pivot, read_rounds, read_run_info
-from fedseg_clinic.privacy.accounting import compute_epsilon
 from fedseg_clinic.cases import read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy.accounting import compute_epsilon
 
 ROUNDS = 2
 STEPS = 2

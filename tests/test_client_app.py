@@ -16,12 +16,12 @@ import yaml
 
 from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
 from fedseg_clinic import fedn_package as entrypoints
-from fedseg_clinic.privacy.accounting import compute_epsilon
 from fedseg_clinic.app import ClinicApp
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.model.weights import load_weights_npz, save_weights_npz
+from fedseg_clinic.privacy.accounting import compute_epsilon
 from fedseg_clinic.privacy.ledger import BudgetExceededError
 from fedseg_clinic.settings import load_settings
-from fedseg_clinic.model.weights import load_weights_npz, save_weights_npz
 
 pytestmark = pytest.mark.slow
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedseg.orchestration import clients as clients_mod
+from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.fedn_callback import (
     TOKEN_ENV,
     CallbackAdapter,
@@ -18,7 +19,6 @@ from fedseg_clinic.fedn_callback import (
     normalise_api_url,
     resolve_factory,
 )
-from fedseg_clinic.errors import FedsegError
 
 TESTS = Path(__file__).resolve().parent
 TOY_APP = "toy_clinic_app:ToyApp.from_environment"

@@ -9,9 +9,9 @@ import pytest
 
 from fedseg.analysis.leakage import inversion as inv
 from fedseg.analysis.leakage.canary import CanaryAuditConfig, records
-from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer
 from fedseg_clinic.model.losses import per_example_loss
 from fedseg_clinic.model.unet import UNetConfig, build_unet
+from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer
 from fedseg_clinic.tf_env import tf
 
 KNOWN = np.ones((1, 7), np.float32)

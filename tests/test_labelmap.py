@@ -9,7 +9,6 @@ import nrrd
 import numpy as np
 import pytest
 
-from fedseg_clinic.imaging.series import CtSeries, Geometry, read_series, scan_folder
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.imaging.labelmap import (
     bounds_overlap,
@@ -18,6 +17,7 @@ from fedseg_clinic.imaging.labelmap import (
     read_dicom_seg,
     read_labelmap,
 )
+from fedseg_clinic.imaging.series import CtSeries, Geometry, read_series, scan_folder
 
 SEGS = Path("dcmqi/data/segmentations")
 CT3_DIR = SEGS / "ct-3slice"

@@ -25,7 +25,6 @@ from click.testing import CliRunner
 
 from fedseg.cli import cli
 from fedseg.orchestration.fedn import compat as fedn_compat
-from fedseg.orchestration.network import ports, stores
 from fedseg.orchestration.network import (
     CombinerSpec,
     NetworkConfig,
@@ -35,6 +34,8 @@ from fedseg.orchestration.network import (
     network_down,
     network_status,
     network_up,
+    ports,
+    stores,
 )
 from fedseg.orchestration.network.ports import free_port, free_ports
 from fedseg.orchestration.network.stores import find_postgres_bindir

@@ -21,9 +21,9 @@ from fedseg.orchestration.sweep import (
     point_experiment,
     run_sweep,
 )
-from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
 from fedseg_clinic.cases import Manifest, ManifestEntry, write_manifest
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
 
 ROUNDS = 2
 STEPS = 3

@@ -1,1 +1,1 @@
-"""Measured privacy leakage: update inversion, membership inference, canary audits, their results."""
+"""Measured privacy leakage: update inversion, membership inference, canary audits."""

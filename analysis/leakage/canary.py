@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
-from fedseg_clinic.privacy.accounting import compute_epsilon
-from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.model.losses import per_example_loss
 from fedseg_clinic.model.unet import UNetConfig, build_unet
+from fedseg_clinic.privacy.accounting import compute_epsilon
+from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.tf_env import keras, tf
 
 logger = logging.getLogger(__name__)

@@ -610,8 +610,8 @@ def simulate_client(config: UNetConfig, settings: ClientSettings,
         seed: model initialisation, phantoms and noise.
     """
     from fedseg.analysis.leakage.membership import phantom_patches
-    from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer
     from fedseg_clinic.model.losses import per_example_loss
+    from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer
 
     if len(set(settings.patch_size)) != 1:
         raise FedsegError(f"--simulate needs a cubic patch, got {settings.patch_size}")

@@ -24,12 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from fedseg_clinic.privacy.accounting import compute_epsilon
 from fedseg_clinic.cases import Case, check_organ_set
-from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.model.inference import sliding_window_predict
-from fedseg_clinic.privacy.ledger import LedgerSegment, PrivacyLedger
 from fedseg_clinic.model.losses import loss_for
 from fedseg_clinic.model.metrics import organ_metrics
 from fedseg_clinic.model.unet import (
@@ -39,10 +36,13 @@ from fedseg_clinic.model.unet import (
     class_known,
     labels_from_masks,
 )
+from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
+from fedseg_clinic.privacy.accounting import compute_epsilon
+from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
+from fedseg_clinic.privacy.ledger import LedgerSegment, PrivacyLedger
 from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_overrides
 from fedseg_clinic.tf_env import tf
-from fedseg_clinic.model.weights import apply_weights
 
 logger = logging.getLogger(__name__)
 

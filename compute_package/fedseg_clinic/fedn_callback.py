@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -162,15 +163,11 @@ class CallbackAdapter:
         assert self.keep_updates is not None
         stem = self.keep_updates / f"update-{self.trained}"
         self.keep_updates.mkdir(parents=True, exist_ok=True)
-        tmp = stem.with_suffix(".npz.tmp")
-        tmp.write_bytes(update)
-        os.replace(tmp, stem.with_suffix(".npz"))
+        atomic_write_bytes(stem.with_suffix(".npz"), update)
         record = {"call": self.trained, "training_metadata": metadata,
                   "server_settings": {k: v for k, v in settings.items()
                                       if isinstance(v, int | float | str | bool)}}
-        tmp = stem.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, stem.with_suffix(".json"))
+        atomic_write_json(stem.with_suffix(".json"), record)
 
     def validate(self, in_model: io.BytesIO) -> dict[str, Any]:
         """FEDn validate callback: model bytes -> flat metrics dict."""
@@ -306,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
         return 2
     if args.ready_file is not None:
-        from fedseg_clinic.cases import atomic_write_text
+        from fedseg_clinic.io import atomic_write_text
 
         atomic_write_text(args.ready_file, json.dumps(
             {"name": args.name, "client_id": client.client_id, "pid": os.getpid(),

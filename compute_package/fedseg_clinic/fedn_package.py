@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_output
 
 EXIT_USER_ERROR = 1
 EXIT_BUDGET = 3
@@ -40,9 +40,9 @@ USAGE = (
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    from fedseg_clinic.cases import atomic_write_text
+    from fedseg_clinic.io import atomic_write_json
 
-    atomic_write_text(path, json.dumps(data, indent=2))
+    atomic_write_json(path, data)
 
 
 def _read_server_settings(in_path: Path) -> dict[str, Any]:
@@ -60,9 +60,8 @@ def _read_server_settings(in_path: Path) -> dict[str, Any]:
 
 def build(out: Path | None = None) -> Path:
     """Write seed weights from the package's model settings; return the path."""
-    from fedseg_clinic.model.unet import UNetConfig, build_unet
+    from fedseg_clinic.model.seed import write_seed_weights
     from fedseg_clinic.settings import default_settings_path, settings_from_mapping
-    from fedseg_clinic.model.weights import save_weights_npz
 
     settings_path = Path(os.environ.get("FEDSEG_SETTINGS") or default_settings_path())
     import yaml
@@ -72,14 +71,8 @@ def build(out: Path | None = None) -> Path:
     except OSError as exc:
         raise FedsegError(f"{settings_path}: cannot read settings ({exc.strerror})") from None
     settings = settings_from_mapping(raw, str(settings_path))
-    from fedseg_clinic.model.record import sidecar_path, write_record
-
-    config = UNetConfig.from_dict(settings.model)
-    model = build_unet(config, seed=settings.training.seed)
     target = out or Path(__file__).resolve().parent.parent / "seed.npz"
-    save_weights_npz([np.asarray(w) for w in model.get_weights()], target)
-    write_record(sidecar_path(target), config)  # which organ set the seed is for
-    return target
+    return write_seed_weights(settings.model, target, seed=settings.training.seed)
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -125,10 +118,8 @@ def predict_cases(app: Any, weights: list[np.ndarray]) -> dict[str, Any]:
         labels = np.argmax(app.predict_case(case), axis=-1).astype(np.uint8)
         case_dir = out_dir / case.meta.case_id
         case_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=case_dir)
-        os.close(fd)
-        np.savez_compressed(tmp, labels=labels)
-        os.replace(tmp, case_dir / "prediction.npz")
+        with atomic_output(case_dir / "prediction.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, labels=labels)
         written[case.meta.case_id] = str(case_dir / "prediction.npz")
     return {"predictions": written, "n_cases": len(written)}
 

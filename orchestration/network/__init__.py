@@ -35,6 +35,7 @@ from fedseg.orchestration.fedn import compat as fedn_compat
 from fedseg.orchestration.network import auth, ports, stores
 from fedseg.orchestration.network.ports import LOCALHOST, ProcessRecord
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import PRIVATE_FILE, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -348,11 +349,7 @@ def load_network_state(root: Path) -> NetworkState:
 
 def _write_private(path: Path, text: str) -> None:
     """Atomic write, readable by the owner only (it holds passwords and tokens)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, PRIVATE_FILE)
 
 
 def _fedn_env(root: Path, settings: Path, extra: dict[str, str]) -> dict[str, str]:

@@ -64,12 +64,12 @@ from fedseg_clinic.cases import (
     CaseMeta,
     Manifest,
     assign_splits,
-    atomic_write_text,
     manifest_entry,
     write_case,
     write_manifest,
 )
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.organs import ORGANS, THORAX
 
 logger = logging.getLogger(__name__)

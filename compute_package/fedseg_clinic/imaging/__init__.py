@@ -1,1 +1,1 @@
-"""Clinic data in: DICOM CT series, RTSTRUCT/SEG/label maps, preprocessing, import and inspection."""
+"""Clinic data in: DICOM CT series, RTSTRUCT/SEG/label maps, preprocessing, import, inspection."""
