@@ -50,9 +50,8 @@ from fedseg_clinic.imaging.importer import (
     pseudonym,
 )
 from fedseg_clinic.imaging.labelmap import (
+    _NRRD_SPACES,
     LabelMap,
-    _read_nifti,
-    _read_nrrd,
     _stem,
     bounds_overlap,
     labelmap_to_grid,
@@ -174,6 +173,42 @@ def canonical_grid(data: np.ndarray, affine: np.ndarray, where: Path
     return np.ascontiguousarray(array), geometry, axes
 
 
+def _read_nifti_ct(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (scaling applied) and the (i, j, k) -> LPS affine of a NIfTI file."""
+    import nibabel
+
+    try:
+        image = nibabel.load(str(path))
+        data = np.asanyarray(image.dataobj)  # applies scl_slope / scl_inter
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types on bad files
+        raise FedsegError(f"{path}: cannot read NIfTI ({exc})") from None
+    # NIfTI world space is RAS: flip x and y to reach DICOM's LPS.
+    return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=np.float64)
+
+
+def _read_nrrd_ct(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and the (i, j, k) -> LPS affine of an NRRD file."""
+    import nrrd
+
+    try:
+        data, header = nrrd.read(str(path))
+    except Exception as exc:  # noqa: BLE001 - pynrrd raises its own and numpy errors
+        raise FedsegError(f"{path}: cannot read NRRD ({exc})") from None
+    space = str(header.get("space", "")).lower()
+    if space not in _NRRD_SPACES:
+        raise FedsegError(f"{path}: NRRD space {space or '(none)'!r} is not a patient space")
+    directions = np.asarray(header.get("space directions"), dtype=np.float64)
+    if directions.shape != (3, 3):
+        raise FedsegError(f"{path}: CT must be 3-D with 3 space directions, got shape "
+                          f"{data.shape}")
+    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    flip = np.asarray(_NRRD_SPACES[space])
+    affine = np.eye(4)
+    affine[:3, :3] = (directions * flip[None, :]).T  # one direction per axis: columns
+    affine[:3, 3] = origin * flip
+    return data, affine
+
+
 def read_volume(path: Path) -> Volume:
     """Read a NIfTI or NRRD CT volume into HU on a grid close to LPS.
 
@@ -186,8 +221,9 @@ def read_volume(path: Path) -> Volume:
         raise FedsegError(f"{path}: unknown volume format (use .nii, .nii.gz, .nrrd or .nhdr)")
     if not path.is_file():
         raise FedsegError(f"{path}: CT file does not exist")
-    raw = _read_nrrd(path) if suffix in (".nrrd", ".nhdr") else _read_nifti(path)
-    data = np.asarray(raw.labels)
+    data, affine = _read_nrrd_ct(path) if suffix in (".nrrd", ".nhdr") else _read_nifti_ct(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
     if data.ndim != 3:
         raise FedsegError(f"{path}: CT must be 3-D, got shape {data.shape}")
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
@@ -195,7 +231,7 @@ def read_volume(path: Path) -> Volume:
     hu = data.astype(np.float32)
     if not np.all(np.isfinite(hu)):
         raise FedsegError(f"{path}: CT holds NaN or infinite values")
-    array, geometry, axes = canonical_grid(hu, raw.affine, path)
+    array, geometry, axes = canonical_grid(hu, affine, path)
     return Volume(path=path, hu=array, geometry=geometry, file_axes=axes)
 
 
@@ -393,7 +429,11 @@ def import_volume_clinic(src: Path, out: Path, options: ImportOptions) -> Import
     out.mkdir(parents=True, exist_ok=True)
     salt = options.salt if options.salt is not None else load_salt(out)
     report = ImportReport()
-    base = src if src.is_dir() else src.parent
+    # Ids hash the case folder's path below the import folder; a case folder (or CT file)
+    # imported on its own counts from its parent, so it keeps the id it gets in a batch.
+    single = src.is_file() or any(c.folder.resolve() == src.resolve() for c in found)
+    base = (src.resolve().parent.parent if src.is_file() else src.resolve().parent) \
+        if single else src
     for index, case in enumerate(found, start=1):
         key = _case_key(case.folder, base)
         try:
