@@ -6,7 +6,7 @@ model -> compute package -> network up (or an existing one) -> package + seed up
 
 Output, in ``<runs_dir>/<name>/``::
 
-    rounds.csv            round log (long format, see round_log.py), rewritten per round
+    rounds.csv            round log (long format, see runlog.py), rewritten per round
     run.json              config snapshot, seed, versions, timings, model ids, failures
     models/round-<k>.npz  global weights after round k
     seed.npz, package.tgz the uploaded seed and compute package

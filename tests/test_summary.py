@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_run
 
 from fedseg.analysis import summary
 from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
@@ -15,14 +16,6 @@ from fedseg_clinic.errors import FedsegError
 
 NAN = math.nan
 
-
-def make_run(path: Path, rows: list[tuple[int, str, str, float]], kind: str = "federated",
-             **info: object) -> Path:
-    path.mkdir(parents=True)
-    write_rounds(path, [RoundRecord(*row) for row in rows])
-    write_run_info(path, {"name": path.name, "seed": 7, "kind": kind, "config": {},
-                          "versions": {}, "timings": {}, **info})
-    return path
 
 
 def client_rows(rnd: int, client: str, **metrics: float) -> list[tuple[int, str, str, float]]:

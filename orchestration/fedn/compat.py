@@ -5,8 +5,10 @@ copies fedn code: each function patches fedn (or a library it calls) at run
 time in the process that will run fedn's own start function (see
 :mod:`fedseg.orchestration.fedn.launch`). Each fix names the upstream symptom.
 
-Bug numbers follow the team notes on fedn 0.33.0 ("Bugs met in 0.33.0"); docs/network.md
-has the same list as a table:
+:data:`BUGS` lists every bug with its symptom and fix (docs/network.md has the same list
+as a table, tests/test_fedn_bugs.py a test per bug that fails once fedn fixes it), and
+:func:`check_fedn_version` refuses to patch any fedn other than the one these were written
+for. The list:
 
 1. SQLAlchemy 2.1 maps postgresql:// to psycopg 3: fixed by the pin
    SQLAlchemy==2.0.58 in setup.cfg, checked by :func:`check_sqlalchemy`.
@@ -28,6 +30,7 @@ Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from datetime import datetime
@@ -41,6 +44,74 @@ from sqlalchemy import event, types
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
+
+FEDN_VERSION = "0.33.0"  # the only fedn these workarounds were written and tested for
+
+
+@dataclasses.dataclass(frozen=True)
+class FednBug:
+    """One fedn 0.33.0 bug fedseg works around.
+
+    Attributes:
+        number: its number in docs/network.md and in the tests.
+        symptom: what a user sees without the workaround.
+        fix: where fedseg works around it.
+    """
+
+    number: int
+    symptom: str
+    fix: str
+
+
+BUGS: tuple[FednBug, ...] = (
+    FednBug(1, "SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which fedn lacks",
+            "pin SQLAlchemy==2.0.58; check_sqlalchemy()"),
+    FednBug(2, "SQLite: the combiner stores str(datetime) in a DateTime column and dies",
+            "install_sql_coercion()"),
+    FednBug(3, "gunicorn workers race on create_all (UniqueViolation)",
+            "create_schema() once before the API server starts"),
+    FednBug(4, "client add sends preferred_combiner, the route reads combiner_preferred",
+            "install_client_add_alias(); the callback client sends both spellings"),
+    FednBug(5, "APIClient.start_session leaves rounds out of the session config",
+            "start_session()"),
+    FednBug(6, "round config values arrive as strings ('True', 'None') and kill the round",
+            "install_sql_coercion()"),
+    FednBug(7, "aggregator_kwargs as a dict: can't adapt type 'dict'",
+            "install_sql_coercion()"),
+    FednBug(8, "PostgreSQL enforces VARCHAR(255): ServerFunctions source is longer",
+            "widen_string_columns() in create_schema()"),
+    FednBug(9, "a combiner restarted on a kept store keeps its first address and port",
+            "sync_combiner_registry() before the combiners start"),
+    FednBug(10, "two combiners ending a round together: one deletes the other's report",
+            "merge_round_combiners()"),
+    FednBug(11, "every combiner shares /tmp/models and deletes models other rounds read",
+            "FEDN_MODEL_DIR per combiner (orchestration/network)"),
+    FednBug(12, "the controller waits forever for a dead combiner's round report",
+            "bound_report_wait()"),
+    FednBug(13, "a combiner that does not answer ends the session thread (AttributeError)",
+            "skip_unavailable_combiners()"),
+)
+
+
+def check_fedn_version(installed: str | None = None) -> str:
+    """Refuse to patch a fedn these workarounds were not written for.
+
+    Args:
+        installed: the version to check (default: the installed fedn's).
+
+    Returns:
+        The checked version.
+
+    Raises:
+        FedsegError: any version other than :data:`FEDN_VERSION`.
+    """
+    version = installed if installed is not None else metadata.version("fedn")
+    if version != FEDN_VERSION:
+        raise FedsegError(
+            f"fedn {version} is installed; fedseg's workarounds (docs/network.md) are written "
+            f"for fedn {FEDN_VERSION} and would patch unknown code: install fedn=={FEDN_VERSION}")
+    return version
+
 
 GRACEFUL_TIMEOUT_S = 3  # gunicorn workers' grace on stop (default 30 s)
 _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})

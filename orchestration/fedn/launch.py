@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_api(workers: int) -> None:
     """Patch, then run fedn.network.api.server.start_server_api (blocks)."""
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.merge_round_combiners()
@@ -48,6 +49,7 @@ def run_api(workers: int) -> None:
 
 def run_combiner(name: str, port: int, max_clients: int) -> None:
     """Patch, then run fedn's ``combiner start`` command (blocks)."""
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.merge_round_combiners()
@@ -62,6 +64,7 @@ def run_combiner(name: str, port: int, max_clients: int) -> None:
 
 def run_hooks(port: int) -> None:
     """Patch, then run fedn's hooks service (blocks); fedn hard-codes port 12081."""
+    fedn_compat.check_fedn_version()
     fedn_compat.bind_grpc_servers(HOST, port)
     from fedn.network.combiner.hooks.hooks import serve
 

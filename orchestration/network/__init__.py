@@ -428,6 +428,7 @@ def network_up(config: NetworkConfig) -> NetworkState:
                           "run `fedseg network down` first")
     (root / STATE_FILE).unlink(missing_ok=True)
     ports.require_free_ports(config.ports())
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     (root / "logs").mkdir(exist_ok=True)
     (root / "fedn-home").mkdir(exist_ok=True)
