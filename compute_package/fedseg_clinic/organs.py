@@ -91,8 +91,11 @@ class OrganSet:
             FedsegError: one line naming ``where``, both sets and their organs.
         """
         if isinstance(record, str):
-            name, version, organs = record, self.version, list(self.organs)
-        elif isinstance(record, Mapping):
+            if record not in ORGAN_SETS:
+                raise FedsegError(f"{where}: unknown organ set {record!r} "
+                                  f"(known: {', '.join(ORGAN_SETS)})")
+            record = ORGAN_SETS[record].to_json()
+        if isinstance(record, Mapping):
             name = str(record.get("name"))
             version = record.get("version")
             organs = list(record.get("organs") or [])

@@ -262,7 +262,7 @@ def labels_from_masks(
         if tuple(mask.shape) != target:
             raise FedsegError(f"label map: mask {organ} has shape {mask.shape}, expected "
                               f"{target}")
-        labels[np.asarray(mask, dtype=bool)] = class_index(organ)
+        labels[np.asarray(mask, dtype=bool)] = organs.class_index(organ)
     return labels
 
 
