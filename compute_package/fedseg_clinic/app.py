@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from fedseg_clinic.cases import Case
+from fedseg_clinic.cases import Case, check_organ_set
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.model.inference import sliding_window_predict
-from fedseg_clinic.model.losses import per_example_loss
+from fedseg_clinic.model.losses import loss_for
 from fedseg_clinic.model.metrics import organ_metrics
 from fedseg_clinic.model.unet import (
     UNetConfig,
@@ -66,16 +66,20 @@ class ClinicApp:
         self.data_dir: Path = settings.data_dir
         self.state_dir: Path = settings.state_dir
         self.privacy_dir: Path = settings.privacy_dir or default_privacy_dir(self.data_dir)
+        self.model_config = UNetConfig.from_dict(settings.model)
+        self.organs = self.model_config.organs
+        # Data labelled for another organ set would train the wrong output channels.
+        check_organ_set(self.data_dir, self.organs)
         self.train_cases: list[Case] = load_cases(self.data_dir, "train")
         # The ledger's key: the patients whose privacy training spends.
         self.data_id = data_identity(c.meta.patient_pseudonym for c in self.train_cases)
         self._val_cases: list[Case] | None = None
-        self.model_config = UNetConfig.from_dict(settings.model)
         self.model = build_unet(self.model_config, seed=settings.training.seed)
         self._trainer: DPTrainer | None = None
         self._trainer_key: tuple[Any, ...] | None = None
         self._rounds_without_ledger = 0
-        self._loss_fn = tf.function(per_example_loss)
+        self._per_example_loss = loss_for(self.organs)
+        self._loss_fn = tf.function(self._per_example_loss)
 
     @classmethod
     def from_environment(cls) -> ClinicApp:
@@ -102,6 +106,33 @@ class ClinicApp:
             "labelled_organs": organs,
             "shapes": sorted({tuple(c.image.shape) for c in self.train_cases}),
         }
+
+    def check_server_organ_set(self, server_settings: dict[str, Any]) -> None:
+        """Refuse a round whose server announces another organ set than this clinic's.
+
+        A server may send ``organ_set`` (a name or the seed's record) in a round's
+        settings; a global model of another set would be trained on the wrong output
+        channels. Every global model is also checked by its head's class count
+        (:meth:`_apply_global`), which tells the two sets apart on its own.
+
+        Raises:
+            FedsegError: one line naming both sets.
+        """
+        record = server_settings.get("organ_set")
+        if record is not None:
+            self.organs.check_record(record, "server's global model")
+
+    def _apply_global(self, weights: list[np.ndarray]) -> None:
+        """Load the global weights; a head of another class count names the organ sets."""
+        head_bias = np.asarray(weights[-1]) if weights else None
+        if head_bias is not None and head_bias.ndim == 1 and \
+                head_bias.shape[0] != self.organs.n_classes:
+            raise FedsegError(
+                f"global model has {head_bias.shape[0]} output classes, but this clinic "
+                f"trains organ set {self.organs.key} ({self.organs.n_classes} classes: "
+                f"background, {', '.join(self.organs.organs)}); use one organ set"
+            )
+        apply_weights(self.model, weights, "global model")
 
     # -- privacy ------------------------------------------------------------------------
 
@@ -146,7 +177,8 @@ class ClinicApp:
                 learning_rate=t.learning_rate,
                 optimizer=t.optimizer,
             )
-            self._trainer = DPTrainer(self.model, per_example_loss, config, seed=noise_seed)
+            self._trainer = DPTrainer(self.model, self._per_example_loss, config,
+                                      seed=noise_seed)
             self._trainer_key = key
         else:
             for variable in self._trainer.optimizer.variables():
@@ -172,6 +204,7 @@ class ClinicApp:
             FedsegError: bad settings or weights of the wrong architecture.
         """
         started = time.perf_counter()
+        self.check_server_organ_set(server_settings)
         settings = with_server_overrides(self.settings, server_settings)
         t, p = settings.training, settings.privacy
         patch = check_patch_size(self.model_config, t.patch_size)
@@ -199,11 +232,11 @@ class ClinicApp:
             # BudgetExceededError (nothing written, nothing trained).
             reserved = ledger.reserve(segment, client=settings.client_name,
                                       run=settings.run_name)
-        apply_weights(self.model, weights, "global model")
+        self._apply_global(weights)
         noise_seed, sampling_seed = self._round_seeds(settings, round_index)
         trainer = self._get_trainer(settings, noise_seed)
         sampler = PatchSampler(patch, foreground_fraction=t.foreground_fraction,
-                               hu_clip=t.hu_window)
+                               hu_clip=t.hu_window, organs=self.organs)
         rng = np.random.default_rng(sampling_seed)
         losses: list[float] = []
         for _ in range(t.local_steps):
@@ -247,7 +280,7 @@ class ClinicApp:
         pairs = [sampler.sample(case, rng) for case in cases]
         images = np.stack([p[0] for p in pairs]).astype(np.float32)
         labels = np.stack([p[1] for p in pairs])
-        known = np.stack([class_known(c.meta.labelled_organs) for c in cases])
+        known = np.stack([class_known(c.meta.labelled_organs, self.organs) for c in cases])
         return images, labels, known
 
     # -- validation ---------------------------------------------------------------------
@@ -264,15 +297,16 @@ class ClinicApp:
     def validate(self, weights: list[np.ndarray]) -> dict[str, float]:
         """Dice / HD95 per organ, val_loss, n_val and validate_seconds on the val cases."""
         started = time.perf_counter()
-        apply_weights(self.model, weights, "global model")
+        self._apply_global(weights)
         per_case: list[dict[str, float]] = []
         for case in self.val_cases:
             probs = self.predict_case(case)
-            labels = labels_from_masks(case.masks, case.image.shape)
-            known = class_known(case.meta.labelled_organs)
+            labels = labels_from_masks(case.masks, case.image.shape, self.organs)
+            known = class_known(case.meta.labelled_organs, self.organs)
             loss = self._loss_fn(labels[None].astype(np.int32), probs[None], known[None])
             metrics = organ_metrics(np.argmax(probs, axis=-1).astype(np.uint8), case.masks,
-                                    case.meta.labelled_organs, case.meta.spacing)
+                                    case.meta.labelled_organs, case.meta.spacing,
+                                    self.organs)
             metrics["val_loss"] = float(np.asarray(loss)[0])
             per_case.append(metrics)
         result: dict[str, float] = {}
