@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fedseg.analysis import summary
-from fedseg.orchestration.round_log import GLOBAL
+from fedseg.orchestration.runlog import GLOBAL
 
 WIDTH = 11.0
 HEIGHT = 4.0

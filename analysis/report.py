@@ -7,7 +7,7 @@ else: the figures are base64 data URIs and the style is inline, so it can be mai
 archived on its own.
 
 Privacy sections: the results of ``fedseg attack study`` / ``fedseg attack invert`` and
-``fedseg audit`` (read back by :func:`fedseg.analysis.leakage_report.load_leakage`) appear
+``fedseg audit`` (read back by :func:`fedseg.analysis.leakage.results.load_leakage`) appear
 after the runs: reconstruction quality vs batch size, local steps and noise with the
 recognisability threshold; per audited configuration the accountant's epsilon beside the
 empirical lower bound and the membership attacks' AUC and TPR at low FPR. Their PNG
@@ -22,17 +22,17 @@ import datetime
 import html
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from fedseg.analysis import leakage_report, plots, summary
+from fedseg.analysis import plots, summary
+from fedseg.analysis.leakage import results as leakage_report
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +70,15 @@ class ReportFiles:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes through a temporary sibling and ``os.replace``.
+    """Write one report file atomically, readable by all (a report is meant to be shared).
 
     Raises:
         FedsegError: the folder cannot be created or written.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        atomic_write_bytes(path, data, mode=0o644)
     except OSError as exc:
         raise FedsegError(f"{path.parent}: cannot write the report ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_slugs(runs: Sequence[summary.RunLog]) -> list[str]:

@@ -1,7 +1,7 @@
 """Numbers from round logs: final/best Dice, rounds-to-target, Dice AUC, epsilon, time.
 
 A run folder holds ``rounds.csv`` and ``run.json`` (see
-:mod:`fedseg.orchestration.round_log`). This module turns one or several of them into
+:mod:`fedseg.orchestration.runlog`). This module turns one or several of them into
 plain numbers; :mod:`fedseg.analysis.plots` and :mod:`fedseg.analysis.report` draw and
 write them. Definitions (also in docs/analysis.md):
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.orchestration.round_log import (
+from fedseg.orchestration.runlog import (
     GLOBAL,
     RUN_NAME,
     pivot,

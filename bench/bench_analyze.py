@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from fedseg.analysis import report, summary
-from fedseg.orchestration.round_log import RoundRecord, write_rounds, write_run_info
+from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
 from fedseg_clinic.organs import ORGANS
 
 

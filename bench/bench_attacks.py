@@ -1,6 +1,6 @@
 """Benchmark: the inversion study at its default grid, and the cost of the audits.
 
-Runs ``fedseg.analysis.inversion.run_study`` (tiny U-Net: levels 2, base 8, 8^3 patches,
+Runs ``fedseg.analysis.leakage.inversion.run_study`` (tiny U-Net: levels 2, base 8, 8^3 patches,
 one-factor-at-a-time grid: batch 1/2/4/8, local steps 1/5/20 with a new batch per step,
 sigma 0, 0.001/0.01/0.1 and the sigma calibrated for epsilon 8/4/1), then one non-private
 and two DP canary audits, and prints markdown tables (quality per grid point with the
@@ -30,10 +30,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from fedseg.analysis import inversion as inv
-    from fedseg.analysis import leakage_report as lr
-    from fedseg.analysis.canary_audit import CanaryAuditConfig, run_canary_audit
-    from fedseg_clinic.model import UNetConfig
+    from fedseg.analysis.leakage import inversion as inv
+    from fedseg.analysis.leakage import results as lr
+    from fedseg.analysis.leakage.canary import CanaryAuditConfig, run_canary_audit
+    from fedseg_clinic.model.unet import UNetConfig
 
     started = time.perf_counter()
     result = inv.run_study(UNetConfig(levels=2, base_filters=args.base_filters),

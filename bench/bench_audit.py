@@ -63,12 +63,12 @@ def main() -> None:
                         help="TF intra-op threads (0 = TensorFlow's default).")
     args = parser.parse_args()
 
-    from fedseg.analysis.canary_audit import (
+    from fedseg.analysis.leakage.canary import (
         CanaryAuditConfig,
         epsilon_lower_bound,
         run_canary_audit,
     )
-    from fedseg.analysis.membership import MembershipConfig, run_membership
+    from fedseg.analysis.leakage.membership import MembershipConfig, run_membership
     from fedseg_clinic.tf_env import tf
 
     if args.threads:

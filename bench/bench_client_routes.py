@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.orchestration.experiment import parse_experiment
-from fedseg.orchestration.ports import free_port
-from fedseg.orchestration.round_log import GLOBAL, read_rounds, read_run_info
+from fedseg.orchestration.network.ports import free_port
+from fedseg.orchestration.runlog import GLOBAL, read_rounds, read_run_info
 from fedseg.orchestration.runner import run_experiment
 
 

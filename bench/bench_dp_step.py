@@ -6,7 +6,7 @@ in a fresh subprocess so its peak RSS
 (resource.getrusage ru_maxrss; tracemalloc does not see TensorFlow's allocator) is its
 own. Methods:
   plain_adam   non-DP Adam, one batched backward pass (the baseline)
-  dp_adam      fedseg_clinic.dp_sgd.DPTrainer, DP-Adam (per-example loop, TF Privacy
+  dp_adam      fedseg_clinic.privacy.dp_sgd.DPTrainer, DP-Adam (per-example loop, TF Privacy
                GaussianSumQuery clipping + noise)
   tfp_dpsgd    TF Privacy's stock DPKerasSGDOptimizer, num_microbatches = batch
 
@@ -34,9 +34,9 @@ def run_one(method: str, patch: int, batch: int, steps: int) -> dict:
     """Build the U-Net, take warm-up + timed steps with `method`; runs in the child."""
     import numpy as np
 
-    from fedseg_clinic.dp_sgd import DPConfig, DPTrainer
-    from fedseg_clinic.losses import per_example_loss
-    from fedseg_clinic.model import N_CLASSES, UNetConfig, build_unet
+    from fedseg_clinic.model.losses import per_example_loss
+    from fedseg_clinic.model.unet import N_CLASSES, UNetConfig, build_unet
+    from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer
     from fedseg_clinic.tf_env import keras, tf
 
     model = build_unet(UNetConfig(levels=4, base_filters=16), seed=0)

@@ -1,4 +1,4 @@
-"""Benchmark: DICOM import throughput (slices/s, patients/s) of fedseg_clinic.importer.
+"""Benchmark: DICOM import throughput (slices/s, patients/s) of fedseg_clinic.imaging.importer.
 
 Writes a folder of synthetic DICOM patients (CT slices of an elliptic body with a
 "heart" ellipse, plus an RTSTRUCT with BODY and Heart contours on every slice) with a
@@ -130,7 +130,7 @@ def write_patient(folder: Path, patient: str, slices: int, size: int) -> None:
 
 def _child(src: Path, out: Path, config: dict[str, object]) -> None:
     """Run one import and print its timing as JSON (runs in a subprocess)."""
-    from fedseg_clinic.importer import ImportOptions, import_clinic
+    from fedseg_clinic.imaging.importer import ImportOptions, import_clinic
 
     spacing = config["spacing"]
     options = ImportOptions(crop=bool(config["crop"]),

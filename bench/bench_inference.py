@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from fedseg_clinic.inference import sliding_window_predict, window_starts
-from fedseg_clinic.model import UNetConfig, build_unet, check_patch_size
+from fedseg_clinic.model.inference import sliding_window_predict, window_starts
+from fedseg_clinic.model.unet import UNetConfig, build_unet, check_patch_size
 from fedseg_clinic.tf_env import keras, tf
 
 VOLUME = (128, 128, 128)

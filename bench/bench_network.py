@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from fedseg.orchestration.network import CombinerSpec, NetworkConfig, network_down, network_up
-from fedseg.orchestration.ports import free_ports
-from fedseg.orchestration.stores import find_postgres_bindir
+from fedseg.orchestration.network.ports import free_ports
+from fedseg.orchestration.network.stores import find_postgres_bindir
 
 
 def config_for(root: Path, scenario: str) -> NetworkConfig:

@@ -55,7 +55,7 @@ def _prod(shape: tuple[int, ...]) -> int:
 def _stages(size: int) -> dict[str, float]:
     """Median seconds of each stage for one reference patient (in this process)."""
     from fedseg.orchestration import phantoms as ph
-    from fedseg.orchestration.phantom_dicom import write_case_dicom
+    from fedseg.orchestration.phantoms.dicom import write_case_dicom
 
     spec = ph.preset_spec("iid", 1, 1, size, seed=1)
     clinic = spec.clinics[0]

@@ -47,7 +47,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 TESTS = BENCH.parent / "tests"
 INNER_APP_ENV = "BENCH_INNER_APP"
-DEFAULT_INNER_APP = "fedseg_clinic.client_app:ClinicApp.from_environment"
+DEFAULT_INNER_APP = "fedseg_clinic.app:ClinicApp.from_environment"
 TIMED_APP = "bench_round_overhead:TimedApp.from_environment"
 TOY_APP = "toy_clinic_app:ToyApp.from_environment"
 GLOBAL = "global"
@@ -65,7 +65,7 @@ class TimedApp:
     @classmethod
     def from_environment(cls) -> TimedApp:
         """Build the inner app from its own factory, in this client's environment."""
-        from fedseg.orchestration.clinic_client import resolve_factory
+        from fedseg_clinic.fedn_callback import resolve_factory
 
         return cls(resolve_factory(os.environ.get(INNER_APP_ENV, DEFAULT_INNER_APP))())
 
@@ -107,7 +107,7 @@ class RoundOverhead:
 
 def round_overheads(run_dir: Path) -> list[RoundOverhead]:
     """Per-round overhead from a run folder's rounds.csv (see the module docstring)."""
-    from fedseg.orchestration.round_log import pivot, read_rounds
+    from fedseg.orchestration.runlog import pivot, read_rounds
 
     table = pivot(read_rounds(run_dir))
     rounds = sorted({k for k, _ in table})
@@ -155,7 +155,7 @@ def demo_run(runs_dir: Path, rounds: int) -> tuple[Path, float]:
 def toy_run(runs_dir: Path, n_clients: int, rounds: int, train_s: float) -> tuple[Path, float]:
     """Run n toy clients (train sleeps train_s) for rounds; (run folder, total seconds)."""
     from fedseg.orchestration.experiment import parse_experiment
-    from fedseg.orchestration.ports import free_port
+    from fedseg.orchestration.network.ports import free_port
     from fedseg.orchestration.runner import run_experiment
 
     data = runs_dir / f"toy-data-{n_clients}"

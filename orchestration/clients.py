@@ -13,7 +13,7 @@ shell stops exactly those processes and nothing else.
 
 Two routes:
 
-- ``callback`` (default): ``python -m fedseg.orchestration.clinic_client`` - one
+- ``callback`` (default): ``python -m fedseg_clinic.fedn_callback`` - one
   long-lived process per clinic, TensorFlow imported and the model traced once.
 - ``package``: ``fedn client start`` - fedn downloads the compute package and runs its
   train/validate entry points as a fresh subprocess per call (the clinic-side contract).
@@ -34,10 +34,10 @@ from urllib.parse import urlsplit
 
 import requests
 
-from fedseg.orchestration import ports
-from fedseg.orchestration.clinic_client import TOKEN_ENV, new_client_id
-from fedseg_clinic.case_format import atomic_write_text
+from fedseg.orchestration.network import ports
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.fedn_callback import TOKEN_ENV, new_client_id
+from fedseg_clinic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def client_argv(route: str, spec: ClientSpec, api_url: str, app: str, folder: Pa
     """
     client_id = client_id or new_client_id()
     if route == "callback":
-        argv = [sys.executable, "-m", "fedseg.orchestration.clinic_client",
+        argv = [sys.executable, "-m", "fedseg_clinic.fedn_callback",
                 "--api-url", api_url, "--name", spec.name, "--client-id", client_id,
                 "--app", app, "--ready-file", str(folder / "ready.json")]
         if combiner:

@@ -1,4 +1,4 @@
-"""fedn API answers -> round log rows (:class:`fedseg.orchestration.round_log.RoundRecord`).
+"""fedn API answers -> round log rows (:class:`fedseg.orchestration.runlog.RoundRecord`).
 
 Where fedn 0.33.0 keeps what a round produced (see /work/shared/notes/fedn-0.33.md):
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import requests
 
-from fedseg.orchestration.clinic_client import TRAIN_FAILED, VALIDATE_FAILED
-from fedseg.orchestration.round_log import GLOBAL, RoundRecord
+from fedseg.orchestration.runlog import GLOBAL, RoundRecord
+from fedseg_clinic.fedn_callback import TRAIN_FAILED, VALIDATE_FAILED
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ FEDOPT_KWARGS = {"serveropt": str, "learning_rate": float, "beta1": float, "beta
                  "tau": float}
 SERVEROPTS = ("adam", "yogi", "adagrad")
 ROUTES = ("callback", "package")
-DEFAULT_APP = "fedseg_clinic.client_app:ClinicApp.from_environment"
+DEFAULT_APP = "fedseg_clinic.app:ClinicApp.from_environment"
 DEFAULT_SEED_BUILDER = "fedseg.seed.build:build_seed"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _APP_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

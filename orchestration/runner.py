@@ -38,11 +38,12 @@ from typing import Any
 import yaml
 
 from fedseg.orchestration import clients as clients_mod
-from fedseg.orchestration import collect, ports, session
+from fedseg.orchestration import collect, session
 from fedseg.orchestration.experiment import Experiment
-from fedseg.orchestration.round_log import GLOBAL, MODELS_DIR, write_rounds, write_run_info
-from fedseg_clinic.case_format import atomic_write_text
+from fedseg.orchestration.network import ports
+from fedseg.orchestration.runlog import GLOBAL, MODELS_DIR, write_rounds, write_run_info
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

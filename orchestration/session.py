@@ -5,7 +5,7 @@ fedn 0.33.0 specifics handled here (notes: /work/shared/notes/fedn-0.33.md):
 - ``set_active_model`` fails until a package was uploaded, even for callback clients:
   :func:`upload_package_and_seed` always uploads the package first.
 - Sessions are created and started through
-  :func:`fedseg.orchestration.fedn_compat.start_session` (bug 5).
+  :func:`fedseg.orchestration.fedn.compat.start_session` (bug 5).
 - The session config has no client-settings field: per-round settings travel through a
   ServerFunctions ``client_settings`` hook, whose *source code* is sent with the session
   (:func:`server_functions_source`). The hooks process keeps one ServerFunctions object
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tarfile
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -29,9 +27,10 @@ from typing import Any
 
 import requests
 
-from fedseg.orchestration import fedn_compat
 from fedseg.orchestration.experiment import SessionSpec
+from fedseg.orchestration.fedn import compat as fedn_compat
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_output, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,28 +47,23 @@ def build_package(src: Path, out: Path) -> Path:
 
     if not (src / "fedn.yaml").is_file():
         raise FedsegError(f"{src}: not a compute package (no fedn.yaml)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
     try:
-        # fedn's packer logs errors instead of raising: check the result ourselves.
-        # It also logs every file at DEBUG, and fedn's logger is at DEBUG with its own
-        # stderr handler from import on: quiet it for this call only.
-        fedn_logger = logging.getLogger("fedn")
-        level = fedn_logger.level
-        fedn_logger.setLevel(max(level, logging.INFO))
-        try:
-            create_tar_with_ignore(str(src), tmp)
-        finally:
-            fedn_logger.setLevel(level)
-        with tarfile.open(tmp, "r:gz") as tar:
-            if "fedn.yaml" not in tar.getnames():
-                raise FedsegError(f"{src}: packing failed (no fedn.yaml in {out.name})")
-        os.replace(tmp, out)
+        with atomic_output(out) as tmp:
+            # fedn's packer logs errors instead of raising: check the result ourselves.
+            # It also logs every file at DEBUG, and fedn's logger is at DEBUG with its own
+            # stderr handler from import on: quiet it for this call only.
+            fedn_logger = logging.getLogger("fedn")
+            level = fedn_logger.level
+            fedn_logger.setLevel(max(level, logging.INFO))
+            try:
+                create_tar_with_ignore(str(src), str(tmp))
+            finally:
+                fedn_logger.setLevel(level)
+            with tarfile.open(tmp, "r:gz") as tar:
+                if "fedn.yaml" not in tar.getnames():
+                    raise FedsegError(f"{src}: packing failed (no fedn.yaml in {out.name})")
     except (OSError, tarfile.TarError) as exc:
         raise FedsegError(f"{out}: cannot write the package ({exc})") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return out
 
 
@@ -214,13 +208,7 @@ def download_model(api_client: Any, model_id: str, out: Path, attempts: int = 3)
         else:
             if answer.status_code == 200:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-                try:
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(answer.content)
-                    os.replace(tmp, out)
-                finally:
-                    Path(tmp).unlink(missing_ok=True)
+                atomic_write_bytes(out, answer.content)
                 return out
             problem = f"HTTP {answer.status_code} {answer.text.strip()[:200]}"
         time.sleep(0.5 * (attempt + 1))

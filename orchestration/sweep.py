@@ -21,7 +21,7 @@ Phantom data is generated once into ``<sweep>/data/`` and shared by every run (e
 point's experiment names those folders), so all runs see the same patients.
 
 ``target_epsilon``: the noise multiplier is calibrated
-(:func:`fedseg_clinic.accounting.calibrate_noise`) for each clinic's planned schedule
+(:func:`fedseg_clinic.privacy.accounting.calibrate_noise`) for each clinic's planned schedule
 (its training N, the batch size, the sum of local steps over all rounds, its delta) and
 the largest is used, so that every clinic ends within the target. ``inf`` turns DP off.
 Each run's config snapshot (run.json ``config``) carries a ``sweep`` section with the
@@ -50,9 +50,9 @@ from fedseg.orchestration.experiment import (
     parse_experiment,
     read_yaml,
 )
-from fedseg.orchestration.round_log import RUN_NAME, read_run_info
-from fedseg_clinic.case_format import atomic_write_text
+from fedseg.orchestration.runlog import RUN_NAME, read_run_info
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def expand_grid(sweep: Sweep) -> list[dict[str, Any]]:
 
 def _n_train(folder: Path) -> int:
     """Training patients a clinic will use (cases with at least one labelled organ)."""
-    from fedseg_clinic.case_format import read_manifest
+    from fedseg_clinic.cases import read_manifest
 
     return sum(1 for e in read_manifest(folder).split("train") if e.labelled_organs)
 
@@ -275,8 +275,8 @@ def plan_noise(exp: Experiment, n_train: dict[str, int], target_epsilon: float,
         FedsegError: a per-round batch-size schedule (one q per plan is needed), or a
             delta that is not below 1 / N.
     """
-    from fedseg_clinic.accounting import calibrate_noise
-    from fedseg_clinic.client_app import default_delta
+    from fedseg_clinic.app import default_delta
+    from fedseg_clinic.privacy.accounting import calibrate_noise
     from fedseg_clinic.settings import settings_from_mapping, with_server_overrides
 
     where = f"{exp.source or exp.name}"
@@ -472,7 +472,7 @@ def run_sweep(sweep: Sweep, runs_dir: Path, *, progress: Progress | None = None,
         run_federated: ``f(exp, runs_dir, progress=..., overwrite=True)`` with a
             ``.status``; default :func:`fedseg.orchestration.runner.run_experiment`.
         run_baseline: ``f(exp, kind, runs_dir, progress=..., overwrite=True)``; default
-            :func:`fedseg.analysis.baselines.run_baseline` (runs ``<name>-<kind>``).
+            :func:`fedseg.orchestration.baselines.run_baseline` (runs ``<name>-<kind>``).
         dry_run: plan (data, noise calibration, sweep.json) but run nothing.
 
     Returns:
@@ -484,7 +484,7 @@ def run_sweep(sweep: Sweep, runs_dir: Path, *, progress: Progress | None = None,
     if run_federated is None:
         from fedseg.orchestration.runner import run_experiment as run_federated
     if run_baseline is None:
-        from fedseg.analysis.baselines import run_baseline
+        from fedseg.orchestration.baselines import run_baseline
     say = progress or (lambda _line: None)
     sweep_dir = Path(runs_dir).resolve() / sweep.name
     sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -1,38 +1,17 @@
 """Build the initial global model (the seed) from the compute package's model code.
 
-The seed is the U-Net of :func:`fedseg_clinic.model.build_unet` with a seeded
-initialisation, saved as fedn's numpyhelper npz. Clients must be configured with the same
+The seed is the U-Net of :func:`fedseg_clinic.model.unet.build_unet` with a seeded
+initialisation, saved as fedn's numpyhelper npz by the compute package's own
+:func:`fedseg_clinic.model.seed.write_seed_weights` (the package's ``build`` entry point
+calls the same function). Clients must be configured with the same
 model settings, or their weights will not load (``apply_weights`` says which array).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any
+from fedseg_clinic.model.seed import write_seed_weights
 
-logger = logging.getLogger(__name__)
+# The operator's name for it (experiment files name seed builders as "module:function").
+build_seed = write_seed_weights
 
-
-def build_seed(model_config: dict[str, Any], out: Path, seed: int = 0) -> Path:
-    """Write seed weights for ``model_config`` (UNetConfig keys) to ``out``.
-
-    Args:
-        model_config: UNetConfig fields (levels, base_filters, groups, residual, dropout).
-        out: the npz file to write (atomically).
-        seed: initialisation seed.
-
-    Returns:
-        ``out``.
-    """
-    import numpy as np
-
-    from fedseg_clinic.model import UNetConfig, build_unet
-    from fedseg_clinic.weights import save_weights_npz
-
-    model = build_unet(UNetConfig.from_dict(model_config), seed=seed)
-    weights = [np.asarray(w) for w in model.get_weights()]
-    save_weights_npz(weights, out)
-    logger.info("seed model: %d arrays, %d parameters -> %s", len(weights),
-                sum(w.size for w in weights), out)
-    return out
+__all__ = ["build_seed"]

@@ -7,14 +7,14 @@ import re
 
 import pytest
 
-from fedseg_clinic.accounting import (
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy.accounting import (
     CALIBRATION_TOL,
     PrivacySegment,
     calibrate_noise,
     compute_epsilon,
     compute_epsilon_history,
 )
-from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.tf_env import tf  # noqa: F401  (sets TF Privacy's import flags first)
 
 

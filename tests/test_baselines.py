@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fedseg.analysis.baselines import baseline_name, build_pooled_folder, run_baseline
 from fedseg.analysis.summary import load_run, summarize_run
+from fedseg.orchestration.baselines import baseline_name, build_pooled_folder, run_baseline
 from fedseg.orchestration.experiment import parse_experiment
-from fedseg.orchestration.round_log import GLOBAL, pivot, read_rounds, read_run_info
-from fedseg_clinic.accounting import compute_epsilon
-from fedseg_clinic.case_format import read_case, read_manifest
+from fedseg.orchestration.runlog import GLOBAL, pivot, read_rounds, read_run_info
+from fedseg_clinic.cases import read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy.accounting import compute_epsilon
 
 ROUNDS = 2
 STEPS = 2
@@ -118,7 +118,7 @@ def test_pooled_folder_merges_train_cases(tmp_path: Path) -> None:
 
 
 def test_pooled_folder_without_train_cases(tmp_path: Path) -> None:
-    from fedseg_clinic.case_format import Manifest, write_manifest
+    from fedseg_clinic.cases import Manifest, write_manifest
 
     (tmp_path / "c").mkdir()
     write_manifest(Manifest(clinic="c", cases=[]), tmp_path / "c")

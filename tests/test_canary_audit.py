@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedseg.analysis import canary_audit as ca
+from fedseg.analysis.leakage import canary as ca
 
 
 @pytest.mark.parametrize("r,v,expected", [(4, 4, 0.0625), (4, 0, 1.0), (2, 1, 0.75)])
@@ -81,7 +81,7 @@ def test_audit_cli_rejects_bad_noise(tmp_path) -> None:
 def test_audit_cli_writes_report(tmp_path) -> None:
     import json
 
-    from fedseg.analysis import leakage_report as lr
+    from fedseg.analysis.leakage import results as lr
 
     out = tmp_path / "audit"
     result = _cli(["audit", "--out", str(out), "--noise", "none,1.0", "--canaries", "4",

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedseg_clinic.case_format import (
+from fedseg_clinic.cases import (
     Case,
     CaseMeta,
     Manifest,

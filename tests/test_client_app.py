@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
-from fedseg_clinic import entrypoints
-from fedseg_clinic.accounting import compute_epsilon
-from fedseg_clinic.client_app import ClinicApp
+from fedseg_clinic import fedn_package as entrypoints
+from fedseg_clinic.app import ClinicApp
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.ledger import BudgetExceededError
+from fedseg_clinic.model.weights import load_weights_npz, save_weights_npz
+from fedseg_clinic.privacy.accounting import compute_epsilon
+from fedseg_clinic.privacy.ledger import BudgetExceededError
 from fedseg_clinic.settings import load_settings
-from fedseg_clinic.weights import load_weights_npz, save_weights_npz
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +110,7 @@ def test_package_route_with_fedn_run(tmp_path: Path, clinic_dir: Path, repo_root
                    capture_output=True, env=env)
     with tarfile.open(tmp_path / "package.tgz") as tar:
         names = tar.getnames()
-        assert {"fedn.yaml", "entrypoint.py", "fedseg_clinic/client_app.py"} <= set(names)
+        assert {"fedn.yaml", "entrypoint.py", "fedseg_clinic/app.py"} <= set(names)
         assert not any("__pycache__" in n or n.endswith("seed.npz") for n in names)
         tar.extractall(tmp_path / "package", filter="data")
     package = tmp_path / "package"
@@ -161,8 +161,8 @@ def test_entry_points_startup_and_bad_input(
 
 def test_norm_bias_round_moves_only_trained_weights_at_target_epsilon(
         tmp_path: Path, clinic_dir: Path) -> None:
-    from fedseg_clinic.accounting import calibrate_noise
-    from fedseg_clinic.client_app import epsilon_for_plan
+    from fedseg_clinic.app import epsilon_for_plan
+    from fedseg_clinic.privacy.accounting import calibrate_noise
 
     settings = json.loads(json.dumps(TINY_SETTINGS))
     settings["training"].update(trainable="norm_bias", augmentations_per_patient=2)

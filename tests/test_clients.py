@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from fedseg.orchestration import clients as clients_mod
-from fedseg.orchestration.clinic_client import (
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.fedn_callback import (
     TOKEN_ENV,
     CallbackAdapter,
     new_client_id,
     normalise_api_url,
     resolve_factory,
 )
-from fedseg_clinic.errors import FedsegError
 
 TESTS = Path(__file__).resolve().parent
 TOY_APP = "toy_clinic_app:ToyApp.from_environment"
@@ -115,7 +115,7 @@ def test_client_argv_for_both_routes(tmp_path: Path) -> None:
     spec = clients_mod.ClientSpec("c1", tmp_path)
     cb = clients_mod.client_argv("callback", spec, "http://127.0.0.1:8092/", TOY_APP,
                                  tmp_path, "tok")
-    assert cb[1:3] == ["-m", "fedseg.orchestration.clinic_client"]
+    assert cb[1:3] == ["-m", "fedseg_clinic.fedn_callback"]
     assert len(cb[cb.index("--client-id") + 1]) == 36
     assert "tok" not in cb  # the token travels in the environment, not in ps output
     pkg = clients_mod.client_argv("package", spec, "http://127.0.0.1:8092/", TOY_APP,
@@ -189,7 +189,7 @@ def test_adapter_keeps_updates_only_when_asked(tmp_path: Path) -> None:
     from fedn.utils.helpers.helpers import get_helper
     from toy_clinic_app import ToyApp
 
-    from fedseg.orchestration.clinic_client import keep_updates_dir
+    from fedseg_clinic.fedn_callback import keep_updates_dir
 
     assert keep_updates_dir({"FEDSEG_STATE_DIR": str(tmp_path)}) is None
     folder = keep_updates_dir({"FEDSEG_KEEP_UPDATES": "1", "FEDSEG_STATE_DIR": str(tmp_path)})

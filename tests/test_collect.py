@@ -8,7 +8,7 @@ import math
 import pytest
 
 from fedseg.orchestration.collect import assemble, http_time, model_chain, session_rounds
-from fedseg.orchestration.round_log import pivot
+from fedseg.orchestration.runlog import pivot
 
 SID = "sess-B"
 OTHER = "sess-A"

@@ -11,8 +11,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from fedseg_clinic.dicom_series import Geometry, read_series, scan_folder
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.imaging.series import Geometry, read_series, scan_folder
 
 CT3 = Path("dcmqi/data/segmentations/ct-3slice")
 

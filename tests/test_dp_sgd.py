@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedseg_clinic.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.tf_env import keras, tf
 
 N_CLASSES = 3
@@ -266,9 +266,9 @@ def test_unet_step_with_project_loss_equals_tf_privacy() -> None:
     """The real model and loss: our zero-noise step equals DPKerasSGDOptimizer's."""
     from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras import DPKerasSGDOptimizer
 
-    from fedseg_clinic.losses import per_example_loss
-    from fedseg_clinic.model import N_CLASSES as C
-    from fedseg_clinic.model import UNetConfig, build_unet, class_known
+    from fedseg_clinic.model.losses import per_example_loss
+    from fedseg_clinic.model.unet import N_CLASSES as C
+    from fedseg_clinic.model.unet import UNetConfig, build_unet, class_known
 
     config = UNetConfig(levels=2, base_filters=4, groups=2)
     ours, theirs = build_unet(config, seed=0), build_unet(config, seed=0)

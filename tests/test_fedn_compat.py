@@ -1,4 +1,4 @@
-"""Each fedn 0.33.0 workaround in fedseg.orchestration.fedn_compat, checked on its own.
+"""Each fedn 0.33.0 workaround in fedseg.orchestration.fedn.compat, checked on its own.
 
 These run without starting servers: the SQL fixes against fedn's own store classes
 on a SQLite file, the bind patches against real (unstarted/started) servers.
@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy import types
 
-from fedseg.orchestration import fedn_compat
+from fedseg.orchestration.fedn import compat as fedn_compat
 from fedseg_clinic.errors import FedsegError
 
 
@@ -249,7 +249,7 @@ def test_bind_api_server_replaces_host_and_workers() -> None:
     """start_server_api passes "0.0.0.0" and os.cpu_count(); the patch overrides both."""
     code = """
 import sys
-from fedseg.orchestration import fedn_compat
+from fedseg.orchestration.fedn import compat as fedn_compat
 from fedn.network.api import gunicorn_app
 calls = []
 gunicorn_app.run_gunicorn = lambda app, host, port, workers=4: calls.append((host, port, workers))

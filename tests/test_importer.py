@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from pydicom.uid import generate_uid
 
 from fedseg.cli import cli
-from fedseg_clinic import preprocess
-from fedseg_clinic.case_format import read_case, read_manifest
-from fedseg_clinic.dicom_series import Geometry
+from fedseg_clinic.cases import read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.importer import ImportOptions, import_clinic
-from fedseg_clinic.inspect_cases import ClinicStats, inspect_path
+from fedseg_clinic.imaging import preprocess
+from fedseg_clinic.imaging.importer import ImportOptions, import_clinic
+from fedseg_clinic.imaging.inspection import ClinicStats, inspect_path
+from fedseg_clinic.imaging.series import Geometry
 from fedseg_clinic.organs import AliasTable
 
 MOCK = Path("rt-utils/tests/mock_data")

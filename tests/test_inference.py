@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.inference import (
+from fedseg_clinic.model.inference import (
     gaussian_importance,
     predict_labels,
     sliding_window_predict,
     window_starts,
 )
-from fedseg_clinic.model import UNetConfig, build_unet
+from fedseg_clinic.model.unet import UNetConfig, build_unet
 from fedseg_clinic.tf_env import keras
 
 

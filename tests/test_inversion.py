@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from fedseg.analysis import inversion as inv
-from fedseg.analysis.canary_audit import CanaryAuditConfig, records
-from fedseg_clinic.dp_sgd import DPConfig, DPTrainer
-from fedseg_clinic.losses import per_example_loss
-from fedseg_clinic.model import UNetConfig, build_unet
+from fedseg.analysis.leakage import inversion as inv
+from fedseg.analysis.leakage.canary import CanaryAuditConfig, records
+from fedseg_clinic.model.losses import per_example_loss
+from fedseg_clinic.model.unet import UNetConfig, build_unet
+from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer
 from fedseg_clinic.tf_env import tf
 
 KNOWN = np.ones((1, 7), np.float32)
@@ -200,7 +200,7 @@ def test_invert_cli_needs_exactly_one_source(tmp_path) -> None:
 def test_invert_cli_stored_round_and_simulate(tmp_path, batch) -> None:
     import json
 
-    from fedseg_clinic.weights import save_weights_npz
+    from fedseg_clinic.model.weights import save_weights_npz
 
     config = UNetConfig(levels=2, base_filters=4)
     model = build_unet(config, seed=0)

@@ -9,15 +9,15 @@ import nrrd
 import numpy as np
 import pytest
 
-from fedseg_clinic.dicom_series import CtSeries, Geometry, read_series, scan_folder
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.labelmap import (
+from fedseg_clinic.imaging.labelmap import (
     bounds_overlap,
     dicom_seg_to_grid,
     labelmap_to_grid,
     read_dicom_seg,
     read_labelmap,
 )
+from fedseg_clinic.imaging.series import CtSeries, Geometry, read_series, scan_folder
 
 SEGS = Path("dcmqi/data/segmentations")
 CT3_DIR = SEGS / "ct-3slice"

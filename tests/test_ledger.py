@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedseg_clinic.accounting import compute_epsilon, compute_epsilon_history
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.ledger import (
+from fedseg_clinic.privacy.accounting import compute_epsilon, compute_epsilon_history
+from fedseg_clinic.privacy.ledger import (
     BudgetExceededError,
     LedgerSegment,
     PrivacyLedger,

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from fedseg_clinic.losses import PROB_FLOOR, merge_unknown, per_example_loss
-from fedseg_clinic.model import UNetConfig, build_unet, class_known
+from fedseg_clinic.model.losses import PROB_FLOOR, merge_unknown, per_example_loss
+from fedseg_clinic.model.unet import UNetConfig, build_unet, class_known
 from fedseg_clinic.tf_env import tf
 
 BG, BODY, LUNG_L, LUNG_R, HEART, CORD, ESO = range(7)

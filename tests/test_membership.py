@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedseg.analysis import membership as mi
+from fedseg.analysis.leakage import membership as mi
 
 
 @pytest.mark.parametrize("scores,member,auc", [

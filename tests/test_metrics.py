@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.metrics import dice, hd95, organ_metrics
+from fedseg_clinic.model.metrics import dice, hd95, organ_metrics
 from fedseg_clinic.organs import ORGANS
 
 

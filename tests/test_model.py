@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.model import (
+from fedseg_clinic.model.unet import (
     N_CLASSES,
     UNetConfig,
     build_unet,
@@ -160,8 +160,8 @@ def test_class_known_rejects_unknown_organ() -> None:
 @pytest.mark.slow
 def test_tiny_unet_learns_a_cube_with_the_marginal_loss() -> None:
     """Model + loss + label map together: a few Adam steps fit one synthetic patch."""
-    from fedseg_clinic.losses import per_example_loss
-    from fedseg_clinic.metrics import dice
+    from fedseg_clinic.model.losses import per_example_loss
+    from fedseg_clinic.model.metrics import dice
     from fedseg_clinic.tf_env import tf
 
     keras.utils.set_random_seed(0)
@@ -196,7 +196,7 @@ def test_tiny_unet_learns_a_cube_with_the_marginal_loss() -> None:
 
 
 def test_trainable_subsets_pick_the_named_weights() -> None:
-    from fedseg_clinic.model import count_parameters, trainable_subset
+    from fedseg_clinic.model.unet import count_parameters, trainable_subset
 
     model = build_unet(UNetConfig(levels=3, base_filters=8, groups=4), seed=0)
     every = model.trainable_variables

@@ -24,7 +24,7 @@ import requests
 from click.testing import CliRunner
 
 from fedseg.cli import cli
-from fedseg.orchestration import fedn_compat, ports, stores
+from fedseg.orchestration.fedn import compat as fedn_compat
 from fedseg.orchestration.network import (
     CombinerSpec,
     NetworkConfig,
@@ -34,9 +34,11 @@ from fedseg.orchestration.network import (
     network_down,
     network_status,
     network_up,
+    ports,
+    stores,
 )
-from fedseg.orchestration.ports import free_port, free_ports
-from fedseg.orchestration.stores import find_postgres_bindir
+from fedseg.orchestration.network.ports import free_port, free_ports
+from fedseg.orchestration.network.stores import find_postgres_bindir
 from fedseg_clinic.errors import FedsegError
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "fednpkg_numpy"

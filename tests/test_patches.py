@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedseg_clinic.case_format import (
+from fedseg_clinic.cases import (
     Case,
     CaseMeta,
     Manifest,
@@ -15,7 +15,7 @@ from fedseg_clinic.case_format import (
     write_manifest,
 )
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.model import labels_from_masks
+from fedseg_clinic.model.unet import labels_from_masks
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
 
 

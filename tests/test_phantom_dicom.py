@@ -13,14 +13,14 @@ from matplotlib.path import Path as PolygonPath
 
 from fedseg.cli import cli
 from fedseg.orchestration import phantoms as ph
-from fedseg.orchestration.phantom_dicom import (
+from fedseg.orchestration.phantoms.dicom import (
     CT_IMAGE_STORAGE,
     ROI_NAMES,
     RTSTRUCT_STORAGE,
     mask_to_contours,
     write_case_dicom,
 )
-from fedseg_clinic.case_format import Case, read_case, read_manifest
+from fedseg_clinic.cases import Case, read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.organs import ORGANS, AliasTable
 
@@ -259,7 +259,7 @@ def test_cli_dicom_layout(benchmark_dicom: Path) -> None:
 
 
 def test_importer_round_trip(benchmark_dicom: Path, tmp_path: Path) -> None:
-    importer = pytest.importorskip("fedseg_clinic.importer")
+    importer = pytest.importorskip("fedseg_clinic.imaging.importer")
     for clinic in ("clinic-1", "clinic-2"):
         options = importer.ImportOptions(clinic=clinic, crop=False, hu_clip=ph.HU_CLIP)
         report = importer.import_clinic(benchmark_dicom / "dicom" / clinic, tmp_path / clinic,

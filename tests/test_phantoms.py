@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from fedseg.cli import cli
 from fedseg.orchestration import phantoms as ph
-from fedseg_clinic.case_format import read_case, read_manifest
+from fedseg_clinic.cases import read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.organs import ORGANS
 

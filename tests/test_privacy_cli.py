@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from fedseg.cli import cli
-from fedseg_clinic.accounting import compute_epsilon
+from fedseg_clinic.privacy.accounting import compute_epsilon
 
 KEYS = {"epsilon_rdp", "epsilon_pld", "epsilon", "noise_multiplier", "delta", "steps",
         "sampling_probability"}

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from fedseg.analysis import plots, report, summary
 from fedseg.cli import cli
-from fedseg.orchestration.round_log import RoundRecord, write_rounds, write_run_info
+from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
 from fedseg_clinic.errors import FedsegError
 
 NAN = math.nan
@@ -196,7 +196,7 @@ def test_unwritable_report_folder_is_one_line_error(tmp_path: Path, runs: list[P
 def _study(path: Path, old: bool = False) -> Path:
     """A two-row study.json in the schema run_study writes, plus one of its figures
     (old: as written before the threshold became relative to the prior)."""
-    from fedseg.analysis import leakage_report as lr
+    from fedseg.analysis.leakage import results as lr
 
     rows = []
     for sigma, corr, recognisable in ((0.0, 0.66, True), (0.543, -0.05, False)):
@@ -220,9 +220,9 @@ def _study(path: Path, old: bool = False) -> Path:
 
 def _audit(path: Path) -> Path:
     """audit.json from the real row writer, the real bound and the real ROC metrics."""
-    from fedseg.analysis import leakage_report as lr
-    from fedseg.analysis.canary_audit import audit_bound
-    from fedseg.analysis.membership import roc_metrics
+    from fedseg.analysis.leakage import results as lr
+    from fedseg.analysis.leakage.canary import audit_bound
+    from fedseg.analysis.leakage.membership import roc_metrics
 
     included = np.array([True, False] * 16)
     rows = []
@@ -266,7 +266,7 @@ def test_old_study_threshold_is_shown(tmp_path: Path, runs: list[Path]) -> None:
 
 
 def test_old_audit_without_row_confidence_is_read(tmp_path: Path, runs: list[Path]) -> None:
-    from fedseg.analysis import leakage_report as lr
+    from fedseg.analysis.leakage import results as lr
 
     path = _audit(tmp_path) / "audit.json"
     data = json.loads(path.read_text())

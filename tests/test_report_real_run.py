@@ -17,7 +17,7 @@ import pytest
 
 from fedseg.analysis.report import write_report
 from fedseg.orchestration.experiment import parse_experiment
-from fedseg.orchestration.ports import free_port
+from fedseg.orchestration.network.ports import free_port
 from fedseg.orchestration.runner import RunResult, run_experiment
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,8 @@ import pydicom
 import pytest
 from matplotlib.path import Path as MplPath
 
-from fedseg_clinic.dicom_series import Geometry, read_series, scan_folder
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.rtstruct import (
+from fedseg_clinic.imaging.rtstruct import (
     check_reference,
     fill_polygons_even_odd,
     rasterise_contours,
@@ -19,6 +18,7 @@ from fedseg_clinic.rtstruct import (
     read_rtstruct,
     references_series,
 )
+from fedseg_clinic.imaging.series import Geometry, read_series, scan_folder
 
 MOCK = Path("rt-utils/tests/mock_data")
 DICOMPYLER = Path("dicompyler-core/tests/testdata/example_data")

@@ -24,8 +24,8 @@ import yaml
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.experiment import load_experiment
-from fedseg.orchestration.ports import free_port
-from fedseg.orchestration.round_log import GLOBAL, pivot, read_rounds, read_run_info
+from fedseg.orchestration.network.ports import free_port
+from fedseg.orchestration.runlog import GLOBAL, pivot, read_rounds, read_run_info
 from fedseg.orchestration.runner import run_experiment
 
 pytestmark = pytest.mark.slow
@@ -318,7 +318,7 @@ def test_round_log_on_managed_postgres(tmp_path: Path) -> None:
     import shutil
     import tempfile
 
-    from fedseg.orchestration.stores import find_postgres_bindir
+    from fedseg.orchestration.network.stores import find_postgres_bindir
 
     if find_postgres_bindir() is None:
         pytest.skip("PostgreSQL's initdb/postgres are not installed")

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from fedseg.orchestration.collect import RoundInfo
-from fedseg.orchestration.round_log import RoundRecord
+from fedseg.orchestration.runlog import RoundRecord
 from fedseg.orchestration.runner import RoundReporter, demo_experiment, write_clinic_settings
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedseg.analysis import summary
-from fedseg.orchestration.round_log import RoundRecord, write_rounds, write_run_info
+from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
 from fedseg_clinic.errors import FedsegError
 
 NAN = math.nan

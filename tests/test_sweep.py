@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from fedseg.analysis.summary import load_run, run_epsilon
-from fedseg.orchestration.round_log import RoundRecord, write_rounds, write_run_info
+from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
 from fedseg.orchestration.sweep import (
     expand_grid,
     load_sweep,
@@ -21,9 +21,9 @@ from fedseg.orchestration.sweep import (
     point_experiment,
     run_sweep,
 )
-from fedseg_clinic.accounting import calibrate_noise, compute_epsilon
-from fedseg_clinic.case_format import Manifest, ManifestEntry, write_manifest
+from fedseg_clinic.cases import Manifest, ManifestEntry, write_manifest
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
 
 ROUNDS = 2
 STEPS = 3
@@ -251,7 +251,7 @@ def test_real_tiny_sweep_through_fedn(tmp_path: Path) -> None:
     """One point through the real runner (FEDn processes, the numpy toy clinic app)."""
     import os
 
-    from fedseg.orchestration.ports import free_port
+    from fedseg.orchestration.network.ports import free_port
 
     tests = Path(__file__).resolve().parent
     for client in ("c1", "c2"):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.model import UNetConfig, build_unet
-from fedseg_clinic.weights import apply_weights, load_weights_npz, save_weights_npz
+from fedseg_clinic.model.unet import UNetConfig, build_unet
+from fedseg_clinic.model.weights import apply_weights, load_weights_npz, save_weights_npz
 
 TINY = UNetConfig(levels=2, base_filters=4)
 

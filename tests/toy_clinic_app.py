@@ -1,6 +1,6 @@
 """A tiny real clinic app for plumbing tests: linear regression in numpy.
 
-Same interface as fedseg_clinic.client_app.ClinicApp (from_environment / train /
+Same interface as fedseg_clinic.app.ClinicApp (from_environment / train /
 validate), so the callback client and the whole FEDn path run for real in a fraction
 of a second per round. Knobs (environment variables, for failure tests):
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedseg_clinic.case_format import Case, read_case, read_manifest
+from fedseg_clinic.cases import Case, read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.model import labels_from_masks
+from fedseg_clinic.model.unet import labels_from_masks
 
 logger = logging.getLogger(__name__)
 

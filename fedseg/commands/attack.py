@@ -93,10 +93,10 @@ def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weig
            global_weights: Path | None, client_weights: Path | None, batch_size: int,
            local_steps: int, patch: int, noise_multiplier: float, optimizer: str) -> None:
     """Reconstruct a client's CT patches and masks from one update."""
-    from fedseg.analysis import inversion as inv
-    from fedseg.analysis import leakage_report as lr
-    from fedseg_clinic.model import UNetConfig
-    from fedseg_clinic.weights import load_weights_npz
+    from fedseg.analysis.leakage import inversion as inv
+    from fedseg.analysis.leakage import results as lr
+    from fedseg_clinic.model.unet import UNetConfig
+    from fedseg_clinic.model.weights import load_weights_npz
 
     stored = global_weights is not None or client_weights is not None
     if simulate == stored or (stored and (global_weights is None or client_weights is None)):
@@ -154,9 +154,9 @@ def study(levels: int, base_filters: int, groups: int, iterations: int, tv_weigh
           patch: int,
           batch_sizes: str, local_steps_text: str, epsilons: str, sigmas: str) -> None:
     """Reconstruction quality vs batch size, local steps and DP noise."""
-    from fedseg.analysis import inversion as inv
-    from fedseg.analysis import leakage_report as lr
-    from fedseg_clinic.model import UNetConfig
+    from fedseg.analysis.leakage import inversion as inv
+    from fedseg.analysis.leakage import results as lr
+    from fedseg_clinic.model.unet import UNetConfig
 
     if not l2_norm_clip > 0:
         raise FedsegError("study: --clip must be > 0 (the noise is relative to it)")

@@ -76,9 +76,9 @@ def audit(out: Path, noise_text: str, canaries: int, steps: int, batch_size: int
           n_patients: int, levels: int,
           base_filters: int, groups: int, patch: int, optimizer: str, seed: int) -> None:
     """Empirical epsilon lower bound (one-run canary audit) and membership AUC."""
-    from fedseg.analysis import leakage_report as lr
-    from fedseg.analysis.canary_audit import CanaryAuditConfig, run_canary_audit
-    from fedseg.analysis.membership import MembershipConfig, run_membership
+    from fedseg.analysis.leakage import results as lr
+    from fedseg.analysis.leakage.canary import CanaryAuditConfig, run_canary_audit
+    from fedseg.analysis.leakage.membership import MembershipConfig, run_membership
 
     model = {"levels": levels, "base_filters": base_filters, "groups": groups,
              "patch": patch, "optimizer": optimizer}

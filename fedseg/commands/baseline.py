@@ -26,7 +26,7 @@ def baseline(kind: str, experiment: Path, runs_dir: Path | None, overwrite: bool
     block is validated on every clinic's own validation set. Results in
     RUNS_DIR/<name>-<kind>/ (rounds.csv, run.json, models/), ready for `fedseg analyze`.
     """
-    from fedseg.analysis.baselines import baseline_name, run_baseline
+    from fedseg.orchestration.baselines import baseline_name, run_baseline
     from fedseg.orchestration.experiment import load_experiment
 
     exp = load_experiment(experiment)

@@ -41,7 +41,7 @@ def import_command(
     seed: int, labelmap_globs: tuple[str, ...], series_uids: tuple[str, ...],
 ) -> None:
     """Import DICOM CT + RTSTRUCT/SEG (and NIfTI/NRRD label maps) under SRC into a clinic folder."""
-    from fedseg_clinic.importer import DEFAULT_LABELMAP_GLOBS, ImportOptions, import_clinic
+    from fedseg_clinic.imaging.importer import DEFAULT_LABELMAP_GLOBS, ImportOptions, import_clinic
     from fedseg_clinic.organs import AliasTable
 
     options = ImportOptions(
@@ -71,7 +71,7 @@ def import_command(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect_command(path: Path, as_json: bool) -> None:
     """Shape, spacing and organ volumes of a case folder or a clinic folder."""
-    from fedseg_clinic.inspect_cases import CaseStats, inspect_path, to_json
+    from fedseg_clinic.imaging.inspection import CaseStats, inspect_path, to_json
 
     stats = inspect_path(path)
     if as_json:

@@ -71,7 +71,7 @@ def epsilon(n_patients: int, batch_size: int, steps: int | None, rounds: int | N
             local_steps: int | None, delta: float, as_json: bool,
             noise_multiplier: float) -> None:
     """Epsilon (RDP and PLD) spent by a DP-SGD schedule."""
-    from fedseg_clinic.accounting import compute_epsilon
+    from fedseg_clinic.privacy.accounting import compute_epsilon
 
     total = _total_steps(steps, rounds, local_steps)
     report = compute_epsilon(n_patients, batch_size, total, noise_multiplier, delta)
@@ -86,7 +86,7 @@ def calibrate(n_patients: int, batch_size: int, steps: int | None, rounds: int |
               local_steps: int | None, delta: float, as_json: bool,
               target_epsilon: float) -> None:
     """The smallest noise multiplier that keeps the whole training within --epsilon."""
-    from fedseg_clinic.accounting import calibrate_noise, compute_epsilon
+    from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
 
     total = _total_steps(steps, rounds, local_steps)
     sigma = calibrate_noise(n_patients, batch_size, total, target_epsilon, delta)

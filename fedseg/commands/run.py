@@ -93,7 +93,7 @@ def clients() -> None:
               help="Folder for clients/<name>/ (default: the network folder).")
 @click.option("--route", type=click.Choice(["callback", "package"]), default="callback",
               show_default=True)
-@click.option("--app", default="fedseg_clinic.client_app:ClinicApp.from_environment",
+@click.option("--app", default="fedseg_clinic.app:ClinicApp.from_environment",
               show_default=True, help="MODULE:FACTORY of the clinic app (callback route).")
 @click.option("--settings", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Clinic settings YAML for every client (FEDSEG_SETTINGS).")

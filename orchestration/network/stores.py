@@ -24,10 +24,11 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fedseg.orchestration import ports
-from fedseg.orchestration.fedn_compat import sql_url
-from fedseg.orchestration.ports import LOCALHOST, ProcessRecord
+from fedseg.orchestration.fedn.compat import sql_url
+from fedseg.orchestration.network import ports
+from fedseg.orchestration.network.ports import LOCALHOST, ProcessRecord
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import PRIVATE_FILE, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -301,11 +302,7 @@ def _plain_env() -> dict[str, str]:
 
 
 def _write_private_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
-    os.replace(tmp, path)
+    atomic_write_json(path, data, PRIVATE_FILE)
 
 
 __all__ = ["check_postgres", "ensure_buckets", "parse_postgres_url", "postgres_statestore",

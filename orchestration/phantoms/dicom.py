@@ -34,7 +34,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from fedseg_clinic.case_format import Case
+from fedseg_clinic.cases import Case
 from fedseg_clinic.errors import FedsegError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

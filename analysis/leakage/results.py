@@ -11,8 +11,6 @@ import dataclasses
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from matplotlib.figure import Figure
 
 from fedseg.analysis.plots import png_bytes
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_bytes
 
 # Background black, then one colour per organ (body, lungs, heart, cord, esophagus).
 LABEL_COLORS = ListedColormap(["black", "0.55", "tab:blue", "tab:cyan", "tab:red",
@@ -31,17 +30,7 @@ LABEL_COLORS = ListedColormap(["black", "0.55", "tab:blue", "tab:cyan", "tab:red
 
 def write_bytes(path: Path, data: bytes) -> Path:
     """Write bytes atomically; create the parent folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(Path(path), data)
 
 
 def _jsonable(value: Any) -> Any:
@@ -192,8 +181,8 @@ def audit_row(noise_multiplier: float | None, canary: Mapping[str, Any],
 
     Args:
         noise_multiplier: sigma, None = non-private ("none" in the row).
-        canary: :func:`fedseg.analysis.canary_audit.run_canary_audit`'s result.
-        membership: :func:`fedseg.analysis.membership.run_membership`'s result, or None.
+        canary: :func:`fedseg.analysis.leakage.canary.run_canary_audit`'s result.
+        membership: :func:`fedseg.analysis.leakage.membership.run_membership`'s result, or None.
 
     Returns:
         AUDIT_ROW_KEYS, plus <attack>_<metric> for each membership attack and metric.

@@ -3,7 +3,7 @@
 fedn 0.33.0 is the newest open release and treated as frozen. Nothing here
 copies fedn code: each function patches fedn (or a library it calls) at run
 time in the process that will run fedn's own start function (see
-:mod:`fedseg.orchestration.fedn_launch`). Each fix names the upstream symptom.
+:mod:`fedseg.orchestration.fedn.launch`). Each fix names the upstream symptom.
 
 Bug numbers follow the team notes on fedn 0.33.0 ("Bugs met in 0.33.0"); docs/network.md
 has the same list as a table:

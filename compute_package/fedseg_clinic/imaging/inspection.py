@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from fedseg_clinic.case_format import CASE_META_NAME, MANIFEST_NAME, read_case, read_manifest
+from fedseg_clinic.cases import CASE_META_NAME, MANIFEST_NAME, read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
 
 

@@ -133,9 +133,9 @@ def phantom_patches(n: int, patch: int, seed: int) -> tuple[np.ndarray, np.ndarr
 def _train(config: MembershipConfig, images: np.ndarray, labels: np.ndarray, seed: int,
            timings: dict[str, float]) -> Any:
     """Train one model; add its first step (tracing) and other steps to ``timings``."""
-    from fedseg_clinic.dp_sgd import DPConfig, DPTrainer, poisson_sample
-    from fedseg_clinic.losses import per_example_loss
-    from fedseg_clinic.model import UNetConfig, build_unet
+    from fedseg_clinic.model.losses import per_example_loss
+    from fedseg_clinic.model.unet import UNetConfig, build_unet
+    from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
     from fedseg_clinic.tf_env import keras
 
     keras.utils.set_random_seed(seed)
@@ -164,8 +164,8 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
         target = phantoms, training and scoring of the target; shadows = all shadows;
         first_steps / steps = the models' first (tracing) and other training steps).
     """
-    from fedseg_clinic.accounting import compute_epsilon
-    from fedseg_clinic.losses import per_example_loss
+    from fedseg_clinic.model.losses import per_example_loss
+    from fedseg_clinic.privacy.accounting import compute_epsilon
     from fedseg_clinic.tf_env import tf
 
     if config.n_targets < 4:

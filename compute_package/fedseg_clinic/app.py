@@ -24,15 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from fedseg_clinic.accounting import calibrate_noise, compute_epsilon
-from fedseg_clinic.case_format import Case
-from fedseg_clinic.dp_sgd import DPConfig, DPTrainer, poisson_sample
+from fedseg_clinic.cases import Case
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.inference import sliding_window_predict
-from fedseg_clinic.ledger import LedgerSegment, PrivacyLedger
-from fedseg_clinic.losses import per_example_loss
-from fedseg_clinic.metrics import organ_metrics
-from fedseg_clinic.model import (
+from fedseg_clinic.model.inference import sliding_window_predict
+from fedseg_clinic.model.losses import per_example_loss
+from fedseg_clinic.model.metrics import organ_metrics
+from fedseg_clinic.model.unet import (
     UNetConfig,
     build_unet,
     check_patch_size,
@@ -41,10 +38,13 @@ from fedseg_clinic.model import (
     labels_from_masks,
     trainable_subset,
 )
+from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
+from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
+from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
+from fedseg_clinic.privacy.ledger import LedgerSegment, PrivacyLedger
 from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_overrides
 from fedseg_clinic.tf_env import tf
-from fedseg_clinic.weights import apply_weights
 
 logger = logging.getLogger(__name__)
 

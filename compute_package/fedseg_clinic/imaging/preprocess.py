@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
-from fedseg_clinic.dicom_series import Geometry
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.imaging.series import Geometry
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Epsilon is a property of the whole training history at a clinic: every round's steps
 compose. The ledger records each segment (round id, steps, sampling probability q, noise
 multiplier sigma, clip norm, time) in a JSON file and recomputes epsilon from all of
-them (:func:`fedseg_clinic.accounting.compute_epsilon_history`). Losing the ledger would
+them (:func:`fedseg_clinic.privacy.accounting.compute_epsilon_history`). Losing the ledger would
 silently reset the budget, so it is never recreated once it has existed:
 
 * every entry carries ``hash = sha256(previous hash + canonical JSON of the entry)``,
@@ -33,9 +33,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedseg_clinic.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
-from fedseg_clinic.case_format import atomic_write_text
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
+from fedseg_clinic.privacy.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
 
 logger = logging.getLogger(__name__)
 

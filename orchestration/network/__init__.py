@@ -13,7 +13,7 @@ One network lives in one folder (its root)::
 
 Processes: stores we run (moto, postgres), the hooks service (optional), the API
 server, the combiners. fedn's servers are started through
-:mod:`fedseg.orchestration.fedn_launch`, which applies our fedn 0.33.0 workarounds
+:mod:`fedseg.orchestration.fedn.launch`, which applies our fedn 0.33.0 workarounds
 and binds 127.0.0.1 only.
 """
 
@@ -31,9 +31,11 @@ from typing import Any
 import requests
 import yaml
 
-from fedseg.orchestration import auth, fedn_compat, ports, stores
-from fedseg.orchestration.ports import LOCALHOST, ProcessRecord
+from fedseg.orchestration.fedn import compat as fedn_compat
+from fedseg.orchestration.network import auth, ports, stores
+from fedseg.orchestration.network.ports import LOCALHOST, ProcessRecord
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import PRIVATE_FILE, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -347,11 +349,7 @@ def load_network_state(root: Path) -> NetworkState:
 
 def _write_private(path: Path, text: str) -> None:
     """Atomic write, readable by the owner only (it holds passwords and tokens)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, PRIVATE_FILE)
 
 
 def _fedn_env(root: Path, settings: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -370,7 +368,7 @@ def combiner_model_dir(root: Path, name: str) -> Path:
 
 
 def _launch_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedseg.orchestration.fedn_launch", *args]
+    return [sys.executable, "-m", "fedseg.orchestration.fedn.launch", *args]
 
 
 def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:

@@ -10,7 +10,7 @@ esophagus (40, a small tube anterior-left of the spine, sometimes with air), the
 descending aorta (250), trachea and main bronchi (air), mediastinal fat (-80) and the
 upper abdomen below the diaphragm domes (liver 55, sometimes a stomach gas bubble).
 
-Axes and coordinates follow the case format (:mod:`fedseg_clinic.case_format`): arrays
+Axes and coordinates follow the case format (:mod:`fedseg_clinic.cases`): arrays
 are (z, y, x), slices axial, LPS patient coordinates in mm: x grows toward the patient's
 left (the left lung sits at larger x), y from anterior to posterior, z from inferior to
 superior (slice 0 is the most inferior). The grid is centred on (0, 0, 0).
@@ -58,18 +58,18 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from fedseg.orchestration.phantom_dicom import write_case_dicom
-from fedseg_clinic.case_format import (
+from fedseg.orchestration.phantoms.dicom import write_case_dicom
+from fedseg_clinic.cases import (
     Case,
     CaseMeta,
     Manifest,
     assign_splits,
-    atomic_write_text,
     manifest_entry,
     write_case,
     write_manifest,
 )
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.organs import ORGANS
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Model weights as they travel through FEDn: a numpyhelper npz of a list of arrays.
 
-The list is ``model.get_weights()`` of :func:`fedseg_clinic.model.build_unet`: the
+The list is ``model.get_weights()`` of :func:`fedseg_clinic.model.unet.build_unet`: the
 layers in the order build_unet creates them (encoder blocks top to bottom, then for each
 decoder level the transposed convolution and its block, then the head), each layer's
 weights in Keras order (Conv3D: kernel [, bias]; GroupNormalization: gamma, beta;
@@ -11,7 +11,6 @@ what fedn's numpyhelper writes, reads and averages.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from fedn.utils.helpers.helpers import get_helper
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_output
 from fedseg_clinic.tf_env import keras
 
 HELPER_NAME = "numpyhelper"
@@ -38,17 +38,11 @@ def save_weights_npz(arrays: Sequence[np.ndarray], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     helper = get_helper(HELPER_NAME)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
         # A file object, not a name: numpy would append ".npz" to a name without it.
-        with os.fdopen(fd, "wb") as handle:
-            helper.save([np.asarray(a) for a in arrays], handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        helper.save([np.asarray(a) for a in arrays], handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 

@@ -18,8 +18,8 @@ so the p-value is computed here with scipy.stats.binom.
 Our records are patients: a canary is one phantom patient whose training patch carries
 unique noise and a random label map, so that including it changes what the model predicts
 for exactly that patch. Training is the project's own DP-SGD
-(:class:`fedseg_clinic.dp_sgd.DPTrainer`) with Poisson sampling of patients
-(:func:`fedseg_clinic.dp_sgd.poisson_sample`), as in ClinicApp. The score is the canary's
+(:class:`fedseg_clinic.privacy.dp_sgd.DPTrainer`) with Poisson sampling of patients
+(:func:`fedseg_clinic.privacy.dp_sgd.poisson_sample`), as in ClinicApp. The score is the canary's
 loss drop (loss under the initial model minus loss under the trained model).
 
 Choosing the best (k_plus, k_minus) after looking at the scores would inflate the bound,
@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
-from fedseg_clinic.accounting import compute_epsilon
-from fedseg_clinic.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.losses import per_example_loss
-from fedseg_clinic.model import UNetConfig, build_unet
+from fedseg_clinic.model.losses import per_example_loss
+from fedseg_clinic.model.unet import UNetConfig, build_unet
+from fedseg_clinic.privacy.accounting import compute_epsilon
+from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.tf_env import keras, tf
 
 logger = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def run_canary_audit(config: CanaryAuditConfig) -> dict[str, Any]:
         accountant = compute_epsilon(n_train, config.batch_size, config.steps,
                                      config.noise_multiplier, config.delta).epsilon
     bound = audit_bound(scores, included_canary, config.delta, config.confidence)
-    from fedseg.analysis.membership import roc_metrics
+    from fedseg.analysis.leakage.membership import roc_metrics
 
     result = {
         "config": dataclasses.asdict(config),

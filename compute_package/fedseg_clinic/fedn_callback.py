@@ -2,8 +2,8 @@
 
 Run as::
 
-    python -m fedseg.orchestration.clinic_client --api-url http://127.0.0.1:8092/ \
-        --name clinic-1 --app fedseg_clinic.client_app:ClinicApp.from_environment
+    python -m fedseg_clinic.fedn_callback --api-url http://127.0.0.1:8092/ \
+        --name clinic-1 --app fedseg_clinic.app:ClinicApp.from_environment
 
 The app factory (``MODULE:FACTORY``, FACTORY may be dotted, e.g.
 ``ClinicApp.from_environment``) is called once at start and returns an object with
@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -162,15 +163,11 @@ class CallbackAdapter:
         assert self.keep_updates is not None
         stem = self.keep_updates / f"update-{self.trained}"
         self.keep_updates.mkdir(parents=True, exist_ok=True)
-        tmp = stem.with_suffix(".npz.tmp")
-        tmp.write_bytes(update)
-        os.replace(tmp, stem.with_suffix(".npz"))
+        atomic_write_bytes(stem.with_suffix(".npz"), update)
         record = {"call": self.trained, "training_metadata": metadata,
                   "server_settings": {k: v for k, v in settings.items()
                                       if isinstance(v, int | float | str | bool)}}
-        tmp = stem.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, stem.with_suffix(".json"))
+        atomic_write_json(stem.with_suffix(".json"), record)
 
     def validate(self, in_model: io.BytesIO) -> dict[str, Any]:
         """FEDn validate callback: model bytes -> flat metrics dict."""
@@ -256,7 +253,7 @@ def connect(client: Any, api_url: str, name: str, client_id: str, token: str | N
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fedseg.orchestration.clinic_client",
+    parser = argparse.ArgumentParser(prog="python -m fedseg_clinic.fedn_callback",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--api-url", required=True, help="FEDn API base URL")
     parser.add_argument("--name", required=True, help="client (clinic) name")
@@ -306,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
         return 2
     if args.ready_file is not None:
-        from fedseg_clinic.case_format import atomic_write_text
+        from fedseg_clinic.io import atomic_write_text
 
         atomic_write_text(args.ready_file, json.dumps(
             {"name": args.name, "client_id": client.client_id, "pid": os.getpid(),

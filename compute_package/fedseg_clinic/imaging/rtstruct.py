@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from fedseg_clinic.dicom_series import CtSeries, Geometry
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.imaging.series import CtSeries, Geometry
 
 logger = logging.getLogger(__name__)
 

@@ -27,22 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
-from fedseg_clinic import preprocess
-from fedseg_clinic.case_format import (
+from fedseg_clinic.cases import (
     CASE_META_NAME,
     Case,
     CaseMeta,
     Manifest,
     assign_splits,
-    atomic_write_text,
     manifest_entry,
     read_case_meta,
     write_case,
     write_manifest,
 )
-from fedseg_clinic.dicom_series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.labelmap import (
+from fedseg_clinic.imaging import preprocess
+from fedseg_clinic.imaging.labelmap import (
     DicomSeg,
     LabelMap,
     bounds_overlap,
@@ -51,8 +49,15 @@ from fedseg_clinic.labelmap import (
     read_dicom_seg,
     read_labelmap,
 )
+from fedseg_clinic.imaging.rtstruct import (
+    StructureSet,
+    check_reference,
+    rasterise_roi,
+    read_rtstruct,
+)
+from fedseg_clinic.imaging.series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
+from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.organs import AliasTable
-from fedseg_clinic.rtstruct import StructureSet, check_reference, rasterise_roi, read_rtstruct
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Slices are ordered by their position along the slice normal (the cross product of the
 two ImageOrientationPatient vectors, dotted with ImagePositionPatient), never by
 InstanceNumber, which scanners and anonymisers renumber freely. The volume geometry
-follows the conventions of :mod:`fedseg_clinic.case_format`: arrays are (z, y, x),
+follows the conventions of :mod:`fedseg_clinic.cases`: arrays are (z, y, x),
 ``origin`` is the LPS centre of voxel (0, 0, 0) and ``direction`` has the LPS unit
 vectors of the x, y and z array axes as its columns.
 """

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from fedseg_clinic.dicom_series import Geometry
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.imaging.series import Geometry
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text, default_dir_mode
 from fedseg_clinic.organs import ORGANS
 
 FORMAT_VERSION = 1
@@ -155,7 +156,7 @@ def write_case(case: Case, cases_dir: Path, overwrite: bool = False) -> Path:
         raise FedsegError(f"{final}: case already exists (use overwrite)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{case.meta.case_id}.", dir=cases_dir))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a case folder is plain
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700; a case folder is plain
         np.save(tmp / IMAGE_NAME, np.ascontiguousarray(case.image, dtype=np.int16))
         np.savez_compressed(
             tmp / MASKS_NAME, **{k: np.asarray(v, dtype=bool) for k, v in case.masks.items()}
@@ -290,24 +291,3 @@ def assign_splits(case_ids: Sequence[str], val_fraction: float, seed: int) -> di
     return {cid: ("val" if cid in val else "train") for cid in ids}
 
 
-def _umask() -> int:
-    """The process umask (reading it requires setting it; restored at once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary sibling and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; match a plain open()
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

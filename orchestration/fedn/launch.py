@@ -1,7 +1,7 @@
-"""``python -m fedseg.orchestration.fedn_launch api|combiner|hooks ...``.
+"""``python -m fedseg.orchestration.fedn.launch api|combiner|hooks ...``.
 
 The network starts this module instead of the ``fedn`` console script: it applies
-:mod:`fedseg.orchestration.fedn_compat` in the new process, makes the server listen
+:mod:`fedseg.orchestration.fedn.compat` in the new process, makes the server listen
 on 127.0.0.1 only, and then calls fedn's own start function. fedn reads its store
 settings from the files named by STATESTORE_CONFIG and MODELSTORAGE_CONFIG, which
 the network sets in the environment.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedseg.orchestration import fedn_compat
+from fedseg.orchestration.fedn import compat as fedn_compat
 
 HOST = "127.0.0.1"
 

@@ -1,7 +1,7 @@
 """Privacy accounting for patient-level DP-SGD with Poisson sampling.
 
 Each local step samples every patient independently with probability ``q = B / N``
-(:func:`fedseg_clinic.dp_sgd.poisson_sample`) and releases a clipped, Gaussian-noised
+(:func:`fedseg_clinic.privacy.dp_sgd.poisson_sample`) and releases a clipped, Gaussian-noised
 gradient sum: one ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``. ``T`` steps are
 that event self-composed ``T`` times; rounds (segments with other ``q``/``sigma``)
 compose. dp_accounting answers epsilon at a given delta with two accountants: RDP (a

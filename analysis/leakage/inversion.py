@@ -11,7 +11,7 @@ update ``w1 - w0``:
 
 The simulated client repeats the real one: ``local_steps`` unrolled steps of SGD (or Adam),
 each with per-example gradients clipped to ``l2_norm_clip`` and summed, divided by the
-expected batch size, exactly as :class:`fedseg_clinic.dp_sgd.DPTrainer` does (the
+expected batch size, exactly as :class:`fedseg_clinic.privacy.dp_sgd.DPTrainer` does (the
 attacker does not know the DP noise and leaves it out: the noise is the defence). The
 gradient of the objective flows through the simulated steps (second order, nested
 ``tf.GradientTape``), so the U-Net's forward pass is written here as a pure function of a
@@ -51,8 +51,8 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.metrics import dice
-from fedseg_clinic.model import N_CLASSES, UNetConfig, build_unet
+from fedseg_clinic.model.metrics import dice
+from fedseg_clinic.model.unet import N_CLASSES, UNetConfig, build_unet
 from fedseg_clinic.tf_env import keras, tf
 
 logger = logging.getLogger(__name__)
@@ -609,9 +609,9 @@ def simulate_client(config: UNetConfig, settings: ClientSettings,
         noise_multiplier: DP sigma (ignored, must be None or 0, for a non-DP client).
         seed: model initialisation, phantoms and noise.
     """
-    from fedseg.analysis.membership import phantom_patches
-    from fedseg_clinic.dp_sgd import DPConfig, DPTrainer
-    from fedseg_clinic.losses import per_example_loss
+    from fedseg.analysis.leakage.membership import phantom_patches
+    from fedseg_clinic.model.losses import per_example_loss
+    from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer
 
     if len(set(settings.patch_size)) != 1:
         raise FedsegError(f"--simulate needs a cubic patch, got {settings.patch_size}")
@@ -720,7 +720,7 @@ def run_study(config: UNetConfig, grid: StudyGrid, attack: AttackConfig, patch: 
         JSON-ready dict: rows (one per grid point), the sigma per epsilon, and the
         smallest sigma tried whose reconstruction is no longer recognisable.
     """
-    from fedseg_clinic.accounting import calibrate_noise
+    from fedseg_clinic.privacy.accounting import calibrate_noise
 
     n, b, t, delta = grid.schedule
     sigmas = {eps: calibrate_noise(n, b, t, eps, delta) for eps in grid.epsilons}

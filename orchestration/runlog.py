@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedseg_clinic.case_format import atomic_write_text
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 
 ROUNDS_NAME = "rounds.csv"
 RUN_NAME = "run.json"

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_output
 
 EXIT_USER_ERROR = 1
 EXIT_BUDGET = 3
@@ -40,9 +40,9 @@ USAGE = (
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    from fedseg_clinic.case_format import atomic_write_text
+    from fedseg_clinic.io import atomic_write_json
 
-    atomic_write_text(path, json.dumps(data, indent=2))
+    atomic_write_json(path, data)
 
 
 def _read_server_settings(in_path: Path) -> dict[str, Any]:
@@ -60,9 +60,8 @@ def _read_server_settings(in_path: Path) -> dict[str, Any]:
 
 def build(out: Path | None = None) -> Path:
     """Write seed weights from the package's model settings; return the path."""
-    from fedseg_clinic.model import UNetConfig, build_unet
+    from fedseg_clinic.model.seed import write_seed_weights
     from fedseg_clinic.settings import default_settings_path, settings_from_mapping
-    from fedseg_clinic.weights import save_weights_npz
 
     settings_path = Path(os.environ.get("FEDSEG_SETTINGS") or default_settings_path())
     import yaml
@@ -72,10 +71,8 @@ def build(out: Path | None = None) -> Path:
     except OSError as exc:
         raise FedsegError(f"{settings_path}: cannot read settings ({exc.strerror})") from None
     settings = settings_from_mapping(raw, str(settings_path))
-    model = build_unet(UNetConfig.from_dict(settings.model), seed=settings.training.seed)
     target = out or Path(__file__).resolve().parent.parent / "seed.npz"
-    save_weights_npz([np.asarray(w) for w in model.get_weights()], target)
-    return target
+    return write_seed_weights(settings.model, target, seed=settings.training.seed)
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -86,7 +83,7 @@ def _run(argv: Sequence[str]) -> int:
         path = build(args[0] if args else None)
         print(f"seed weights written to {path}")
         return 0
-    from fedseg_clinic.client_app import ClinicApp
+    from fedseg_clinic.app import ClinicApp
 
     if entry == "startup":
         app = ClinicApp.from_environment()
@@ -94,7 +91,7 @@ def _run(argv: Sequence[str]) -> int:
         return 0
     if entry not in ("train", "validate", "predict") or len(args) != 2:
         raise FedsegError(USAGE)
-    from fedseg_clinic.weights import load_weights_npz, save_weights_npz
+    from fedseg_clinic.model.weights import load_weights_npz, save_weights_npz
 
     in_path, out_path = args
     weights = load_weights_npz(in_path)
@@ -112,7 +109,7 @@ def _run(argv: Sequence[str]) -> int:
 
 def predict_cases(app: Any, weights: list[np.ndarray]) -> dict[str, Any]:
     """Predict every validation case; write label maps under the state folder."""
-    from fedseg_clinic.weights import apply_weights
+    from fedseg_clinic.model.weights import apply_weights
 
     apply_weights(app.model, weights, "global model")
     out_dir = app.state_dir / "predictions"
@@ -121,10 +118,8 @@ def predict_cases(app: Any, weights: list[np.ndarray]) -> dict[str, Any]:
         labels = np.argmax(app.predict_case(case), axis=-1).astype(np.uint8)
         case_dir = out_dir / case.meta.case_id
         case_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=case_dir)
-        os.close(fd)
-        np.savez_compressed(tmp, labels=labels)
-        os.replace(tmp, case_dir / "prediction.npz")
+        with atomic_output(case_dir / "prediction.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, labels=labels)
         written[case.meta.case_id] = str(case_dir / "prediction.npz")
     return {"predictions": written, "n_cases": len(written)}
 
@@ -132,7 +127,7 @@ def predict_cases(app: Any, weights: list[np.ndarray]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one entry point; user errors become one line on stderr."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from fedseg_clinic.ledger import BudgetExceededError
+    from fedseg_clinic.privacy.ledger import BudgetExceededError
 
     try:
         code = _run(list(sys.argv[1:] if argv is None else argv))

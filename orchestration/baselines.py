@@ -1,6 +1,6 @@
 """Baselines without federation: pooled (the upper bound) and local-only (today's practice).
 
-Both train with the clinics' own code (:class:`fedseg_clinic.client_app.ClinicApp`, the
+Both train with the clinics' own code (:class:`fedseg_clinic.app.ClinicApp`, the
 experiment's ``model`` and ``clinic`` sections, every round's ``client_settings``) from
 the experiment's seed model, and validate after every block ("round") on *each*
 clinic's own validation set with ``ClinicApp.validate``. No FEDn is involved.
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedseg.orchestration.experiment import DEFAULT_APP, Experiment
-from fedseg.orchestration.round_log import (
+from fedseg.orchestration.runlog import (
     GLOBAL,
     MODELS_DIR,
     RoundRecord,
@@ -54,7 +54,7 @@ from fedseg.orchestration.runner import (
     utc_now_iso,
     write_clinic_settings,
 )
-from fedseg_clinic.case_format import Manifest, read_manifest, write_manifest
+from fedseg_clinic.cases import Manifest, read_manifest, write_manifest
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.settings import (
     ENV_CLIENT_NAME,
@@ -171,7 +171,7 @@ def _as_float(value: Any) -> float:
 
 
 def _save_model(weights: list[np.ndarray], path: Path) -> None:
-    from fedseg_clinic.weights import save_weights_npz
+    from fedseg_clinic.model.weights import save_weights_npz
 
     save_weights_npz(weights, path)
 
@@ -199,7 +199,7 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
     if kind not in KINDS:
         raise FedsegError(f"baseline kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if app_factory is None:
-        from fedseg_clinic.client_app import ClinicApp
+        from fedseg_clinic.app import ClinicApp
 
         if exp.clients.app != DEFAULT_APP:
             raise FedsegError(f"{exp.source or exp.name}: clients.app: baselines train with "
@@ -233,7 +233,7 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
         tic = time.monotonic()
         builder = resolve_callable(exp.seed_builder, "seed_builder")
         builder(dict(exp.model), run_dir / "seed.npz", seed=exp.seed)
-        from fedseg_clinic.weights import load_weights_npz
+        from fedseg_clinic.model.weights import load_weights_npz
 
         seed_weights = load_weights_npz(run_dir / "seed.npz")
         timings["seed_seconds"] = round(time.monotonic() - tic, 3)
@@ -291,7 +291,7 @@ def _block(exp: Experiment, kind: str, k: int, trainers: dict[str, Any],
            steps_factor: int, run_dir: Path, info: dict[str, Any],
            say: Progress) -> list[RoundRecord]:
     """Train every trainer one block, validate on each clinic; the block's records."""
-    from fedseg_clinic.ledger import BudgetExceededError
+    from fedseg_clinic.privacy.ledger import BudgetExceededError
 
     tic = time.monotonic()
     round_settings: dict[str, Any] = {**exp.settings_for_round(k),

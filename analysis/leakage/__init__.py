@@ -1,0 +1,1 @@
+"""Measured privacy leakage: update inversion, membership inference, canary audits."""

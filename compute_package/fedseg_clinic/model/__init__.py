@@ -1,0 +1,1 @@
+"""The segmentation model: 3D U-Net, losses, metrics, sliding-window inference, weight files."""

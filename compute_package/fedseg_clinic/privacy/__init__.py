@@ -1,0 +1,1 @@
+"""Patient-level DP-SGD, privacy accounting and the per-clinic privacy ledger."""
