@@ -47,6 +47,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -674,6 +675,35 @@ def attack_simulated(config: UNetConfig, settings: ClientSettings,
         "seconds": rec.seconds,
     }
     return result, client, matched
+
+
+def attack_stored(config: UNetConfig, settings: ClientSettings, global_weights: Path,
+                  client_weights: Path, attack: AttackConfig
+                  ) -> tuple[dict[str, Any], Reconstruction]:
+    """Invert a stored round's update (the truth is unknown: no quality metrics).
+
+    Args:
+        config: the U-Net architecture of the weights.
+        settings: the client's training settings.
+        global_weights: npz of the weights the client received.
+        client_weights: npz of the weights it sent back.
+        attack: the reconstruction's settings.
+
+    Returns:
+        (JSON-ready result, the reconstruction in the attacker's order).
+
+    Raises:
+        FedsegError: an unreadable npz, or weights that do not fit (see invert_update).
+    """
+    from fedseg_clinic.model.weights import load_weights_npz
+
+    rec = invert_update(config, settings, load_weights_npz(global_weights),
+                        load_weights_npz(client_weights), attack)
+    result = {"global_weights": str(global_weights), "client_weights": str(client_weights),
+              "settings": dataclasses.asdict(settings), "n_patches": settings.n_patches,
+              "objective": rec.loss_history[-1], "seconds": rec.seconds,
+              "note": "truth unknown: no quality metrics"}
+    return result, rec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,6 +67,37 @@ def all_known(batch: int) -> np.ndarray:
     return np.ones((batch, N_CLASSES), np.float32)
 
 
+class VictimSettings:
+    """The victim's knobs that an attack's config dataclass declares as fields.
+
+    A mixin (no fields of its own): the membership and canary configs keep their own
+    defaults and field order, and get the U-Net and DP settings from here.
+    """
+
+    levels: int
+    base_filters: int
+    groups: int
+    l2_norm_clip: float
+    noise_multiplier: float | None
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+
+    @property
+    def unet(self) -> UNetConfig:
+        """The victim's U-Net."""
+        return UNetConfig(levels=self.levels, base_filters=self.base_filters,
+                          groups=self.groups)
+
+    @property
+    def dp(self) -> DPConfig:
+        """The victim's DP settings (batch_size is the expected batch size)."""
+        return DPConfig(l2_norm_clip=self.l2_norm_clip,
+                        noise_multiplier=self.noise_multiplier,
+                        expected_batch_size=self.batch_size,
+                        learning_rate=self.learning_rate, optimizer=self.optimizer)
+
+
 @dataclasses.dataclass
 class Victim:
     """A U-Net and the DP trainer that updates it in place.
