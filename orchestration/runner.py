@@ -6,7 +6,7 @@ model -> compute package -> network up (or an existing one) -> package + seed up
 
 Output, in ``<runs_dir>/<name>/``::
 
-    rounds.csv            round log (long format, see round_log.py), rewritten per round
+    rounds.csv            round log (long format, see runlog.py), rewritten per round
     run.json              config snapshot, seed, versions, timings, model ids, failures
     models/round-<k>.npz  global weights after round k
     seed.npz, package.tgz the uploaded seed and compute package
@@ -300,6 +300,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         seed_path = run_dir / "seed.npz"
         builder = resolve_callable(exp.seed_builder, "seed_builder")
         step("seed", lambda: builder(dict(exp.model), seed_path, seed=exp.seed))
+        info["model_bytes"] = seed_path.stat().st_size  # what one transfer moves
         package = step("package", lambda: session.build_package(
             exp.package or default_package_dir(), run_dir / "package.tgz"))
 

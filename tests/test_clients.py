@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import fedseg_cli
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg_clinic.errors import FedsegError
@@ -159,30 +160,23 @@ def test_app_start_failure_is_reported_with_log_and_nothing_left(tmp_path: Path)
     assert clients_mod.client_status(tmp_path) == []
 
 
-def _cli(args: list[str]) -> tuple[int, str]:
-    from click.testing import CliRunner
-
-    from fedseg.cli import cli
-
-    result = CliRunner().invoke(cli, args)
-    return result.exit_code, result.output
-
 
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
-    code, out = _cli(["clients", "up", "--network", str(tmp_path), "--clinic", "a=b"])
+    code, out = _code_output(["clients", "up", "--network", str(tmp_path), "--clinic", "a=b"])
     assert code == 1 and "no network state" in out and len(out.strip().splitlines()) == 1
-    code, out = _cli(["run", str(tmp_path / "missing.yaml")])
+    code, out = _code_output(["run", str(tmp_path / "missing.yaml")])
     assert code == 1 and "experiment file not found" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ndata: {phantoms: {}}\nsession: {rounds: 0}\n")
-    code, out = _cli(["run", str(bad)])
+    code, out = _code_output(["run", str(bad)])
     assert code == 1 and "session.rounds" in out and len(out.strip().splitlines()) == 1
 
 
 def test_cli_clients_down_and_status_with_nothing_recorded(tmp_path: Path) -> None:
-    assert _cli(["clients", "down", "--root", str(tmp_path)]) == (
+    assert _code_output(["clients", "down", "--root", str(tmp_path)]) == (
         0, "stopped nothing (none running)\n")
-    assert _cli(["clients", "status", "--root", str(tmp_path)]) == (0, "no clients recorded\n")
+    assert _code_output(["clients", "status", "--root", str(tmp_path)]) == (
+        0, "no clients recorded\n")
 
 
 def test_adapter_keeps_updates_only_when_asked(tmp_path: Path) -> None:
@@ -217,9 +211,15 @@ def test_cli_clients_status_lists_each_client_with_its_fedn_id(tmp_path: Path) -
                                       app=TOY_APP)
     try:
         assert clients_mod.load_clients(tmp_path)[0].client_id == handle.client_id
-        code, out = _cli(["clients", "status", "--root", str(tmp_path)])
+        code, out = _code_output(["clients", "status", "--root", str(tmp_path)])
         assert code == 0 and out.startswith("c1 ") and f"id {handle.client_id}" in out
         assert " alive " in out
     finally:
         clients_mod.stop_clients(tmp_path)
-    assert _cli(["clients", "status", "--root", str(tmp_path)]) == (0, "no clients recorded\n")
+    assert _code_output(["clients", "status", "--root", str(tmp_path)]) == (
+        0, "no clients recorded\n")
+
+
+def _code_output(args: list[str]) -> tuple[int, str]:
+    result = fedseg_cli(args)
+    return result.exit_code, result.output

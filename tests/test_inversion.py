@@ -93,6 +93,7 @@ def test_simulate_update_refuses_wrong_patch_count(four) -> None:
                             tf.constant(four[0][:2]), tf.one_hot(four[1][:2], 7))
 
 
+@pytest.mark.slow  # trains a victim for several steps (~10 s)
 def test_simulated_victim_draws_a_new_batch_every_step() -> None:
     """3 steps x batch 2: six distinct patches, and the victim's update is the per-step
     simulation on them (not the same-batch one)."""

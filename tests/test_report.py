@@ -12,24 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import make_run
 
 from fedseg.analysis import plots, report, summary
 from fedseg.cli import cli
-from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
 from fedseg_clinic.errors import FedsegError
 
 NAN = math.nan
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-def make_run(path: Path, rows: list[tuple[int, str, str, float]], kind: str = "federated",
-             **info: object) -> Path:
-    path.mkdir(parents=True)
-    write_rounds(path, [RoundRecord(*row) for row in rows])
-    write_run_info(path, {"name": path.name, "seed": 1, "kind": kind,
-                          "config": {"aggregator": "fedavg"}, **info})
-    return path
 
 
 def fed_rows(scale: float, rounds: int = 3, drop: tuple[int, ...] = ()) -> list[tuple]:

@@ -1,7 +1,7 @@
 """Canonical organ names and the alias table that maps clinic ROI names onto them.
 
 The canonical set is the AAPM 2017 thoracic auto-segmentation challenge's organs at
-risk (DESIGN.md). ROI names are matched after normalisation: case is ignored and every
+risk. ROI names are matched after normalisation: case is ignored and every
 run of separators (space, ``_``, ``-``, ``.``, ``/``) is dropped, so "Lt Lung",
 "LUNG_LT" and "lt-lung" are the same key.
 """

@@ -14,7 +14,7 @@ Conventions (nnU-Net / MONAI / medpy):
   hallucinated organ is the worst possible boundary error, and NaN is reserved for
   "not measured". Means over cases should therefore report how many were inf, or use
   the median.
-- An organ a clinic does not contour is NaN in both metrics (DESIGN.md).
+- An organ a clinic does not contour is NaN in both metrics (docs/experiments.md, round log).
 
 Surface Dice at a tolerance is not provided: no maintained library in the stack has it.
 """

@@ -10,7 +10,7 @@ Architecture (per resolution level ``k`` with ``base_filters * 2**k`` channels):
 residual shortcut (1x1x1 projection) around the pair; 2x max pooling down,
 2x transposed convolution up, skip connections by concatenation, a 1x1x1 convolution and
 softmax at the end. GroupNormalization, never BatchNormalization: batch statistics mix
-examples, which breaks per-example DP-SGD gradients (see notes/tf-stack.md).
+examples, which breaks per-example DP-SGD gradients (docs/dependencies.md).
 """
 
 from __future__ import annotations
