@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import fedseg_cli
 
 from fedseg.analysis.leakage import inversion as inv
 from fedseg.analysis.leakage.canary import CanaryAuditConfig, records
@@ -182,19 +183,11 @@ def test_attack_inverts_single_step_and_fails_under_heavy_noise() -> None:
     assert not noisy["recognisable"]
 
 
-def _cli(args: list[str]):
-    from click.testing import CliRunner
-
-    from fedseg.cli import cli
-
-    return CliRunner().invoke(cli, args)
-
-
 def test_invert_cli_needs_exactly_one_source(tmp_path) -> None:
-    result = _cli(["attack", "invert", "--out", str(tmp_path / "o")])
+    result = fedseg_cli(["attack", "invert", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "give either --simulate" in result.output and "Traceback" not in result.output
-    result = _cli(["attack", "invert", "--out", str(tmp_path / "o"), "--global-weights",
+    result = fedseg_cli(["attack", "invert", "--out", str(tmp_path / "o"), "--global-weights",
                    str(tmp_path / "missing.npz"), "--client-weights",
                    str(tmp_path / "missing.npz")])
     assert result.exit_code == 1 and "missing.npz" in result.output
@@ -214,7 +207,7 @@ def test_invert_cli_stored_round_and_simulate(tmp_path, batch) -> None:
         batch[0][:1], batch[1][:1], KNOWN)
     save_weights_npz(model.get_weights(), tmp_path / "client.npz")
     out = tmp_path / "stored"
-    result = _cli(["attack", "invert", "--global-weights", str(tmp_path / "global.npz"),
+    result = fedseg_cli(["attack", "invert", "--global-weights", str(tmp_path / "global.npz"),
                    "--client-weights", str(tmp_path / "client.npz"), "--patch", "8",
                    "--iterations", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -223,7 +216,7 @@ def test_invert_cli_stored_round_and_simulate(tmp_path, batch) -> None:
     assert (out / "montage.png").stat().st_size > 1000 and (out / "report.html").exists()
 
     out = tmp_path / "sim"
-    result = _cli(["attack", "invert", "--simulate", "--patch", "8", "--batch", "2",
+    result = fedseg_cli(["attack", "invert", "--simulate", "--patch", "8", "--batch", "2",
                    "--local-steps", "2", "--iterations", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
@@ -238,7 +231,7 @@ def test_study_cli_small_grid(tmp_path) -> None:
     import json
 
     out = tmp_path / "study"
-    result = _cli(["attack", "study", "--out", str(out), "--batch-sizes", "1",
+    result = fedseg_cli(["attack", "study", "--out", str(out), "--batch-sizes", "1",
                    "--local-steps", "1", "--epsilons", "8", "--sigmas", "",
                    "--iterations", "2"])
     assert result.exit_code == 0, result.output
@@ -248,7 +241,7 @@ def test_study_cli_small_grid(tmp_path) -> None:
     assert sigmas[0] == 0.0 and sigmas[1] == pytest.approx(data["sigma_for_epsilon"]["8.0"])
     assert 0.3 < sigmas[1] < 1.0  # eps 8 over N=100, B=4, T=100, delta 1e-3: ~0.54
     assert (out / "report.html").exists() and (out / "study_noise_multiplier.png").exists()
-    bad = _cli(["attack", "study", "--out", str(tmp_path / "bad"), "--batch-sizes", "0"])
+    bad = fedseg_cli(["attack", "study", "--out", str(tmp_path / "bad"), "--batch-sizes", "0"])
     assert bad.exit_code == 1 and "--batch-sizes" in bad.output
 
 
