@@ -6,7 +6,7 @@ model -> compute package -> network up (or an existing one) -> package + seed up
 
 Output, in ``<runs_dir>/<name>/``::
 
-    rounds.csv            round log (long format, see round_log.py), rewritten per round
+    rounds.csv            round log (long format, see runlog.py), rewritten per round
     run.json              config snapshot, seed, versions, timings, model ids, failures
     models/round-<k>.npz  global weights after round k
     seed.npz, package.tgz the uploaded seed and compute package
@@ -39,13 +39,14 @@ from typing import Any
 
 import yaml
 
-from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration import budget, collect, session
+from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.experiment import Experiment
 from fedseg.orchestration.network import ports
 from fedseg.orchestration.runlog import GLOBAL, MODELS_DIR, write_rounds, write_run_info
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import atomic_write_text
+from fedseg_clinic.organs import OrganSet
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,33 @@ def prepare_data(exp: Experiment, run_dir: Path) -> dict[str, Path]:
                                 float(options.get("quantity_skew", 1.0)))
     generated = phantoms.generate_benchmark(spec, run_dir / "data", overwrite=True)
     return {g.name: g.folder for g in generated}
+
+
+def check_data_organ_set(exp: Experiment, data_dirs: dict[str, Path]) -> OrganSet:
+    """Refuse, before anything starts, clinic data of another organ set than the model's.
+
+    Returns:
+        The experiment's organ set (recorded in run.json).
+
+    Raises:
+        FedsegError: one line naming the clinic's folder and both organ sets.
+    """
+    from fedseg_clinic.cases import check_organ_set
+    from fedseg_clinic.model.unet import UNetConfig
+
+    organs = UNetConfig.from_dict(dict(exp.model)).organs
+    for folder in data_dirs.values():
+        check_organ_set(folder, organs)
+    return organs
+
+
+def write_models_record(exp: Experiment, run_dir: Path) -> Path:
+    """``models/model.json``: the organ set and config every round's weights follow."""
+    from fedseg_clinic.model.record import FOLDER_RECORD_NAME, write_record
+    from fedseg_clinic.model.unet import UNetConfig
+
+    return write_record(run_dir / MODELS_DIR / FOLDER_RECORD_NAME,
+                        UNetConfig.from_dict(dict(exp.model)))
 
 
 def write_clinic_settings(exp: Experiment, run_dir: Path, name: str, index: int) -> Path:
@@ -304,6 +332,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         data_dirs = step("data", lambda: prepare_data(exp, run_dir))
         names = list(data_dirs)
         say(f"data: {len(names)} clinics ({', '.join(names)})")
+        info["organ_set"] = check_data_organ_set(exp, data_dirs).to_json()
         # The budget is decided before any process starts (orchestration/budget.py).
         budget.check_synthetic(exp, data_dirs)
         settings_files = {n: write_clinic_settings(exp, run_dir, n, i)
@@ -320,6 +349,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         seed_path = run_dir / "seed.npz"
         builder = resolve_callable(exp.seed_builder, "seed_builder")
         step("seed", lambda: builder(dict(exp.model), seed_path, seed=exp.seed))
+        info["model_bytes"] = seed_path.stat().st_size  # what one transfer moves
+        write_models_record(exp, run_dir)
         package = step("package", lambda: session.build_package(
             exp.package or default_package_dir(), run_dir / "package.tgz"))
 

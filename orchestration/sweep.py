@@ -278,8 +278,7 @@ def plan_noise(exp: Experiment, n_train: dict[str, int], target_epsilon: float,
         FedsegError: a per-round batch-size schedule (one q per plan is needed), or a
             delta that is not below 1 / N.
     """
-    from fedseg_clinic.privacy.accounting import default_delta
-    from fedseg_clinic.privacy.accounting import calibrate_noise
+    from fedseg_clinic.privacy.accounting import calibrate_noise, default_delta
     from fedseg_clinic.settings import settings_from_mapping, with_server_overrides
 
     where = f"{exp.source or exp.name}"

@@ -178,7 +178,7 @@ def test_run_scoped_ledgers_only_for_phantom_data(tmp_path: Path,
     data["extra"]["source"] = "import"  # as if it were imported patient data
     manifest.write_text(json.dumps(data))
     exp = load_experiment(_experiment(tmp_path, clinics, 10.0, ledgers="run"))
-    with pytest.raises(FedsegError, match="clinic-2.*not phantom data"):
+    with pytest.raises(FedsegError, match=r"clinic-2.*not phantom data"):
         budget.check_synthetic(exp, dict(exp.data.clinic_dirs))
     env = budget.client_privacy_env(exp, tmp_path / "run", "clinic-1")
     assert env == {"FEDSEG_RUN_NAME": "budgeted",

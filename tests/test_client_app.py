@@ -178,3 +178,39 @@ def test_entry_points_startup_and_bad_input(
     with pytest.raises(SystemExit) as info:
         entrypoints.main(["startup"])
     assert info.value.code == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_norm_bias_round_moves_only_trained_weights_at_target_epsilon(
+        tmp_path: Path, clinic_dir: Path) -> None:
+    from fedseg_clinic.app import epsilon_for_plan
+    from fedseg_clinic.privacy.accounting import calibrate_noise
+
+    settings = json.loads(json.dumps(TINY_SETTINGS))
+    settings["training"].update(trainable="norm_bias", augmentations_per_patient=2)
+    settings["privacy"].update(target_epsilon=4.0, planned_rounds=2)
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    env = {"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(clinic_dir),
+           "FEDSEG_STATE_DIR": str(tmp_path / "state"), "FEDSEG_CLIENT_NAME": "clinic-1"}
+    app = ClinicApp(load_settings(env))
+    n = len(app.train_cases)
+    sigma = calibrate_noise(n, 2, 2 * 2, 4.0, 1e-3)
+    assert epsilon_for_plan(n, app.settings, 2) <= 4.0
+    trained = {v.name for v in app.model.trainable_variables
+               if v.name.split("/")[-1] in ("gamma:0", "beta:0", "bias:0")}
+    weights = [np.asarray(w).copy() for w in app.model.get_weights()]
+    new, meta = app.train(weights, {})
+    assert meta["trainable"] == "norm_bias" and meta["augmentations_per_patient"] == 2
+    assert meta["trained_parameters"] == sum(
+        int(np.prod(v.shape)) for v in app.model.trainable_variables if v.name in trained)
+    assert meta["noise_multiplier"] == pytest.approx(sigma)
+    for variable, old, now in zip(app.model.weights, weights, new, strict=True):
+        if variable.name in trained:
+            continue
+        assert np.array_equal(old, now), variable.name  # frozen: bit-identical
+    assert any(not np.array_equal(o, w) for o, w in zip(weights, new, strict=True))
+    new, meta = app.train(new, {})
+    # Two planned rounds spent: at the target (within the accountant's bound), not above.
+    assert 3.5 < meta["epsilon"] <= 4.0
+    with pytest.raises(BudgetExceededError):  # the target is the budget: no third round
+        app.train(new, {})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ from fedseg_clinic.privacy.ledger import (
     PrivacyLedger,
     data_identity,
     default_anchor_path,
+)
+from fedseg_clinic.privacy.ledger import (
     ledger_path as ledger_file,
 )
 
@@ -294,7 +295,7 @@ def test_reset_archives_and_logs(ledger_path: Path) -> None:
 
 
 def _reserve_worker(path: str, budget: float | None, rounds: int, tag: str,
-                    out: "multiprocessing.Queue") -> None:
+                    out: Any) -> None:
     """One process reserving ``rounds`` segments; reports (granted, refused, errors)."""
     granted = refused = 0
     errors: list[str] = []

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # PLD grid (privacy-loss discretisation). dp_accounting's default is 1e-4; 1e-3 is still a
 # pessimistic (valid upper-bound) estimate, differs by < 0.03% on the schedules we checked
-# (3.7696 vs 3.7689 for the tf-stack notes' schedule) and is ~10x faster, which matters
+# (3.7696 vs 3.7689 for a 10-round reference schedule) and is ~10x faster, which matters
 # because the ledger recomputes the whole history every round.
 PLD_DISCRETIZATION = 1e-3
 # Absolute tolerance on the calibrated noise multiplier.

@@ -59,9 +59,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedseg_clinic.privacy.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
+from fedseg_clinic.privacy.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
 
 logger = logging.getLogger(__name__)
 
