@@ -185,8 +185,14 @@ class RoundReporter:
 
     def __init__(self, api_client: Any, session_id: str, seed_model_id: str,
                  clients: list[str], rounds: int, run_dir: Path, validate: bool,
-                 progress: Progress | None) -> None:
-        """Track one session (see :meth:`poll`)."""
+                 progress: Progress | None,
+                 dead_combiners: Callable[[], list[str]] | None = None) -> None:
+        """Track one session (see :meth:`poll`).
+
+        ``dead_combiners`` names the network's combiners that are not running any more,
+        so that a round without a model is attributed to them, not to the clients.
+        """
+        self.dead_combiners = dead_combiners or (lambda: [])
         self.api = api_client
         self.session_id = session_id
         self.seed_model_id = seed_model_id
@@ -215,7 +221,7 @@ class RoundReporter:
             final: The session is over: report everything that is done.
         """
         log = collect.collect_session(self.api, self.session_id, self.seed_model_id,
-                                      self.clients)
+                                      self.clients, self.dead_combiners())
         self.log = log
         now = time.monotonic()
         new = []
@@ -249,6 +255,8 @@ class RoundReporter:
             if rec.round == info.index:
                 table.setdefault(rec.client, {})[rec.metric] = rec.value
         parts = [f"round {info.index}/{self.rounds}"]
+        if info.index in log.causes:
+            parts.append(f"FAILED, no model: {log.causes[info.index]}")
         for client in self.clients:
             row = table.get(client, {})
             if row.get("train_failed", 0.0) >= 1.0:
@@ -409,7 +417,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         write_run_info(run_dir, info)
         say(f"session {session_id}: {exp.session.rounds} rounds, {exp.session.aggregator}")
         reporter = RoundReporter(api, session_id, seed_id, names, exp.session.rounds, run_dir,
-                                 exp.session.validate, progress)
+                                 exp.session.validate, progress,
+                                 dead_combiners=lambda: dead_combiners(state))
         tic = time.monotonic()
         status = session.wait_session(api, session_id, session.session_timeout(exp.session),
                                       on_poll=reporter.poll)
@@ -422,7 +431,13 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         reporter.poll(final=True)
         timings["session_seconds"] = round(time.monotonic() - tic, 3)
         info["status"] = "finished" if status.lower() == "finished" else status.lower()
-        if info["status"] == "finished" and decision.limited:
+        if not reporter.model_ids:
+            # A session that "finished" without any global model is a failed run.
+            causes = reporter.log.causes if reporter.log else {}
+            info["status"] = "failed: no round committed a global model" + (
+                " (" + "; ".join(f"round {k}: {c}" for k, c in sorted(causes.items())) + ")"
+                if causes else "")
+        elif info["status"] == "finished" and decision.limited:
             info["status"] = BUDGET_LIMITED
     except KeyboardInterrupt:
         info["status"] = "interrupted"
@@ -447,6 +462,12 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
     return RunResult(run_dir=run_dir, status=info["status"],
                      session_id=info.get("session_id"),
                      rounds_done=int(info.get("rounds_done", 0)), failures=info["failures"])
+
+
+def dead_combiners(state: Any) -> list[str]:
+    """The network's combiners whose recorded process is not running any more."""
+    return [c.name for c in state.combiners
+            if c.name in state.records and not ports.is_alive(state.records[c.name])]
 
 
 def _clear_run_dir(run_dir: Path) -> None:
@@ -481,6 +502,13 @@ def _cleanup(reporter: RoundReporter | None, info: dict[str, Any], run_dir: Path
         info["failures"] = reporter.log.failures
         info["model_ids"] = {str(k): v for k, v in sorted(reporter.model_ids.items())}
         info["rounds_done"] = len(reporter.reported)
+        # Every round with its outcome: a round without a model is failed, with a cause.
+        info["rounds"] = [{"round": r.index, "round_id": r.round_id, "status": r.status,
+                           "model_id": r.model_id or None,
+                           "failed": r.index in reporter.log.causes,
+                           "cause": reporter.log.causes.get(r.index)}
+                          for r in reporter.log.rounds if r.index in reporter.reported]
+        info["rounds_failed"] = sum(1 for r in info["rounds"] if r["failed"])
     if clients_started:
         clients_mod.stop_clients(run_dir)
     if own_network_root is not None:
