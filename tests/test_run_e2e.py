@@ -401,3 +401,50 @@ def test_combiner_killed_mid_round_fails_that_round_and_the_session_goes_on(
     assert {f["round"] for f in result.failures if f["client"] == "clinic-2"} == {1, 2}
     info = read_run_info(result.run_dir)
     assert list(info["model_ids"]) == ["2"]
+    # Round 1 committed no model: a failed round, blamed on the dead combiner, even
+    # though combiner-1's clients trained and their updates arrived.
+    assert table[(1, GLOBAL)]["round_failed"] == 1 and table[(2, GLOBAL)]["round_failed"] == 0
+    assert table[(1, GLOBAL)]["updates_aggregated"] == 0
+    assert table[(1, "clinic-1")]["train_failed"] == 0
+    assert info["rounds_failed"] == 1 and info["rounds"][0]["failed"]
+    assert info["rounds"][0]["cause"].startswith("combiner died (combiner-2)")
+    assert {"round": 1, "client": GLOBAL, "task": "round",
+            "error": info["rounds"][0]["cause"]} in result.failures
+
+
+def test_only_combiner_killed_fails_the_run_and_blames_the_combiner(tmp_path: Path) -> None:
+    """Issue 13: the only combiner killed ended "finished", exit 0, clients blamed."""
+    from fedseg.commands.run import exit_code
+    from fedseg.orchestration.network import load_network_state
+    from fedseg.orchestration.runner import RunResult
+
+    names = {"clinic-1": {}, "clinic-2": {}}
+    path = _toy_experiment(tmp_path / "exp", "no-combiner", names, rounds=1,
+                           network=_network_keys(),
+                           session={"rounds": 1, "round_timeout": 10, "min_clients": 1})
+    run_dir = tmp_path / "runs" / "no-combiner"
+    env = {"TOY_TRAIN_SLEEP_S": "3"}
+
+    def kill_combiner() -> None:
+        state = load_network_state(run_dir / "network")
+        os.kill(state.combiners[0].pid, signal.SIGKILL)
+
+    def progress(line: str) -> None:
+        if line.startswith("session "):
+            threading.Timer(1.5, kill_combiner).start()
+
+    tic = time.monotonic()
+    try:
+        result = run_experiment(load_experiment(path), tmp_path / "runs", progress=progress,
+                                client_env={n: env for n in names})
+        status, failures = result.status, result.failures
+    except Exception as exc:  # noqa: BLE001 - a session that never ends is a failure too
+        status, failures = f"failed: {exc}", read_run_info(run_dir)["failures"]
+    assert time.monotonic() - tic < 240
+    assert status.startswith("failed"), status
+    info = read_run_info(run_dir)
+    assert info["status"].startswith("failed") and not info.get("model_ids")
+    # Whatever the API still answered, no failure blames a client for a dead combiner.
+    for failure in failures:
+        assert "client down" not in failure["error"], failure
+    assert exit_code(RunResult(run_dir, info["status"], None, 0, failures)) == 1
