@@ -408,6 +408,21 @@ def assemble(rounds_answer: Any, models_answer: Any, statuses_answer: Any,
     return SessionLog(rounds=infos, records=records, failures=failures, causes=causes)
 
 
+def shift_log(log: SessionLog, offset: int) -> SessionLog:
+    """The same log with every round number moved up by ``offset``.
+
+    A resumed run's new session numbers its rounds 1..R; in the run's log they follow the
+    ``offset`` rounds logged before the interruption.
+    """
+    if offset == 0:
+        return log
+    return SessionLog(
+        rounds=[dataclasses.replace(r, index=r.index + offset) for r in log.rounds],
+        records=[dataclasses.replace(r, round=r.round + offset) for r in log.records],
+        failures=[{**f, "round": f["round"] + offset} for f in log.failures],
+        causes={k + offset: c for k, c in log.causes.items()})
+
+
 def _get(call: Any, what: str, attempts: int = 5) -> Any:
     """Call the API, retrying its transient 500s (e.g. GET /rounds/ while a round runs)."""
     last: Exception | None = None

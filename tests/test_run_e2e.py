@@ -448,3 +448,62 @@ def test_only_combiner_killed_fails_the_run_and_blames_the_combiner(tmp_path: Pa
     for failure in failures:
         assert "client down" not in failure["error"], failure
     assert exit_code(RunResult(run_dir, info["status"], None, 0, failures)) == 1
+
+
+def test_kill_9_of_the_runner_then_resume(tmp_path: Path) -> None:
+    """Issue 13: kill -9 left six processes and run.json "running"; now --resume."""
+    from fedseg.orchestration.runner import resume_run
+
+    path = _toy_experiment(tmp_path, "killed", {"clinic-1": {}, "clinic-2": {}}, rounds=3,
+                           network=_network_keys())
+    doc = yaml.safe_load(path.read_text())
+    doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "1.5"
+    path.write_text(yaml.safe_dump(doc))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": doc["clients"]["env"]["PYTHONPATH"]}
+    fedseg = Path(sys.executable).parent / "fedseg"
+    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path)
+    run_dir = runs / "killed"
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("round 1/3"):
+                break
+            assert time.monotonic() < deadline, "".join(output)
+        else:
+            pytest.fail("run ended before round 1:\n" + "".join(output))
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    state = json.loads((run_dir / "network" / "network.json").read_text())
+    left = list(state["records"].values())
+    left += [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
+    assert any(_alive(r) for r in left)  # what kill -9 leaves behind
+    assert read_run_info(run_dir)["status"] == "running"
+    lines: list[str] = []
+    result = resume_run(run_dir, progress=lines.append)
+    assert any(line.startswith("stopped what the interrupted run left running")
+               for line in lines), lines
+    assert not [r["name"] for r in left if _alive(r)]  # found and stopped by their pids
+    assert result.status == "finished", result
+    rows = read_rounds(run_dir)
+    assert {r.round for r in rows} == {1, 2, 3}  # numbered on after the logged rounds
+    info = read_run_info(run_dir)
+    assert info["status"] == "finished" and info["resumed"][0]["previous_status"] == "running"
+    done = info["resumed"][0]["after_round"]
+    assert done >= 1 and set(info["model_ids"]) == {"1", "2", "3"}
+    assert (run_dir / "models" / "round-3.npz").is_file()
+    assert (run_dir / "network.before-resume-1").is_dir()
+    # Nothing of the resumed run is left running either.
+    now = [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
+    assert not [r["name"] for r in now if _alive(r)]
+    with pytest.raises(Exception, match="nothing to resume"):
+        resume_run(run_dir)
