@@ -203,7 +203,7 @@ def demo(out: Path | None, rounds: int, overwrite: bool) -> None:
     except KeyboardInterrupt:
         click.echo(f"interrupted; round log so far in {runs / exp.name}", err=True)
         raise SystemExit(130) from None
-    _report(result)
+    code = _report(result)
     ctx = click.get_current_context()
     analyze = ctx.parent.command.get_command(ctx.parent, "analyze") if ctx.parent else None
     if analyze is not None and result.rounds_done:
@@ -213,6 +213,8 @@ def demo(out: Path | None, rounds: int, overwrite: bool) -> None:
                        out_dir=result.run_dir / "analysis")
         except TypeError as exc:  # analyze's options differ: say how to run it
             click.echo(f"  (run `fedseg analyze {result.run_dir}` yourself: {exc})")
+    if code:
+        raise SystemExit(code)
 
 
 COMMANDS: list[click.Command] = [run, clients, demo]
