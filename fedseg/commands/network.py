@@ -68,10 +68,18 @@ def up(config_path: Path | None, root: Path | None, statestore: str | None,
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Network folder.")
 def down(root: Path) -> None:
-    """Stop every process the network started (also after a crash)."""
+    """Stop every process the network started (also after a crash).
+
+    The network folder of a run (``RUN/network``): the run's clients, recorded in
+    ``RUN/clients/clients.json``, are stopped too (e.g. after ``kill -9`` of fedseg run).
+    """
+    from fedseg.orchestration.clients import CLIENTS_DIR, STATE_FILE, stop_clients
     from fedseg.orchestration.network import network_down
 
     stopped = network_down(root)
+    run_dir = root.resolve().parent
+    if (run_dir / "run.json").is_file() and (run_dir / CLIENTS_DIR / STATE_FILE).is_file():
+        stopped += [f"client {n}" for n in stop_clients(run_dir)]
     click.echo(f"stopped {', '.join(stopped) if stopped else 'nothing (all had exited)'}")
 
 
