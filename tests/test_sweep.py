@@ -21,7 +21,7 @@ from fedseg.orchestration.sweep import (
     point_experiment,
     run_sweep,
 )
-from fedseg_clinic.cases import Manifest, ManifestEntry, write_manifest
+from fedseg_clinic.cases import FORMAT_VERSION, Manifest, ManifestEntry, write_manifest
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
 
@@ -266,7 +266,8 @@ def test_real_tiny_sweep_through_fedn(tmp_path: Path) -> None:
     tests = Path(__file__).resolve().parent
     for client in ("c1", "c2"):
         (tmp_path / client).mkdir()
-        (tmp_path / client / "manifest.json").write_text("{}")
+        (tmp_path / client / "manifest.json").write_text(json.dumps(  # valid, empty
+            {"clinic": client, "cases": [], "format_version": FORMAT_VERSION}))
     doc = {
         "name": "toy", "seed": 3, "data": {"clinics": {"c1": "c1", "c2": "c2"}},
         "seed_builder": "toy_clinic_app:build_seed",
