@@ -234,6 +234,8 @@ class RoundReporter:
         self.dead_combiners = dead_combiners or (lambda: [])
         self.offset = offset
         self.earlier = list(earlier or [])
+        # Called after new rounds are written (the runner updates run.json there).
+        self.on_update: Callable[[], None] | None = None
         self.api = api_client
         self.session_id = session_id
         self.seed_model_id = seed_model_id
@@ -287,6 +289,8 @@ class RoundReporter:
                                        self.run_dir / MODELS_DIR / f"round-{info.index}.npz")
         write_rounds(self.run_dir, self.earlier + [r for r in log.records
                                                    if r.round in self.reported])
+        if new and self.on_update is not None:
+            self.on_update()
         for info in sorted(new, key=lambda r: r.index):
             if self.progress is not None:
                 self.progress(self.round_line(info, log))
@@ -484,6 +488,13 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
                                  dead_combiners=lambda: dead_combiners(state),
                                  offset=offset,
                                  earlier=resume.earlier_records if resume else None)
+
+        def round_reported() -> None:  # run.json follows the log: kill -9 loses nothing
+            assert reporter is not None
+            record_progress(reporter, info, resume.earlier_info if resume else None)
+            write_run_info(run_dir, info)
+
+        reporter.on_update = round_reported
         tic = time.monotonic()
         status = session.wait_session(api, session_id, session.session_timeout(exp.session),
                                       on_poll=reporter.poll)
@@ -658,6 +669,33 @@ def _clear_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
+def record_progress(reporter: RoundReporter, info: dict[str, Any],
+                    earlier: dict[str, Any] | None = None) -> None:
+    """Put what the reporter logged so far into run.json's ``info`` (in place).
+
+    Called after every reported round as well as at the end, so a run killed with
+    ``kill -9`` still leaves its rounds, model ids and failures on record. A resumed
+    run's record continues ``earlier`` (run.json before the interruption).
+    """
+    if reporter.log is None:
+        return
+    before = earlier or {}
+    kept = [f for f in before.get("failures", []) if f["round"] <= reporter.offset]
+    info["failures"] = kept + reporter.log.failures
+    info["model_ids"] = {**{k: v for k, v in (before.get("model_ids") or {}).items()
+                            if int(k) <= reporter.offset},
+                         **{str(k): v for k, v in sorted(reporter.model_ids.items())}}
+    info["rounds_done"] = reporter.offset + len(reporter.reported)
+    # Every round with its outcome: a round without a model is failed, with a cause.
+    info["rounds"] = [r for r in before.get("rounds", []) if r["round"] <= reporter.offset]
+    info["rounds"] += [{"round": r.index, "round_id": r.round_id, "status": r.status,
+                        "model_id": r.model_id or None,
+                        "failed": r.index in reporter.log.causes,
+                        "cause": reporter.log.causes.get(r.index)}
+                       for r in reporter.log.rounds if r.index in reporter.reported]
+    info["rounds_failed"] = sum(1 for r in info["rounds"] if r["failed"])
+
+
 def _cleanup(reporter: RoundReporter | None, info: dict[str, Any], run_dir: Path,
              clients_started: bool, own_network_root: Path | None,
              earlier: dict[str, Any] | None = None) -> None:
@@ -665,22 +703,8 @@ def _cleanup(reporter: RoundReporter | None, info: dict[str, Any], run_dir: Path
 
     A resumed run's record continues ``earlier`` (run.json before the interruption).
     """
-    if reporter is not None and reporter.log is not None:
-        before = earlier or {}
-        kept = [f for f in before.get("failures", []) if f["round"] <= reporter.offset]
-        info["failures"] = kept + reporter.log.failures
-        info["model_ids"] = {**{k: v for k, v in (before.get("model_ids") or {}).items()
-                                if int(k) <= reporter.offset},
-                             **{str(k): v for k, v in sorted(reporter.model_ids.items())}}
-        info["rounds_done"] = reporter.offset + len(reporter.reported)
-        # Every round with its outcome: a round without a model is failed, with a cause.
-        info["rounds"] = [r for r in before.get("rounds", []) if r["round"] <= reporter.offset]
-        info["rounds"] += [{"round": r.index, "round_id": r.round_id, "status": r.status,
-                            "model_id": r.model_id or None,
-                            "failed": r.index in reporter.log.causes,
-                            "cause": reporter.log.causes.get(r.index)}
-                           for r in reporter.log.rounds if r.index in reporter.reported]
-        info["rounds_failed"] = sum(1 for r in info["rounds"] if r["failed"])
+    if reporter is not None:
+        record_progress(reporter, info, earlier)
     if clients_started:
         clients_mod.stop_clients(run_dir)
     if own_network_root is not None:
