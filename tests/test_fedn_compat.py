@@ -443,6 +443,12 @@ forged = jwt.encode({"role": "admin", "iat": now}, "x" * 64, "HS256")
 client_role = jwt.encode({"role": "client", "iat": now}, secret, "HS256")
 admin = jwt.encode({"role": "admin", "iat": now, "exp": now + 60}, secret, "HS256")
 out = {"upstream_open": fedn_compat.unprotected_endpoints(app), "before": probe({})}
+bare = {"Authorization": "Bearer"}
+out["bare_before"] = client.post("/api/v1/clients/add", json={}, headers=bare).status_code
+fedn_compat.refuse_empty_bearer(app)
+fedn_compat.refuse_empty_bearer(app)  # idempotent
+out["bare_after"] = client.post("/api/v1/clients/add", json={}, headers=bare).status_code
+out["hooks"] = len(app.before_request_funcs.get(None, []))
 out["guarded"] = fedn_compat.require_token_everywhere(app)
 out["after_open"] = fedn_compat.unprotected_endpoints(app)
 for name, token in (("none", None), ("expired", expired), ("forged", forged),
@@ -452,7 +458,7 @@ print(json.dumps(out))
 """
 
 
-def test_bug14_graphql_and_metrics_list_need_a_token(tmp_path: Path) -> None:
+def test_bugs14_17_graphql_metrics_list_and_bare_bearer(tmp_path: Path) -> None:
     """Upstream: both routes answer without a token; the fix refuses missing, expired,
     forged and client-role tokens there (401) and lets an admin token through."""
     import json
@@ -478,6 +484,8 @@ def test_bug14_graphql_and_metrics_list_need_a_token(tmp_path: Path) -> None:
         assert out[refused]["health"] == 200
     assert out["admin"]["graphql"] == 200
     assert out["admin"]["metrics_list"] != 401  # reaches the route (no store here: 500)
+    # Bug 17: "Bearer" without a token crashed fedn's decorator (500); now 401.
+    assert out["bare_before"] == 500 and out["bare_after"] == 401 and out["hooks"] == 1
 
 
 # --- bugs 15 and 16: gRPC tokens ----------------------------------------------------------

@@ -425,6 +425,30 @@ def require_token_everywhere(app: Any, role: str = "admin") -> list[str]:
     return [e for e in guarded if hasattr(app.view_functions[e], "__wrapped__")]
 
 
+# --- bug 17 ------------------------------------------------------------------------------
+
+def refuse_empty_bearer(app: Any) -> None:
+    """Answer 401 (not 500) to an Authorization header that holds the scheme alone.
+
+    Symptom (bug 17, found here): a client started without a token sends
+    "Authorization: Bearer " (requests strips the trailing space); fedn's
+    ``jwt_auth_required`` does ``token.split(" ")[1]`` -> IndexError -> HTTP 500, and
+    fedn's ``connect_to_api`` has no branch for 500, so it returns None and the client
+    dies with "cannot unpack non-iterable NoneType object" instead of "Unauthorized".
+    """
+    from flask import jsonify, request
+
+    def _empty_bearer() -> Any:
+        header = request.headers.get("Authorization")
+        if header is not None and len(header.strip().split()) < 2:
+            return jsonify({"message": "Missing token"}), 401
+        return None
+
+    hooks = app.before_request_funcs.setdefault(None, [])
+    if _empty_bearer.__name__ not in {f.__name__ for f in hooks}:
+        hooks.insert(0, _empty_bearer)  # before fedn's own hooks (the same list Flask uses)
+
+
 # --- bug 15 ------------------------------------------------------------------------------
 
 def attach_grpc_token() -> None:

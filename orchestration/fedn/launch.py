@@ -48,6 +48,7 @@ def run_api(workers: int) -> None:
 
     fedn_compat.install_client_add_alias(server.app)
     fedn_compat.require_token_everywhere(server.app)  # bug 14
+    fedn_compat.refuse_empty_bearer(server.app)  # bug 17
     server.start_server_api()
 
 
