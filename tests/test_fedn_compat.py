@@ -498,26 +498,34 @@ def _jwt(secret: str, role: str, lifetime_s: int = 60) -> str:
 
 
 def _grpc_server_with_fedn_auth() -> tuple[object, int]:
-    """A real gRPC server with fedn's JWTInterceptor and one fedn method (bytes in/out)."""
+    """A real gRPC server with fedn's JWTInterceptor and two fedn methods (bytes in/out)."""
     from concurrent import futures
 
     from fedn.network.grpc.auth import JWTInterceptor
 
-    handler = grpc.method_handlers_generic_handler("fedn.Connector", {
-        "SendHeartbeat": grpc.unary_unary_rpc_method_handler(lambda request, _ctx: b"ok")})
+    echo = grpc.unary_unary_rpc_method_handler(lambda request, _ctx: b"ok")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
                          interceptors=[JWTInterceptor()])
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler("fedn.Connector", {"SendHeartbeat": echo}),
+        grpc.method_handlers_generic_handler("fedn.Control", {"Start": echo})))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
 
 
-def _call(port: int, metadata: list[tuple[str, str]], user_agent: str | None = None) -> str:
-    """Call /fedn.Connector/SendHeartbeat; "OK" or the status code's name."""
+def _call(port: int, metadata: list[tuple[str, str]], user_agent: str | None = None,
+          method: str = "/fedn.Connector/SendHeartbeat", channel: object = None) -> str:
+    """Call a method; "OK" or the status code's name."""
     options = [("grpc.primary_user_agent", user_agent)] if user_agent else []
+    if channel is not None:
+        try:
+            channel.unary_unary(method)(b"x", metadata=metadata, timeout=10)  # type: ignore
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return "OK"
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-        call = channel.unary_unary("/fedn.Connector/SendHeartbeat")
+        call = channel.unary_unary(method)
         try:
             call(b"x", metadata=metadata, timeout=10)
         except grpc.RpcError as exc:
@@ -581,5 +589,39 @@ def test_bug15_grpc_token_only_sent_on_tls(monkeypatch: pytest.MonkeyPatch) -> N
         assert [v for k, v in fixed.metadata if k == "authorization"] == [f"Bearer {token}"]
         assert _call(port, fixed.metadata) == "OK"
         fixed.channel.close()
+    finally:
+        server.stop(0)
+
+
+def test_bug18_controller_methods_open_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upstream: Control/Start (and the other controller methods) need no token at a
+    combiner that checks tokens; closed, they need the API server's controller token,
+    which the patched fedn Channel sends on every call."""
+    import secrets as secrets_module
+
+    from fedn.network.combiner import interfaces
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    secret = secrets_module.token_hex(32)
+    start = "/fedn.Control/Start"
+    monkeypatch.setattr(fedn_grpc_auth, "SECRET_KEY", secret)
+    monkeypatch.setattr(fedn_grpc_auth, "ENDPOINT_WHITELIST",
+                        list(fedn_grpc_auth.ENDPOINT_WHITELIST))
+    monkeypatch.setattr(interfaces.Channel, "__init__", interfaces.Channel.__init__)
+    server, port = _grpc_server_with_fedn_auth()
+    try:
+        assert _call(port, [], method=start) == "OK"  # the upstream bug
+        removed = fedn_compat.close_controller_whitelist()
+        assert sorted(removed) == sorted(fedn_compat.CONTROLLER_METHODS)
+        assert _call(port, [], method=start) == "UNAUTHENTICATED"
+        bearer = lambda token: [("authorization", f"Bearer {token}")]  # noqa: E731
+        assert _call(port, bearer(_jwt(secret, "client")), method=start) == "PERMISSION_DENIED"
+        assert _call(port, bearer(_jwt(secret, "controller", -10)),
+                     method=start) == "UNAUTHENTICATED"
+        unsigned = interfaces.Channel("127.0.0.1", port).get_channel()
+        assert _call(port, [], method=start, channel=unsigned) == "UNAUTHENTICATED"
+        fedn_compat.sign_controller_calls()
+        signed = interfaces.Channel("127.0.0.1", port).get_channel()
+        assert _call(port, [], method=start, channel=signed) == "OK"
     finally:
         server.stop(0)

@@ -429,6 +429,20 @@ def _grpc_status(combiner: CombinerState, token: str | None,
     return "OK"
 
 
+def _grpc_control_status(combiner: CombinerState, token: str | None) -> str:
+    import fedn.network.grpc.fedn_pb2 as fedn_pb2
+    import fedn.network.grpc.fedn_pb2_grpc as fedn_rpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(f"{combiner.host}:{combiner.port}") as channel:
+        try:
+            fedn_rpc.ControlStub(channel).Stop(fedn_pb2.ControlRequest(), metadata=metadata,
+                                               timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
+
+
 def test_network_is_closed_by_default(tmp_path: Path) -> None:
     config = NetworkConfig.default(tmp_path / "net")
     assert config.auth and config.token_lifetime_s == 24 * 3600
@@ -461,6 +475,10 @@ def test_every_route_class_refuses_missing_wrong_and_expired_tokens(
         assert _grpc_status(combiner, None, user_agent="grpc_health_probe") == "UNAUTHENTICATED"
         assert _grpc_status(combiner, admin["valid"]) == "PERMISSION_DENIED"
         assert _grpc_status(combiner, client["valid"]) == "OK"
+        # The Control service (start/stop rounds): the API server's controller token only.
+        for kind in ("none", "forged", "expired", "valid"):
+            code = _grpc_control_status(combiner, client[kind])
+            assert code in ("UNAUTHENTICATED", "PERMISSION_DENIED"), (kind, code)
 
 
 @net

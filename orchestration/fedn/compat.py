@@ -23,6 +23,15 @@ for. The list:
    source is longer): :func:`create_schema` widens them.
 9. (found here) A combiner restarted on a kept store keeps its first address and
    port: :func:`sync_combiner_registry` before the combiners start.
+10-13. Round bookkeeping with several combiners (see docs/network.md).
+14. (found here) GraphQL and metrics/list answer without a token:
+   :func:`require_token_everywhere`.
+15. (found here) Clients send their token on TLS channels only: :func:`attach_grpc_token`.
+16. (found here) The "grpc_health_probe" user agent skips the gRPC token check:
+   :func:`install_grpc_auth_guard`.
+17. (found here) "Bearer" without a token -> HTTP 500: :func:`refuse_empty_bearer`.
+18. (found here) The controller's calls to the combiners are whitelisted (no token):
+   :func:`sign_controller_calls` and :func:`close_controller_whitelist`.
 Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
    :func:`bind_api_server` and :func:`bind_grpc_servers` make them listen on
    127.0.0.1 only.
@@ -30,9 +39,11 @@ Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
+import time
 from datetime import datetime
 from importlib import metadata
 from typing import Any
@@ -526,6 +537,94 @@ def install_grpc_auth_guard() -> None:
         return original(*args, interceptors=interceptors, **kwargs)
 
     grpc.server = server
+
+
+# --- bug 18 ------------------------------------------------------------------------------
+
+#: Lifetime of the token the API server mints for each of its calls to a combiner.
+CONTROLLER_TOKEN_S = 300
+#: Combiner methods fedn 0.33.0 lets through without a token (its ENDPOINT_WHITELIST).
+CONTROLLER_METHODS = (
+    "/fedn.Connector/AcceptingClients", "/fedn.Connector/ListActiveClients",
+    "/fedn.Control/Start", "/fedn.Control/Stop", "/fedn.Control/FlushAggregationQueue",
+    "/fedn.Control/SetAggregator", "/fedn.Control/SetServerFunctions")
+
+
+class _ControllerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds a freshly minted "controller" token to every call of the API server."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def _details(self, details: Any) -> Any:
+        import jwt
+
+        now = int(time.time())
+        token = jwt.encode({"role": "controller", "sub": "fedn-api", "iat": now,
+                            "exp": now + CONTROLLER_TOKEN_S}, self._secret, algorithm="HS256")
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+class _CallDetails(
+        collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    """grpc.ClientCallDetails with replaced metadata."""
+
+
+def sign_controller_calls() -> None:
+    """API server: send a "controller" token on every call to a combiner (bug 18).
+
+    Patches ``fedn.network.combiner.interfaces.Channel`` so its channel carries
+    :class:`_ControllerToken`. No-op without FEDN_JWT_SECRET_KEY.
+    """
+    from fedn.network.combiner import interfaces
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    secret = fedn_grpc_auth.SECRET_KEY
+    if not secret:
+        return
+    original = getattr(interfaces.Channel.__init__, "__wrapped__", interfaces.Channel.__init__)
+
+    def __init__(self: Any, address: str, port: int, certificate: Any = None) -> None:
+        original(self, address, port, certificate)
+        self.channel = grpc.intercept_channel(self.channel, _ControllerToken(str(secret)))
+
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    interfaces.Channel.__init__ = __init__
+
+
+def close_controller_whitelist() -> list[str]:
+    """Combiner: check tokens on the methods fedn whitelists (bug 18).
+
+    Symptom (bug 18, found here): fedn's controller calls the combiners' Control
+    service (Start, Stop, SetAggregator, SetServerFunctions, FlushAggregationQueue) and
+    Connector.AcceptingClients/ListActiveClients without a token, so fedn's
+    ``JWTInterceptor`` lets these methods through for anybody: any local process could
+    start or stop rounds, swap the aggregator or server functions, or list the clients.
+    With :func:`sign_controller_calls` in the API server, they are taken off the
+    whitelist; Control methods need role "controller" (fedn's own role mapping).
+
+    Returns:
+        The methods taken off the whitelist.
+    """
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    if not fedn_grpc_auth.SECRET_KEY:
+        return []
+    removed = [m for m in fedn_grpc_auth.ENDPOINT_WHITELIST if m in CONTROLLER_METHODS]
+    fedn_grpc_auth.ENDPOINT_WHITELIST[:] = [m for m in fedn_grpc_auth.ENDPOINT_WHITELIST
+                                            if m not in CONTROLLER_METHODS]
+    return removed
 
 
 # --- bug 5 -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def run_api(workers: int) -> None:
     fedn_compat.bound_report_wait()
     fedn_compat.skip_unavailable_combiners()
     fedn_compat.bind_api_server(HOST, workers)
+    fedn_compat.sign_controller_calls()  # bug 18
     fedn_compat.shorten_round_polling()
     from fedn.network.api import server
 
@@ -60,6 +61,7 @@ def run_combiner(name: str, port: int, max_clients: int) -> None:
     fedn_compat.merge_round_combiners()
     fedn_compat.bind_grpc_servers(HOST)
     fedn_compat.install_grpc_auth_guard()  # bug 16; after the binding wrapper
+    fedn_compat.close_controller_whitelist()  # bug 18
     fedn_compat.shorten_round_polling()
     from fedn.cli import main as fedn_main
 
