@@ -3,7 +3,8 @@
 Every client gets its own folder ``<root>/clients/<name>/`` holding:
 
 - ``work/``: the process's working directory (fedn extracts packages here);
-- ``state/``: FEDSEG_STATE_DIR (the privacy ledger lives here and survives restarts);
+- ``state/``: FEDSEG_STATE_DIR (predictions, kept updates; the privacy ledger is not
+  here: it lives with the clinic's data, see fedseg_clinic.privacy.ledger);
 - ``client.log``: its stdout and stderr;
 - ``ready.json``: written by the callback client once it is connected.
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
-from fedseg_clinic.organs import ORGANS
+from fedseg_clinic.organs import ALL_ORGANS, OrganSet
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -106,7 +106,7 @@ class CaseMeta:
             raise FedsegError(
                 f"{where}: case format version {meta.format_version}, expected {FORMAT_VERSION}"
             )
-        unknown = [o for o in meta.labelled_organs if o not in ORGANS]
+        unknown = [o for o in meta.labelled_organs if o not in ALL_ORGANS]
         if unknown:
             raise FedsegError(f"{where}: unknown organ name(s) {', '.join(unknown)}")
         return meta
@@ -134,7 +134,7 @@ def _check_case(case: Case) -> None:
             f"case {case.meta.case_id}: sidecar shape {case.meta.shape} != image shape {shape}"
         )
     for organ, mask in case.masks.items():
-        if organ not in ORGANS:
+        if organ not in ALL_ORGANS:
             raise FedsegError(f"case {case.meta.case_id}: unknown organ {organ!r}")
         if tuple(mask.shape) != shape:
             raise FedsegError(
@@ -305,3 +305,26 @@ def assign_splits(case_ids: Sequence[str], val_fraction: float, seed: int) -> di
     return {cid: ("val" if cid in val else "train") for cid in ids}
 
 
+def check_organ_set(cases_dir: Path, organs: OrganSet) -> None:
+    """Refuse a clinic folder whose data belong to another organ set than ``organs``.
+
+    The manifest's ``extra.organ_set`` (written by the importer and the phantom
+    generator) must be ``organs``; folders written before organ sets existed have none,
+    and then every case's labelled organs must lie in the set.
+
+    Raises:
+        FedsegError: one line naming the folder, both sets, and the foreign organs.
+    """
+    manifest = read_manifest(cases_dir)
+    record = manifest.extra.get("organ_set")
+    if record is not None:
+        organs.check_record(record, f"clinic data {cases_dir}")
+        return
+    foreign = sorted({o for entry in manifest.cases for o in entry.labelled_organs
+                      if o not in organs.organs})
+    if foreign:
+        raise FedsegError(
+            f"clinic data {cases_dir}: labels organ(s) {', '.join(foreign)}, which are not in "
+            f"organ set {organs.key} ({', '.join(organs.organs)}); use data and models of "
+            "one organ set"
+        )

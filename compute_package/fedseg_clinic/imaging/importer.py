@@ -60,7 +60,7 @@ from fedseg_clinic.imaging.rtstruct import (
 )
 from fedseg_clinic.imaging.series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
 from fedseg_clinic.io import atomic_write_text
-from fedseg_clinic.organs import AliasTable
+from fedseg_clinic.organs import DEFAULT_ORGAN_SET, AliasTable, organ_set
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class ImportOptions:
         labelmap_globs: file-name patterns of label map files (NIfTI/NRRD) to use.
         series_uids: CT series to keep where a patient study has several.
         salt: pseudonym salt; None reads or creates ``CASES_DIR/.pseudonym-salt``.
+        organ_set: the organ set (organs.ORGAN_SETS) the clinic's cases are labelled
+            for; ROIs of organs outside it are reported and not imported, and the
+            manifest records the set.
     """
 
     clinic: str = "clinic"
@@ -97,6 +100,7 @@ class ImportOptions:
     labelmap_globs: tuple[str, ...] = DEFAULT_LABELMAP_GLOBS
     series_uids: tuple[str, ...] = ()
     salt: str | None = None
+    organ_set: str = DEFAULT_ORGAN_SET
 
 
 @dataclasses.dataclass
@@ -165,6 +169,7 @@ def _check_options(options: ImportOptions) -> None:
         raise FedsegError(f"spacing must be three positive numbers (z y x), got {options.spacing}")
     if not options.clinic.strip():
         raise FedsegError("clinic name must not be empty")
+    organ_set(options.organ_set)  # an unknown name is refused before any work
 
 
 def load_salt(out: Path) -> str:
@@ -238,6 +243,7 @@ def _organ_masks(
     aliases: AliasTable,
     report: ImportReport,
     case_id: str,
+    organs: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
     """Rasterise every label source; returns masks, unmapped names, ROI name -> organ."""
     masks: dict[str, np.ndarray] = {}
@@ -251,6 +257,12 @@ def _organ_masks(
                 unmapped.append(name)
             report.warn(f"{where}: {case_id}: ROI {name!r} maps to no organ (add it to an "
                         "alias table with --aliases); not imported")
+            return
+        if organs is not None and organ not in organs:
+            if name not in unmapped:
+                unmapped.append(name)
+            report.warn(f"{where}: {case_id}: ROI {name!r} ({organ}) is not in the organ "
+                        "set (--organ-set); not imported")
             return
         mapping[name] = organ
         if not mask.any():
@@ -307,7 +319,8 @@ def _import_patient(
                               f"({series.files[0].parent})")
         labelmaps.append(lm)
     masks, unmapped, mapping = _organ_masks(series, structure_sets, segs, labelmaps,
-                                            options.aliases, report, patient.case_id)
+                                            options.aliases, report, patient.case_id,
+                                            organ_set(options.organ_set).organs)
     hu = series.hu
     geometry = series.geometry
     extra: dict[str, object] = {
@@ -381,6 +394,7 @@ def _write_manifest(out: Path, options: ImportOptions, report: ImportReport) -> 
             "spacing": list(options.spacing) if options.spacing else None,
             "hu_clip": list(options.hu_clip),
             "crop": options.crop,
+            "organ_set": organ_set(options.organ_set).to_json(),
         },
     )
     report.manifest = write_manifest(manifest, out)
