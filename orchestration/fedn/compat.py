@@ -101,6 +101,16 @@ BUGS: tuple[FednBug, ...] = (
             "bound_report_wait()"),
     FednBug(13, "a combiner that does not answer ends the session thread (AttributeError)",
             "skip_unavailable_combiners()"),
+    FednBug(14, "with auth on, POST /api/v1/graphql and /api/v1/metrics/list need no token",
+            "require_token_everywhere() on the API app"),
+    FednBug(15, "clients send their token on TLS channels only: plain local calls refused",
+            "attach_grpc_token() in client processes"),
+    FednBug(16, "user agent 'grpc_health_probe' skips the combiners' token check",
+            "install_grpc_auth_guard() in combiners"),
+    FednBug(17, "'Authorization: Bearer' without a token -> HTTP 500 (client TypeError)",
+            "refuse_empty_bearer() on the API app"),
+    FednBug(18, "the controller's Control/Connector calls are whitelisted: no token needed",
+            "sign_controller_calls() (API) and close_controller_whitelist() (combiners)"),
 )
 
 
