@@ -76,6 +76,7 @@ def run_client(init: str) -> None:
     The token is in FILE (mode 0600), never on the command line, and is attached to
     every gRPC call on the plain local channel (bug 15).
     """
+    fedn_compat.check_fedn_version()
     fedn_compat.attach_grpc_token()
     from fedn.cli import main as fedn_main
 
