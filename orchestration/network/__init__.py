@@ -487,6 +487,7 @@ def network_up(config: NetworkConfig) -> NetworkState:
     except BaseException:
         for record in reversed(started):
             ports.stop(record)
+        (root / SECRET_FILE).unlink(missing_ok=True)  # no network: no valid tokens
         raise
     logger.info("network up in %s after %.1f s", root, time.monotonic() - t0)
     return state
