@@ -111,6 +111,23 @@ def test_round_time_parts_hand_computed(tmp_path: Path) -> None:
     np.testing.assert_allclose(total, [20.0, 4.0])
 
 
+def test_round_time_parts_do_not_overlap_with_fedn_s_combiner_times(tmp_path: Path) -> None:
+    """fedn's exec-training time contains the client training and the aggregation."""
+    rows = [(1, "global", "round_seconds", 30.0),
+            (1, "global", "round_exec_training_seconds", 20.0),
+            (1, "global", "round_combination_seconds", 2.0),
+            (1, "a", "train_seconds", 12.0), (1, "b", "train_seconds", 15.0),
+            (1, "a", "validate_seconds", 4.0), (1, "b", "validate_seconds", 5.0)]
+    run = summary.load_run(make_run(tmp_path / "t", rows))
+    parts, total = plots.round_time_parts(run)
+    assert set(parts) == {"training", "aggregation", "combiner other", "validation",
+                          "waiting/overhead"}
+    np.testing.assert_allclose(parts["combiner other"], [20.0 - 15.0 - 2.0])
+    np.testing.assert_allclose(parts["waiting/overhead"], [30.0 - 20.0 - 5.0])
+    # Stacked, the bars add up to the round's wall time.
+    np.testing.assert_allclose(sum(parts.values()), total)
+
+
 def test_figures_of_a_log_without_metrics(tmp_path: Path) -> None:
     run = summary.load_run(make_run(tmp_path / "bare", [(1, "global", "round_seconds", 3.0)]))
     for fig in (plots.plot_dice(run, 0.5), plots.plot_losses(run), plots.plot_epsilon(run),
