@@ -55,6 +55,7 @@ from fedseg_clinic.tf_env import tf
 
 logger = logging.getLogger(__name__)
 
+
 class ClinicApp:
     """A clinic's train / validate / predict on its local cases.
 
