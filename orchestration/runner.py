@@ -326,6 +326,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         names = list(data_dirs)
         say(f"data: {len(names)} clinics ({', '.join(names)})")
         info["organ_set"] = check_data_organ_set(exp, data_dirs).to_json()
+        # Model export reads the clinics' manifests (import spacing) from here.
+        info["clinic_data"] = {n: str(Path(d).resolve()) for n, d in data_dirs.items()}
         seed_path = run_dir / "seed.npz"
         builder = resolve_callable(exp.seed_builder, "seed_builder")
         step("seed", lambda: builder(dict(exp.model), seed_path, seed=exp.seed))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
+import json
 import logging
 import os
 from pathlib import Path
@@ -286,6 +287,25 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
     return cases
 
 
+def _label_table(path: Path) -> dict[int, str] | None:
+    """Names of a label map's values from ``<stem>.json`` beside it (``{"labels": {"1":
+    "brainstem", ...}}``, what ``fedseg predict --format nifti`` writes), or None."""
+    table_path = path.with_name(_stem_of(path) + ".json")
+    if not table_path.is_file():
+        return None
+    try:
+        labels = json.loads(table_path.read_text())["labels"]
+        return {int(value): str(name) for value, name in labels.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FedsegError(f"{table_path}: malformed label table ({type(exc).__name__}: "
+                          f"{exc}); expected {{\"labels\": {{\"1\": \"name\", ...}}}}") from None
+
+
+def _stem_of(path: Path) -> str:
+    suffix = _suffix(path) or path.suffix
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
 def _same_grid(lm: LabelMap, volume: Volume) -> bool:
     """True when a label file's voxels are the CT's voxels (no resampling happens)."""
     _, geometry, _ = canonical_grid(np.zeros(lm.labels.shape, np.uint8), lm.affine, lm.path)
@@ -348,6 +368,7 @@ def _import_volume_case(found: VolumeCase, key: str, out: Path, options: ImportO
             raise FedsegError(f"{path}: label map does not overlap its CT {found.ct.name}")
         if not _same_grid(lm, volume):
             resampled.append(path.name)
+        lm.names = _label_table(path) or lm.names
         grid = labelmap_to_grid(lm, volume.geometry)
         for value, name in sorted(lm.names.items()):
             add(name, grid == value, path)
