@@ -19,7 +19,6 @@ from fedseg_clinic.imaging.volumes import (
     canonical_grid,
     find_volume_cases,
     import_volume_clinic,
-    read_volume,
 )
 
 # OpenKBP's affine: i anterior->posterior, j right->left, k superior->inferior (RAS form).

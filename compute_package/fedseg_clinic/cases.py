@@ -31,12 +31,12 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.io import atomic_write_text, default_dir_mode
+from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
 from fedseg_clinic.organs import ALL_ORGANS, OrganSet
 
 FORMAT_VERSION = 1
@@ -147,6 +147,17 @@ def _check_case(case: Case) -> None:
         )
 
 
+#: Modes of what holds patient data (CT, masks, sidecars, manifest, salt): owner only.
+PRIVATE_FILE_MODE = PRIVATE_FILE
+PRIVATE_DIR_MODE = PRIVATE_DIR
+
+
+def _private_file(path: Path) -> BinaryIO:
+    """Open a new file for writing with mode 0600 from the start (no readable window)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
 def write_case(case: Case, cases_dir: Path, overwrite: bool = False) -> Path:
     """Write one case atomically to ``cases_dir/<case_id>/`` and return that folder."""
     _check_case(case)
@@ -154,14 +165,17 @@ def write_case(case: Case, cases_dir: Path, overwrite: bool = False) -> Path:
     final = cases_dir / case.meta.case_id
     if final.exists() and not overwrite:
         raise FedsegError(f"{final}: case already exists (use overwrite)")
+    # mkdtemp makes the folder 0700: patient data stays readable by its owner only.
     tmp = Path(tempfile.mkdtemp(prefix=f".{case.meta.case_id}.", dir=cases_dir))
     try:
-        os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700; a case folder is plain
-        np.save(tmp / IMAGE_NAME, np.ascontiguousarray(case.image, dtype=np.int16))
-        np.savez_compressed(
-            tmp / MASKS_NAME, **{k: np.asarray(v, dtype=bool) for k, v in case.masks.items()}
-        )
-        (tmp / CASE_META_NAME).write_text(json.dumps(case.meta.to_json(), indent=2))
+        with _private_file(tmp / IMAGE_NAME) as handle:
+            np.save(handle, np.ascontiguousarray(case.image, dtype=np.int16))
+        with _private_file(tmp / MASKS_NAME) as handle:
+            np.savez_compressed(
+                handle, **{k: np.asarray(v, dtype=bool) for k, v in case.masks.items()}
+            )
+        with _private_file(tmp / CASE_META_NAME) as handle:
+            handle.write(json.dumps(case.meta.to_json(), indent=2).encode("utf-8"))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -227,7 +241,7 @@ def write_manifest(manifest: Manifest, cases_dir: Path) -> Path:
     """Write ``cases_dir/manifest.json`` atomically."""
     path = cases_dir / MANIFEST_NAME
     data = json.loads(json.dumps(dataclasses.asdict(manifest)))
-    atomic_write_text(path, json.dumps(data, indent=2))
+    atomic_write_text(path, json.dumps(data, indent=2), mode=PRIVATE_FILE_MODE)
     return path
 
 

@@ -51,10 +51,10 @@ def import_command(
     segmentations/ folder of one mask per structure or a *seg*/*label* label map (SRC
     may also be one such CT file).
     """
+    from fedseg_clinic.errors import FedsegError
     from fedseg_clinic.imaging.importer import DEFAULT_LABELMAP_GLOBS, ImportOptions, import_clinic
     from fedseg_clinic.imaging.volumes import find_volume_cases, import_volume_clinic
     from fedseg_clinic.organs import AliasTable
-    from fedseg_clinic.errors import FedsegError
 
     options = ImportOptions(
         clinic=clinic,

@@ -23,12 +23,15 @@ import hashlib
 import logging
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from fedseg_clinic.cases import (
     CASE_META_NAME,
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
     Case,
     CaseMeta,
     Manifest,
@@ -180,7 +183,7 @@ def load_salt(out: Path) -> str:
         if salt:
             return salt
     salt = secrets.token_hex(16)
-    atomic_write_text(path, salt + "\n")
+    atomic_write_text(path, salt + "\n", mode=PRIVATE_FILE_MODE)
     return salt
 
 
@@ -412,6 +415,14 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
     Raises:
         FedsegError: for bad options, an unreadable ``src`` or no CT series at all.
     """
+    with warnings.catch_warnings():
+        # pydicom warns (multi-line, on stderr) about values like 'NaN' in a DS element;
+        # we check those values ourselves and report them as one line naming the file.
+        warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
+        return _import_clinic(src, out, options)
+
+
+def _import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
     _check_options(options)
     scan = scan_folder(src, exclude=[out])
     report = ImportReport()
@@ -419,9 +430,14 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
         report.warn(f"{path}: skipped: {reason}")
     series_files = scan.series_files()
     if not series_files:
-        raise FedsegError(f"{src}: no CT series found ({len(scan.dicom)} DICOM files, "
-                          f"{len(scan.skipped)} unreadable)")
+        raise FedsegError(f"{src}: no CT series found ({len(scan.dicom)} usable DICOM "
+                          f"file(s){_skipped_summary(scan.skipped)})")
     out.mkdir(parents=True, exist_ok=True)
+    # The clinic folder holds CT data and the pseudonym salt: its owner only.
+    os.chmod(out, PRIVATE_DIR_MODE)
+    salt_path = out / SALT_NAME
+    if salt_path.exists():
+        os.chmod(salt_path, PRIVATE_FILE_MODE)  # tighten a salt written by older versions
     salt = options.salt if options.salt is not None else load_salt(out)
     patients = _group_patients(scan, salt)
 
@@ -499,7 +515,7 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
     for patient in patients.values():
         if patient.key in broken:
             report.error(f"{patient.case_id}: not imported: its label file {broken[patient.key]} "
-                         "is unreadable")
+                         "was refused (error above)")
             report.failed.append(patient.case_id)
             continue
         chosen = patient.series
@@ -528,6 +544,20 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
         logger.info("imported %s from series %s", case_id, uid)
     _write_manifest(out, options, report)
     return report
+
+
+def _skipped_summary(skipped: list[tuple[Path, str]]) -> str:
+    """", N skipped: REASON (FILE, ...)" per reason, for a one-line error; "" if none."""
+    if not skipped:
+        return ""
+    by_reason: dict[str, list[Path]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path)
+    parts = []
+    for reason, paths in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+        parts.append(f"{len(paths)} {reason}: {paths[0]}{more}")
+    return f", {len(skipped)} skipped: " + "; ".join(parts)
 
 
 def _overlaps(lm: LabelMap, uid: str, series_files: dict[str, list[DicomFile]]) -> bool:

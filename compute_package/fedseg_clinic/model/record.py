@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.model.unet import UNetConfig
 from fedseg_clinic.organs import OrganSet, organ_set
 

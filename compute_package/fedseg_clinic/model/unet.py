@@ -25,6 +25,7 @@ import numpy as np
 
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.organs import THORAX, OrganSet, organ_set
+from fedseg_clinic.settings import TRAINABLE_SUBSETS
 from fedseg_clinic.tf_env import keras
 
 # The thorax set's class count and paint order (code written before organ sets).
@@ -278,3 +279,52 @@ def class_known(labelled_organs: Iterable[str], organs: OrganSet = THORAX) -> np
     for organ in labelled_organs:
         known[organs.class_index(organ)] = 1.0
     return known
+
+
+# Trainable subsets for parameter-efficient DP fine-tuning (see dp_sgd): DP noise grows
+# with sqrt(trained parameters), so fine-tuning a few from a public-pretrained seed keeps
+# the signal (Yu et al. 2022; Bu et al., DP-BiTFiT: biases; normalisation scale/offset).
+
+
+def _is_norm_or_bias(variable: Any) -> bool:
+    leaf = variable.name.split("/")[-1].split(":")[0]
+    return leaf in ("gamma", "beta", "bias")
+
+
+def trainable_subset(model: keras.Model, subset: str) -> list[Any]:
+    """The variables a training ``subset`` updates, in ``model.trainable_variables`` order.
+
+    Subsets: ``all``; ``norm_bias`` (every GroupNorm scale/offset and every bias);
+    ``head`` (the final 1x1x1 convolution); ``norm_bias_head`` (both); ``decoder_last``
+    (the full-resolution decoder block and the head).
+
+    Raises:
+        FedsegError: unknown subset, or one that selects nothing in this model.
+    """
+    if subset not in TRAINABLE_SUBSETS:
+        raise FedsegError(f"trainable subset {subset!r} unknown (choose from "
+                          f"{', '.join(TRAINABLE_SUBSETS)})")
+
+    def layer_of(variable: Any) -> str:
+        return variable.name.split("/")[0]
+
+    variables = list(model.trainable_variables)
+    if subset == "all":
+        chosen = variables
+    elif subset == "norm_bias":
+        chosen = [v for v in variables if _is_norm_or_bias(v)]
+    elif subset == "head":
+        chosen = [v for v in variables if layer_of(v) == "head"]
+    elif subset == "norm_bias_head":
+        chosen = [v for v in variables if _is_norm_or_bias(v) or layer_of(v) == "head"]
+    else:  # decoder_last
+        chosen = [v for v in variables
+                  if layer_of(v) == "head" or layer_of(v).startswith("dec0_")]
+    if not chosen:
+        raise FedsegError(f"trainable subset {subset!r} selects no weights of this model")
+    return chosen
+
+
+def count_parameters(variables: Iterable[Any]) -> int:
+    """Number of scalar parameters in ``variables``."""
+    return int(sum(int(np.prod(v.shape)) for v in variables))
