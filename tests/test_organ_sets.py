@@ -189,3 +189,16 @@ def test_clinic_trains_head_neck_and_refuses_a_thorax_server(
     with pytest.raises(FedsegError, match="thorax@v1"):
         ClinicApp(load_settings(env_thorax))
     json.dumps(metrics)  # the metrics travel as JSON
+
+
+def test_round_log_summary_follows_the_run_organ_set(tmp_path: Path) -> None:
+    from fedseg.analysis.summary import load_run, organ_names, summarize_run
+    from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
+
+    write_run_info(tmp_path, {"name": "hn", "organ_set": HEAD_NECK.to_json()})
+    write_rounds(tmp_path, [RoundRecord(1, "c", f"val_dice_{o}", 0.5)
+                            for o in ("mandible", "brainstem", "parotid_left")]
+                 + [RoundRecord(1, "c", "val_dice_mean", 0.5)])
+    run = load_run(tmp_path)
+    assert organ_names(run) == ["brainstem", "parotid_left", "mandible"]  # the set's order
+    assert summarize_run(run)["organ_set"] == "head_neck@v1"
