@@ -202,3 +202,26 @@ def test_round_log_summary_follows_the_run_organ_set(tmp_path: Path) -> None:
     run = load_run(tmp_path)
     assert organ_names(run) == ["brainstem", "parotid_left", "mandible"]  # the set's order
     assert summarize_run(run)["organ_set"] == "head_neck@v1"
+
+
+def test_dicom_import_keeps_only_the_chosen_set(shared_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fedseg_clinic.cases import read_case
+    from fedseg_clinic.imaging.importer import ImportOptions, import_clinic
+
+    segs = shared_data / "dcmqi" / "data" / "segmentations"
+    src = tmp_path / "src"
+    shutil.copytree(segs / "ct-3slice", src / "p")
+    for name in ("heart_seg.nrrd", "spine_seg.nrrd"):
+        shutil.copy(segs / name, src / name)
+    aliases = AliasTable({"spinal_cord": ["spine"]})
+    report = import_clinic(src, tmp_path / "out", ImportOptions(
+        crop=False, aliases=aliases, organ_set="head_neck"))
+    case = read_case(tmp_path / "out" / report.cases[0])
+    assert case.meta.labelled_organs == ("spinal_cord",)
+    assert int(case.masks["spinal_cord"].sum()) == 12439
+    assert any("'heart' (heart) is not in the organ set" in p.text for p in report.problems)
+    assert read_manifest(tmp_path / "out").extra["organ_set"]["name"] == "head_neck"
+    with pytest.raises(FedsegError, match="unknown organ set"):
+        import_clinic(src, tmp_path / "o2", ImportOptions(organ_set="pelvis"))
