@@ -259,3 +259,23 @@ def test_openkbp_volumes_equal_mask_voxels_times_voxel_volume(openkbp: Path,
             assert centre("parotid_left")[0] > centre("parotid_right")[0]  # LPS x: left
         assert read_manifest(out).extra["organ_set"]["name"] == "head_neck"
     assert checked >= 10
+
+
+def test_mask_on_another_grid_is_resampled_with_a_warning(tmp_path: Path) -> None:
+    ct, masks = _phantom()
+    _write_kbp_case(tmp_path / "src" / "p", ct, masks)
+    # The cord again, on a grid of half the resolution (2 x 2 x 2 CT voxels per voxel).
+    coarse = np.zeros((12, 10, 8), np.uint8)
+    coarse[8:10, 4:6, 1:7] = 1  # CT voxels i 16..19, j 8..11, k 2..13
+    affine = KBP_AFFINE.copy()
+    affine[:3, :3] *= 2.0
+    affine[:3, 3] = KBP_AFFINE[:3, :3] @ np.array([0.5, 0.5, 0.5])  # same corner
+    nibabel.save(nibabel.Nifti1Image(coarse, affine),
+                 tmp_path / "src" / "p" / "segmentations" / "SpinalCord.nii.gz")
+    report = import_volume_clinic(tmp_path / "src", tmp_path / "out",
+                                  ImportOptions(organ_set="head_neck", crop=False))
+    assert report.ok
+    assert any("on another grid than the CT were resampled" in p.text
+               for p in report.problems)
+    case = read_case(tmp_path / "out" / report.cases[0])
+    assert case.masks["spinal_cord"].sum() == coarse.sum() * 8  # each voxel -> 2x2x2

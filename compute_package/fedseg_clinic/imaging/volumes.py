@@ -306,11 +306,19 @@ def _stem_of(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix else path.name
 
 
-def _same_grid(lm: LabelMap, volume: Volume) -> bool:
-    """True when a label file's voxels are the CT's voxels (no resampling happens)."""
-    _, geometry, _ = canonical_grid(np.zeros(lm.labels.shape, np.uint8), lm.affine, lm.path)
-    return geometry.shape == volume.geometry.shape and np.allclose(
-        geometry.matrix(), volume.geometry.matrix(), atol=1e-3)
+def _on_grid(lm: LabelMap, volume: Volume, resampled: list[str]) -> np.ndarray:
+    """A label file's values on the CT's grid.
+
+    A file on the CT's own grid (the usual case) is permuted and flipped like the CT -
+    exact and cheap; any other grid is resampled by nearest neighbour (and listed in
+    ``resampled``).
+    """
+    array, geometry, _ = canonical_grid(lm.labels, lm.affine, lm.path)
+    if geometry.shape == volume.geometry.shape and np.allclose(
+            geometry.matrix(), volume.geometry.matrix(), atol=1e-3):
+        return array
+    resampled.append(lm.path.name)
+    return labelmap_to_grid(lm, volume.geometry)
 
 
 def _case_key(folder: Path, src: Path) -> str:
@@ -359,17 +367,13 @@ def _import_volume_case(found: VolumeCase, key: str, out: Path, options: ImportO
         lm = read_labelmap(path)
         if not bounds_overlap(lm, volume.geometry):
             raise FedsegError(f"{path}: mask does not overlap its CT {found.ct.name}")
-        if not _same_grid(lm, volume):
-            resampled.append(path.name)
-        add(_stem(path), labelmap_to_grid(lm, volume.geometry) != 0, path)
+        add(_stem(path), _on_grid(lm, volume, resampled) != 0, path)
     for path in found.labelmaps:
         lm = read_labelmap(path)
         if not bounds_overlap(lm, volume.geometry):
             raise FedsegError(f"{path}: label map does not overlap its CT {found.ct.name}")
-        if not _same_grid(lm, volume):
-            resampled.append(path.name)
         lm.names = _label_table(path) or lm.names
-        grid = labelmap_to_grid(lm, volume.geometry)
+        grid = _on_grid(lm, volume, resampled)
         for value, name in sorted(lm.names.items()):
             add(name, grid == value, path)
     if resampled:
