@@ -230,7 +230,9 @@ def predict_path(
     say = progress or (lambda _line: None)
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model))
     inputs = find_ct_inputs(Path(ct_path))
-    if fmt != "nifti" and all(n == "" for n, _ in inputs) and Path(ct_path).is_file():
+    # NIfTI/NRRD input (a file, or volume case folders, which find_ct_inputs prefers)
+    # has no DICOM series for an RTSTRUCT or SEG to reference: refuse before any work.
+    if fmt != "nifti" and (Path(ct_path).is_file() or find_volume_cases(Path(ct_path))):
         raise FedsegError(f"{ct_path}: --format {fmt} needs a DICOM CT series to reference; "
                           "this CT is NIfTI/NRRD (use --format nifti)")
     results: list[Prediction] = []
