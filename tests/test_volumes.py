@@ -213,7 +213,7 @@ def test_find_volume_cases_follows_symlinked_folders(tmp_path: Path) -> None:
 
 # -- the real OpenKBP patients (read-only, beside the checkout) ----------------------------
 
-KBP_PATIENTS = ("pt_1", "pt_10", "pt_100")
+KBP_PATIENTS = ("pt_1", "pt_10", "pt_151")  # pt_151: cord below the threshold body
 
 
 @pytest.fixture(scope="module")

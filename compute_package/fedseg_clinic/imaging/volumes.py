@@ -394,6 +394,11 @@ def _import_volume_case(found: VolumeCase, key: str, out: Path, options: ImportO
         extra["crop_body_from"] = "BODY ROI" if body is not None else "threshold"
         if body is None:
             body = preprocess.threshold_body_mask(hu)
+        # Contoured organs lie in the patient by definition: the box holds them too, so a
+        # threshold body that misses a slice or two (OpenKBP's lowest cord slices lie
+        # outside the largest component in some patients) never cuts a contour.
+        for mask in masks.values():
+            body = body | mask
         box = preprocess.crop_box(body)
         hu = hu[box]
         cropped = {organ: m[box] for organ, m in masks.items()}
