@@ -184,8 +184,11 @@ def client_mean_curve(run: RunLog, metric: str) -> np.ndarray:
 
 
 def organ_names(run: RunLog) -> list[str]:
-    """Organs with a ``val_dice_<organ>`` metric in the log: the run's organ set order
-    (run.json ``organ_set``), else the canonical order, then others."""
+    """Organs with a ``val_dice_<organ>`` metric in the log, in order.
+
+    The run's organ set order (run.json ``organ_set``), else the canonical order, then
+    any others.
+    """
     found = {
         metric[len(DICE_PREFIX):]
         for metrics in run.table.values()

@@ -122,7 +122,7 @@ def export_model(run_dir: Path, k: int, out: Path) -> Path:
     loaded = load_model(weights)
     card = model_card(run_dir, k, loaded)
     card["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
-    card["exported_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+    card["exported_at"] = datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -36,8 +36,8 @@ def test_sets_and_their_records() -> None:
         s.check_record(s.to_json(), "here")  # its own record passes
     with pytest.raises(FedsegError, match=r"unknown organ set 'pelvis' \(known: thorax"):
         organ_set("pelvis")
-    with pytest.raises(FedsegError, match="built for organ set thorax@v1 .* organ set "
-                                          "head_neck@v1"):
+    with pytest.raises(FedsegError, match=r"built for organ set thorax@v1 .* organ set "
+                                          r"head_neck@v1"):
         HEAD_NECK.check_record(THORAX.to_json(), "model m.npz")
     older = dict(HEAD_NECK.to_json(), version=0)
     with pytest.raises(FedsegError, match="head_neck@v0"):
@@ -137,7 +137,7 @@ def test_clinic_data_of_another_set_is_refused(thorax_clinic: Path, head_neck_cl
     # `fedseg run` checks every clinic before it starts anything.
     exp = types.SimpleNamespace(model=HN_MODEL)
     assert check_data_organ_set(exp, {"a": head_neck_clinic}) is HEAD_NECK
-    with pytest.raises(FedsegError, match="clinic data .*thorax@v1"):
+    with pytest.raises(FedsegError, match=r"clinic data .*thorax@v1"):
         check_data_organ_set(exp, {"a": head_neck_clinic, "b": thorax_clinic})
 
 

@@ -36,7 +36,8 @@ def _geometry(meta: object) -> Geometry:
                     direction=tuple(tuple(d[i * 3:i * 3 + 3]) for i in range(3)))
 
 
-def _phantom(shape: tuple[int, int, int] = (24, 20, 16)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _phantom(shape: tuple[int, int, int] = (24, 20, 16)
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A body block in (i, j, k) file order with two 'parotids' and a 'cord'."""
     ct = np.full(shape, -1000, np.int16)
     ct[3:-3, 3:-3, 2:-2] = 40

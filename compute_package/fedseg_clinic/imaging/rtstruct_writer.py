@@ -121,7 +121,7 @@ def build_rtstruct(
     except Exception as exc:  # noqa: BLE001 - any read failure is the input's problem
         raise FedsegError(f"{ct_files[0]}: cannot read CT header ({exc})") from None
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTSTRUCT_STORAGE
     meta.MediaStorageSOPInstanceUID = generate_uid()

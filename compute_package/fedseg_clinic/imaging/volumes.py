@@ -272,8 +272,9 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
     cases = []
     for folder, files in sorted(cts.items()):
         if len(files) > 1:
-            raise FedsegError(f"{folder}: {len(files)} CT files ({', '.join(f.name for f in files)})"
-                              "; keep one CT per case folder")
+            listing = ", ".join(f.name for f in files)
+            raise FedsegError(f"{folder}: {len(files)} CT files ({listing}); keep one CT per "
+                              "case folder")
         ct = files[0]
         masks = sorted(p for name in MASK_FOLDERS for p in (folder / name).glob("*")
                        if (folder / name).is_dir() and p.is_file() and is_volume_file(p)
@@ -288,8 +289,11 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
 
 
 def _label_table(path: Path) -> dict[int, str] | None:
-    """Names of a label map's values from ``<stem>.json`` beside it (``{"labels": {"1":
-    "brainstem", ...}}``, what ``fedseg predict --format nifti`` writes), or None."""
+    """Names of a label map's values from ``<stem>.json`` beside it, or None.
+
+    The table is ``{"labels": {"1": "brainstem", ...}}``, what ``fedseg predict --format
+    nifti`` writes.
+    """
     table_path = path.with_name(_stem_of(path) + ".json")
     if not table_path.is_file():
         return None

@@ -177,8 +177,11 @@ def _load_weights(path: Path) -> LoadedModel:
 
 
 def run_clinic_dirs(run_dir: Path) -> dict[str, Path]:
-    """The clinic data folders a run trained on: run.json's ``clinic_data`` (written by
-    ``fedseg run``), else the generated phantom clinics under ``run_dir/data``."""
+    """The clinic data folders a run trained on.
+
+    run.json's ``clinic_data`` (written by ``fedseg run``), else the generated phantom
+    clinics under ``run_dir/data``.
+    """
     try:
         info = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
