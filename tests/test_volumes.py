@@ -280,3 +280,15 @@ def test_mask_on_another_grid_is_resampled_with_a_warning(tmp_path: Path) -> Non
                for p in report.problems)
     case = read_case(tmp_path / "out" / report.cases[0])
     assert case.masks["spinal_cord"].sum() == coarse.sum() * 8  # each voxel -> 2x2x2
+
+
+def test_two_ct_files_in_one_folder_fail_that_case_only(tmp_path: Path) -> None:
+    ct, masks = _phantom()
+    _write_kbp_case(tmp_path / "src" / "a", ct, masks)
+    _write_kbp_case(tmp_path / "src" / "b", ct, masks)
+    nibabel.save(nibabel.Nifti1Image(ct, KBP_AFFINE), tmp_path / "src" / "b" / "image.nii")
+    report = import_volume_clinic(tmp_path / "src", tmp_path / "out",
+                                  ImportOptions(organ_set="head_neck", crop=False))
+    assert len(report.cases) == 1 and len(report.failed) == 1
+    errors = [p.text for p in report.problems if p.severity == "error"]
+    assert len(errors) == 1 and "2 CT files (ct.nii.gz, image.nii)" in errors[0]

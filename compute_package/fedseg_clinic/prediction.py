@@ -122,7 +122,7 @@ def find_ct_inputs(ct_path: Path) -> list[tuple[str, Callable[[], CtInput]]]:
         single = len(volume_cases) == 1 and volume_cases[0].folder.resolve() == ct_path.resolve()
         return [(("" if single else str(c.folder.relative_to(ct_path))),
                  lambda c=c, s=single: _volume_input(
-                     "" if s else str(c.folder.relative_to(ct_path)), c.ct))
+                     "" if s else str(c.folder.relative_to(ct_path)), c.ct, c.problem))
                 for c in volume_cases]
     scan = scan_folder(ct_path)
     series = scan.series_files()
@@ -146,7 +146,9 @@ def find_ct_inputs(ct_path: Path) -> list[tuple[str, Callable[[], CtInput]]]:
     return inputs
 
 
-def _volume_input(name: str, path: Path) -> CtInput:
+def _volume_input(name: str, path: Path, problem: str = "") -> CtInput:
+    if problem:
+        raise FedsegError(problem)
     volume = read_volume(path)
     return CtInput(name=name, source=path, series=None, hu=volume.hu, geometry=volume.geometry)
 

@@ -98,12 +98,14 @@ class VolumeCase:
         ct: its CT file.
         masks: one file per structure (from a mask folder).
         labelmaps: label map files (several structures per file).
+        problem: why the folder cannot be imported ("" when it can).
     """
 
     folder: Path
     ct: Path
     masks: list[Path]
     labelmaps: list[Path]
+    problem: str = ""
 
 
 def _suffix(path: Path) -> str | None:
@@ -243,8 +245,11 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
     image.*, *_ct.*). Its labels: every volume file in its mask folder(s), plus label
     map files (``*seg*``/``*label*``) beside the CT.
 
+    A folder with several CT-named files is returned with a ``problem`` (its import
+    fails, the others go on).
+
     Raises:
-        FedsegError: when ``src`` does not exist, or a folder holds several CT files.
+        FedsegError: when ``src`` does not exist.
     """
     if src.is_file():
         if not is_volume_file(src):
@@ -271,10 +276,11 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
         raise FedsegError(f"{src}: does not exist")
     cases = []
     for folder, files in sorted(cts.items()):
+        problem = ""
         if len(files) > 1:
             listing = ", ".join(f.name for f in files)
-            raise FedsegError(f"{folder}: {len(files)} CT files ({listing}); keep one CT per "
-                              "case folder")
+            problem = (f"{folder}: {len(files)} CT files ({listing}); keep one CT per case "
+                       "folder")
         ct = files[0]
         masks = sorted(p for name in MASK_FOLDERS for p in (folder / name).glob("*")
                        if (folder / name).is_dir() and p.is_file() and is_volume_file(p)
@@ -284,7 +290,8 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
             if p.is_file() and p != ct and is_volume_file(p) and not p.name.startswith(".")
             and any(k in p.name.lower() for k in ("seg", "label", "mask"))
         )
-        cases.append(VolumeCase(folder=folder, ct=ct, masks=masks, labelmaps=labelmaps))
+        cases.append(VolumeCase(folder=folder, ct=ct, masks=masks, labelmaps=labelmaps,
+                                problem=problem))
     return cases
 
 
@@ -334,6 +341,8 @@ def _case_key(folder: Path, src: Path) -> str:
 def _import_volume_case(found: VolumeCase, key: str, out: Path, options: ImportOptions,
                         report: ImportReport, salt: str) -> str:
     """Import one volume case folder; raises FedsegError, writes nothing on failure."""
+    if found.problem:
+        raise FedsegError(found.problem)
     case_id = "case-" + pseudonym(salt, "volume", key)
     organs = organ_set(options.organ_set).organs
     volume = read_volume(found.ct)
