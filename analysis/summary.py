@@ -54,7 +54,7 @@ from fedseg.orchestration.runlog import (
     read_run_info,
 )
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.organs import ORGANS
+from fedseg_clinic.organs import ALL_ORGANS
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def organ_names(run: RunLog) -> list[str]:
         for metric in metrics
         if metric.startswith(DICE_PREFIX) and metric != DICE_MEAN
     }
-    return [o for o in ORGANS if o in found] + sorted(found - set(ORGANS))
+    return [o for o in ALL_ORGANS if o in found] + sorted(found - set(ALL_ORGANS))
 
 
 def _finite_or_none(value: float) -> float | None:

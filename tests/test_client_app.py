@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -42,13 +43,17 @@ def clinic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "clinic-1"
 
 
-def _env(tmp_path: Path, clinic_dir: Path, **privacy: object) -> dict[str, str]:
+def _env(tmp_path: Path, clinic_dir: Path, state: str = "state", client: str = "clinic-1",
+         **privacy: object) -> dict[str, str]:
     settings = json.loads(json.dumps(TINY_SETTINGS))
     settings["privacy"].update(privacy)
     path = tmp_path / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
+    # The module's clinic data is shared by every test: each test keeps its own privacy
+    # folder (the explicit override synthetic experiments use) so tests stay independent.
     return {"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(clinic_dir),
-            "FEDSEG_STATE_DIR": str(tmp_path / "state"), "FEDSEG_CLIENT_NAME": "clinic-1"}
+            "FEDSEG_STATE_DIR": str(tmp_path / state), "FEDSEG_CLIENT_NAME": client,
+            "FEDSEG_PRIVACY_DIR": str(tmp_path / "privacy")}
 
 
 def test_train_validate_and_ledger(tmp_path: Path, clinic_dir: Path) -> None:
@@ -63,8 +68,9 @@ def test_train_validate_and_ledger(tmp_path: Path, clinic_dir: Path) -> None:
     expected = compute_epsilon(n, 2, 2, 1.0, 1e-3).epsilon
     assert meta["epsilon"] == pytest.approx(expected, rel=1e-6)
     assert meta["noise_multiplier"] == 1.0 and meta["delta"] == 1e-3
-    # A restarted clinic continues its ledger: two rounds spend more than one.
-    app2 = ClinicApp(load_settings(env))
+    # Another run on the same data (new state folder, another client name) continues
+    # the data set's ledger: two rounds spend more than one.
+    app2 = ClinicApp(load_settings(_env(tmp_path, clinic_dir, state="run-2", client="x")))
     _, meta2 = app2.train(new, {"local_steps": 3})
     assert meta2["epsilon"] == pytest.approx(
         compute_epsilon(n, 2, 5, 1.0, 1e-3).epsilon, rel=1e-3)
@@ -86,6 +92,21 @@ def test_budget_refusal_leaves_ledger_unchanged(tmp_path: Path, clinic_dir: Path
     with pytest.raises(BudgetExceededError):
         app.train(weights, {})
     assert app.ledger(1e-3, budget).spent().epsilon == pytest.approx(meta["epsilon"])
+
+
+def test_ledger_lives_with_the_data_by_default(tmp_path: Path, clinic_dir: Path) -> None:
+    data = tmp_path / "clinic"
+    shutil.copytree(clinic_dir, data)
+    env = _env(tmp_path, data)
+    del env["FEDSEG_PRIVACY_DIR"]
+    app = ClinicApp(load_settings(env))
+    weights = [np.asarray(w) for w in app.model.get_weights()]
+    app.train(weights, {"round_id": "7"})
+    ledger = data / ".fedseg-privacy" / f"ledger-{app.data_id}.json"
+    assert ledger.exists() and (data / ".fedseg-privacy").stat().st_mode & 0o777 == 0o700
+    entry = json.loads(ledger.read_text())["entries"][0]
+    assert (entry["round_id"], entry["client"]) == ("7", "clinic-1")
+    assert not list((tmp_path / "state").glob("*ledger*"))  # nothing in the state folder
 
 
 def test_wrong_architecture_and_bad_server_settings(tmp_path: Path, clinic_dir: Path) -> None:
@@ -157,3 +178,39 @@ def test_entry_points_startup_and_bad_input(
     with pytest.raises(SystemExit) as info:
         entrypoints.main(["startup"])
     assert info.value.code == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_norm_bias_round_moves_only_trained_weights_at_target_epsilon(
+        tmp_path: Path, clinic_dir: Path) -> None:
+    from fedseg_clinic.app import epsilon_for_plan
+    from fedseg_clinic.privacy.accounting import calibrate_noise
+
+    settings = json.loads(json.dumps(TINY_SETTINGS))
+    settings["training"].update(trainable="norm_bias", augmentations_per_patient=2)
+    settings["privacy"].update(target_epsilon=4.0, planned_rounds=2)
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    env = {"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(clinic_dir),
+           "FEDSEG_STATE_DIR": str(tmp_path / "state"), "FEDSEG_CLIENT_NAME": "clinic-1"}
+    app = ClinicApp(load_settings(env))
+    n = len(app.train_cases)
+    sigma = calibrate_noise(n, 2, 2 * 2, 4.0, 1e-3)
+    assert epsilon_for_plan(n, app.settings, 2) <= 4.0
+    trained = {v.name for v in app.model.trainable_variables
+               if v.name.split("/")[-1] in ("gamma:0", "beta:0", "bias:0")}
+    weights = [np.asarray(w).copy() for w in app.model.get_weights()]
+    new, meta = app.train(weights, {})
+    assert meta["trainable"] == "norm_bias" and meta["augmentations_per_patient"] == 2
+    assert meta["trained_parameters"] == sum(
+        int(np.prod(v.shape)) for v in app.model.trainable_variables if v.name in trained)
+    assert meta["noise_multiplier"] == pytest.approx(sigma)
+    for variable, old, now in zip(app.model.weights, weights, new, strict=True):
+        if variable.name in trained:
+            continue
+        assert np.array_equal(old, now), variable.name  # frozen: bit-identical
+    assert any(not np.array_equal(o, w) for o, w in zip(weights, new, strict=True))
+    new, meta = app.train(new, {})
+    # Two planned rounds spent: at the target (within the accountant's bound), not above.
+    assert 3.5 < meta["epsilon"] <= 4.0
+    with pytest.raises(BudgetExceededError):  # the target is the budget: no third round
+        app.train(new, {})

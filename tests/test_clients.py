@@ -121,11 +121,17 @@ def test_client_argv_for_both_routes(tmp_path: Path) -> None:
     assert "tok" not in cb  # the token travels in the environment, not in ps output
     pkg = clients_mod.client_argv("package", spec, "http://127.0.0.1:8092/", TOY_APP,
                                   tmp_path, "tok", combiner="combiner-1", client_id="id-1")
-    assert pkg[1:3] == ["client", "start"]
-    assert pkg[pkg.index("--api-url") + 1] == "http://127.0.0.1"
-    assert pkg[pkg.index("--api-port") + 1] == "8092"
-    assert pkg[pkg.index("--client-id") + 1] == "id-1"
-    assert pkg[pkg.index("--preferred-combiner") + 1] == "combiner-1"
+    assert pkg[1:4] == ["-m", "fedseg.orchestration.fedn.launch", "client"]
+    assert pkg[pkg.index("--init") + 1] == str(tmp_path / "fedn-client.yaml")
+    assert "tok" not in pkg  # not on the command line
+    path = clients_mod.write_package_config(tmp_path, spec, "http://127.0.0.1:8092/", "tok",
+                                            "combiner-1", "id-1")
+    assert path.stat().st_mode & 0o777 == 0o600
+    import yaml
+
+    assert yaml.safe_load(path.read_text()) == {
+        "api_url": "http://127.0.0.1", "api_port": 8092, "name": "c1", "client_id": "id-1",
+        "token": "tok", "preferred_combiner": "combiner-1"}
     with pytest.raises(FedsegError, match="route"):
         clients_mod.client_argv("docker", spec, "http://x/", TOY_APP, tmp_path, None)
 

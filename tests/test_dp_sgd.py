@@ -285,3 +285,55 @@ def test_unet_step_with_project_loss_equals_tf_privacy() -> None:
                        theirs.trainable_variables, tape=tf.GradientTape())
     assert_weights_close(weights(ours), weights(theirs), atol=1e-5)
     assert not np.allclose(weights(ours)[0], build_unet(config, seed=0).get_weights()[0])
+
+
+def test_subset_of_variables_trains_only_those_with_clip_on_the_subset() -> None:
+    model = tiny_model()
+    data = batch(3)
+    subset = [v for v in model.trainable_variables if "group_normalization" in v.name
+              or v.name.endswith("bias:0")]
+    assert 0 < len(subset) < len(model.trainable_variables)
+    chosen = {id(v) for v in subset}
+    before = {v.name: v.numpy().copy() for v in model.trainable_variables}
+    grads = per_example_grads(model, data)
+    index = [i for i, v in enumerate(model.trainable_variables) if id(v) in chosen]
+    # Clipping is to the norm of the trained subset's gradient alone.
+    expected = clipped_mean([[g[i] for i in index] for g in grads], 0.05, 3)
+    trainer = DPTrainer(model, ce_loss, DPConfig(0.05, 0.0, 3, 0.5), seed=0, variables=subset)
+    trainer.step(*data)
+    for v in model.trainable_variables:
+        if id(v) not in chosen:
+            assert np.array_equal(v.numpy(), before[v.name]), v.name  # bit-identical
+    assert_weights_close([v.numpy() for v in subset],
+                         [before[v.name] - 0.5 * g for v, g in zip(subset, expected, strict=True)])
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.9, 100.0])
+def test_k_augmentations_clip_the_patient_mean_once(clip: float) -> None:
+    """Hand computation: a patient's record is the mean of its K patch gradients."""
+    model = tiny_model()
+    k, patients = 3, 2
+    images, labels, known = batch(k * patients, seed=5)
+    known[:] = 1.0
+    before = weights(model)
+    rows = per_example_grads(model, (images, labels, known))
+    patient_grads = [[np.mean([rows[p * k + j][v] for j in range(k)], axis=0)
+                      for v in range(len(before))] for p in range(patients)]
+    expected = clipped_mean(patient_grads, clip, 4)
+    trainer = DPTrainer(model, ce_loss, DPConfig(clip, 0.0, 4, 0.5), seed=0, augmentations=k)
+    trainer.step(images, labels, known)
+    assert_weights_close(weights(model),
+                         [w - 0.5 * g for w, g in zip(before, expected, strict=True)])
+    if clip == 1e-3:  # every record is clipped: the update's norm is at most 2 C / B
+        delta = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in
+                            zip(weights(model), before, strict=True)))
+        assert delta <= 0.5 * patients * clip / 4 * (1 + 1e-4)
+
+
+def test_k_augmentations_refuse_a_ragged_batch_and_bad_k() -> None:
+    trainer = DPTrainer(tiny_model(), ce_loss, DPConfig(1.0, 0.0, 2, 0.5), seed=0,
+                        augmentations=2)
+    with pytest.raises(FedsegError, match="multiple of augmentations"):
+        trainer.step(*batch(3))
+    with pytest.raises(FedsegError, match="augmentations"):
+        DPTrainer(tiny_model(), ce_loss, DPConfig(1.0, 0.0, 2, 0.5), seed=0, augmentations=0)

@@ -193,3 +193,23 @@ def test_tiny_unet_learns_a_cube_with_the_marginal_loss() -> None:
     pred = np.argmax(model(x).numpy()[0], axis=-1)
     assert dice(pred == 4, heart) > 0.8
     assert dice(pred != 0, body) > 0.9
+
+
+def test_trainable_subsets_pick_the_named_weights() -> None:
+    from fedseg_clinic.model.unet import count_parameters, trainable_subset
+
+    model = build_unet(UNetConfig(levels=3, base_filters=8, groups=4), seed=0)
+    every = model.trainable_variables
+    assert count_parameters(trainable_subset(model, "all")) == count_parameters(every)
+    norm_bias = trainable_subset(model, "norm_bias")
+    # 2 x (8+16+32+16+8) x 2 GroupNorm scale/offset + up-conv biases (16+8) + head bias 7.
+    assert count_parameters(norm_bias) == 351
+    assert {v.name.split("/")[-1] for v in norm_bias} == {"gamma:0", "beta:0", "bias:0"}
+    head = trainable_subset(model, "head")
+    assert count_parameters(head) == 8 * 7 + 7
+    both = trainable_subset(model, "norm_bias_head")
+    assert count_parameters(both) == 351 + 8 * 7
+    last = trainable_subset(model, "decoder_last")
+    assert all(v.name.startswith(("dec0_", "head/")) for v in last)
+    with pytest.raises(FedsegError, match="unknown"):
+        trainable_subset(model, "everything")

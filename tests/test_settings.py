@@ -70,3 +70,31 @@ def test_hu_window(tmp_path: Path, value: list[int], ok: bool) -> None:
     else:
         with pytest.raises(FedsegError, match="hu_window"):
             load_settings(env)
+
+
+@pytest.mark.parametrize(("privacy", "training", "message"), [
+    ("target_epsilon: 8", "{}", "needs planned_rounds"),
+    ("{target_epsilon: -1, planned_rounds: 3}", "{}", "target_epsilon"),
+    ("{planned_rounds: 0}", "{}", "planned_rounds"),
+    ("{}", "{trainable: weights}", "trainable must be one of"),
+    ("{}", "{augmentations_per_patient: 0}", "augmentations_per_patient"),
+])
+def test_dp_recipe_settings_are_checked(tmp_path: Path, privacy: str, training: str,
+                                        message: str) -> None:
+    if not privacy.startswith("{"):
+        privacy = "{" + privacy + "}"
+    path = tmp_path / "s.yaml"
+    path.write_text(f"data_dir: {tmp_path}\nprivacy: {privacy}\ntraining: {training}\n")
+    with pytest.raises(FedsegError, match=message):
+        load_settings({"FEDSEG_SETTINGS": str(path)})
+
+
+def test_dp_recipe_settings_from_file_and_server(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"data_dir: {tmp_path}\nprivacy: {{target_epsilon: 8, planned_rounds: 3}}\n"
+                    "training: {trainable: norm_bias, augmentations_per_patient: 2}\n")
+    settings = load_settings({"FEDSEG_SETTINGS": str(path)})
+    assert settings.privacy.target_epsilon == 8.0 and settings.privacy.planned_rounds == 3
+    assert settings.training.trainable == "norm_bias"
+    merged = with_server_overrides(settings, {"trainable": "head", "planned_rounds": "5"})
+    assert merged.training.trainable == "head" and merged.privacy.planned_rounds == 5

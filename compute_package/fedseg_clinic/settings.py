@@ -9,7 +9,11 @@ Resolution order (later wins):
    as flat keys (see :data:`SERVER_KEYS`).
 
 The data folder comes from ``$FEDSEG_DATA_DIR`` (else ``data_dir`` in the file); the state
-folder (privacy ledger, its anchor) from ``$FEDSEG_STATE_DIR`` (else ``<data_dir>/.fedseg``).
+folder (predictions, kept updates) from ``$FEDSEG_STATE_DIR`` (else ``<data_dir>/.fedseg``).
+The privacy ledgers belong to the data, not to a run: they live in the data set's privacy
+folder, ``<data_dir>/.fedseg-privacy`` unless ``$FEDSEG_PRIVACY_DIR`` (or ``privacy_dir``
+in the file) names another one - e.g. one per run for synthetic experiments, so that runs
+on shared phantom data stay independent (docs/privacy-model.md).
 """
 
 from __future__ import annotations
@@ -24,12 +28,18 @@ from typing import Any
 
 from fedseg_clinic.errors import FedsegError
 
+# The subsets model.trainable_subset knows (kept here so settings need no TensorFlow).
+TRAINABLE_SUBSETS: tuple[str, ...] = ("all", "norm_bias", "head", "norm_bias_head",
+                                      "decoder_last")
+
 logger = logging.getLogger(__name__)
 
 ENV_SETTINGS = "FEDSEG_SETTINGS"
 ENV_DATA_DIR = "FEDSEG_DATA_DIR"
 ENV_STATE_DIR = "FEDSEG_STATE_DIR"
 ENV_CLIENT_NAME = "FEDSEG_CLIENT_NAME"
+ENV_PRIVACY_DIR = "FEDSEG_PRIVACY_DIR"
+ENV_RUN_NAME = "FEDSEG_RUN_NAME"
 
 
 @dataclasses.dataclass
@@ -48,6 +58,12 @@ class TrainingSettings:
             soft-tissue contrast; the stored cases' wider clip window (-1024..3071)
             would squeeze fat, muscle and contrast blood into a few percent of the range.
         seed: base seed; each round's randomness derives from it and the round count.
+        trainable: which weights local training updates (model.TRAINABLE_SUBSETS):
+            "all", or a small subset for DP fine-tuning of a pretrained seed, e.g.
+            "norm_bias" (GroupNorm scale/offset + biases). The others stay frozen, so
+            the weights a clinic sends back differ from the global ones only there.
+        augmentations_per_patient: K patches per sampled patient per step; the patient's
+            gradient is the mean over them, clipped once (privacy cost unchanged).
     """
 
     learning_rate: float = 1e-3
@@ -58,6 +74,8 @@ class TrainingSettings:
     foreground_fraction: float = 0.5
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     seed: int = 0
+    trainable: str = "all"
+    augmentations_per_patient: int = 1
 
 
 @dataclasses.dataclass
@@ -78,6 +96,11 @@ class PrivacySettings:
             that the server knows (it can send ``seed``) would let it recompute both.
             False derives them from ``training.seed`` and the round count instead:
             bit-reproducible runs for experiments on synthetic data only.
+        target_epsilon: calibrate the noise instead of using ``noise_multiplier``: the
+            smallest sigma (dp_accounting) with which ``planned_rounds`` rounds of this
+            clinic's schedule (its N, batch size, local steps) end at <= target_epsilon.
+            It also becomes the epsilon budget unless one is set.
+        planned_rounds: the number of rounds target_epsilon must cover; required with it.
     """
 
     enabled: bool = True
@@ -86,6 +109,8 @@ class PrivacySettings:
     delta: float | None = None
     epsilon_budget: float | None = None
     secure_randomness: bool = True
+    target_epsilon: float | None = None
+    planned_rounds: int | None = None
 
 
 @dataclasses.dataclass
@@ -107,13 +132,16 @@ class ClinicSettings:
     validation: ValidationSettings = dataclasses.field(default_factory=ValidationSettings)
     data_dir: Path | None = None
     state_dir: Path | None = None
+    privacy_dir: Path | None = None
     client_name: str = "clinic"
+    run_name: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able snapshot (recorded with every round for reproducibility)."""
         data = dataclasses.asdict(self)
         data["data_dir"] = str(self.data_dir) if self.data_dir else None
         data["state_dir"] = str(self.state_dir) if self.state_dir else None
+        data["privacy_dir"] = str(self.privacy_dir) if self.privacy_dir else None
         return data
 
 
@@ -126,11 +154,15 @@ SERVER_KEYS: dict[str, tuple[str, str]] = {
     "patch_size": ("training", "patch_size"),
     "foreground_fraction": ("training", "foreground_fraction"),
     "seed": ("training", "seed"),
+    "trainable": ("training", "trainable"),
+    "augmentations_per_patient": ("training", "augmentations_per_patient"),
     "dp": ("privacy", "enabled"),
     "noise_multiplier": ("privacy", "noise_multiplier"),
     "l2_norm_clip": ("privacy", "l2_norm_clip"),
     "delta": ("privacy", "delta"),
     "epsilon_budget": ("privacy", "epsilon_budget"),
+    "target_epsilon": ("privacy", "target_epsilon"),
+    "planned_rounds": ("privacy", "planned_rounds"),
 }
 
 _SECTIONS = {
@@ -169,7 +201,7 @@ def _coerce(section: str, name: str, value: Any, where: str) -> Any:
             if "None" in str(field_type):
                 return None
             raise ValueError
-        if field_type in ("int", int):
+        if field_type in ("int", int, "int | None"):
             if float(value) != int(float(value)):
                 raise ValueError
             return int(float(value))
@@ -205,6 +237,16 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
         (p.delta is None or 0 < p.delta < 1, "delta must be in (0, 1)", p.delta),
         (p.epsilon_budget is None or p.epsilon_budget > 0, "epsilon_budget must be > 0",
          p.epsilon_budget),
+        (t.trainable in TRAINABLE_SUBSETS,
+         f"trainable must be one of {', '.join(TRAINABLE_SUBSETS)}", t.trainable),
+        (t.augmentations_per_patient >= 1, "augmentations_per_patient must be >= 1",
+         t.augmentations_per_patient),
+        (p.target_epsilon is None or (p.target_epsilon > 0 and math.isfinite(p.target_epsilon)),
+         "target_epsilon must be a finite number > 0", p.target_epsilon),
+        (p.planned_rounds is None or p.planned_rounds >= 1, "planned_rounds must be >= 1",
+         p.planned_rounds),
+        (p.target_epsilon is None or p.planned_rounds is not None,
+         "target_epsilon needs planned_rounds (the rounds it must cover)", p.planned_rounds),
         (0.0 <= v.overlap < 1.0, "validation overlap must be in [0, 1)", v.overlap),
         (all(s >= 8 for s in v.patch_size), "validation patch_size sides must be >= 8",
          v.patch_size),
@@ -226,7 +268,7 @@ def settings_from_mapping(data: Mapping[str, Any], where: str) -> ClinicSettings
             if not isinstance(value, Mapping):
                 raise FedsegError(f"{where}: section model must be a mapping")
             settings.model = dict(value)
-        elif key in ("data_dir", "state_dir"):
+        elif key in ("data_dir", "state_dir", "privacy_dir"):
             setattr(settings, key, Path(value).expanduser() if value else None)
         elif key == "client_name":
             settings.client_name = str(value)
@@ -268,10 +310,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> ClinicSettings:
         settings.state_dir = Path(env[ENV_STATE_DIR]).expanduser()
     if env.get(ENV_CLIENT_NAME):
         settings.client_name = env[ENV_CLIENT_NAME]
+    if env.get(ENV_PRIVACY_DIR):
+        settings.privacy_dir = Path(env[ENV_PRIVACY_DIR]).expanduser()
+    if env.get(ENV_RUN_NAME):
+        settings.run_name = env[ENV_RUN_NAME]
     if settings.data_dir is None:
         raise FedsegError(f"no data folder: set {ENV_DATA_DIR} or data_dir in the settings file")
     if settings.state_dir is None:
         settings.state_dir = settings.data_dir / ".fedseg"
+    if settings.privacy_dir is None:
+        from fedseg_clinic.privacy.ledger import default_privacy_dir
+
+        settings.privacy_dir = default_privacy_dir(settings.data_dir)
     return settings
 
 

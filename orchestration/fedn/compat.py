@@ -279,7 +279,7 @@ def create_schema(statestore: dict) -> None:
         MyAbstractBase.metadata.create_all(engine, checkfirst=True)
         if engine.dialect.name == "postgresql":
             _widen_existing_postgres_columns(engine, MyAbstractBase.metadata)
-    except sqlalchemy.exc.OperationalError as exc:
+    except sqlalchemy.exc.DatabaseError as exc:  # OperationalError, "not a database", ...
         raise FedsegError(f"cannot create the fedn schema in the state store: "
                           f"{str(exc.orig).strip().splitlines()[0]}") from exc
     finally:
@@ -385,6 +385,123 @@ def install_client_add_alias(app: Any) -> None:
 
     if _alias.__name__ not in {f.__name__ for f in app.before_request_funcs.get(None, [])}:
         app.before_request(_alias)
+
+
+# --- bug 14 ------------------------------------------------------------------------------
+
+#: Endpoints that stay open with auth on: the readiness probe (answers "OK", no data).
+OPEN_ENDPOINTS = frozenset({"health_check", "static"})
+
+
+def unprotected_endpoints(app: Any) -> list[str]:
+    """Flask endpoints whose view is not wrapped by fedn's ``jwt_auth_required``.
+
+    ``jwt_auth_required`` returns the view unchanged when FEDN_JWT_SECRET_KEY is unset,
+    and a ``functools.wraps`` wrapper (with ``__wrapped__``) otherwise, so with a secret
+    set an unwrapped view is one that no token guards.
+    """
+    return sorted(endpoint for endpoint, view in app.view_functions.items()
+                  if endpoint not in OPEN_ENDPOINTS and not hasattr(view, "__wrapped__"))
+
+
+def require_token_everywhere(app: Any, role: str = "admin") -> list[str]:
+    """Guard every unguarded endpoint of fedn's API app with an admin token.
+
+    Symptom (bug 14, found here): with auth on, POST /api/v1/graphql has no
+    ``jwt_auth_required`` at all, and POST /api/v1/metrics/list has it *above*
+    ``@bp.route``, so Flask registered the bare function; both answer without a token
+    with sessions, model ids and every client's metrics. Each such view is wrapped
+    with fedn's own decorator (same 401 answers, same expiry check). No-op without a
+    secret (the decorator then returns the view unchanged).
+
+    Returns:
+        The endpoints that were guarded.
+    """
+    from fedn.network.api.auth import jwt_auth_required
+
+    guarded = unprotected_endpoints(app)
+    for endpoint in guarded:
+        app.view_functions[endpoint] = jwt_auth_required(role=role)(app.view_functions[endpoint])
+    return [e for e in guarded if hasattr(app.view_functions[e], "__wrapped__")]
+
+
+# --- bug 15 ------------------------------------------------------------------------------
+
+def attach_grpc_token() -> None:
+    """Make fedn's client send its token on plain (non-TLS) gRPC channels too.
+
+    Symptom (bug 15, found here): ``GrpcHandler`` adds the token as call credentials
+    only on its TLS channel (port 443); on a plain local channel it sends none, so a
+    combiner that checks tokens (FEDN_JWT_SECRET_KEY set: fedn's ``JWTInterceptor``)
+    refuses every call with UNAUTHENTICATED "Token is missing". Every stub call of
+    ``GrpcHandler`` passes ``metadata=self.metadata``, so the token is appended there.
+    Use in client processes (the package route's launcher does).
+    """
+    from fedn.common.config import FEDN_AUTH_SCHEME
+    from fedn.network.clients.grpc_handler import GrpcHandler
+
+    original = getattr(GrpcHandler.__init__, "__wrapped__", GrpcHandler.__init__)
+
+    def __init__(self: Any, host: str, port: int, name: str, token: str,
+                 combiner_name: str) -> None:
+        original(self, host, port, name, token, combiner_name)
+        if token and not any(key == "authorization" for key, _ in self.metadata):
+            self.metadata.append(("authorization", f"{FEDN_AUTH_SCHEME} {token}"))
+
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    GrpcHandler.__init__ = __init__
+
+
+# --- bug 16 ------------------------------------------------------------------------------
+
+#: gRPC methods that may be called without a token: the health service only.
+GRPC_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def grpc_user_agent_bypass_closed(method: str, metadata: dict[str, str]) -> bool:
+    """True when a call would pass fedn's JWTInterceptor on its user agent alone.
+
+    fedn lets any call through whose user agent starts with "grpc_health_probe",
+    whatever method it calls; the user agent is chosen by the caller.
+    """
+    from fedn.network.grpc.auth import USER_AGENT_WHITELIST
+
+    agent = str(metadata.get("user-agent", "")).split(" ")[0]
+    return agent in USER_AGENT_WHITELIST and not method.startswith(GRPC_HEALTH_PREFIX)
+
+
+def install_grpc_auth_guard() -> None:
+    """Close fedn's gRPC user-agent bypass in this process's gRPC servers.
+
+    Symptom (bug 16, found here): fedn's ``JWTInterceptor`` skips the token check for
+    any call whose ``user-agent`` metadata says "grpc_health_probe", which any client
+    can send: TaskStream, model download and upload then work without a token. Our
+    server interceptor runs first and refuses such calls (UNAUTHENTICATED) unless they
+    go to the gRPC health service. Installed by wrapping ``grpc.server`` (like the
+    binding fix); call after :func:`bind_grpc_servers`, which unwraps what it finds.
+    No-op without FEDN_JWT_SECRET_KEY.
+    """
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    if not fedn_grpc_auth.SECRET_KEY:  # the value fedn's JWTInterceptor checks against
+        return
+    original = grpc.server
+
+    class _UserAgentGuard(grpc.ServerInterceptor):
+        def intercept_service(self, continuation: Any, details: Any) -> Any:
+            metadata = dict(details.invocation_metadata or ())
+            if grpc_user_agent_bypass_closed(details.method, metadata) and (
+                    "authorization" not in metadata):
+                def refuse(_request: Any, context: Any) -> None:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "Token is missing")
+                return grpc.unary_unary_rpc_method_handler(refuse)
+            return continuation(details)
+
+    def server(*args: Any, **kwargs: Any) -> Any:
+        interceptors = [_UserAgentGuard(), *(kwargs.pop("interceptors", None) or ())]
+        return original(*args, interceptors=interceptors, **kwargs)
+
+    grpc.server = server
 
 
 # --- bug 5 -------------------------------------------------------------------------------

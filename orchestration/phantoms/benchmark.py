@@ -41,7 +41,7 @@ from fedseg_clinic.cases import (
 )
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import atomic_write_text
-from fedseg_clinic.organs import ORGANS
+from fedseg_clinic.organs import ORGANS, THORAX
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _generate_into(spec: BenchmarkSpec, tmp: Path, final: Path, dicom: bool
                         clinic.patients)
         manifest = Manifest(clinic=clinic.name, cases=entries, extra={
             "source": "phantom", "generator": GENERATOR, "seed": spec.seed,
-            "benchmark": BENCHMARK_NAME,
+            "benchmark": BENCHMARK_NAME, "organ_set": THORAX.to_json(),
         })
         write_manifest(manifest, folder)
         shape, spacing = spec.grid(clinic)

@@ -160,6 +160,11 @@ def _common(values: list[float]) -> float | None:
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
+def default_delta(n_patients: int) -> float:
+    """Delta = 1 / (10 N): comfortably below the 1 / N that would allow naming a patient."""
+    return 1.0 / (10.0 * n_patients)
+
+
 def compute_epsilon_history(
     segments: Sequence[PrivacySegment | tuple[float, float, int]],
     delta: float,

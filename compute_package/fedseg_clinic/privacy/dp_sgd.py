@@ -16,14 +16,23 @@ valid, noise-only step. DP-Adam is Adam applied to the privatised gradient (post
 processing: no extra privacy cost).
 
 One record = one patient: the caller puts one patch per sampled patient in the batch
-(:func:`poisson_sample` draws patients, each with probability q = B / N).
+(:func:`poisson_sample` draws patients, each with probability q = B / N), or K patches
+per sampled patient (``augmentations``): that patient's gradient is then the gradient of
+the mean loss over its K patches, clipped once, so one patient still moves the noised
+sum by at most C and the accounting is unchanged (augmentation multiplicity, De et al.
+2022).
+
+Parameter-efficient DP fine-tuning: ``variables`` restricts the step to a subset of the
+model's weights (e.g. GroupNorm scale/offset and biases). Only those get clipped, noised
+gradients; the others are never touched. The clip and noise apply to the trained
+subset's gradient alone, so noise / signal scales with sqrt(trained parameters).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +134,22 @@ def make_optimizer(config: DPConfig) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(learning_rate=config.learning_rate)
 
 
+def sum_query(config: DPConfig) -> gaussian_query.GaussianSumQuery | \
+        no_privacy_query.NoPrivacySumQuery:
+    """TF Privacy's query that clips each per-example gradient and sums them (with noise).
+
+    The non-DP baseline (noise_multiplier None) sums without clipping or noise. Also the
+    update inversion's model of the client (fedseg.analysis.leakage.inversion) clips
+    through it, so attacker and client clip alike.
+    """
+    if config.noise_multiplier is None:
+        return no_privacy_query.NoPrivacySumQuery()
+    return gaussian_query.GaussianSumQuery(
+        l2_norm_clip=config.l2_norm_clip,
+        stddev=config.l2_norm_clip * config.noise_multiplier,
+    )
+
+
 class DPTrainer:
     """Takes DP-SGD / DP-Adam steps on a Keras model.
 
@@ -139,6 +164,10 @@ class DPTrainer:
             gives the same noise sequence.
         parallel_iterations: Per-example backward passes run concurrently; 1 keeps the
             peak memory at that of a batch-1 step.
+        variables: The variables to train (a subset of ``model.trainable_variables``);
+            None trains all of them.
+        augmentations: K >= 1 patches per sampled patient: a batch holds K consecutive
+            rows per patient and the patient's gradient is that of its mean loss.
     """
 
     def __init__(
@@ -148,22 +177,25 @@ class DPTrainer:
         config: DPConfig,
         seed: int,
         parallel_iterations: int = 1,
+        variables: Sequence[tf.Variable] | None = None,
+        augmentations: int = 1,
     ) -> None:
+        if isinstance(augmentations, bool) or not isinstance(augmentations, int | np.integer) \
+                or augmentations < 1:
+            raise FedsegError(f"augmentations={augmentations!r} must be an integer >= 1")
         self.model = model
+        self.variables = list(model.trainable_variables if variables is None else variables)
+        if not self.variables:
+            raise FedsegError("DP trainer: no variables to train")
+        self.augmentations = int(augmentations)
         self.loss_fn = loss_fn
         self.config = config
         self.seed = seed
         self.parallel_iterations = parallel_iterations
         self.optimizer = make_optimizer(config)
-        self.optimizer.build(model.trainable_variables)
+        self.optimizer.build(self.variables)
         self.steps_taken = 0
-        if config.noise_multiplier is not None:
-            self._query = gaussian_query.GaussianSumQuery(
-                l2_norm_clip=config.l2_norm_clip,
-                stddev=config.l2_norm_clip * config.noise_multiplier,
-            )
-        else:
-            self._query = no_privacy_query.NoPrivacySumQuery()
+        self._query = sum_query(config)
         self._global_state = self._query.initial_global_state()
         self._step_fn: Callable[..., tf.Tensor] | None = None
 
@@ -178,15 +210,18 @@ class DPTrainer:
         return tf.function(self._step_graph, input_signature=signature)
 
     def _step_graph(self, images: tf.Tensor, labels: tf.Tensor, known: tf.Tensor) -> tf.Tensor:
-        variables = self.model.trainable_variables
+        variables = self.variables
         params = self._query.derive_sample_params(self._global_state)
-        batch = tf.shape(images)[0]
+        k = self.augmentations
+        batch = tf.shape(images)[0] // k  # patients; rows i*K..i*K+K-1 are patient i's
 
         def body(i: tf.Tensor, loss_sum: tf.Tensor, state: list[tf.Tensor]
                  ) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
+            rows = slice(i * k, (i + 1) * k)
             with tf.GradientTape() as tape:
-                probs = self.model(images[i:i + 1], training=True)
-                loss = self.loss_fn(labels[i:i + 1], probs, known[i:i + 1])[0]
+                probs = self.model(images[rows], training=True)
+                # One record per patient: the mean over its K patches, clipped once below.
+                loss = tf.reduce_mean(self.loss_fn(labels[rows], probs, known[rows]))
             grads = tape.gradient(
                 loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             # TF Privacy clips this record (its global L2 norm) and adds it to the sum.
@@ -213,9 +248,10 @@ class DPTrainer:
         """One private update on a (Poisson-sampled) batch.
 
         Args:
-            images: float (b, z, y, x, ch); b may be 0 (a noise-only step).
-            labels: int (b, z, y, x).
-            known: float (b, C) known-class vectors.
+            images: float (b * K, z, y, x, ch), K consecutive rows per patient; b may
+                be 0 (a noise-only step).
+            labels: int (b * K, z, y, x).
+            known: float (b * K, C) known-class vectors.
 
         Returns:
             Mean per-example loss of the batch before the update; NaN when b == 0.
@@ -234,6 +270,10 @@ class DPTrainer:
             raise FedsegError(
                 f"DP step: batch sizes differ: images {images.shape[0]}, labels "
                 f"{labels.shape[0]}, known {known.shape[0]}")
+        if images.shape[0] % self.augmentations:
+            raise FedsegError(
+                f"DP step: batch of {images.shape[0]} rows is not a multiple of "
+                f"augmentations K={self.augmentations}")
         if self._step_fn is None:
             self._step_fn = self._trace(images, known)
         loss = float(self._step_fn(images, labels, known))
