@@ -43,9 +43,9 @@ class SecAggServer:
     def __init__(self, session: str, settings_by_round: list[dict[str, Any]],
                  journal: Path | None = None) -> None:
         """Args:
-            session: Unique per session (binds keys, shares and masks to it).
-            settings_by_round: Per-round client settings (rounds past the end keep the last).
-            journal: JSON-lines file for the per-round outcome, or None.
+        session: Unique per session (binds keys, shares and masks to it).
+        settings_by_round: Per-round client settings (rounds past the end keep the last).
+        journal: JSON-lines file for the per-round outcome, or None.
         """
         self.session = session
         self.table = settings_by_round or [{}]

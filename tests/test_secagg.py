@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedseg.orchestration.secure_aggregation import SecAggServer, read_journal, \
-    server_functions_source
+from fedseg.orchestration.secure_aggregation import (
+    SecAggServer,
+    read_journal,
+    server_functions_source,
+)
 from fedseg_clinic.privacy import secagg
 from fedseg_clinic.privacy.secagg_clinic import SecAggClinic
 

@@ -140,13 +140,17 @@ class CallbackAdapter:
         self.helper = get_helper("numpyhelper")
         self.keep_updates = keep_updates
         self.trained = 0
+        # Set once connected: secure aggregation addresses clinics by their FEDn id.
+        self.client_id: str | None = None
+        self.secagg: Any = None
 
     def train(self, in_model: io.BytesIO, client_settings: dict[str, Any]
               ) -> tuple[io.BytesIO, dict[str, Any]]:
         """FEDn train callback: model bytes + server settings -> model bytes + metadata."""
         in_model.seek(0)  # fedn hands over the buffer at its end
         weights = self.helper.load(in_model)
-        new_weights, metadata = self.app.train(weights, dict(client_settings or {}))
+        settings = dict(client_settings or {})
+        new_weights, metadata = self._train(weights, settings)
         metadata = _json_safe(dict(metadata), "train")
         if "num_examples" not in metadata:
             raise FedsegError("train: metadata lacks num_examples (FEDn weights by it)")
@@ -157,6 +161,21 @@ class CallbackAdapter:
         if self.keep_updates is not None:
             self._keep(out.getvalue(), metadata, dict(client_settings or {}))
         return out, {"training_metadata": metadata}
+
+    def _train(self, weights: list[np.ndarray], settings: dict[str, Any]
+               ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """The app's training, wrapped in the secure-aggregation protocol when asked."""
+        from fedseg_clinic.privacy.secagg_clinic import SETTINGS_KEY, SecAggClinic
+
+        payload = settings.pop(SETTINGS_KEY, None)
+        if payload is None:
+            return self.app.train(weights, settings)
+        if self.secagg is None:
+            if not self.client_id:
+                raise FedsegError("secure aggregation: this client's id is not known yet")
+            self.secagg = SecAggClinic(self.client_id)
+        return self.secagg.handle(str(payload), weights,
+                                  lambda: self.app.train(weights, settings))
 
     def _keep(self, update: bytes, metadata: dict[str, Any], settings: dict[str, Any]) -> None:
         """Write this call's update and its metadata atomically into keep_updates."""
@@ -302,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     except FedsegError as exc:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
         return 2
+    adapter.client_id = client.client_id
     if args.ready_file is not None:
         from fedseg_clinic.io import atomic_write_text
 
