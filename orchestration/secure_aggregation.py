@@ -42,10 +42,12 @@ class SecAggServer:
 
     def __init__(self, session: str, settings_by_round: list[dict[str, Any]],
                  journal: Path | None = None) -> None:
-        """Args:
-        session: Unique per session (binds keys, shares and masks to it).
-        settings_by_round: Per-round client settings (rounds past the end keep the last).
-        journal: JSON-lines file for the per-round outcome, or None.
+        """Start a session's state.
+
+        Args:
+            session: Unique per session (binds keys, shares and masks to it).
+            settings_by_round: Per-round client settings (rounds past the end keep the last).
+            journal: JSON-lines file for the per-round outcome, or None.
         """
         self.session = session
         self.table = settings_by_round or [{}]
@@ -200,7 +202,7 @@ class SecAggServer:
                ) -> list[np.ndarray]:
         mean = secagg.dequantise(total, weight)
         return [(np.asarray(g, np.float64) + m).astype(np.asarray(g).dtype)
-                for g, m in zip(previous_global, mean)]
+                for g, m in zip(previous_global, mean, strict=True)]
 
     def _fail(self, record: dict[str, Any], reason: str) -> dict[str, Any]:
         logger.error("secure aggregation: round failed, global model unchanged: %s", reason)

@@ -27,6 +27,10 @@ SHAPES = [(3, 4), (5,)]
 QUANT = 2.0 ** -secagg.SCALE_BITS
 
 
+def _same(x: list[np.ndarray], y: list[np.ndarray]) -> bool:
+    return len(x) == len(y) and all(np.array_equal(a, b) for a, b in zip(x, y, strict=True))
+
+
 def _weights(rng: np.random.Generator) -> list[np.ndarray]:
     return [rng.normal(size=s).astype(np.float32) for s in SHAPES]
 
@@ -36,7 +40,7 @@ def test_quantise_round_trip_and_negative_values_wrap_in_the_ring() -> None:
     q = secagg.quantise(deltas, weight=3)
     assert all(a.dtype == np.uint64 for a in q)
     back = secagg.dequantise(q, total_weight=3)
-    for d, b in zip(deltas, back):
+    for d, b in zip(deltas, back, strict=True):
         np.testing.assert_allclose(b, d, atol=QUANT)
     with pytest.raises(secagg.SecAggError, match="too large"):
         secagg.quantise([np.array([1e12])], weight=100)
@@ -57,12 +61,12 @@ def test_pair_masks_cancel_exactly_and_the_sum_is_the_weighted_mean() -> None:
         plain = [v.copy() for v in values]
         secagg.apply_pair_masks(values, i, keys[i], public, "s|1")
         # A single masked update looks nothing like the update.
-        assert not any(np.array_equal(v, p) for v, p in zip(values, plain))
+        assert not any(np.array_equal(v, p) for v, p in zip(values, plain, strict=True))
         secagg.ring_add(total, values)
     mean = secagg.dequantise(total, sum(weights.values()))
     expected = [sum(weights[i] * deltas[i][t].astype(np.float64) for i in ids)
                 / sum(weights.values()) for t in range(len(SHAPES))]
-    for m, e in zip(mean, expected):
+    for m, e in zip(mean, expected, strict=True):
         # Each clinic rounds once (<= half a step), then the sum is divided by the weight.
         np.testing.assert_allclose(m, e, atol=len(ids) * QUANT / sum(weights.values()))
 
@@ -94,7 +98,7 @@ class _Toy:
         self.n = n
 
     def train(self, weights: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, Any]]:
-        return [w + s for w, s in zip(weights, self.step)], {"num_examples": self.n}
+        return [w + s for w, s in zip(weights, self.step, strict=True)], {"num_examples": self.n}
 
 
 def _round(server: SecAggServer, clinics: dict[str, SecAggClinic], toys: dict[str, _Toy],
@@ -127,21 +131,21 @@ def test_protocol_all_answer_then_one_drops_and_is_recovered(tmp_path: Path) -> 
     server, clinics, toys, model = _setup(tmp_path)
     ids = set(clinics)
     after_keys, _ = _round(server, clinics, toys, model, ids)          # round 1: keys only
-    assert all(np.array_equal(a, b) for a, b in zip(after_keys, model))
+    assert _same(after_keys, model)
     r2, updates = _round(server, clinics, toys, model, ids)           # round 2: all mask
-    for got, want in zip(r2, _fedavg(model, list(toys.values()))):
+    for got, want in zip(r2, _fedavg(model, list(toys.values())), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)              # float32 model
     # What the server got from one clinic is uniform-looking ring noise, not its update.
     sent = updates["c0"][0]
     plain = secagg.quantise([s.astype(np.float64) for s in toys["c0"].step], toys["c0"].n)
     assert sent[0].dtype == np.uint64 and not np.array_equal(sent[0], plain[0])
     r3, _ = _round(server, clinics, toys, r2, ids - {"c2"})          # c2 drops after keys
-    assert all(np.array_equal(a, b) for a, b in zip(r3, r2))           # parked, unchanged
+    assert _same(r3, r2)           # parked, unchanged
     r4, _ = _round(server, clinics, toys, r3, ids)                    # recovery round
-    for got, want in zip(r4, _fedavg(r2, [toys["c0"], toys["c1"]])):
+    for got, want in zip(r4, _fedavg(r2, [toys["c0"], toys["c1"]]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     r5, _ = _round(server, clinics, toys, r4, ids)                    # c2 back in
-    for got, want in zip(r5, _fedavg(r4, list(toys.values()))):
+    for got, want in zip(r5, _fedavg(r4, list(toys.values())), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     journal = read_journal(tmp_path / "journal.jsonl")
     assert [j["status"] for j in journal] == ["keys", "ok", "pending", "recovered", "ok"]
@@ -154,14 +158,14 @@ def test_below_threshold_the_round_fails_and_says_why(tmp_path: Path) -> None:
     _round(server, clinics, toys, model, ids)
     r2, _ = _round(server, clinics, toys, model, ids)
     r3, _ = _round(server, clinics, toys, r2, {"c0"})  # two of three drop: one survivor
-    assert all(np.array_equal(a, b) for a, b in zip(r3, r2))
+    assert _same(r3, r2)
     last = read_journal(tmp_path / "journal.jsonl")[-1]
     assert last["status"] == "failed" and "1 of 3 clinics answered, 2 needed" in last["reason"]
     # The two that vanished sent no keys for round 4: it re-keys them, round 5 trains.
     r4, _ = _round(server, clinics, toys, r3, ids)
-    assert all(np.array_equal(a, b) for a, b in zip(r4, r3))
+    assert _same(r4, r3)
     r5, _ = _round(server, clinics, toys, r4, ids)
-    for got, want in zip(r5, _fedavg(r4, list(toys.values()))):
+    for got, want in zip(r5, _fedavg(r4, list(toys.values())), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert [j["status"] for j in read_journal(tmp_path / "journal.jsonl")] == \
         ["keys", "ok", "failed", "keys", "ok"]
@@ -171,7 +175,7 @@ def test_drop_in_the_first_keyed_round_fails_cleanly_no_shares_yet(tmp_path: Pat
     server, clinics, toys, model = _setup(tmp_path)
     _round(server, clinics, toys, model, set(clinics))
     r2, _ = _round(server, clinics, toys, model, {"c0", "c1"})
-    assert all(np.array_equal(a, b) for a, b in zip(r2, model))
+    assert _same(r2, model)
     last = read_journal(tmp_path / "journal.jsonl")[-1]
     assert last["status"] == "failed" and "never shared" in last["reason"]
 
@@ -183,7 +187,7 @@ def test_recovery_fails_when_survivors_vanish_before_revealing(tmp_path: Path) -
         model, _ = _round(server, clinics, toys, model, ids)
     parked, _ = _round(server, clinics, toys, model, ids - {"c3"})
     after, _ = _round(server, clinics, toys, parked, {"c0", "c1"})  # c2 gone too
-    assert all(np.array_equal(a, b) for a, b in zip(after, parked))
+    assert _same(after, parked)
     last = read_journal(tmp_path / "journal.jsonl")[-1]
     assert last["status"] == "failed" and "2 shares of dropped clinic c3" in last["reason"]
 

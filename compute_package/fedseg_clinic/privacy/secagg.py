@@ -110,8 +110,9 @@ def quantise(deltas: Sequence[np.ndarray], weight: int, scale_bits: int = SCALE_
             raise SecAggError(f"update tensor {i}: not finite")
         scaled = np.rint(arr * float(weight) * float(2 ** scale_bits))
         if scaled.size and float(np.max(np.abs(scaled))) >= 2.0 ** MAX_ABS_BITS:
-            raise SecAggError(f"update tensor {i}: weight x value {np.max(np.abs(arr)) * weight:.3g}"
-                              f" too large for the fixed-point ring (2^{MAX_ABS_BITS - scale_bits})")
+            biggest = float(np.max(np.abs(arr))) * weight
+            raise SecAggError(f"update tensor {i}: weight x value {biggest:.3g} too large for "
+                              f"the fixed-point ring (2^{MAX_ABS_BITS - scale_bits})")
         out.append(scaled.astype(np.int64).view(np.uint64))
     return out
 
@@ -129,7 +130,7 @@ def ring_add(acc: list[np.ndarray], other: Sequence[np.ndarray], sign: int = 1) 
     """``acc += sign * other`` modulo 2**64, in place (uint64 wraps by definition)."""
     if len(acc) != len(other):
         raise SecAggError(f"update has {len(other)} tensors, expected {len(acc)}")
-    for a, b in zip(acc, other):
+    for a, b in zip(acc, other, strict=True):
         b = np.asarray(b)
         if b.dtype != np.uint64 or b.shape != a.shape:
             raise SecAggError(f"masked tensor {b.dtype}{b.shape}: expected uint64{a.shape}")
@@ -151,7 +152,7 @@ def prg_mask(seed: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
     stream = np.frombuffer(encryptor.update(b"\0" * (8 * sum(sizes))), dtype="<u8")
     out, start = [], 0
-    for shape, size in zip(shapes, sizes):
+    for shape, size in zip(shapes, sizes, strict=True):
         out.append(stream[start:start + size].astype(np.uint64).reshape(shape))
         start += size
     return out
@@ -201,7 +202,7 @@ def split_key(raw: bytes, holders: Sequence[str], threshold: int) -> dict[str, b
         raise SecAggError(f"cannot share among {len(holders)} clinics with threshold {threshold}")
     low = Shamir.split(threshold, len(holders), raw[:16])
     high = Shamir.split(threshold, len(holders), raw[16:])
-    return {h: bytes([lo[0]]) + lo[1] + hi[1] for h, lo, hi in zip(holders, low, high)}
+    return {h: bytes([lo[0]]) + lo[1] + hi[1] for h, lo, hi in zip(holders, low, high, strict=True)}
 
 
 def combine_key(shares: Iterable[bytes], threshold: int) -> bytes:

@@ -38,7 +38,7 @@ class SecAggClinic:
     """Per-process protocol state of one clinic (keys of the current session)."""
 
     def __init__(self, client_id: str) -> None:
-        """Args: client_id: This client's FEDn id (how the server addresses it)."""
+        """Fresh keys; ``client_id`` is this client's FEDn id (how the server addresses it)."""
         self.client_id = client_id
         self.session = ""
         self.c_key = secagg.new_private_key()
@@ -121,7 +121,7 @@ class SecAggClinic:
             raise secagg.SecAggError(f"update has {len(new_weights)} tensors, "
                                      f"the global model {len(global_weights)}")
         deltas = [np.asarray(n, np.float64) - np.asarray(g, np.float64)
-                  for n, g in zip(new_weights, global_weights)]
+                  for n, g in zip(new_weights, global_weights, strict=True)]
         values = secagg.quantise(deltas, weight)
         # Why the masks with *every* keyed clinic: the server only learns the sum over
         # the clinics that answer, and recovers the masks of those that do not.
