@@ -85,7 +85,8 @@ def protocol_cost(n: int, weights: list[np.ndarray]) -> dict[str, float]:
     plain_mean = [np.mean([trained[c][i] for c in ids], axis=0) for i in range(len(weights))]
     err = max(float(np.max(np.abs(r - p))) for r, p in zip(result, plain_mean, strict=True))
     return {"clinics": n, "mask_s": statistics.median(mask_s), "unmask_s": unmask_s,
-            "plain_bytes": npz_bytes(trained[ids[0]]), "masked_bytes": npz_bytes(updates[ids[0]][0]),
+            "plain_bytes": npz_bytes(trained[ids[0]]),
+            "masked_bytes": npz_bytes(updates[ids[0]][0]),
             "settings_bytes": len(settings["secagg"]), "metadata_bytes": max(sent_meta),
             "max_abs_error": err}
 
