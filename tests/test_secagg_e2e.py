@@ -16,6 +16,8 @@ import pytest
 from test_run_e2e import _network_keys, _toy_experiment
 from toy_clinic_app import ToyApp
 
+from fedseg.analysis.report import _run_section
+from fedseg.analysis.summary import load_run, summarize_run
 from fedseg.orchestration.experiment import load_experiment
 from fedseg.orchestration.runlog import read_run_info
 from fedseg.orchestration.runner import run_experiment
@@ -66,6 +68,9 @@ def test_masked_session_equals_plain_fedavg_and_sends_only_masked_updates(
     assert result.status == "finished"
     info = read_run_info(result.run_dir)
     assert info["aggregation"] == "secure"
+    assert summarize_run(load_run(result.run_dir))["aggregation"] == "secure"  # the report
+    assert "Secure aggregation" in _run_section(summarize_run(load_run(result.run_dir)),
+                                                info, [])
     journal = info["secure_aggregation"]["rounds"]
     assert [r["status"] for r in journal] == ["keys", "ok", "ok"]
     seed = _model(result.run_dir, 1)  # round 1 exchanges keys: the model is unchanged
