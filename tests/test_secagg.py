@@ -211,3 +211,21 @@ def test_server_functions_source_runs_like_the_hooks_process_runs_it(tmp_path: P
     assert json.loads(settings["secagg"])["phase"] == "train"
     assert functions.aggregate([np.ones(2)], {})[0].tolist() == [1.0, 1.0]
     assert read_journal(tmp_path / "j.jsonl")[0]["status"] == "keys"
+
+
+@pytest.mark.slow
+def test_inversion_recognises_the_plain_update_not_the_masked_one() -> None:
+    """Same client, batch, step and noise (none): the attack that recovers the patch from
+    the plain update (as in test_inversion) finds nothing in what the server stores."""
+    from fedseg.analysis.leakage import inversion as inv
+    from fedseg_clinic.model.unet import UNetConfig
+
+    config = UNetConfig(levels=2, base_filters=8)
+    settings = inv.ClientSettings(0.1, 1, 1, (8, 8, 8), 1.0)
+    attack = inv.AttackConfig(iterations=150)
+    plain, _, _ = inv.attack_simulated(config, settings, 0.0, attack, seed=0)
+    masked, _, _ = inv.attack_simulated(config, settings, 0.0, attack, seed=0,
+                                        secure_aggregation=True)
+    assert plain["recognisable"] and not plain["secure_aggregation"]
+    assert masked["secure_aggregation"] and not masked["recognisable"]
+    assert masked["ssim"] < plain["ssim"] - 0.2

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -244,6 +245,18 @@ def soft_per_example_loss(soft_labels: tf.Tensor, probs: tf.Tensor) -> tf.Tensor
     return ce + tf.reduce_mean(1.0 - dice_c[:, 1:], axis=1)
 
 
+@functools.lru_cache(maxsize=16)
+def _adam_constants(settings: ClientSettings) -> tuple[float, float, float]:
+    """beta_1, beta_2, epsilon of the client's Adam (make_optimizer), built once.
+
+    Why cached: a Keras optimiser creates a variable (its iteration counter), and a
+    tf.function that is traced again may not create variables; the attack's step function
+    calls simulate_update on every trace.
+    """
+    optimizer = make_optimizer(settings.dp_config(0.0))
+    return float(optimizer.beta_1), float(optimizer.beta_2), float(optimizer.epsilon)
+
+
 def simulate_update(
     model: keras.Model,
     settings: ClientSettings,
@@ -283,7 +296,6 @@ def simulate_update(
     dp = settings.dp_config(0.0)
     query = sum_query(dp)
     clip = query.derive_sample_params(query.initial_global_state())
-    optimizer = make_optimizer(dp)
     start = [tf.convert_to_tensor(w, tf.float32) for w in global_weights]
     current = list(start)
     m = [tf.zeros_like(w) for w in start]
@@ -313,13 +325,13 @@ def simulate_update(
             current = [w - settings.learning_rate * g for w, g in
                        zip(current, grads, strict=True)]
         else:
-            beta1, beta2 = float(optimizer.beta_1), float(optimizer.beta_2)
+            beta1, beta2, epsilon = _adam_constants(settings)
             t = step + 1
             m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads, strict=True)]
             v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads, strict=True)]
             lr_t = settings.learning_rate * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             # sqrt(v + tiny) keeps the second derivative finite where a gradient is 0.
-            current = [w - lr_t * mi / (tf.sqrt(vi + 1e-24) + optimizer.epsilon)
+            current = [w - lr_t * mi / (tf.sqrt(vi + 1e-24) + epsilon)
                        for w, mi, vi in zip(current, m, v, strict=True)]
     return [c - s for c, s in zip(current, start, strict=True)]
 
@@ -645,15 +657,31 @@ def recognisable(metrics: Mapping[str, float], baseline: Mapping[str, float]) ->
 
 
 def attack_simulated(config: UNetConfig, settings: ClientSettings,
-                     noise_multiplier: float | None, attack: AttackConfig, seed: int
+                     noise_multiplier: float | None, attack: AttackConfig, seed: int,
+                     secure_aggregation: bool = False
                      ) -> tuple[dict[str, Any], SimulatedClient, Reconstruction]:
     """Simulate a client, invert its update, score against the truth and the prior.
+
+    Args:
+        config: the (tiny) U-Net.
+        settings: client settings (see :func:`simulate_client`).
+        noise_multiplier: DP sigma of the client.
+        attack: the reconstruction's settings.
+        seed: model initialisation, phantoms and noise.
+        secure_aggregation: Attack what the server stores under secure aggregation (the
+            client's masked update, analysis/leakage/secure.py) instead of the update.
 
     Returns:
         (JSON-ready result, the simulated client, the matched reconstruction).
     """
     client = simulate_client(config, settings, noise_multiplier, seed)
-    rec = invert_update(config, settings, client.global_weights, client.client_weights,
+    seen = client.client_weights
+    if secure_aggregation:
+        from fedseg.analysis.leakage.secure import masked_update_view
+
+        seen = masked_update_view(client.global_weights, client.client_weights,
+                                  settings.n_patches)
+    rec = invert_update(config, settings, client.global_weights, seen,
                         attack, prior=(client.prior_images, client.prior_labels))
     matched, metrics = match_and_score(rec, client.images, client.labels)
     baseline = prior_baseline(client.images, client.labels, client.prior_images,
@@ -668,6 +696,7 @@ def attack_simulated(config: UNetConfig, settings: ClientSettings,
         "model": config.to_dict(),
         "attack": dataclasses.asdict(attack),
         "seed": seed,
+        "secure_aggregation": secure_aggregation,
         **metrics,
         "baseline": baseline,
         "recognisable": recognisable(metrics, baseline),
