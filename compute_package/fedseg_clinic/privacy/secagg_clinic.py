@@ -29,6 +29,9 @@ from fedseg_clinic.privacy import secagg
 
 SETTINGS_KEY = "secagg"
 METADATA_KEY = "secagg"
+# A clinic masks (and so lets the server learn a sum it is part of) only with at least
+# two other keyed clinics: the sum of two updates reveals each to the other clinic.
+MIN_KEYED = 3
 
 Weights = list[np.ndarray]
 TrainFn = Callable[[], tuple[Sequence[np.ndarray], dict[str, Any]]]
@@ -81,7 +84,7 @@ class SecAggClinic:
         meta: dict[str, Any] = {"num_examples": 0}
         if phase == "train":
             own_key = self.round_keys.get(k)
-            if self.client_id in keyed and own_key is not None and len(keyed) >= 2:
+            if self.client_id in keyed and own_key is not None and len(keyed) >= MIN_KEYED:
                 out, meta = self._masked_update(k, own_key, keyed, global_weights, train)
                 answer.update(masked=True, weight=int(meta["num_examples"]))
             else:
