@@ -192,6 +192,16 @@ def test_recovery_fails_when_survivors_vanish_before_revealing(tmp_path: Path) -
     assert last["status"] == "failed" and "2 shares of dropped clinic c3" in last["reason"]
 
 
+def test_two_clinics_never_mask_so_the_server_never_gets_a_sum_of_two(
+        tmp_path: Path) -> None:
+    server, clinics, toys, model = _setup(tmp_path, n=2)
+    for _ in range(3):
+        after, updates = _round(server, clinics, toys, model, set(clinics))
+        assert _same(after, model)
+        assert all(u[1]["secagg_masked"] == 0 for u in updates.values())
+    assert {j["status"] for j in read_journal(tmp_path / "journal.jsonl")} == {"keys"}
+
+
 def test_an_honest_clinic_refuses_to_reveal_for_too_few_survivors() -> None:
     clinic = SecAggClinic("c0")
     payload = {"session": "s", "round": 4, "phase": "recover", "keyed": {}, "c_pk": {},
