@@ -185,11 +185,28 @@ def check_weights(model: keras.Model, arrays: Sequence[Any]) -> None:
     """Check that get_weights()-ordered arrays fit the model's weights.
 
     Raises:
-        FedsegError: another number of arrays (a different architecture?).
+        FedsegError: another number of arrays or another shape (a different
+            architecture?).
     """
     if len(arrays) != len(model.weights):
         raise FedsegError(f"{len(arrays)} weight arrays, the U-Net {model.name} has "
                           f"{len(model.weights)} (different architecture?)")
+    for array, variable in zip(arrays, model.weights, strict=True):
+        if tuple(array.shape) != tuple(variable.shape):
+            raise FedsegError(f"weight {variable.name.split(':')[0]} has shape "
+                              f"{tuple(array.shape)}, the U-Net's is {tuple(variable.shape)} "
+                              "(different architecture?)")
+
+
+def architecture_of(config: UNetConfig, weights: Sequence[Any]) -> UNetConfig:
+    """``config`` with the base width the weights have (their first kernel's channels).
+
+    A stored update fixes the U-Net's widths; the levels (and so the number of weights)
+    and the group count still come from ``config``.
+    """
+    if not weights or len(np.shape(weights[0])) != 5:
+        return config
+    return dataclasses.replace(config, base_filters=int(np.shape(weights[0])[-1]))
 
 
 @contextlib.contextmanager
@@ -245,16 +262,18 @@ def soft_per_example_loss(soft_labels: tf.Tensor, probs: tf.Tensor) -> tf.Tensor
     return ce + tf.reduce_mean(1.0 - dice_c[:, 1:], axis=1)
 
 
-@functools.lru_cache(maxsize=16)
-def _adam_constants(settings: ClientSettings) -> tuple[float, float, float]:
-    """beta_1, beta_2, epsilon of the client's Adam (make_optimizer), built once.
+@functools.cache
+def client_adam_hyperparameters() -> tuple[float, float, float]:
+    """(beta_1, beta_2, epsilon) of the client's Adam (dp_sgd.make_optimizer).
 
-    Why cached: a Keras optimiser creates a variable (its iteration counter), and a
-    tf.function that is traced again may not create variables; the attack's step function
-    calls simulate_update on every trace.
+    Read once and cached: building a Keras optimizer creates variables, which a
+    tf.function tolerates on its first trace only (:func:`invert_update` reads them
+    before tracing).
     """
-    optimizer = make_optimizer(settings.dp_config(0.0))
-    return float(optimizer.beta_1), float(optimizer.beta_2), float(optimizer.epsilon)
+    adam = make_optimizer(DPConfig(l2_norm_clip=1.0, noise_multiplier=None,
+                                   expected_batch_size=1, learning_rate=1.0,
+                                   optimizer="adam"))
+    return float(adam.beta_1), float(adam.beta_2), float(adam.epsilon)
 
 
 def simulate_update(
@@ -271,8 +290,8 @@ def simulate_update(
     each per-example gradient is clipped and summed by the client's own TF Privacy query
     (:func:`fedseg_clinic.privacy.dp_sgd.sum_query`, without noise) and the optimiser
     step uses the client's optimiser's hyperparameters
-    (:func:`fedseg_clinic.privacy.dp_sgd.make_optimizer`), unrolled here because a Keras
-    optimiser assigns variables, which cuts the gradient.
+    (:func:`client_adam_hyperparameters`), unrolled here because a Keras optimiser
+    assigns variables, which cuts the gradient.
 
     Args:
         model: a Keras U-Net of the attacked architecture (built outside any
@@ -325,7 +344,7 @@ def simulate_update(
             current = [w - settings.learning_rate * g for w, g in
                        zip(current, grads, strict=True)]
         else:
-            beta1, beta2, epsilon = _adam_constants(settings)
+            beta1, beta2, epsilon = client_adam_hyperparameters()
             t = step + 1
             m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads, strict=True)]
             v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads, strict=True)]
@@ -387,8 +406,10 @@ def invert_update(
     if config.residual or config.dropout > 0:
         raise FedsegError("the inversion attack supports U-Nets without residual "
                           "shortcuts and dropout only")
-    model = build_unet(config, seed=0)  # the architecture; runs at the simulated weights
+    # The architecture (widths as the weights have them); runs at the simulated weights.
+    model = build_unet(architecture_of(config, global_weights), seed=0)
     check_weights(model, global_weights)
+    client_adam_hyperparameters()  # outside the tf.function below (see there)
     if len(client_weights) != len(global_weights):
         raise FedsegError(f"client weights have {len(client_weights)} arrays, global "
                           f"weights {len(global_weights)}")
