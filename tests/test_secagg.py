@@ -239,3 +239,21 @@ def test_inversion_recognises_the_plain_update_not_the_masked_one() -> None:
     assert plain["recognisable"] and not plain["secure_aggregation"]
     assert masked["secure_aggregation"] and not masked["recognisable"]
     assert masked["ssim"] < plain["ssim"] - 0.2
+
+
+@pytest.mark.parametrize(("session", "clinics", "route", "message"), [
+    ({"aggregator": "fedopt"}, 3, "callback", "works with fedavg only"),
+    ({}, 3, "package", "needs clients.route: callback"),
+    ({}, 2, "callback", "needs at least 3 clinics"),
+])
+def test_experiment_refuses_secure_aggregation_it_cannot_run(
+        session: dict[str, Any], clinics: int, route: str, message: str) -> None:
+    from fedseg.orchestration.experiment import parse_experiment
+    from fedseg_clinic.errors import FedsegError
+
+    doc = {"name": "s", "data": {"phantoms": {"clinics": clinics}},
+           "session": {"secure_aggregation": True, **session}, "clients": {"route": route}}
+    with pytest.raises(FedsegError, match=f"session.secure_aggregation: {message}"):
+        parse_experiment(doc, "x.yaml")
+    doc["session"]["secure_aggregation"] = False
+    parse_experiment(doc, "x.yaml")  # the same experiment, plain, is fine
