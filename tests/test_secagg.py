@@ -257,3 +257,14 @@ def test_experiment_refuses_secure_aggregation_it_cannot_run(
         parse_experiment(doc, "x.yaml")
     doc["session"]["secure_aggregation"] = False
     parse_experiment(doc, "x.yaml")  # the same experiment, plain, is fine
+
+
+def test_invert_cli_secure_aggregation_needs_a_simulated_client(tmp_path: Path) -> None:
+    from helpers import fedseg_cli
+
+    (tmp_path / "w.npz").write_bytes(b"")
+    result = fedseg_cli(["attack", "invert", "--out", str(tmp_path / "o"), "--secure-aggregation",
+                         "--global-weights", str(tmp_path / "w.npz"),
+                         "--client-weights", str(tmp_path / "w.npz")])
+    assert result.exit_code == 1 and "--secure-aggregation needs --simulate" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
