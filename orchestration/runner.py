@@ -389,6 +389,9 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         specs = [clients_mod.ClientSpec(
             name=n, data_dir=data_dirs[n], settings_file=settings_files[n],
             env={**exp.clients.env, **budget.client_privacy_env(exp, run_dir, n),
+                 # A secure session's clinics never send a plain update, whatever happens.
+                 **({"FEDSEG_REQUIRE_SECURE_AGGREGATION": "1"}
+                    if exp.session.secure_aggregation else {}),
                  **(client_env or {}).get(n, {})})
             for n in names]
         say(f"clients up ({exp.clients.route} route): {', '.join(names)}")

@@ -85,11 +85,19 @@ class SecAggServer:
         """The new global model (or ``previous_global`` unchanged; the journal says why)."""
         tic = time.monotonic()
         k = self.round
-        answers, models = self._read_answers(k, client_updates)
-        if self.pending:
-            record, new = self._recover(previous_global, answers)
-        else:
-            record, new = self._train_round(k, previous_global, answers, models)
+        try:
+            answers, models = self._read_answers(k, client_updates)
+            if self.pending:
+                record, new = self._recover(previous_global, answers)
+            else:
+                record, new = self._train_round(k, previous_global, answers, models)
+        except Exception as exc:
+            # FEDn retires a hook that raises and falls back to its own FedAvg, which on
+            # masked updates would publish noise: fail this round here instead.
+            logger.exception("secure aggregation: aggregate failed")
+            self.pending = None
+            record = self._fail({"phase": "?"}, f"internal error: {type(exc).__name__}: {exc}")
+            new = previous_global
         record.update(fedn_round=k, seconds=round(time.monotonic() - tic, 4))
         self._log(record)
         return new

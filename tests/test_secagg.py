@@ -268,3 +268,37 @@ def test_invert_cli_secure_aggregation_needs_a_simulated_client(tmp_path: Path) 
                          "--client-weights", str(tmp_path / "w.npz")])
     assert result.exit_code == 1 and "--secure-aggregation needs --simulate" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_an_internal_error_fails_the_round_instead_of_fedns_fallback(tmp_path: Path) -> None:
+    server, clinics, toys, model = _setup(tmp_path)
+    _round(server, clinics, toys, model, set(clinics))
+    settings = server.client_settings()
+    updates = {c: [None, clinics[c].handle(settings["secagg"], model,
+                                           lambda c=c: toys[c].train(model))[1]]
+               for c in clinics}  # metadata fine, the model bytes lost
+    assert _same(server.aggregate(model, updates), model)
+    last = read_journal(tmp_path / "journal.jsonl")[-1]
+    assert last["status"] == "failed" and "internal error" in last["reason"]
+
+
+def test_a_clinic_that_requires_secure_aggregation_never_sends_a_plain_update() -> None:
+    import io
+
+    from fedn.utils.helpers.helpers import get_helper
+
+    from fedseg_clinic.errors import FedsegError
+    from fedseg_clinic.fedn_callback import CallbackAdapter
+
+    class App:
+        def train(self, weights: list, settings: dict) -> tuple[list, dict]:
+            return weights, {"num_examples": 1}
+
+        def validate(self, weights: list) -> dict:
+            return {}
+
+    buf = io.BytesIO()
+    get_helper("numpyhelper").save([np.zeros(3)], buf)
+    CallbackAdapter(App()).train(io.BytesIO(buf.getvalue()), {})  # plain clinic: fine
+    with pytest.raises(FedsegError, match="refusing to send a plain update"):
+        CallbackAdapter(App(), require_secagg=True).train(io.BytesIO(buf.getvalue()), {})

@@ -49,6 +49,9 @@ TRAIN_FAILED = "FEDSEG_TRAIN_FAILED"
 VALIDATE_FAILED = "FEDSEG_VALIDATE_FAILED"
 TOKEN_ENV = "FEDSEG_CLIENT_TOKEN"
 KEEP_UPDATES_ENV = "FEDSEG_KEEP_UPDATES"
+# 1/true: this clinic sends masked updates only (secure aggregation) and refuses a round
+# whose settings carry no secure-aggregation request, e.g. when the server's hook failed.
+REQUIRE_SECAGG_ENV = "FEDSEG_REQUIRE_SECURE_AGGREGATION"
 
 
 class ClientApp(Protocol):
@@ -123,7 +126,8 @@ def _json_safe(metadata: dict[str, Any], where: str) -> dict[str, Any]:
 class CallbackAdapter:
     """Turns an app's numpy interface into FEDn's BytesIO callbacks."""
 
-    def __init__(self, app: ClientApp, keep_updates: Path | None = None) -> None:
+    def __init__(self, app: ClientApp, keep_updates: Path | None = None,
+                 require_secagg: bool = False) -> None:
         """Wrap ``app``.
 
         Args:
@@ -133,6 +137,7 @@ class CallbackAdapter:
                 1, 2, ... per training call), for attacking real rounds with
                 ``fedseg attack invert``. None (the default) keeps nothing: an update
                 is exactly what DP protects, so keeping it is a research opt-in.
+            require_secagg: Refuse to send an update that is not masked.
         """
         from fedn.utils.helpers.helpers import get_helper
 
@@ -143,6 +148,7 @@ class CallbackAdapter:
         # Set once connected: secure aggregation addresses clinics by their FEDn id.
         self.client_id: str | None = None
         self.secagg: Any = None
+        self.require_secagg = require_secagg
 
     def train(self, in_model: io.BytesIO, client_settings: dict[str, Any]
               ) -> tuple[io.BytesIO, dict[str, Any]]:
@@ -169,6 +175,9 @@ class CallbackAdapter:
 
         payload = settings.pop(SETTINGS_KEY, None)
         if payload is None:
+            if self.require_secagg:
+                raise FedsegError("this clinic requires secure aggregation and the round's "
+                                  "settings carry no request: refusing to send a plain update")
             return self.app.train(weights, settings)
         if self.secagg is None:
             if not self.client_id:
@@ -310,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         tic = time.monotonic()
         app = factory()
         logger.info("app %s ready in %.1f s", args.app, time.monotonic() - tic)
-        adapter = CallbackAdapter(app, keep_updates_dir(os.environ))
+        adapter = CallbackAdapter(app, keep_updates_dir(os.environ),
+                                  os.environ.get(REQUIRE_SECAGG_ENV, "").lower()
+                                  in ("1", "true", "yes"))
         client = _make_fedn_client(adapter)
     except FedsegError as exc:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
