@@ -95,8 +95,9 @@ def test_two_sessions_on_one_network_log_only_their_own_rounds(
 
     bystander = clients_mod.ClientSpec("bystander", tmp_path / "a" / "clinic-1",
                                        env={"PYTHONPATH": str(TESTS)})
-    clients_mod.clients_up(tmp_path / "other", [bystander],
-                           api_url=load_network_state(network_root).api_url, app=TOY_APP)
+    state = load_network_state(network_root)  # closed by default: it needs a token
+    clients_mod.clients_up(tmp_path / "other", [bystander], api_url=state.api_url,
+                           app=TOY_APP, token=state.client_token)
     try:
         second = run_experiment(load_experiment(_toy_experiment(tmp_path / "b", "second",
                                                                 names)),
