@@ -42,13 +42,13 @@ import numpy as np
 
 from fedseg_clinic.cases import Case, CaseMeta, write_case
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.imaging import preprocess
 from fedseg_clinic.imaging.importer import (
     ImportOptions,
     ImportReport,
-    _write_manifest,
     load_salt,
+    preprocess_case,
     pseudonym,
+    write_import_manifest,
 )
 from fedseg_clinic.imaging.labelmap import (
     _NRRD_SPACES,
@@ -402,33 +402,8 @@ def _import_volume_case(found: VolumeCase, key: str, out: Path, options: ImportO
         "label_sources": {"masks": len(found.masks), "labelmap": len(found.labelmaps)},
         "crop": options.crop,
     }
-    if options.crop:
-        body = masks.get("body")
-        extra["crop_body_from"] = "BODY ROI" if body is not None else "threshold"
-        if body is None:
-            body = preprocess.threshold_body_mask(hu)
-        # Contoured organs lie in the patient by definition: the box holds them too, so a
-        # threshold body that misses a slice or two (OpenKBP's lowest cord slices lie
-        # outside the largest component in some patients) never cuts a contour.
-        for mask in masks.values():
-            body = body | mask
-        box = preprocess.crop_box(body)
-        hu = hu[box]
-        cropped = {organ: m[box] for organ, m in masks.items()}
-        for organ, mask in masks.items():
-            lost = int(np.count_nonzero(mask)) - int(np.count_nonzero(cropped[organ]))
-            if lost:
-                report.warn(f"{case_id}: {lost} voxel(s) of {organ} lie outside the body's "
-                            "bounding box and were cropped away")
-        masks = cropped
-        geometry = preprocess.crop_geometry(geometry, box)
-    if options.spacing is not None:
-        hu, masks, geometry = preprocess.resample(hu, masks, geometry, options.spacing)
-    for organ in [o for o, m in masks.items() if not m.any()]:
-        report.warn(f"{case_id}: {organ} is empty after cropping/resampling to "
-                    f"{geometry.spacing} mm; {organ} left unlabelled")
-        del masks[organ]
-    image = preprocess.clip_hu(hu, *options.hu_clip)
+    image, masks, geometry = preprocess_case(hu, masks, geometry, options, report, case_id,
+                                             extra)
     meta = CaseMeta(
         case_id=case_id,
         patient_pseudonym="pt-" + pseudonym(salt, "volume", key),
@@ -462,9 +437,9 @@ def import_volume_clinic(src: Path, out: Path, options: ImportOptions) -> Import
     Raises:
         FedsegError: for bad options or when ``src`` holds no CT volume at all.
     """
-    from fedseg_clinic.imaging.importer import _check_options
+    from fedseg_clinic.imaging.importer import check_import_options
 
-    _check_options(options)
+    check_import_options(options)
     found = find_volume_cases(src)
     if not found:
         raise FedsegError(f"{src}: no NIfTI/NRRD CT volume found (CT files are named "
@@ -488,5 +463,5 @@ def import_volume_clinic(src: Path, out: Path, options: ImportOptions) -> Import
             continue
         report.cases.append(case_id)
         logger.info("imported %s (%d/%d)", case_id, index, len(found))
-    _write_manifest(out, options, report)
+    write_import_manifest(out, options, report)
     return report
