@@ -146,3 +146,13 @@ def test_bug_12_report_wait_retries_without_a_stop() -> None:
                   source.index("def check_combiners_done_reporting")]
     assert "@retry(" in wait and "stop=" not in wait
 
+
+
+def test_bug_19_client_tls_only_on_port_443_and_private_ca_drops_token() -> None:
+    from fedn.network.clients import grpc_handler
+
+    source = inspect.getsource(grpc_handler.GrpcHandler)
+    assert "if port == GRPC_SECURE_PORT:" in source and grpc_handler.GRPC_SECURE_PORT == 443
+    secure = inspect.getsource(grpc_handler.GrpcHandler._init_secure_channel)
+    root_branch = secure[secure.index("FEDN_GRPC_ROOT_CERT_PATH"):secure.index("return")]
+    assert "GrpcAuth" not in root_branch  # the private-CA branch attaches no token
