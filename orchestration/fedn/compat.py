@@ -490,7 +490,7 @@ def attach_grpc_token() -> None:
 
     original = getattr(GrpcHandler.__init__, "__wrapped__", GrpcHandler.__init__)
 
-    def __init__(self: Any, host: str, port: int, name: str, token: str,
+    def __init__(self: Any, host: str, port: int, name: str, token: str,  # noqa: N807 - replaces __init__
                  combiner_name: str) -> None:
         original(self, host, port, name, token, combiner_name)
         if token and not any(key == "authorization" for key, _ in self.metadata):
@@ -645,7 +645,7 @@ def sign_controller_calls() -> None:
         return
     original = getattr(interfaces.Channel.__init__, "__wrapped__", interfaces.Channel.__init__)
 
-    def __init__(self: Any, address: str, port: int, certificate: Any = None) -> None:
+    def __init__(self: Any, address: str, port: int, certificate: Any = None) -> None:  # noqa: N807 - replaces __init__
         original(self, address, port, certificate)
         self.channel = grpc.intercept_channel(self.channel, _ControllerToken(str(secret)))
 
