@@ -48,7 +48,7 @@ def _registry_path(root: Path) -> Path:
 
 
 def load_clinics(root: Path) -> dict[str, dict]:
-    """name -> {"jti", "client_id", "created_at", "expires_at", "revoked_at"}."""
+    """Name -> {"jti", "client_id", "created_at", "expires_at", "revoked_at"}."""
     path = _registry_path(root)
     try:
         data = json.loads(path.read_text())
@@ -207,8 +207,8 @@ This folder lets the clinic "{name}" join the federation at {api_url}.
    the server. Optional training settings: a YAML named by FEDSEG_SETTINGS.
 3. Start: `FEDSEG_DATA_DIR=/path/to/data sh run-client.sh` (set FEDSEG_PYTHON to the
    Python with fedseg if it is not `python3`). The client keeps its own state in
-   `state/` next to this file (FEDSEG_STATE_DIR overrides). The client downloads the compute package from the server and waits for
-   training requests.
+   `state/` next to this file (FEDSEG_STATE_DIR overrides). It downloads the compute
+   package from the server and waits for training requests.
 
 ## Network
 

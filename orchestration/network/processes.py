@@ -21,8 +21,8 @@ from fedseg.orchestration.network.config import (
     STATE_FILE,
     NetworkConfig,
 )
-from fedseg.orchestration.network.revocation import REVOKED_FILE, REVOKED_FILE_ENV
 from fedseg.orchestration.network.ports import LOCALHOST, ProcessRecord
+from fedseg.orchestration.network.revocation import REVOKED_FILE, REVOKED_FILE_ENV
 from fedseg.orchestration.network.state import CombinerState, NetworkState, load_network_state
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import PRIVATE_FILE, atomic_write_text

@@ -29,7 +29,7 @@ REVOKED_FILE_ENV = "FEDSEG_REVOKED_TOKENS"
 
 
 def read_revoked(path: Path) -> dict[str, dict]:
-    """jti -> {"clinic", "revoked_at"} from ``path`` (empty when there is no file).
+    """Jti -> {"clinic", "revoked_at"} from ``path`` (empty when there is no file).
 
     Raises:
         FedsegError: The file exists but is not a revocation list.
@@ -88,6 +88,7 @@ class RevocationAwareJwt:
         return getattr(jwt, name)  # exceptions, encode, ... as the real module
 
     def decode(self, token: str, *args: Any, **kwargs: Any) -> dict:
+        """``jwt.decode``, then InvalidTokenError for a revoked ``jti``."""
         payload = jwt.decode(token, *args, **kwargs)
         if payload.get("jti") in self._revocations.jtis():
             raise jwt.InvalidTokenError("token revoked")

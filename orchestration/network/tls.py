@@ -83,7 +83,7 @@ def create_ca(folder: Path, common_name: str) -> tuple[Path, Path]:
     """
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(_name(common_name)).issuer_name(_name(common_name))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -102,8 +102,9 @@ def create_ca(folder: Path, common_name: str) -> tuple[Path, Path]:
 
 
 def issue_server_cert(folder: Path, hosts: list[str]) -> tuple[Path, Path]:
-    """Issue a server certificate for ``hosts`` (IPs or DNS names) signed by the CA in
-    ``folder``; key 0600.
+    """Issue a server certificate for ``hosts`` (IPs or DNS names), signed by our CA.
+
+    The CA is the one in ``folder`` (:func:`create_ca`); the key is written 0600.
 
     Returns:
         (certificate path, key path).
@@ -111,7 +112,7 @@ def issue_server_cert(folder: Path, hosts: list[str]) -> tuple[Path, Path]:
     ca_key = serialization.load_pem_private_key((folder / CA_KEY).read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate((folder / CA_CERT).read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
