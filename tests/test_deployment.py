@@ -255,6 +255,9 @@ def test_clinic_kit_token_works_until_revoked(tls_net: NetworkState, tmp_path: P
     checksum = f"{state.api_url}api/v1/packages/checksum"
     assert requests.get(checksum, headers=headers, verify=str(ca), timeout=10).status_code \
         != 401
+    sessions = f"{state.api_url}api/v1/sessions/"  # admin routes: not for a clinic
+    assert requests.get(sessions, headers=headers, verify=str(ca), timeout=10).status_code \
+        == 401
     # A second kit for the same clinic needs a revoke first.
     with pytest.raises(FedsegError, match="already has a kit"):
         add_clinic(state.root, "clinic-a", tmp_path / "kit-a2")
