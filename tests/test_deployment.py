@@ -56,36 +56,50 @@ VENV_BIN = Path(sys.executable).parent
 # --- the namespace ------------------------------------------------------------------------
 
 class Netns:
-    """A veth pair: ``host_ip`` in our namespace, ``peer_ip`` in namespace ``name``."""
+    """The server's address on one veth pair, and ``n`` clinic namespaces.
 
-    def __init__(self) -> None:
-        tag = secrets.token_hex(3)
-        self.name = f"fsns{tag}"
-        self.veth = f"fsv{tag}"
-        self.peer = f"fsp{tag}"
-        third = int(tag[:2], 16) % 250 + 1
-        # 10.213.x.0/30: a private range that exists only on this pair.
-        self.host_ip = f"10.213.{third}.1"
-        self.peer_ip = f"10.213.{third}.2"
+    Pair i has its root-namespace end in our namespace and its peer in namespace
+    ``names[i]``, each on its own 10.213.x.0/30; ``host_ip`` (on pair 0) is the server's
+    address. Namespaces 1.. reach it through their own pair with a host route (the
+    address is local to our namespace, so no forwarding is needed).
+    """
+
+    def __init__(self, n: int = 3) -> None:
+        tag = secrets.token_hex(2)
+        base = int(tag, 16) % 60 * 4
+        self.names = [f"fsns{tag}{i}" for i in range(n)]
+        self.veths = [f"fsv{tag}{i}" for i in range(n)]
+        self.peers = [f"fsp{tag}{i}" for i in range(n)]
+        # 10.213.x.0/30 per pair: private ranges that exist only on these pairs.
+        self.subnets = [f"10.213.{base + i}" for i in range(n)]
+        self.host_ip = f"{self.subnets[0]}.1"
+        self.peer_ips = [f"{subnet}.2" for subnet in self.subnets]
+        self.name = self.names[0]
 
     def up(self) -> None:
-        steps = [
-            ["ip", "netns", "add", self.name],
-            ["ip", "link", "add", self.veth, "type", "veth", "peer", "name", self.peer],
-            ["ip", "link", "set", self.peer, "netns", self.name],
-            ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.veth],
-            ["ip", "link", "set", self.veth, "up"],
-            ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.peer_ip}/30",
-             "dev", self.peer],
-            ["ip", "netns", "exec", self.name, "ip", "link", "set", self.peer, "up"],
-            ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
-        ]
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True, timeout=10)
+        for name, veth, peer, subnet in zip(self.names, self.veths, self.peers, self.subnets,
+                                            strict=True):
+            steps = [
+                ["ip", "netns", "add", name],
+                ["ip", "link", "add", veth, "type", "veth", "peer", "name", peer],
+                ["ip", "link", "set", peer, "netns", name],
+                ["ip", "addr", "add", f"{subnet}.1/30", "dev", veth],
+                ["ip", "link", "set", veth, "up"],
+                ["ip", "netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/30", "dev",
+                 peer],
+                ["ip", "netns", "exec", name, "ip", "link", "set", peer, "up"],
+                ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+            ]
+            if subnet != self.subnets[0]:
+                steps.append(["ip", "netns", "exec", name, "ip", "route", "add",
+                              f"{self.host_ip}/32", "via", f"{subnet}.1"])
+            for step in steps:
+                subprocess.run(step, check=True, capture_output=True, timeout=10)
 
     def down(self) -> None:
-        subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=10)
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+        for name, veth in zip(self.names, self.veths, strict=True):
+            subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=10)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +118,8 @@ def netns() -> Iterator[Netns]:
         yield ns
     finally:
         ns.down()
-    assert ns.name not in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                         text=True).stdout
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in listed for name in ns.names)
 
 
 def tls_config(root: Path, host: str, **overrides: object) -> NetworkConfig:
@@ -282,14 +296,14 @@ def test_clinic_kit_token_works_until_revoked(tls_net: NetworkState, tmp_path: P
 
 # --- a clinic in its own namespace --------------------------------------------------------
 
-def _start_kit_client(netns: Netns, kit: Path, data: Path) -> subprocess.Popen:
+def _start_kit_client(namespace: str, kit: Path, data: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDN_", "FEDSEG_"))}
     env.update({"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                 "FEDSEG_PYTHON": sys.executable, "FEDSEG_DATA_DIR": str(data),
                 "FEDN_HOME_DIR": str(kit)})
     log = open(kit / "client.log", "wb")
     try:
-        return subprocess.Popen(["ip", "netns", "exec", netns.name, "sh",
+        return subprocess.Popen(["ip", "netns", "exec", namespace, "sh",
                                  str(kit / "run-client.sh")], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     finally:
@@ -312,39 +326,49 @@ def _online(state: NetworkState) -> set[str]:
 
 
 @net
-def test_clinic_in_another_namespace_trains_a_round_over_tls(
+def test_three_clinics_in_their_own_namespaces_train_a_round_over_tls(
         tls_net: NetworkState, netns: Netns, tmp_path: Path) -> None:
     state = tls_net
     upload_package_and_seed(state, tmp_path / "work")
     data = tmp_path / "data"
     data.mkdir()
-    good = add_clinic(state.root, "clinic-ns", tmp_path / "kit-ns")
+    names = [f"clinic-ns{i}" for i in range(len(netns.names))]
+    kits = [add_clinic(state.root, name, tmp_path / f"kit-{name}") for name in names]
+    # Refused: a revoked kit, another network's token, a kit trusting another CA.
     revoked = add_clinic(state.root, "clinic-gone", tmp_path / "kit-gone")
     revoke_clinic(state.root, "clinic-gone")
     foreign = tmp_path / "kit-foreign"
-    shutil.copytree(good, foreign)
+    shutil.copytree(kits[0], foreign)
     config = yaml.safe_load((foreign / "fedn-client.yaml").read_text())
     config.update(name="clinic-foreign", client_id=str(uuid.uuid4()),
                   token=auth_mod.mint_token(auth_mod.new_secret(), "client", "x", 3600))
     (foreign / "fedn-client.yaml").write_text(yaml.safe_dump(config))
-    procs = [_start_kit_client(netns, kit, data) for kit in (good, revoked, foreign)]
+    other_ca = add_clinic(state.root, "clinic-otherca", tmp_path / "kit-otherca")
+    tls_mod.create_ca(tmp_path / "other-ca", "another CA")
+    shutil.copy(tmp_path / "other-ca" / "ca.pem", other_ca / "ca.pem")
+    procs = [_start_kit_client(ns, kit, data) for ns, kit in zip(netns.names, kits, strict=True)]
+    procs += [_start_kit_client(netns.names[1], kit, data)
+              for kit in (revoked, foreign, other_ca)]
     try:
-        deadline = time.monotonic() + 90
-        while "clinic-ns" not in _online(state) and time.monotonic() < deadline:
-            assert procs[0].poll() is None, (good / "client.log").read_text()[-2000:]
+        deadline = time.monotonic() + 120
+        while set(names) - _online(state) and time.monotonic() < deadline:
+            for proc, kit in zip(procs, kits, strict=False):
+                assert proc.poll() is None, (kit / "client.log").read_text()[-2000:]
             time.sleep(0.5)
-        assert "clinic-ns" in _online(state), (good / "client.log").read_text()[-2000:]
-        session_id = run_session(state, rounds=1, min_clients=1)  # asserts "Finished"
+        assert set(names) <= _online(state), (kits[-1] / "client.log").read_text()[-2000:]
+        session_id = run_session(state, rounds=1, min_clients=len(names))  # "Finished"
         weights = final_weights(state, session_id, tmp_path / "work")
         assert any(not np.array_equal(w, s) for w, s in zip(weights, seed_weights(), strict=True))
-        assert _online(state) & {"clinic-gone", "clinic-foreign"} == set()
+        assert _online(state) & {"clinic-gone", "clinic-foreign", "clinic-otherca"} == set()
         for kit in (revoked, foreign):  # refused at the API: revoked / other network's token
             assert "Connect to FEDn Api - Unauthorized" in (kit / "client.log").read_text()
-        # It reached the server through the veth pair, over HTTPS.
-        log = (good / "client.log").read_text()
-        assert f"https://{netns.host_ip}:" in log
-        token = yaml.safe_load((good / "fedn-client.yaml").read_text())["token"]
-        assert token not in log  # never logged
+        # The server's certificate does not verify against another CA: no connection.
+        assert "CERTIFICATE_VERIFY_FAILED" in (other_ca / "client.log").read_text()
+        for kit in kits:  # each reached the server over HTTPS, from its own namespace
+            log = (kit / "client.log").read_text()
+            assert f"https://{netns.host_ip}:" in log
+            token = yaml.safe_load((kit / "fedn-client.yaml").read_text())["token"]
+            assert token not in log  # never logged
     finally:
         for proc in procs:
             _stop(proc)
