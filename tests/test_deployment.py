@@ -320,6 +320,23 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=5)
 
 
+def _everything_the_server_holds(state: NetworkState) -> bytes:
+    """Every object in the network's S3 buckets and every file under its folder."""
+    import boto3
+
+    cfg = state.storage["storage_config"]
+    s3 = boto3.client("s3", endpoint_url=cfg["storage_endpoint"], region_name="eu-west-1",
+                      aws_access_key_id=cfg["storage_access_key"],
+                      aws_secret_access_key=cfg["storage_secret_key"])
+    blobs = []
+    for bucket in s3.list_buckets()["Buckets"]:
+        for item in s3.list_objects_v2(Bucket=bucket["Name"]).get("Contents", []):
+            blobs.append(s3.get_object(Bucket=bucket["Name"], Key=item["Key"])["Body"].read())
+    blobs += [p.read_bytes() for p in state.root.rglob("*") if p.is_file()]
+    assert len(blobs) > 5  # models, package, logs, the state store
+    return b"\n".join(blobs)
+
+
 def _online(state: NetworkState) -> set[str]:
     clients = state.api_client().get_clients().get("result", [])
     return {c["name"] for c in clients if c.get("status") == "online"}
@@ -332,6 +349,8 @@ def test_three_clinics_in_their_own_namespaces_train_a_round_over_tls(
     upload_package_and_seed(state, tmp_path / "work")
     data = tmp_path / "data"
     data.mkdir()
+    marker = f"clinic-data-{secrets.token_hex(16)}".encode()
+    (data / "case-0001.nii").write_bytes(marker * 64)
     names = [f"clinic-ns{i}" for i in range(len(netns.names))]
     kits = [add_clinic(state.root, name, tmp_path / f"kit-{name}") for name in names]
     # Refused: a revoked kit, another network's token, a kit trusting another CA.
@@ -364,6 +383,7 @@ def test_three_clinics_in_their_own_namespaces_train_a_round_over_tls(
             assert "Connect to FEDn Api - Unauthorized" in (kit / "client.log").read_text()
         # The server's certificate does not verify against another CA: no connection.
         assert "CERTIFICATE_VERIFY_FAILED" in (other_ca / "client.log").read_text()
+        assert marker not in _everything_the_server_holds(state)
         for kit in kits:  # each reached the server over HTTPS, from its own namespace
             log = (kit / "client.log").read_text()
             assert f"https://{netns.host_ip}:" in log
