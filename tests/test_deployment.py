@@ -392,3 +392,29 @@ def test_three_clinics_in_their_own_namespaces_train_a_round_over_tls(
     finally:
         for proc in procs:
             _stop(proc)
+
+
+def test_revocation_list_refuses_revoked_jti_and_rereads_on_change(tmp_path: Path) -> None:
+    import jwt
+
+    from fedseg.orchestration.network.revocation import (
+        RevocationAwareJwt,
+        _RevocationList,
+        revoke,
+    )
+
+    secret = auth_mod.new_secret()
+    path = tmp_path / "revoked-tokens.json"
+    checker = RevocationAwareJwt(_RevocationList(path))
+    token_a = auth_mod.mint_token(secret, "client", "clinic:a", 3600, jti="a" * 32)
+    token_b = auth_mod.mint_token(secret, "client", "clinic:b", 3600, jti="b" * 32)
+    assert checker.decode(token_a, secret, algorithms=["HS256"])["sub"] == "clinic:a"
+    revoke(path, "a" * 32, "a")
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(jwt.InvalidTokenError, match="revoked"):
+        checker.decode(token_a, secret, algorithms=["HS256"])
+    assert checker.decode(token_b, secret, algorithms=["HS256"])["sub"] == "clinic:b"
+    assert checker.ExpiredSignatureError is jwt.ExpiredSignatureError  # as fedn uses it
+    path.write_text("{ damaged")  # a damaged list keeps the last one read: still refused
+    with pytest.raises(jwt.InvalidTokenError, match="revoked"):
+        checker.decode(token_a, secret, algorithms=["HS256"])
