@@ -418,3 +418,26 @@ def test_revocation_list_refuses_revoked_jti_and_rereads_on_change(tmp_path: Pat
     path.write_text("{ damaged")  # a damaged list keeps the last one read: still refused
     with pytest.raises(jwt.InvalidTokenError, match="revoked"):
         checker.decode(token_a, secret, algorithms=["HS256"])
+
+
+@net
+def test_operator_supplied_certificates(netns: Netns, tmp_path: Path) -> None:
+    hospital = tmp_path / "hospital-pki"
+    tls_mod.create_ca(hospital, "hospital CA")
+    cert, key = tls_mod.issue_server_cert(hospital, [netns.host_ip])
+    root = tmp_path / "net"
+    state = network_up(tls_config(root, netns.host_ip, tls_cert=cert, tls_key=key,
+                                  tls_ca=hospital / "ca.pem"))
+    try:
+        assert state.tls_ca == str(hospital / "ca.pem")
+        assert not (root / "tls").exists()  # no CA of fedseg's own
+        answer = requests.get(f"{state.api_url}health", verify=str(hospital / "ca.pem"),
+                              timeout=10)
+        assert answer.status_code == 200
+        kit = add_clinic(root, "clinic-h", tmp_path / "kit")
+        assert (kit / "ca.pem").read_bytes() == (hospital / "ca.pem").read_bytes()
+        combiner = state.combiners[0]
+        token = yaml.safe_load((kit / "fedn-client.yaml").read_text())["token"]
+        assert _heartbeat(combiner.host, combiner.port, token, kit / "ca.pem") == "OK"
+    finally:
+        network_down(root)
