@@ -441,3 +441,37 @@ def test_operator_supplied_certificates(netns: Netns, tmp_path: Path) -> None:
         assert _heartbeat(combiner.host, combiner.port, token, kit / "ca.pem") == "OK"
     finally:
         network_down(root)
+
+
+@net
+def test_keep_secret_lets_clinic_kits_survive_a_restart(netns: Netns, tmp_path: Path) -> None:
+    root = tmp_path / "net"
+    config = tls_config(root, netns.host_ip, keep_secret=True)
+    network_up(config)
+    try:
+        kit = add_clinic(root, "clinic-k", tmp_path / "kit")
+        gone = add_clinic(root, "clinic-g", tmp_path / "kit-g")
+        revoke_clinic(root, "clinic-g")
+    finally:
+        network_down(root)
+    assert (root / "jwt-secret").stat().st_mode & 0o777 == 0o600  # kept, owner only
+    state = network_up(config)
+    try:
+        combiner = state.combiners[0]
+        ca = kit / "ca.pem"
+        assert ca.read_bytes() == Path(str(state.tls_ca)).read_bytes()  # the CA is kept
+        token = yaml.safe_load((kit / "fedn-client.yaml").read_text())["token"]
+        assert _heartbeat(combiner.host, combiner.port, token, ca) == "OK"
+        revoked = yaml.safe_load((gone / "fedn-client.yaml").read_text())["token"]
+        assert _heartbeat(combiner.host, combiner.port, revoked, ca) == "UNAUTHENTICATED"
+    finally:
+        network_down(root)
+    # Without keep_secret a restart ends every earlier token.
+    config.keep_secret = False
+    state = network_up(config)
+    try:
+        combiner = state.combiners[0]
+        assert _heartbeat(combiner.host, combiner.port, token, ca) == "UNAUTHENTICATED"
+    finally:
+        network_down(root)
+    assert not (root / "jwt-secret").exists()

@@ -32,9 +32,12 @@ def network() -> None:
               help="Start the hooks service (per-round client settings).")
 @click.option("--host", help="Address the API server and combiners listen on and advertise "
                              "(default 127.0.0.1). Any other: TLS and auth, always.")
+@click.option("--keep-secret/--new-secret", default=None,
+              help="Keep the JWT secret across down/up so clinic kits survive a restart "
+                   "(default: a new secret per up).")
 def up(config_path: Path | None, root: Path | None, statestore: str | None,
        n_combiners: int | None, api_port: int | None, auth: bool | None,
-       hooks: bool | None, host: str | None) -> None:
+       hooks: bool | None, host: str | None, keep_secret: bool | None) -> None:
     """Bring a network up and wait until every process answers."""
     from fedseg.orchestration.network import CombinerSpec, NetworkConfig, network_up
 
@@ -58,6 +61,8 @@ def up(config_path: Path | None, root: Path | None, statestore: str | None,
         config.hooks = hooks
     if host is not None:
         config.host = host
+    if keep_secret is not None:
+        config.keep_secret = keep_secret
     config.validate(str(config_path) if config_path is not None else "command line")
     state = network_up(config)
     click.echo(f"network up in {state.root}")

@@ -67,6 +67,9 @@ class NetworkConfig:
             include ``host``). Without it fedseg creates a private CA in root/tls.
         tls_key: Its private key (PEM).
         tls_ca: The CA certificate clients verify the server with (PEM).
+        keep_secret: Keep root/jwt-secret across ``network down``/``up``, so tokens in
+            clinic kits stay valid after a restart (off: a fresh secret per ``up``,
+            every earlier token worthless). Revoked kits stay revoked either way.
     """
 
     root: Path
@@ -92,6 +95,7 @@ class NetworkConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    keep_secret: bool = False
 
     @property
     def tls(self) -> bool:
@@ -144,7 +148,7 @@ class NetworkConfig:
         for key in ("api_port", "s3_port", "postgres_port", "hooks_port", "api_workers"):
             if key in values:
                 values[key] = _as_int(values[key], key, source)
-        for key in ("auth", "hooks"):
+        for key in ("auth", "hooks", "keep_secret"):
             if key in values and not isinstance(values[key], bool):
                 raise FedsegError(f"{source}: {key} must be true or false, not {values[key]!r}")
         for key in ("startup_timeout_s", "token_lifetime_s"):
@@ -190,6 +194,8 @@ class NetworkConfig:
         if self.tls and not self.auth:
             raise FedsegError(f"{source}: host {self.host} is not loopback: auth cannot be "
                               "turned off there (clinics reach it over the network)")
+        if self.keep_secret and not self.auth:
+            raise FedsegError(f"{source}: keep_secret needs auth on (no secret without it)")
         tls_given = [k for k in ("tls_cert", "tls_key", "tls_ca") if getattr(self, k)]
         if tls_given and len(tls_given) != 3:
             raise FedsegError(f"{source}: tls_cert, tls_key and tls_ca go together "

@@ -96,6 +96,23 @@ def _previous_alive(root: Path) -> list[str]:
     return alive
 
 
+def _kept_secret(root: Path) -> str | None:
+    """The secret of an earlier ``up`` with keep_secret (None if absent or too short)."""
+    try:
+        secret = (root / SECRET_FILE).read_text().strip()
+    except OSError:
+        return None
+    return secret if len(secret.encode()) >= auth.MIN_SECRET_BYTES else None
+
+
+def _keeps_secret(root: Path) -> bool:
+    try:
+        data = yaml.safe_load((root / CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get("keep_secret") is True
+
+
 def network_up(config: NetworkConfig) -> NetworkState:
     """Start stores, API server, combiners (and hooks); wait until each is ready.
 
@@ -114,7 +131,8 @@ def network_up(config: NetworkConfig) -> NetworkState:
         raise FedsegError(f"a network is already up in {root} ({', '.join(alive)}); "
                           "run `fedseg network down` first")
     (root / STATE_FILE).unlink(missing_ok=True)
-    (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
+    if not config.keep_secret:
+        (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
     ports.require_free_ports(config.ports())
     if config.tls:
         # The API server and the combiners listen on the chosen address instead.
@@ -135,7 +153,8 @@ def network_up(config: NetworkConfig) -> NetworkState:
     except BaseException:
         for record in reversed(started):
             ports.stop(record)
-        (root / SECRET_FILE).unlink(missing_ok=True)  # no network: no valid tokens
+        if not config.keep_secret:
+            (root / SECRET_FILE).unlink(missing_ok=True)  # no network: no valid tokens
         raise
     logger.info("network up in %s after %.1f s", root, time.monotonic() - t0)
     return state
@@ -183,7 +202,8 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
     api_extra: dict[str, str] = {}
     headers: dict[str, str] = {}
     if config.auth:
-        secret = auth.new_secret()
+        secret = _kept_secret(root) if config.keep_secret else None
+        secret = secret or auth.new_secret()
         # On disk for the owner only, so tokens can be minted again when they expire.
         atomic_write_text(root / SECRET_FILE, secret + "\n", PRIVATE_FILE)
         lifetime = config.token_lifetime_s
@@ -290,7 +310,8 @@ def network_down(root: Path, timeout_s: float = 15.0) -> list[str]:
             stopped.append(name)
             logger.info("stopped %s (pid %d)", name, record.pid)
     (root / STATE_FILE).unlink(missing_ok=True)
-    (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
+    if not _keeps_secret(root):
+        (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
     return stopped
 
 
