@@ -66,6 +66,8 @@ VERSIONED = ("fedseg", "fedn", "tensorflow", "tf-keras", "tensorflow-privacy", "
 BUDGET_LIMITED = "budget-limited"
 # After a round is done, how long to wait for its validations before reporting it anyway.
 VALIDATION_GRACE_S = 30.0
+# The server's per-round secure-aggregation outcomes (orchestration/secure_aggregation.py).
+SECAGG_JOURNAL = "secagg.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +212,8 @@ def network_config(exp: Experiment, run_dir: Path) -> Any:
 
     data = dict(exp.network)
     data.setdefault("root", str(run_dir / "network"))
-    if exp.client_settings:
-        data["hooks"] = True
+    if exp.client_settings or exp.session.secure_aggregation:
+        data["hooks"] = True  # settings and secure aggregation run in ServerFunctions
     source = f"{exp.source or exp.name}: network"
     return NetworkConfig.from_dict(data, source=source, base=run_dir)
 
@@ -317,6 +319,15 @@ class RoundReporter:
         return "  ".join(parts)
 
 
+def secagg_summary(journal: Path) -> dict[str, Any]:
+    """run.json's record of a secure session: each FEDn round's outcome, failures named."""
+    from fedseg.orchestration.secure_aggregation import read_journal
+
+    rounds = read_journal(journal)
+    return {"journal": journal.name, "rounds": rounds,
+            "failed_rounds": [r["fedn_round"] for r in rounds if r.get("status") == "failed"]}
+
+
 def format_metric(value: float | None, digits: int = 2) -> str:
     """A metric for a progress line: fixed digits, "-" when missing or NaN."""
     if value is None or math.isnan(value):
@@ -405,6 +416,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         names = list(data_dirs)
         say(f"data: {len(names)} clinics ({', '.join(names)})")
         info["organ_set"] = check_data_organ_set(exp, data_dirs).to_json()
+        # Model export reads the clinics' manifests (import spacing) from here.
+        info["clinic_data"] = {n: str(Path(d).resolve()) for n, d in data_dirs.items()}
         # The budget is decided before any process starts (orchestration/budget.py).
         budget.check_synthetic(exp, data_dirs)
         settings_files = {n: write_clinic_settings(exp, run_dir, n, i)
@@ -438,9 +451,11 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             state = step("network_up", lambda: network_mod.network_up(config))
         else:
             state = network_mod.load_network_state(network_root)
-            if exp.client_settings and not state.hooks_host:
-                raise FedsegError(f"{network_root}: the experiment sets client_settings but "
-                                  "this network has no hooks service (network up with hooks)")
+            if (exp.client_settings or exp.session.secure_aggregation) \
+                    and not state.hooks_host:
+                raise FedsegError(f"{network_root}: the experiment sets client_settings or "
+                                  "secure_aggregation but this network has no hooks service "
+                                  "(network up with hooks)")
         info["network"] = {"root": str(state.root), "api_url": state.api_url,
                            "owned": network_root is None}
         api = state.api_client()
@@ -451,6 +466,9 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         specs = [clients_mod.ClientSpec(
             name=n, data_dir=data_dirs[n], settings_file=settings_files[n],
             env={**exp.clients.env, **budget.client_privacy_env(exp, run_dir, n),
+                 # A secure session's clinics never send a plain update, whatever happens.
+                 **({"FEDSEG_REQUIRE_SECURE_AGGREGATION": "1"}
+                    if exp.session.secure_aggregation else {}),
                  **(client_env or {}).get(n, {})})
             for n in names]
         say(f"clients up ({exp.clients.route} route): {', '.join(names)}")
@@ -478,8 +496,10 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         # or the just-stopped clients of the previous run (active for 10 s more).
         session_id = session.start_session(
             api, exp.session, seed_id, exp.name, settings_by_round, n_clients=len(names),
-            client_ids=[h.client_id for h in handles])
+            client_ids=[h.client_id for h in handles],
+            secagg_journal=run_dir / SECAGG_JOURNAL if exp.session.secure_aggregation else None)
         info["session_id"] = session_id
+        info["aggregation"] = "secure" if exp.session.secure_aggregation else "plain"
         info["status"] = "running"
         write_run_info(run_dir, info)
         say(f"session {session_id}: {exp.session.rounds} rounds, {exp.session.aggregator}")
@@ -534,6 +554,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
                      resume.earlier_info if resume else None)
         finally:
             timings["total_seconds"] = round(time.monotonic() - t_start, 3)
+            if exp.session.secure_aggregation:
+                info["secure_aggregation"] = secagg_summary(run_dir / SECAGG_JOURNAL)
             info["finished_at"] = utc_now_iso()
             write_run_info(run_dir, info)
             _restore_sigint(previous)

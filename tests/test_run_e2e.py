@@ -48,9 +48,9 @@ def _toy_experiment(folder: Path, name: str, names: dict[str, dict[str, str]],
     folder.mkdir(parents=True, exist_ok=True)
     for client in names:
         (folder / client).mkdir(exist_ok=True)
-        # A valid, empty manifest: the runner checks every clinic folder's organ set.
-        (folder / client / "manifest.json").write_text(json.dumps(
-            {"clinic": client, "cases": [], "format_version": FORMAT_VERSION}))
+        # An empty but valid clinic manifest: the runner checks every clinic's organ set.
+        (folder / client / "manifest.json").write_text(
+            json.dumps({"clinic": client, "cases": [], "format_version": FORMAT_VERSION}))
     pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     doc: dict[str, Any] = {
         "name": name, "seed": 3,
@@ -247,6 +247,19 @@ def test_real_clinic_app_on_tiny_phantoms(tmp_path: Path, network_root: Path) ->
     assert np.isnan(table[(1, "clinic-2")]["val_dice_spinal_cord"])
     assert not np.isnan(table[(1, "clinic-1")]["val_dice_spinal_cord"])
     assert (result.run_dir / "models" / "round-2.npz").is_file()
+    # The run records its organ set and clinics; round 2 exports with a model card.
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["organ_set"]["name"] == "thorax"
+    assert set(info["clinic_data"]) == {"clinic-1", "clinic-2"}
+    from fedseg.orchestration.export import export_model
+    from fedseg_clinic.model.bundle import load_model, read_card
+
+    card = read_card(export_model(result.run_dir, 2, tmp_path / "exported"))
+    assert card["clinics"] == ["clinic-1", "clinic-2"] and card["round"] == 2
+    assert card["privacy"]["clinic-1"]["epsilon"] == pytest.approx(
+        table[(2, "clinic-1")]["epsilon"])
+    assert card["validation_dice"]["per_organ"]["spinal_cord"] is not None
+    assert load_model(tmp_path / "exported").organs.name == "thorax"
     settings = yaml.safe_load((result.run_dir / "settings" / "clinic-1.yaml").read_text())
     assert settings["model"]["base_filters"] == 4
     assert settings["training"]["seed"] == 5  # experiment seed + clinic index 0

@@ -678,15 +678,31 @@ def recognisable(metrics: Mapping[str, float], baseline: Mapping[str, float]) ->
 
 
 def attack_simulated(config: UNetConfig, settings: ClientSettings,
-                     noise_multiplier: float | None, attack: AttackConfig, seed: int
+                     noise_multiplier: float | None, attack: AttackConfig, seed: int,
+                     secure_aggregation: bool = False
                      ) -> tuple[dict[str, Any], SimulatedClient, Reconstruction]:
     """Simulate a client, invert its update, score against the truth and the prior.
+
+    Args:
+        config: the (tiny) U-Net.
+        settings: client settings (see :func:`simulate_client`).
+        noise_multiplier: DP sigma of the client.
+        attack: the reconstruction's settings.
+        seed: model initialisation, phantoms and noise.
+        secure_aggregation: Attack what the server stores under secure aggregation (the
+            client's masked update, analysis/leakage/secure.py) instead of the update.
 
     Returns:
         (JSON-ready result, the simulated client, the matched reconstruction).
     """
     client = simulate_client(config, settings, noise_multiplier, seed)
-    rec = invert_update(config, settings, client.global_weights, client.client_weights,
+    seen = client.client_weights
+    if secure_aggregation:
+        from fedseg.analysis.leakage.secure import masked_update_view
+
+        seen = masked_update_view(client.global_weights, client.client_weights,
+                                  settings.n_patches)
+    rec = invert_update(config, settings, client.global_weights, seen,
                         attack, prior=(client.prior_images, client.prior_labels))
     matched, metrics = match_and_score(rec, client.images, client.labels)
     baseline = prior_baseline(client.images, client.labels, client.prior_images,
@@ -701,6 +717,7 @@ def attack_simulated(config: UNetConfig, settings: ClientSettings,
         "model": config.to_dict(),
         "attack": dataclasses.asdict(attack),
         "seed": seed,
+        "secure_aggregation": secure_aggregation,
         **metrics,
         "baseline": baseline,
         "recognisable": recognisable(metrics, baseline),
