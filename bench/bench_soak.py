@@ -1,0 +1,218 @@
+"""Soak: many rounds of a tiny model through a real local FEDn network; leaks show as slopes.
+
+Usage: .venv/bin/python bench/bench_soak.py [--rounds 100] [--every 5] [--clients 2]
+       [--keep DIR] [--json OUT]
+
+The run is an ordinary ``run_experiment`` of tests/toy_clinic_app.py (numpy linear
+regression: the rounds cost FEDn's plumbing, not training) on a network the run starts
+for itself (SQLite state store, moto S3, one combiner, the API server). Every ``--every``
+rounds (and at round 1 and the last round) it samples, per role, the resident memory
+(RSS, MB) and the open file descriptors (psutil ``num_fds``: files, sockets and pipes)
+of the process and all its children:
+
+- ``api`` (FEDn's API server), ``combiner-N``, ``s3`` (the moto server) and any other
+  process the network records (the network's own ``network.json``);
+- each client process (the run's ``clients.json``);
+- ``runner``: this process, which drives the session and writes the round log.
+
+It prints first vs last and the least-squares slope per 10 rounds of each series.
+"Flat" means: no file-descriptor series grows, and memory grows by less than
+``--rss-tolerance-mb`` per 100 rounds after the first sample (warm-up: imports, caches).
+Exit code 0 when flat, 1 when some series grows, 2 when the run itself did not finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+TESTS = BENCH.parent / "tests"
+TOY_APP = "toy_clinic_app:ToyApp.from_environment"
+
+
+@dataclass
+class Series:
+    """One role's samples: round number, RSS in MB, open descriptors."""
+
+    role: str
+    rounds: list[int] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)
+
+
+def tree_usage(pid: int, create_time: float | None = None) -> tuple[float, int] | None:
+    """RSS (MB) and open fds of a process and its children; None when it is gone."""
+    try:
+        root = psutil.Process(pid)
+        if create_time is not None and abs(root.create_time() - create_time) > 1.0:
+            return None  # the pid was reused: not our process any more
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    rss, fds = 0, 0
+    for proc in procs:
+        try:
+            rss += proc.memory_info().rss
+            fds += proc.num_fds()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return rss / 2**20, fds
+
+
+def sample(run_dir: Path) -> dict[str, tuple[float, int]]:
+    """Usage of every recorded process of the run (network, clients, this runner)."""
+    from fedseg.orchestration import clients as clients_mod
+
+    out: dict[str, tuple[float, int]] = {}
+    network_file = run_dir / "network" / "network.json"
+    if network_file.is_file():
+        records = json.loads(network_file.read_text()).get("records", {})
+        for name, rec in records.items():
+            usage = tree_usage(int(rec["pid"]), float(rec["create_time"]))
+            if usage is not None:
+                out["s3" if name == "moto" else name] = usage
+    for handle in clients_mod.load_clients(run_dir):
+        usage = tree_usage(handle.record.pid, handle.record.create_time)
+        if usage is not None:
+            out[f"client {handle.name}"] = usage
+    # This process alone: its children are the network and the clients, counted above.
+    me = psutil.Process()
+    out["runner"] = (me.memory_info().rss / 2**20, me.num_fds())
+    return out
+
+
+def slope_per_10(xs: list[int], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs, per 10 rounds (0 with fewer than 2 points)."""
+    if len(xs) < 2:
+        return 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return 0.0 if den == 0 else 10 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den
+
+
+def write_experiment(folder: Path, rounds: int, n_clients: int) -> dict[str, Any]:
+    """The toy experiment document (one empty clinic folder per client)."""
+    from fedseg.orchestration.network.ports import free_port
+    from fedseg_clinic.cases import FORMAT_VERSION
+
+    names = [f"clinic-{i + 1}" for i in range(n_clients)]
+    for name in names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        # An empty but valid manifest: the runner checks every clinic's organ set.
+        (folder / name / "manifest.json").write_text(json.dumps(
+            {"clinic": name, "cases": [], "format_version": FORMAT_VERSION}))
+    pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return {
+        "name": "soak", "seed": 3,
+        "data": {"clinics": {n: str(folder / n) for n in names}},
+        "seed_builder": "toy_clinic_app:build_seed",
+        "client_settings": {"learning_rate": [0.05] * rounds, "local_steps": 3},
+        "session": {"rounds": rounds, "round_timeout": 60, "min_clients": n_clients},
+        "clients": {"app": TOY_APP, "env": {"PYTHONPATH": pythonpath}},
+        "network": {"api_port": free_port(), "s3_port": free_port(),
+                    "combiners": [{"name": "combiner-1", "port": free_port()}]},
+    }
+
+
+def soak(workdir: Path, rounds: int, every: int, n_clients: int
+         ) -> tuple[dict[str, Series], Any, float]:
+    """Run the soak; (series per role, run result, wall seconds)."""
+    from fedseg.orchestration.experiment import parse_experiment
+    from fedseg.orchestration.runner import run_experiment
+
+    sys.path.insert(0, str(TESTS))  # the seed builder is imported in this process too
+    exp = parse_experiment(write_experiment(workdir / "data", rounds, n_clients),
+                           source="bench soak")
+    run_dir = workdir / "runs" / "soak"
+    series: dict[str, Series] = {}
+    seen: set[int] = set()
+
+    def progress(line: str) -> None:
+        # "round k/N  ..." lines come after round k is logged: sample once per round k.
+        if not line.startswith("round "):
+            return
+        try:
+            k = int(line.split()[1].split("/")[0])
+        except (IndexError, ValueError):
+            return
+        if k in seen:
+            return
+        seen.add(k)
+        if k == 1 or k % every == 0 or k == rounds:
+            for role, (rss, fds) in sample(run_dir).items():
+                s = series.setdefault(role, Series(role))
+                s.rounds.append(k)
+                s.rss_mb.append(rss)
+                s.fds.append(fds)
+            print(f"  sampled round {k} ({time.strftime('%H:%M:%S')})", flush=True)
+
+    tic = time.monotonic()
+    result = run_experiment(exp, workdir / "runs", progress=progress, ready_timeout_s=240.0)
+    return series, result, time.monotonic() - tic
+
+
+def verdict(series: dict[str, Series], rss_tolerance_mb: float) -> list[str]:
+    """The series that grow (empty when memory and file handles are flat)."""
+    growing = []
+    for s in series.values():
+        if len(s.rounds) < 3:
+            continue
+        # From the second sample on: the first round warms caches and imports.
+        xs, rss, fds = s.rounds[1:], s.rss_mb[1:], s.fds[1:]
+        if slope_per_10(xs, rss) * 10 > rss_tolerance_mb:
+            growing.append(f"{s.role} RSS {slope_per_10(xs, rss):+.2f} MB/10 rounds")
+        if fds[-1] > max(fds[0], min(fds)) + 2 and slope_per_10(xs, [float(f) for f in fds]) > 0.1:
+            growing.append(f"{s.role} fds {fds[0]} -> {fds[-1]}")
+    return growing
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the soak and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--every", type=int, default=5, help="sample every N rounds")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--rss-tolerance-mb", type=float, default=10.0,
+                        help="allowed RSS growth per 100 rounds per role (MB)")
+    parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temp)")
+    parser.add_argument("--json", type=Path, help="write the samples here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fedseg-soak-") as tmp:
+        workdir = (args.keep or Path(tmp)).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        series, result, wall = soak(workdir, args.rounds, args.every, args.clients)
+    print(f"run: {result.status}, {args.rounds} rounds x {args.clients} clients, "
+          f"{wall:.0f} s wall ({wall / max(args.rounds, 1):.2f} s/round), "
+          f"{len(result.failures)} failures")
+    print("| process | RSS MB first -> last | RSS slope MB/10 rounds (from 2nd sample) "
+          "| fds first -> last | fds slope /10 rounds |")
+    print("|---|---|---|---|---|")
+    for s in sorted(series.values(), key=lambda s: s.role):
+        xs = s.rounds[1:] if len(s.rounds) > 2 else s.rounds
+        off = len(s.rounds) - len(xs)
+        print(f"| {s.role} (rounds {s.rounds[0]}-{s.rounds[-1]}) | {s.rss_mb[0]:.0f} -> "
+              f"{s.rss_mb[-1]:.0f} | {slope_per_10(xs, s.rss_mb[off:]):+.2f} | "
+              f"{s.fds[0]} -> {s.fds[-1]} | "
+              f"{slope_per_10(xs, [float(f) for f in s.fds[off:]]):+.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({k: vars(v) for k, v in series.items()}, indent=1))
+    if result.status != "finished":
+        print(f"the run did not finish: {result.status}")
+        return 2
+    growing = verdict(series, args.rss_tolerance_mb)
+    print("flat" if not growing else "growing: " + "; ".join(growing))
+    return 0 if not growing else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
