@@ -739,15 +739,21 @@ def _cleanup(reporter: RoundReporter | None, info: dict[str, Any], run_dir: Path
 
 
 def _ignore_sigint() -> Any:
-    """A second Ctrl-C must not interrupt the cleanup that stops our processes."""
+    """A second Ctrl-C or SIGTERM must not interrupt the cleanup that stops our processes.
+
+    ``fedseg run`` turns SIGTERM into KeyboardInterrupt too, so a second ``kill`` during
+    cleanup used to abort it and leave the S3 process running (issue 13).
+    """
     if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return {sig: signal.signal(sig, signal.SIG_IGN)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     return None
 
 
 def _restore_sigint(previous: Any) -> None:
     if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def demo_experiment(rounds: int = 5) -> Experiment:

@@ -118,3 +118,48 @@ def test_api_server_killed_mid_round_ends_with_a_true_record(tmp_path: Path) -> 
 def test_s3_endpoint_killed_mid_round_ends_with_a_true_record(tmp_path: Path) -> None:
     code, text, run_dir, records = _run_and_kill(tmp_path, "dead-s3", "moto")
     _assert_true_record(code, text, run_dir, records)
+
+
+def test_sigterm_twice_still_stops_everything(tmp_path: Path) -> None:
+    """Issue 13: a second SIGTERM during cleanup left the S3 process running."""
+    path = _toy_experiment(tmp_path, "sigterm", {"clinic-1": {}, "clinic-2": {}}, rounds=4,
+                           network=_network_keys())
+    doc = yaml.safe_load(path.read_text())
+    doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "1.5"
+    path.write_text(yaml.safe_dump(doc))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": doc["clients"]["env"]["PYTHONPATH"]}
+    fedseg = Path(sys.executable).parent / "fedseg"
+    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path)
+    run_dir = runs / "sigterm"
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("round 1/4"):
+                break
+            assert time.monotonic() < deadline, "".join(output)
+        else:
+            pytest.fail("run ended before round 1:\n" + "".join(output))
+        state = json.loads((run_dir / "network" / "network.json").read_text())
+        records = list(state["records"].values())
+        records += [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
+        assert len(records) >= 6 and all(_alive(r) for r in records)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # inside the cleanup: clients and network being stopped
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        output.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(output)
+    assert proc.returncode == 130, text
+    assert not [r["name"] for r in records if _alive(r)], text
+    assert read_run_info(run_dir)["status"] == "interrupted"
+    assert {r.round for r in read_rounds(run_dir)} >= {1}
