@@ -191,13 +191,22 @@ def wait_session(api_client: Any, session_id: str, timeout_s: float,
         FedsegError: not finished within ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
+    last_answer = time.monotonic()
     while True:
         status = session_status(api_client, session_id)
+        if status:
+            last_answer = time.monotonic()
         if on_poll is not None:
             on_poll()
         if status.lower() in ("finished", "terminated"):
             return status
         if time.monotonic() > deadline:
+            silent_s = time.monotonic() - last_answer
+            if silent_s > 10 * poll_s:
+                # Blame what failed: a dead API server is not the combiner's fault.
+                raise FedsegError(f"session {session_id} not finished after "
+                                  f"{timeout_s:.0f} s: the API server has not answered "
+                                  f"for {silent_s:.0f} s (down?); see the API server log")
             raise FedsegError(f"session {session_id} not finished after {timeout_s:.0f} s "
                               f"(status {status or 'unknown'}); see the combiner log")
         time.sleep(poll_s)

@@ -113,6 +113,7 @@ def test_api_server_killed_mid_round_ends_with_a_true_record(tmp_path: Path) -> 
     code, text, run_dir, records = _run_and_kill(tmp_path, "dead-api", "api")
     info = _assert_true_record(code, text, run_dir, records)
     assert not info.get("model_ids"), info  # round 1 could not be committed through it
+    assert "the API server has not answered" in info["status"], info["status"]
 
 
 def test_s3_endpoint_killed_mid_round_ends_with_a_true_record(tmp_path: Path) -> None:
