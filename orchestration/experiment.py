@@ -23,6 +23,8 @@ Top-level keys::
     clients: {route: callback|package, app: MODULE:FACTORY, env: {...}}
     network: {...}              # passed to the network layer (NetworkConfig fields)
     seed_builder: MODULE:FUNC   # builds the seed npz: FUNC(model, out, seed=seed)
+    seed_weights: path          # or: a pretrained seed npz (fedseg seed pretrain) whose
+                                # sidecar JSON (what it was trained on) goes to run.json
     package: path               # compute package folder (default: the project's)
 """
 
@@ -47,7 +49,7 @@ DEFAULT_SEED_BUILDER = "fedseg.seed.build:build_seed"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _APP_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _TOP_KEYS = ("name", "seed", "data", "model", "clinic", "client_settings", "session",
-             "clients", "network", "seed_builder", "package")
+             "clients", "network", "seed_builder", "package", "seed_weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Experiment:
     network: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed_builder: str = DEFAULT_SEED_BUILDER
     package: Path | None = None
+    seed_weights: Path | None = None
     source: Path | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -272,6 +275,21 @@ def _check_clinic_settings(check: _Checker, model: dict[str, Any], clinic: dict[
             raise check.fail("client_settings", f"round {k}: {exc}") from None
 
 
+def _path(check: _Checker, top: dict[str, Any], key: str, base: Path | None) -> Path | None:
+    """An optional path value, relative ones resolved against the experiment's folder."""
+    value = top.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise check.fail(key, f"must be a path, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        if base is None:
+            raise check.fail(key, "relative path needs an experiment file")
+        path = (base / path).resolve()
+    return path
+
+
 def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None = None
                      ) -> Experiment:
     """Validate an already-loaded YAML document.
@@ -306,18 +324,18 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     seed_builder = top.get("seed_builder", DEFAULT_SEED_BUILDER)
     if not isinstance(seed_builder, str) or not _APP_RE.match(seed_builder):
         raise check.fail("seed_builder", f"must be MODULE:FUNC, got {seed_builder!r}")
-    package = None
-    if top.get("package") is not None:
-        if not isinstance(top["package"], str) or not top["package"]:
-            raise check.fail("package", f"must be a folder path, got {top['package']!r}")
-        package = Path(top["package"]).expanduser()
-        if not package.is_absolute():
-            if base is None:
-                raise check.fail("package", "relative path needs an experiment file")
-            package = (base / package).resolve()
+    package = _path(check, top, "package", base)
+    seed_weights = _path(check, top, "seed_weights", base)
+    if seed_weights is not None and "seed_builder" in top:
+        raise check.fail("seed_weights", "give seed_weights or seed_builder, not both")
     clients = _clients(check, top.get("clients"))
     model = dict(check.mapping(top.get("model"), "model"))
     clinic = dict(check.mapping(top.get("clinic"), "clinic"))
+    privacy = clinic.get("privacy")
+    if isinstance(privacy, dict) and privacy.get("target_epsilon") is not None \
+            and privacy.get("planned_rounds") is None:
+        # A target epsilon covers this session's rounds unless the file says otherwise.
+        clinic["privacy"] = {**privacy, "planned_rounds": session.rounds}
     client_settings = _client_settings(check, top.get("client_settings"), session.rounds)
     if clients.app == DEFAULT_APP and top.get("package") is None:
         _check_clinic_settings(check, model, clinic, client_settings, session.rounds)
@@ -333,6 +351,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
         network=dict(check.mapping(top.get("network"), "network")),
         seed_builder=seed_builder,
         package=package,
+        seed_weights=seed_weights,
         source=None if base is None else Path(source),
         raw=raw,
     )
