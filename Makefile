@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 # Re-running pip each time is cheap when everything is satisfied, and it points the
 # editable install at *this* checkout (a shared VENV may have served another one).
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The quick subset while editing: leaves out tests marked slow (training, FEDn processes).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -139,14 +139,23 @@ def plot_epsilon(run: summary.RunLog) -> Figure:
     return fig
 
 
+# fedn's combiner times (collect.py): exec training spans the whole training phase at the
+# combiner, client training and the combination (aggregation) included.
+EXEC_TRAINING = "round_exec_training_seconds"
+COMBINATION = "round_combination_seconds"
+
+
 def round_time_parts(run: summary.RunLog) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Split each round's time into parts.
+    """Split each round's time into parts that do not overlap (stacked, they add up).
 
     Clients work in parallel and the round waits for the slowest one, so training and
     validation are the maximum over clients of ``train_seconds`` and
-    ``validate_seconds`` (or ``val_seconds``). Every other global ``*_seconds`` metric
-    but ``round_seconds`` (e.g. aggregation) is a part of its own. "waiting/overhead"
-    is ``round_seconds`` minus the other parts, at least 0.
+    ``validate_seconds`` (or ``val_seconds``). fedn's combiner reports its whole training
+    phase (``round_exec_training_seconds``), which contains the client training and the
+    aggregation (``round_combination_seconds``): only what is left of it after those two
+    is drawn ("combiner other"). Every other global ``*_seconds`` metric but
+    ``round_seconds`` is a part of its own. "waiting/overhead" is ``round_seconds`` minus
+    the parts, at least 0.
 
     Args:
         run: the loaded run.
@@ -168,8 +177,19 @@ def round_time_parts(run: summary.RunLog) -> tuple[dict[str, np.ndarray], np.nda
         for metric in metrics if metric.endswith("_seconds") and metric != "round_seconds"
     })
     for metric in global_metrics:
-        parts[metric.removesuffix("_seconds").replace("_", " ")] = summary.metric_series(
-            run, GLOBAL, metric)
+        if metric == EXEC_TRAINING:
+            continue
+        label = "aggregation" if metric == COMBINATION else \
+            metric.removesuffix("_seconds").replace("_", " ")
+        parts[label] = summary.metric_series(run, GLOBAL, metric)
+    if EXEC_TRAINING in global_metrics:
+        exec_s = summary.metric_series(run, GLOBAL, EXEC_TRAINING)
+        inside = np.zeros(len(run.rounds))
+        for label in ("training", "aggregation"):
+            if label in parts:
+                inside += np.nan_to_num(parts[label], nan=0.0)
+        parts["combiner other"] = np.where(np.isfinite(exec_s),
+                                           np.maximum(exec_s - inside, 0.0), math.nan)
     total = summary.metric_series(run, GLOBAL, "round_seconds")
     if np.isfinite(total).any():
         known = np.zeros(len(run.rounds))

@@ -175,6 +175,24 @@ def _overview(data: dict[str, Any]) -> str:
                    "seconds to target", "max final eps", "train s (all clients)"), rows)
 
 
+def _ci(stat: dict[str, Any], digits: int = 3, scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "—"
+    mean = f"{stat['mean'] / scale:.{digits}f}"
+    return mean if stat["ci95"] is None else f"{mean} ± {stat['ci95'] / scale:.{digits}f}"
+
+
+def _groups(data: dict[str, Any]) -> str:
+    rows = [
+        (g["label"], g["kind"], len(g["runs"]), f"{g['reached_target']}/{len(g['runs'])}",
+         _ci(g["final_dice_mean"]), _ci(g["rounds_to_target"], 1),
+         _ci(g["seconds_to_target"], 0), _ci(g["bytes_to_target"], 1, 1e6))
+        for g in data["groups"]
+    ]
+    return _table(("setting", "kind", "seeds", "reached target", "final Dice",
+                   "rounds to target", "seconds to target", "MB to target"), rows)
+
+
 def _run_section(entry: dict[str, Any], info: dict[str, Any], figures: list[FigureFile]) -> str:
     parts = [f"<h2>{html.escape(entry['name'])} <span class='note'>({html.escape(entry['kind'])},"
              f" {html.escape(entry['run_dir'])})</span></h2>"]
@@ -334,6 +352,11 @@ def render_html(
         "forward (docs/analysis.md).</p>",
         _overview(data),
     ]
+    if data.get("groups"):
+        body.append("<h2>Over seeds</h2><p class='note'>Runs with the same settings but for "
+                    "the seed; mean ± 95% confidence half-width (Student t) over the seeds, "
+                    "to-target columns over the seeds that reached the target.</p>")
+        body.append(_groups(data))
     if comparison:
         body.append("<h2>Comparison</h2>")
         body.extend(_img(fig) for fig in comparison)

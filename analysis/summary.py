@@ -19,6 +19,14 @@ write them. Definitions (also in docs/analysis.md):
   seconds_to_target: the sum of the global ``round_seconds`` of every round up to and
   including it; null if the target is never reached or a round on the way has no
   ``round_seconds``.
+- bytes_to_target: model bytes moved up to and including that round: for each round,
+  the global model sent to every client that reported and their updates back
+  (2 x ``model_bytes`` of run.json per client); null without ``model_bytes`` (baselines).
+- Seed groups: runs whose run.json config is the same once every ``seed`` and the
+  ``name`` are left out are replicates of one setting. For each group: how many seeds
+  reached the target, and the mean with a 95% Student-t confidence interval over the
+  seeds of final Dice and of rounds, seconds and bytes to target (over the seeds that
+  reached it; an interval needs two of them).
 - dice_auc: the mean over rounds 1..R (R = last round in the log) of the unweighted
   client-mean Dice, where a round without a value carries the last measured value
   forward and rounds before the first measurement count as 0. It lies in [0, 1]; a run
@@ -28,8 +36,10 @@ write them. Definitions (also in docs/analysis.md):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +54,7 @@ from fedseg.orchestration.runlog import (
     read_run_info,
 )
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.organs import ORGANS
+from fedseg_clinic.organs import ALL_ORGANS
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +191,7 @@ def organ_names(run: RunLog) -> list[str]:
         for metric in metrics
         if metric.startswith(DICE_PREFIX) and metric != DICE_MEAN
     }
-    return [o for o in ORGANS if o in found] + sorted(found - set(ORGANS))
+    return [o for o in ALL_ORGANS if o in found] + sorted(found - set(ALL_ORGANS))
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -226,6 +236,19 @@ def seconds_to_round(run: RunLog, last_round: int) -> float | None:
             return None
         total += value
     return total
+
+
+def bytes_to_round(run: RunLog, last_round: int) -> float | None:
+    """Model bytes moved in rounds up to ``last_round``: 2 x model size per reporting client."""
+    model_bytes = run.info.get("model_bytes")
+    if not isinstance(model_bytes, int | float) or model_bytes <= 0:
+        return None
+    total = 0
+    for rnd in run.rounds:
+        if rnd > last_round:
+            break
+        total += 2 * sum((int(rnd), client) in run.table for client in run.clients)
+    return float(total * model_bytes)
 
 
 def dice_auc(rounds: Sequence[int], series: np.ndarray) -> float | None:
@@ -373,6 +396,7 @@ def summarize_run(run: RunLog, target: float | None = None) -> dict[str, Any]:
         "target_dice": target,
         "rounds_to_target": reached,
         "seconds_to_target": None if reached is None else seconds_to_round(run, reached),
+        "bytes_to_target": None if reached is None else bytes_to_round(run, reached),
         "dice_auc": dice_auc(rounds, dice),
         "final_epsilon": final_epsilons(run),
         "epsilon": run_epsilon(run),
@@ -426,15 +450,88 @@ def resolve_target(
     return target, f"{target_fraction:g} x final Dice {final:.4f} of pooled run {pooled[0].name}"
 
 
+def _without_seeds(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_seeds(v) for k, v in sorted(value.items()) if k != "seed"}
+    if isinstance(value, list | tuple):
+        return [_without_seeds(v) for v in value]
+    return value
+
+
+def setting_key(run: RunLog) -> str:
+    """What makes runs replicates of one setting: kind + config without seeds and name."""
+    config = run.info.get("config")
+    config = {k: v for k, v in config.items() if k != "name"} if isinstance(config, dict) else {}
+    return json.dumps({"kind": run.kind, "config": _without_seeds(config)}, sort_keys=True,
+                      default=str)
+
+
+def mean_ci95(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Mean and the half-width of a 95% Student-t confidence interval (None below n=2)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(finite)
+    if n == 0:
+        return {"n": 0, "mean": None, "ci95": None}
+    mean = float(np.mean(finite))
+    if n < 2:
+        return {"n": 1, "mean": mean, "ci95": None}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, n - 1) * np.std(finite, ddof=1) / math.sqrt(n))
+    return {"n": n, "mean": mean, "ci95": half}
+
+
+def _group_label(names: Sequence[str]) -> str:
+    prefix = os.path.commonprefix(list(names)).rstrip("-_. ")  # noqa: RUF071 - names, not paths
+    return prefix or names[0]
+
+
+def summarize_groups(runs: Sequence[RunLog], entries: Sequence[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+    """One entry per setting with two or more seeds (see the module docstring).
+
+    Args:
+        runs: the loaded runs.
+        entries: their :func:`summarize_run` entries, in the same order.
+
+    Returns:
+        Groups in order of first appearance.
+    """
+    groups: dict[str, list[int]] = {}
+    for index, run in enumerate(runs):
+        groups.setdefault(setting_key(run), []).append(index)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        chosen = [entries[i] for i in members]
+        reached = [e for e in chosen if e["rounds_to_target"] is not None]
+        out.append(json_safe({
+            "label": _group_label([e["name"] for e in chosen]),
+            "kind": chosen[0]["kind"],
+            "runs": [e["name"] for e in chosen],
+            "seeds": [e["seed"] for e in chosen],
+            "target_dice": chosen[0]["target_dice"],
+            "reached_target": len(reached),
+            "final_dice_mean": mean_ci95([e["final_dice_mean"] for e in chosen]),
+            "rounds_to_target": mean_ci95([e["rounds_to_target"] for e in reached]),
+            "seconds_to_target": mean_ci95([e["seconds_to_target"] for e in reached]),
+            "bytes_to_target": mean_ci95([e["bytes_to_target"] for e in reached]),
+        }))
+    return out
+
+
 def summarize_runs(
     runs: Sequence[RunLog],
     target_dice: float | None = None,
     target_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """The whole summary.json object: target and one entry per run, in input order."""
+    """The whole summary.json object: target, one entry per run (input order), seed groups."""
     target, source = resolve_target(runs, target_dice, target_fraction)
+    entries = [summarize_run(run, target) for run in runs]
     return {
         "target_dice": target,
         "target_source": source,
-        "runs": [summarize_run(run, target) for run in runs],
+        "runs": entries,
+        "groups": summarize_groups(runs, entries),
     }

@@ -21,7 +21,11 @@ Output (``<runs_dir>/<name>-<kind>/``): rounds.csv (round log format, plus per r
 global ``round_seconds`` and n_val-weighted means of the validation metrics), run.json
 (``kind``, config snapshot, seed, versions, timings, ``baseline`` = what "matched"
 means), models/ (``round-<k>.npz``; local: ``<clinic>/round-<k>.npz``), seed.npz,
-settings/, clients/<name>/state (privacy ledgers), data/ (generated phantoms).
+settings/, clients/<name>/state, data/ (generated phantoms), privacy/<name>/ (privacy
+ledgers of the pooled trainer, and of every clinic under ``ledgers: run``; with
+``ledgers: data`` a local baseline spends from each clinic's own ledger, with its data).
+The pooled baseline is a counterfactual (no clinic pools its patients): its spending is
+kept in the run's ledger, not in the clinics' (docs/privacy-model.md).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.orchestration import budget
 from fedseg.orchestration.experiment import DEFAULT_APP, Experiment
 from fedseg.orchestration.runlog import (
     GLOBAL,
@@ -59,6 +64,8 @@ from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.settings import (
     ENV_CLIENT_NAME,
     ENV_DATA_DIR,
+    ENV_PRIVACY_DIR,
+    ENV_RUN_NAME,
     ENV_SETTINGS,
     ENV_STATE_DIR,
     load_settings,
@@ -141,7 +148,12 @@ def _clinic_app(exp: Experiment, run_dir: Path, name: str, index: int, data_dir:
         ENV_DATA_DIR: str(data_dir),
         ENV_STATE_DIR: str(run_dir / "clients" / name / "state"),
         ENV_CLIENT_NAME: name,
+        ENV_RUN_NAME: run_dir.name,
     }
+    # Ledgers as in a federated run (orchestration/budget.py); the pooled trainer's data
+    # folder is the run's own (symlinks), so its ledger is the run's too.
+    if exp.ledgers == "run" or name == POOLED_CLIENT:
+        environ[ENV_PRIVACY_DIR] = str(budget.run_privacy_dir(run_dir, name))
     return factory(load_settings(environ))
 
 
@@ -226,6 +238,7 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
     try:
         tic = time.monotonic()
         data_dirs = prepare_data(exp, run_dir)
+        budget.check_synthetic(exp, data_dirs)
         timings["data_seconds"] = round(time.monotonic() - tic, 3)
         names = list(data_dirs)
         say(f"{kind} baseline of {exp.name}: {len(names)} clinics ({', '.join(names)}), "

@@ -3,7 +3,8 @@
 Every client gets its own folder ``<root>/clients/<name>/`` holding:
 
 - ``work/``: the process's working directory (fedn extracts packages here);
-- ``state/``: FEDSEG_STATE_DIR (the privacy ledger lives here and survives restarts);
+- ``state/``: FEDSEG_STATE_DIR (predictions, kept updates; the privacy ledger is not
+  here: it lives with the clinic's data, see fedseg_clinic.privacy.ledger);
 - ``client.log``: its stdout and stderr;
 - ``ready.json``: written by the callback client once it is connected.
 
@@ -42,6 +43,7 @@ from fedseg_clinic.io import atomic_write_text
 logger = logging.getLogger(__name__)
 
 CLIENTS_DIR = "clients"
+PACKAGE_CLIENT_CONFIG = "fedn-client.yaml"  # package route: fedn's --init file (0600)
 STATE_FILE = "clients.json"
 ROUTES = ("callback", "package")
 # Never hand server-side secrets or store settings to a clinic process.
@@ -147,8 +149,9 @@ def client_argv(route: str, spec: ClientSpec, api_url: str, app: str, folder: Pa
         api_url: API base URL ("http://127.0.0.1:8092/").
         app: MODULE:FACTORY for the callback route.
         folder: The client folder.
-        token: Client JWT (package route passes it on the command line: fedn reads no
-            environment variable for it).
+        token: Client JWT; never placed on the command line (``ps`` shows argv to
+            every user): the callback route reads it from the environment, the
+            package route from its 0600 config file (:func:`write_package_config`).
         combiner: Preferred combiner name, or None.
         client_id: The fedn client id (default: a fresh one).
     """
@@ -161,18 +164,31 @@ def client_argv(route: str, spec: ClientSpec, api_url: str, app: str, folder: Pa
             argv += ["--combiner", combiner]
         return argv
     if route == "package":
-        parts = urlsplit(api_url if "://" in api_url else f"http://{api_url}")
-        fedn_bin = Path(sys.executable).parent / "fedn"
-        argv = [str(fedn_bin), "client", "start",
-                "--api-url", f"{parts.scheme}://{parts.hostname}",
-                "--api-port", str(parts.port or 80),
-                "--name", spec.name, "--client-id", client_id]
-        if token:
-            argv += ["--token", token]
-        if combiner:
-            argv += ["--preferred-combiner", combiner]
-        return argv
+        # fedn's `client start` through our launcher (it attaches the token to gRPC
+        # calls, fedn bug 15); everything else, the token included, is in the file.
+        return [sys.executable, "-m", "fedseg.orchestration.fedn.launch", "client",
+                "--init", str(folder / PACKAGE_CLIENT_CONFIG)]
     raise FedsegError(f"client route {route!r}: must be one of {', '.join(ROUTES)}")
+
+
+def write_package_config(folder: Path, spec: ClientSpec, api_url: str, token: str | None,
+                         combiner: str | None, client_id: str) -> Path:
+    """Write the package route's fedn client config (``--init`` file), mode 0600.
+
+    Returns:
+        Its path (``folder/fedn-client.yaml``).
+    """
+    import yaml
+
+    parts = urlsplit(api_url if "://" in api_url else f"http://{api_url}")
+    config: dict[str, Any] = {
+        "api_url": f"{parts.scheme}://{parts.hostname}", "api_port": parts.port or 80,
+        "name": spec.name, "client_id": client_id, "token": token or None,
+        "preferred_combiner": combiner or "",
+    }
+    path = folder / PACKAGE_CLIENT_CONFIG
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False), mode=0o600)
+    return path
 
 
 def _state_path(root: Path) -> Path:
@@ -230,6 +246,8 @@ def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "ca
         (folder / sub).mkdir(parents=True, exist_ok=True)
     (folder / "ready.json").unlink(missing_ok=True)
     client_id = new_client_id()
+    if route == "package":
+        write_package_config(folder, spec, api_url, token, combiner, client_id)
     record = ports.spawn(spec.name, client_argv(route, spec, api_url, app, folder, token,
                                                 combiner, client_id),
                          cwd=folder / "work", log=folder / "client.log",

@@ -1,6 +1,6 @@
 """fedn API answers -> round log rows (:class:`fedseg.orchestration.runlog.RoundRecord`).
 
-Where fedn 0.33.0 keeps what a round produced (see /work/shared/notes/fedn-0.33.md):
+Where fedn 0.33.0 keeps what a round produced:
 
 - training metadata (epsilon, train_loss, ...): ``get_statuses(session_id)`` entries of
   type MODEL_UPDATE, level AUDIT, text "Model update completed."; ``data`` is the

@@ -22,6 +22,7 @@ Top-level keys::
               validate}
     clients: {route: callback|package, app: MODULE:FACTORY, env: {...}}
     network: {...}              # passed to the network layer (NetworkConfig fields)
+    ledgers: data | run         # where the clinics' privacy ledgers are kept (below)
     seed_builder: MODULE:FUNC   # builds the seed npz: FUNC(model, out, seed=seed)
     seed_weights: path          # or: a pretrained seed npz (fedseg seed pretrain) whose
                                 # sidecar JSON (what it was trained on) goes to run.json
@@ -49,7 +50,12 @@ DEFAULT_SEED_BUILDER = "fedseg.seed.build:build_seed"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _APP_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _TOP_KEYS = ("name", "seed", "data", "model", "clinic", "client_settings", "session",
-             "clients", "network", "seed_builder", "package", "seed_weights")
+             "clients", "network", "seed_builder", "package", "ledgers", "seed_weights")
+# ledgers: "data" keeps each clinic's privacy ledger with its data (<data>/.fedseg-privacy):
+# every run on that data composes. "run" keeps them in <run>/privacy/<clinic>/, so runs
+# on shared synthetic data stay independent; only allowed for phantom data (runner
+# checks), and the default for experiments that generate phantoms.
+LEDGER_SCOPES = ("data", "run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +117,7 @@ class Experiment:
     network: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed_builder: str = DEFAULT_SEED_BUILDER
     package: Path | None = None
+    ledgers: str = "data"
     seed_weights: Path | None = None
     source: Path | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -329,6 +336,8 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     if seed_weights is not None and "seed_builder" in top:
         raise check.fail("seed_weights", "give seed_weights or seed_builder, not both")
     clients = _clients(check, top.get("clients"))
+    ledgers = check.choice(top.get("ledgers", "run" if data.phantoms is not None else "data"),
+                           "ledgers", LEDGER_SCOPES)
     model = dict(check.mapping(top.get("model"), "model"))
     clinic = dict(check.mapping(top.get("clinic"), "clinic"))
     privacy = clinic.get("privacy")
@@ -351,6 +360,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
         network=dict(check.mapping(top.get("network"), "network")),
         seed_builder=seed_builder,
         package=package,
+        ledgers=ledgers,
         seed_weights=seed_weights,
         source=None if base is None else Path(source),
         raw=raw,

@@ -6,12 +6,14 @@ model -> compute package -> network up (or an existing one) -> package + seed up
 
 Output, in ``<runs_dir>/<name>/``::
 
-    rounds.csv            round log (long format, see round_log.py), rewritten per round
+    rounds.csv            round log (long format, see runlog.py), rewritten per round
     run.json              config snapshot, seed, versions, timings, model ids, failures
     models/round-<k>.npz  global weights after round k
     seed.npz, package.tgz the uploaded seed and compute package
     settings/<clinic>.yaml  each clinic's FEDSEG_SETTINGS
-    clients/<clinic>/     working dir, state dir (privacy ledger), client.log
+    clients/<clinic>/     working dir, state dir, client.log
+    privacy/<clinic>/     the clinic's privacy ledgers, only under ``ledgers: run``
+                          (synthetic data); otherwise they live with the data
     network/              the network's logs and state (when this run started it)
     data/                 generated phantom clinics (phantom experiments)
 
@@ -38,19 +40,22 @@ from typing import Any
 
 import yaml
 
+from fedseg.orchestration import budget, collect, session
 from fedseg.orchestration import clients as clients_mod
-from fedseg.orchestration import collect, session
 from fedseg.orchestration.experiment import Experiment
 from fedseg.orchestration.network import ports
 from fedseg.orchestration.runlog import GLOBAL, MODELS_DIR, write_rounds, write_run_info
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import atomic_write_bytes, atomic_write_text
+from fedseg_clinic.organs import OrganSet
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 VERSIONED = ("fedseg", "fedn", "tensorflow", "tf-keras", "tensorflow-privacy", "dp-accounting",
              "numpy", "SQLAlchemy")
+# A session that ran, but without a clinic or with fewer rounds, for privacy budgets.
+BUDGET_LIMITED = "budget-limited"
 # After a round is done, how long to wait for its validations before reporting it anyway.
 VALIDATION_GRACE_S = 30.0
 
@@ -119,6 +124,33 @@ def prepare_data(exp: Experiment, run_dir: Path) -> dict[str, Path]:
                                 float(options.get("quantity_skew", 1.0)))
     generated = phantoms.generate_benchmark(spec, run_dir / "data", overwrite=True)
     return {g.name: g.folder for g in generated}
+
+
+def check_data_organ_set(exp: Experiment, data_dirs: dict[str, Path]) -> OrganSet:
+    """Refuse, before anything starts, clinic data of another organ set than the model's.
+
+    Returns:
+        The experiment's organ set (recorded in run.json).
+
+    Raises:
+        FedsegError: one line naming the clinic's folder and both organ sets.
+    """
+    from fedseg_clinic.cases import check_organ_set
+    from fedseg_clinic.model.unet import UNetConfig
+
+    organs = UNetConfig.from_dict(dict(exp.model)).organs
+    for folder in data_dirs.values():
+        check_organ_set(folder, organs)
+    return organs
+
+
+def write_models_record(exp: Experiment, run_dir: Path) -> Path:
+    """``models/model.json``: the organ set and config every round's weights follow."""
+    from fedseg_clinic.model.record import FOLDER_RECORD_NAME, write_record
+    from fedseg_clinic.model.unet import UNetConfig
+
+    return write_record(run_dir / MODELS_DIR / FOLDER_RECORD_NAME,
+                        UNetConfig.from_dict(dict(exp.model)))
 
 
 def write_clinic_settings(exp: Experiment, run_dir: Path, name: str, index: int) -> Path:
@@ -279,9 +311,12 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             ``clients.env``), e.g. thread counts or fault injection in tests.
 
     Returns:
-        The outcome; ``status`` is "finished", "interrupted" or "failed: ...".
+        The outcome; ``status`` is "finished", "budget-limited" (a clinic dropped or
+        the session shortened for privacy budgets), "interrupted" or "failed: ...".
 
     Raises:
+        BudgetRefusedError: too few clinics can afford round 1 (run.json status
+            "refused: ..."; nothing was started).
         FedsegError: bad input or a failure before the session (after cleanup).
         KeyboardInterrupt: re-raised after cleanup, with the log kept.
     """
@@ -316,8 +351,24 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         data_dirs = step("data", lambda: prepare_data(exp, run_dir))
         names = list(data_dirs)
         say(f"data: {len(names)} clinics ({', '.join(names)})")
+        info["organ_set"] = check_data_organ_set(exp, data_dirs).to_json()
+        # The budget is decided before any process starts (orchestration/budget.py).
+        budget.check_synthetic(exp, data_dirs)
+        settings_files = {n: write_clinic_settings(exp, run_dir, n, i)
+                          for i, n in enumerate(names)}
+        info["ledgers"] = exp.ledgers
+        decision = step("budget", lambda: budget.decide(exp, run_dir, data_dirs,
+                                                        settings_files, say))
+        info["privacy_budget"] = decision.to_json()
+        write_run_info(run_dir, info)
+        names = decision.clinics
+        if decision.rounds < exp.session.rounds:
+            exp = dataclasses.replace(
+                exp, session=dataclasses.replace(exp.session, rounds=decision.rounds))
         seed_path = run_dir / "seed.npz"
         info["seed_model"] = step("seed", lambda: prepare_seed(exp, seed_path))
+        info["model_bytes"] = seed_path.stat().st_size  # what one transfer moves
+        write_models_record(exp, run_dir)
         package = step("package", lambda: session.build_package(
             exp.package or default_package_dir(), run_dir / "package.tgz"))
 
@@ -341,10 +392,10 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         info["seed_model_id"] = seed_id
 
         specs = [clients_mod.ClientSpec(
-            name=n, data_dir=data_dirs[n],
-            settings_file=write_clinic_settings(exp, run_dir, n, i),
-            env={**exp.clients.env, **(client_env or {}).get(n, {})})
-            for i, n in enumerate(names)]
+            name=n, data_dir=data_dirs[n], settings_file=settings_files[n],
+            env={**exp.clients.env, **budget.client_privacy_env(exp, run_dir, n),
+                 **(client_env or {}).get(n, {})})
+            for n in names]
         say(f"clients up ({exp.clients.route} route): {', '.join(names)}")
         clients_started = True
         handles = step("clients_up", lambda: clients_mod.clients_up(
@@ -389,9 +440,15 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         reporter.poll(final=True)
         timings["session_seconds"] = round(time.monotonic() - tic, 3)
         info["status"] = "finished" if status.lower() == "finished" else status.lower()
+        if info["status"] == "finished" and decision.limited:
+            info["status"] = BUDGET_LIMITED
     except KeyboardInterrupt:
         info["status"] = "interrupted"
         say("interrupted: stopping clients and network, keeping the log so far")
+        raise
+    except budget.BudgetRefusedError as exc:
+        info["status"] = f"refused: {exc}"
+        info["privacy_budget"] = exc.record
         raise
     except FedsegError as exc:
         info["status"] = f"failed: {exc}"
@@ -424,6 +481,14 @@ def _clear_run_dir(run_dir: Path) -> None:
         alive += [n for n, rec in state.records.items() if ports.is_alive(rec)]
     if alive:
         raise FedsegError(f"{run_dir}: still running ({', '.join(alive)}); stop it first")
+    from fedseg_clinic.privacy.ledger import PRIVACY_DIR_NAME, ledgers_in
+
+    # A data set's ledger is never deleted by a rerun, even when its data sits in here.
+    kept = [str(d) for d in run_dir.rglob(PRIVACY_DIR_NAME) if ledgers_in(d)]
+    if kept:
+        raise FedsegError(f"{run_dir}: holds the privacy ledger of a data set ({kept[0]}); "
+                          "--overwrite never deletes one: move the data out of the run "
+                          "folder (or `fedseg privacy reset` it)")
     shutil.rmtree(run_dir)
 
 

@@ -1,6 +1,6 @@
 """One FEDn session: package + seed upload, per-round client settings, start, bounded wait.
 
-fedn 0.33.0 specifics handled here (notes: /work/shared/notes/fedn-0.33.md):
+fedn 0.33.0 specifics handled here:
 
 - ``set_active_model`` fails until a package was uploaded, even for callback clients:
   :func:`upload_package_and_seed` always uploads the package first.

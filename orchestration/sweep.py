@@ -18,7 +18,10 @@ A run whose run.json says ``finished`` is skipped when the sweep is started agai
 an interrupted sweep resumes where it stopped (an unfinished run is redone).
 
 Phantom data is generated once into ``<sweep>/data/`` and shared by every run (each
-point's experiment names those folders), so all runs see the same patients.
+point's experiment names those folders), so all runs see the same patients. Each run
+keeps its own privacy ledgers (``ledgers: run``, the default for phantom experiments):
+otherwise the shared data's ledger would compose every point's epsilon and a later
+point would be refused for the earlier points' spending.
 
 ``target_epsilon``: the noise multiplier is calibrated
 (:func:`fedseg_clinic.privacy.accounting.calibrate_noise`) for each clinic's planned schedule
@@ -275,8 +278,7 @@ def plan_noise(exp: Experiment, n_train: dict[str, int], target_epsilon: float,
         FedsegError: a per-round batch-size schedule (one q per plan is needed), or a
             delta that is not below 1 / N.
     """
-    from fedseg_clinic.app import default_delta
-    from fedseg_clinic.privacy.accounting import calibrate_noise
+    from fedseg_clinic.privacy.accounting import calibrate_noise, default_delta
     from fedseg_clinic.settings import settings_from_mapping, with_server_overrides
 
     where = f"{exp.source or exp.name}"
@@ -334,6 +336,9 @@ def point_experiment(sweep: Sweep, params: dict[str, Any], data: dict[str, Path]
     doc["name"] = name
     if data is not None:
         doc["data"] = {"clinics": {c: str(p) for c, p in data.items()}}
+        # The shared phantom data would otherwise compose every point's epsilon: each
+        # run keeps its own ledgers (the base's choice when it says so explicitly).
+        doc.setdefault("ledgers", base.ledgers)
     for key in ("local_steps", "learning_rate"):
         if key in params:
             _set_training(doc, key, params[key])

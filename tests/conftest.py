@@ -22,3 +22,56 @@ def shared_data() -> Path:
 def repo_root() -> Path:
     """The repository root."""
     return REPO_ROOT
+
+
+def write_head_neck_volumes(src: Path, patients: int = 5, size: int = 24, seed: int = 0) -> Path:
+    """Synthetic head-and-neck patients in OpenKBP's layout (NIfTI CT + one mask per ROI).
+
+    Each patient is a soft-tissue block in air with a bony mandible, two parotids, a
+    cord and a brainstem at slightly jittered places; OpenKBP's axis order and ROI names.
+    """
+    import nibabel
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    affine = np.array([[0.0, -3.0, 0.0, 0.0], [-3.0, 0.0, 0.0, 0.0],
+                       [0.0, 0.0, -2.5, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    for p in range(patients):
+        folder = src / f"pt_{p + 1}"
+        (folder / "segmentations").mkdir(parents=True)
+        shape = (size, size, size)  # (i: A->P, j: R->L, k: S->I)
+        ct = np.full(shape, -1000, np.int16)
+        ct[2:-2, 2:-2, 1:-1] = 30
+        d = rng.integers(-1, 2, size=3)
+        c = size // 2
+        masks = {name: np.zeros(shape, np.uint8) for name in
+                 ("Mandible", "LeftParotid", "RightParotid", "SpinalCord", "Brainstem")}
+        masks["Mandible"][4 + d[0]:7 + d[0], c - 6:c + 6, c:c + 4] = 1
+        masks["LeftParotid"][c - 2 + d[0]:c + 2 + d[0], c + 4:c + 8, c - 4 + d[2]:c] = 1
+        masks["RightParotid"][c - 2 + d[0]:c + 2 + d[0], c - 8:c - 4, c - 4 + d[2]:c] = 1
+        masks["SpinalCord"][c + 5:c + 8, c - 1 + d[1]:c + 2 + d[1], c - 2:size - 2] = 1
+        masks["Brainstem"][c + 2:c + 7, c - 2 + d[1]:c + 3 + d[1], 2:c - 2] = 1
+        ct[masks["Mandible"] > 0] = 700
+        ct[(masks["LeftParotid"] | masks["RightParotid"]) > 0] = -40
+        ct[masks["SpinalCord"] > 0] = 60
+        ct[masks["Brainstem"] > 0] = 45
+        nibabel.save(nibabel.Nifti1Image(ct, affine), folder / "ct.nii.gz")
+        for name, mask in masks.items():
+            nibabel.save(nibabel.Nifti1Image(mask, affine),
+                         folder / "segmentations" / f"{name}.nii.gz")
+    return src
+
+
+@pytest.fixture(scope="session")
+def head_neck_clinic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clinic folder of 5 synthetic head-and-neck cases imported through NIfTI."""
+    from fedseg_clinic.imaging.importer import ImportOptions
+    from fedseg_clinic.imaging.volumes import import_volume_clinic
+
+    base = tmp_path_factory.mktemp("head-neck")
+    src = write_head_neck_volumes(base / "src")
+    report = import_volume_clinic(src, base / "clinic",
+                                  ImportOptions(organ_set="head_neck", crop=False,
+                                                val_fraction=0.4, salt="test"))
+    assert report.ok, [p.line() for p in report.problems]
+    return base / "clinic"

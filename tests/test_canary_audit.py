@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import fedseg_cli
 
 from fedseg.analysis.leakage import canary as ca
 
@@ -63,16 +64,8 @@ def test_dp_run_bound_stays_below_accountant() -> None:
     assert 0.0 <= result["epsilon_lower_bound"] <= result["epsilon"]
 
 
-def _cli(args: list[str]):
-    from click.testing import CliRunner
-
-    from fedseg.cli import cli
-
-    return CliRunner().invoke(cli, args)
-
-
 def test_audit_cli_rejects_bad_noise(tmp_path) -> None:
-    result = _cli(["audit", "--out", str(tmp_path / "o"), "--noise", "none,abc"])
+    result = fedseg_cli(["audit", "--out", str(tmp_path / "o"), "--noise", "none,abc"])
     assert result.exit_code == 1 and "'abc'" in result.output
     assert not (tmp_path / "o").exists()
 
@@ -84,7 +77,7 @@ def test_audit_cli_writes_report(tmp_path) -> None:
     from fedseg.analysis.leakage import results as lr
 
     out = tmp_path / "audit"
-    result = _cli(["audit", "--out", str(out), "--noise", "none,1.0", "--canaries", "4",
+    result = fedseg_cli(["audit", "--out", str(out), "--noise", "none,1.0", "--canaries", "4",
                    "--steps", "2", "--batch", "2", "--no-membership"])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "audit.json").read_text())

@@ -118,15 +118,19 @@ def test_alias_table_from_file(tmp_path: Path) -> None:
         AliasTable.from_file(path)
 
 
-def test_written_files_get_umask_permissions(tmp_path: Path) -> None:
+def test_written_case_data_is_owner_only(tmp_path: Path) -> None:
+    """CT, masks, sidecar and manifest are 0600 in a 0700 folder, whatever the umask."""
     import os
 
-    old = os.umask(0o022)
+    old = os.umask(0o000)
     try:
         folder = write_case(_case(), tmp_path)
         write_manifest(Manifest(clinic="c1", cases=[manifest_entry(_case().meta, "train")]),
                        tmp_path)
     finally:
         os.umask(old)
-    assert folder.stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert sorted((p.name, p.stat().st_mode & 0o777) for p in folder.iterdir()) == [
+        ("case.json", 0o600), ("image.npy", 0o600), ("masks.npz", 0o600)]
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o600
+    assert read_case(folder).meta == _case().meta

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -42,13 +43,17 @@ def clinic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "clinic-1"
 
 
-def _env(tmp_path: Path, clinic_dir: Path, **privacy: object) -> dict[str, str]:
+def _env(tmp_path: Path, clinic_dir: Path, state: str = "state", client: str = "clinic-1",
+         **privacy: object) -> dict[str, str]:
     settings = json.loads(json.dumps(TINY_SETTINGS))
     settings["privacy"].update(privacy)
     path = tmp_path / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
+    # The module's clinic data is shared by every test: each test keeps its own privacy
+    # folder (the explicit override synthetic experiments use) so tests stay independent.
     return {"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(clinic_dir),
-            "FEDSEG_STATE_DIR": str(tmp_path / "state"), "FEDSEG_CLIENT_NAME": "clinic-1"}
+            "FEDSEG_STATE_DIR": str(tmp_path / state), "FEDSEG_CLIENT_NAME": client,
+            "FEDSEG_PRIVACY_DIR": str(tmp_path / "privacy")}
 
 
 def test_train_validate_and_ledger(tmp_path: Path, clinic_dir: Path) -> None:
@@ -63,8 +68,9 @@ def test_train_validate_and_ledger(tmp_path: Path, clinic_dir: Path) -> None:
     expected = compute_epsilon(n, 2, 2, 1.0, 1e-3).epsilon
     assert meta["epsilon"] == pytest.approx(expected, rel=1e-6)
     assert meta["noise_multiplier"] == 1.0 and meta["delta"] == 1e-3
-    # A restarted clinic continues its ledger: two rounds spend more than one.
-    app2 = ClinicApp(load_settings(env))
+    # Another run on the same data (new state folder, another client name) continues
+    # the data set's ledger: two rounds spend more than one.
+    app2 = ClinicApp(load_settings(_env(tmp_path, clinic_dir, state="run-2", client="x")))
     _, meta2 = app2.train(new, {"local_steps": 3})
     assert meta2["epsilon"] == pytest.approx(
         compute_epsilon(n, 2, 5, 1.0, 1e-3).epsilon, rel=1e-3)
@@ -86,6 +92,21 @@ def test_budget_refusal_leaves_ledger_unchanged(tmp_path: Path, clinic_dir: Path
     with pytest.raises(BudgetExceededError):
         app.train(weights, {})
     assert app.ledger(1e-3, budget).spent().epsilon == pytest.approx(meta["epsilon"])
+
+
+def test_ledger_lives_with_the_data_by_default(tmp_path: Path, clinic_dir: Path) -> None:
+    data = tmp_path / "clinic"
+    shutil.copytree(clinic_dir, data)
+    env = _env(tmp_path, data)
+    del env["FEDSEG_PRIVACY_DIR"]
+    app = ClinicApp(load_settings(env))
+    weights = [np.asarray(w) for w in app.model.get_weights()]
+    app.train(weights, {"round_id": "7"})
+    ledger = data / ".fedseg-privacy" / f"ledger-{app.data_id}.json"
+    assert ledger.exists() and (data / ".fedseg-privacy").stat().st_mode & 0o777 == 0o700
+    entry = json.loads(ledger.read_text())["entries"][0]
+    assert (entry["round_id"], entry["client"]) == ("7", "clinic-1")
+    assert not list((tmp_path / "state").glob("*ledger*"))  # nothing in the state folder
 
 
 def test_wrong_architecture_and_bad_server_settings(tmp_path: Path, clinic_dir: Path) -> None:

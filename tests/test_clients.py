@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import fedseg_cli
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg_clinic.errors import FedsegError
@@ -120,11 +121,17 @@ def test_client_argv_for_both_routes(tmp_path: Path) -> None:
     assert "tok" not in cb  # the token travels in the environment, not in ps output
     pkg = clients_mod.client_argv("package", spec, "http://127.0.0.1:8092/", TOY_APP,
                                   tmp_path, "tok", combiner="combiner-1", client_id="id-1")
-    assert pkg[1:3] == ["client", "start"]
-    assert pkg[pkg.index("--api-url") + 1] == "http://127.0.0.1"
-    assert pkg[pkg.index("--api-port") + 1] == "8092"
-    assert pkg[pkg.index("--client-id") + 1] == "id-1"
-    assert pkg[pkg.index("--preferred-combiner") + 1] == "combiner-1"
+    assert pkg[1:4] == ["-m", "fedseg.orchestration.fedn.launch", "client"]
+    assert pkg[pkg.index("--init") + 1] == str(tmp_path / "fedn-client.yaml")
+    assert "tok" not in pkg  # not on the command line
+    path = clients_mod.write_package_config(tmp_path, spec, "http://127.0.0.1:8092/", "tok",
+                                            "combiner-1", "id-1")
+    assert path.stat().st_mode & 0o777 == 0o600
+    import yaml
+
+    assert yaml.safe_load(path.read_text()) == {
+        "api_url": "http://127.0.0.1", "api_port": 8092, "name": "c1", "client_id": "id-1",
+        "token": "tok", "preferred_combiner": "combiner-1"}
     with pytest.raises(FedsegError, match="route"):
         clients_mod.client_argv("docker", spec, "http://x/", TOY_APP, tmp_path, None)
 
@@ -159,30 +166,23 @@ def test_app_start_failure_is_reported_with_log_and_nothing_left(tmp_path: Path)
     assert clients_mod.client_status(tmp_path) == []
 
 
-def _cli(args: list[str]) -> tuple[int, str]:
-    from click.testing import CliRunner
-
-    from fedseg.cli import cli
-
-    result = CliRunner().invoke(cli, args)
-    return result.exit_code, result.output
-
 
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
-    code, out = _cli(["clients", "up", "--network", str(tmp_path), "--clinic", "a=b"])
+    code, out = _code_output(["clients", "up", "--network", str(tmp_path), "--clinic", "a=b"])
     assert code == 1 and "no network state" in out and len(out.strip().splitlines()) == 1
-    code, out = _cli(["run", str(tmp_path / "missing.yaml")])
+    code, out = _code_output(["run", str(tmp_path / "missing.yaml")])
     assert code == 1 and "experiment file not found" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ndata: {phantoms: {}}\nsession: {rounds: 0}\n")
-    code, out = _cli(["run", str(bad)])
+    code, out = _code_output(["run", str(bad)])
     assert code == 1 and "session.rounds" in out and len(out.strip().splitlines()) == 1
 
 
 def test_cli_clients_down_and_status_with_nothing_recorded(tmp_path: Path) -> None:
-    assert _cli(["clients", "down", "--root", str(tmp_path)]) == (
+    assert _code_output(["clients", "down", "--root", str(tmp_path)]) == (
         0, "stopped nothing (none running)\n")
-    assert _cli(["clients", "status", "--root", str(tmp_path)]) == (0, "no clients recorded\n")
+    assert _code_output(["clients", "status", "--root", str(tmp_path)]) == (
+        0, "no clients recorded\n")
 
 
 def test_adapter_keeps_updates_only_when_asked(tmp_path: Path) -> None:
@@ -217,9 +217,15 @@ def test_cli_clients_status_lists_each_client_with_its_fedn_id(tmp_path: Path) -
                                       app=TOY_APP)
     try:
         assert clients_mod.load_clients(tmp_path)[0].client_id == handle.client_id
-        code, out = _cli(["clients", "status", "--root", str(tmp_path)])
+        code, out = _code_output(["clients", "status", "--root", str(tmp_path)])
         assert code == 0 and out.startswith("c1 ") and f"id {handle.client_id}" in out
         assert " alive " in out
     finally:
         clients_mod.stop_clients(tmp_path)
-    assert _cli(["clients", "status", "--root", str(tmp_path)]) == (0, "no clients recorded\n")
+    assert _code_output(["clients", "status", "--root", str(tmp_path)]) == (
+        0, "no clients recorded\n")
+
+
+def _code_output(args: list[str]) -> tuple[int, str]:
+    result = fedseg_cli(args)
+    return result.exit_code, result.output

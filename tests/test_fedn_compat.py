@@ -417,3 +417,161 @@ def test_skip_unavailable_combiners_defines_the_method_fedn_calls(
     finally:
         if not had:
             del controlbase.ControlBase._handle_unavailable_combiner
+
+
+# --- bug 14: GraphQL and metrics/list answer without a token ------------------------------
+
+_API_AUTH_PROBE = """
+import json, sys, time
+import jwt
+from fedn.network.api import server
+from fedseg.orchestration.fedn import compat as fedn_compat
+secret = sys.argv[1]
+app = server.app
+client = app.test_client()
+def probe(headers):
+    return {
+        "graphql": client.post("/api/v1/graphql", json={"query": "{ __typename }"},
+                               headers=headers).status_code,
+        "metrics_list": client.post("/api/v1/metrics/list", json={}, headers=headers).status_code,
+        "sessions": client.get("/api/v1/sessions/", headers=headers).status_code,
+        "health": client.get("/health", headers=headers).status_code,
+    }
+now = int(time.time())
+expired = jwt.encode({"role": "admin", "iat": now - 20, "exp": now - 10}, secret, "HS256")
+forged = jwt.encode({"role": "admin", "iat": now}, "x" * 64, "HS256")
+client_role = jwt.encode({"role": "client", "iat": now}, secret, "HS256")
+admin = jwt.encode({"role": "admin", "iat": now, "exp": now + 60}, secret, "HS256")
+out = {"upstream_open": fedn_compat.unprotected_endpoints(app), "before": probe({})}
+out["guarded"] = fedn_compat.require_token_everywhere(app)
+out["after_open"] = fedn_compat.unprotected_endpoints(app)
+for name, token in (("none", None), ("expired", expired), ("forged", forged),
+                    ("client", client_role), ("admin", admin)):
+    out[name] = probe({"Authorization": f"Bearer {token}"} if token else {})
+print(json.dumps(out))
+"""
+
+
+def test_bug14_graphql_and_metrics_list_need_a_token(tmp_path: Path) -> None:
+    """Upstream: both routes answer without a token; the fix refuses missing, expired,
+    forged and client-role tokens there (401) and lets an admin token through."""
+    import json
+    import os
+    import secrets as secrets_module
+
+    secret = secrets_module.token_hex(32)
+    env = {**os.environ, "FEDN_JWT_SECRET_KEY": secret}
+    result = subprocess.run([sys.executable, "-c", _API_AUTH_PROBE, secret], capture_output=True,
+                            text=True, timeout=120, check=False, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # The upstream bug still exists in fedn 0.33.0: no token needed on these two.
+    assert out["upstream_open"] == ["graphql_endpoint", "metric.list_metrics"]
+    assert out["before"]["graphql"] == 200 and out["before"]["metrics_list"] != 401
+    assert out["before"]["sessions"] == 401
+    assert out["guarded"] == ["graphql_endpoint", "metric.list_metrics"]
+    assert out["after_open"] == []
+    for refused in ("none", "expired", "forged", "client"):
+        assert out[refused]["graphql"] == 401, (refused, out[refused])
+        assert out[refused]["metrics_list"] == 401, (refused, out[refused])
+        assert out[refused]["sessions"] == 401, (refused, out[refused])
+        assert out[refused]["health"] == 200
+    assert out["admin"]["graphql"] == 200
+    assert out["admin"]["metrics_list"] != 401  # reaches the route (no store here: 500)
+
+
+# --- bugs 15 and 16: gRPC tokens ----------------------------------------------------------
+
+def _jwt(secret: str, role: str, lifetime_s: int = 60) -> str:
+    import jwt
+
+    now = int(time.time())
+    return jwt.encode({"role": role, "iat": now - 1, "exp": now + lifetime_s}, secret, "HS256")
+
+
+def _grpc_server_with_fedn_auth() -> tuple[object, int]:
+    """A real gRPC server with fedn's JWTInterceptor and one fedn method (bytes in/out)."""
+    from concurrent import futures
+
+    from fedn.network.grpc.auth import JWTInterceptor
+
+    handler = grpc.method_handlers_generic_handler("fedn.Connector", {
+        "SendHeartbeat": grpc.unary_unary_rpc_method_handler(lambda request, _ctx: b"ok")})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                         interceptors=[JWTInterceptor()])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def _call(port: int, metadata: list[tuple[str, str]], user_agent: str | None = None) -> str:
+    """Call /fedn.Connector/SendHeartbeat; "OK" or the status code's name."""
+    options = [("grpc.primary_user_agent", user_agent)] if user_agent else []
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        call = channel.unary_unary("/fedn.Connector/SendHeartbeat")
+        try:
+            call(b"x", metadata=metadata, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
+
+
+def test_bug16_health_probe_user_agent_skips_fedn_grpc_auth(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upstream: any caller claiming user agent grpc_health_probe needs no token; the
+    guard refuses it, and still refuses missing, expired, forged and wrong-role tokens."""
+    import secrets as secrets_module
+
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    secret = secrets_module.token_hex(32)
+    monkeypatch.setattr(fedn_grpc_auth, "SECRET_KEY", secret)
+    monkeypatch.setattr(grpc, "server", grpc.server)  # restored after the test
+    probe = "grpc_health_probe"
+    server, port = _grpc_server_with_fedn_auth()
+    try:
+        assert _call(port, []) == "UNAUTHENTICATED"
+        assert _call(port, [], user_agent=probe) == "OK"  # the upstream bug
+    finally:
+        server.stop(0)
+    fedn_compat.install_grpc_auth_guard()
+    server, port = _grpc_server_with_fedn_auth()
+    try:
+        assert _call(port, [], user_agent=probe) == "UNAUTHENTICATED"
+        assert _call(port, []) == "UNAUTHENTICATED"
+        bearer = lambda token: [("authorization", f"Bearer {token}")]  # noqa: E731
+        assert _call(port, bearer(_jwt(secret, "client", lifetime_s=-10))) == "UNAUTHENTICATED"
+        assert _call(port, bearer(_jwt("y" * 64, "client"))) == "UNAUTHENTICATED"
+        assert _call(port, bearer(_jwt(secret, "admin"))) == "PERMISSION_DENIED"
+        assert _call(port, bearer(_jwt(secret, "client"))) == "OK"
+    finally:
+        server.stop(0)
+
+
+def test_bug15_grpc_token_only_sent_on_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upstream: GrpcHandler on a plain port sends no token; patched, it does and a
+    combiner with fedn's interceptor accepts its calls."""
+    import secrets as secrets_module
+
+    from fedn.network.clients.grpc_handler import GrpcHandler
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    secret = secrets_module.token_hex(32)
+    token = _jwt(secret, "client")
+    monkeypatch.setattr(fedn_grpc_auth, "SECRET_KEY", secret)
+    monkeypatch.setattr(GrpcHandler, "__init__", GrpcHandler.__init__)  # restored after
+    server, port = _grpc_server_with_fedn_auth()
+    try:
+        plain = GrpcHandler("127.0.0.1", port, "c1", token, "combiner-1")
+        assert not any(key == "authorization" for key, _ in plain.metadata)  # the bug
+        assert _call(port, plain.metadata) == "UNAUTHENTICATED"
+        plain.channel.close()
+        fedn_compat.attach_grpc_token()
+        fedn_compat.attach_grpc_token()  # idempotent
+        fixed = GrpcHandler("127.0.0.1", port, "c1", token, "combiner-1")
+        assert [v for k, v in fixed.metadata if k == "authorization"] == [f"Bearer {token}"]
+        assert _call(port, fixed.metadata) == "OK"
+        fixed.channel.close()
+    finally:
+        server.stop(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -421,3 +422,101 @@ def test_inspect_case_and_clinic(shared_data: Path, tmp_path: Path) -> None:
     assert code == 0 and "shape" in stdout and "spacing" in stdout
     code, _, stderr = _run("data", "inspect", str(tmp_path))
     assert code == 1 and "neither a case folder" in stderr
+
+
+# --- CLI: non-finite and degenerate values are refused in one line -------------------
+
+
+def _set_contour_value(path: Path, value: str) -> None:
+    ds = pydicom.dcmread(path)
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    points = [str(v) for v in contour.ContourData]
+    points[4] = value  # y of the second point
+    contour.ContourData = points
+    ds.save_as(path)
+
+
+def _set_ct(paths: list[Path], **values: object) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("contour-nan", "rt.dcm: ROI 'ROI-1' has ContourData value nan at point 2"),
+        ("contour-inf", "rt.dcm: ROI 'ROI-1' has ContourData value -inf at point 2"),
+        ("spacing-zero", "ct_1.dcm: PixelSpacing must be two positive numbers, got [0, 0]"),
+        ("intercept-nan", "ct_2.dcm: RescaleIntercept is 'NaN', not a finite number"),
+        ("slope-inf", "ct_2.dcm: RescaleSlope is 'inf', not a finite number"),
+    ],
+)
+def test_cli_non_finite_values_refused(shared_data: Path, tmp_path: Path, case: str,
+                                       expected: str) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns when writing 'NaN' into a DS
+        if case == "contour-nan":
+            _set_contour_value(src / "rt.dcm", "NaN")
+        elif case == "contour-inf":
+            _set_contour_value(src / "rt.dcm", "-inf")
+        elif case == "spacing-zero":
+            _set_ct([src / "ct_1.dcm", src / "ct_2.dcm"], PixelSpacing=["0", "0"])
+        elif case == "intercept-nan":
+            _set_ct([src / "ct_2.dcm"], RescaleIntercept="NaN")
+        else:
+            _set_ct([src / "ct_2.dcm"], RescaleSlope="inf")
+    out = tmp_path / "out"
+    code, stdout, stderr = _run("data", "import", str(src), "--out", str(out))
+    assert code == 1 and "Traceback" not in stderr and "Warning" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert any(expected in line for line in errors), stderr
+    # The patient is refused, never imported with the bad value.
+    assert "imported 0 case(s)" in stdout and "1 patient(s) failed" in stdout
+    assert not any(p.is_dir() and not p.name.startswith(".") for p in out.iterdir())
+
+
+def test_cli_rejected_ct_reason_is_shown(shared_data: Path, tmp_path: Path) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    _set_ct([src / "ct_1.dcm", src / "ct_2.dcm"], SeriesInstanceUID=None)
+    code, _, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"))
+    assert code == 1 and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "no CT series found" in lines[0] and "unreadable" not in lines[0]
+    assert "2 CT file without SeriesInstanceUID: " in lines[0]
+    assert str(src / "ct_1.dcm") in lines[0]
+    # With one good series left, the rejected file is a warning naming its reason.
+    ds = pydicom.dcmread(src / "ct_2.dcm")
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(src / "ct_2.dcm")
+    code, _, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"))
+    assert f"{src / 'ct_1.dcm'}: skipped: CT file without SeriesInstanceUID" in stderr
+
+
+def test_cli_import_writes_owner_only(shared_data: Path, tmp_path: Path) -> None:
+    """Imported CT data and the pseudonym salt: files 0600, folders 0700."""
+    import os
+    import stat
+
+    src = _copy_mock(shared_data, tmp_path / "src")
+    out = tmp_path / "out"
+    old = os.umask(0o000)  # even a permissive umask gives nothing to others
+    try:
+        code, _, stderr = _run("data", "import", str(src), "--out", str(out))
+    finally:
+        os.umask(old)
+    assert code == 0, stderr
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode)
+             for p in [out, *out.rglob("*")]}
+    assert modes["."] == 0o700 and modes[".pseudonym-salt"] == 0o600
+    assert modes["manifest.json"] == 0o600
+    assert len(modes) == 7  # folder, salt, manifest, one case folder with 3 files
+    for name, mode in modes.items():
+        assert mode == (0o700 if (out / name).is_dir() else 0o600), (name, oct(mode))

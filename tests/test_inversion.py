@@ -1,4 +1,5 @@
-"""Update inversion: functional U-Net, simulated client update, quality metrics, attack."""
+"""Update inversion: the model at substituted weights, simulated client update, quality
+metrics, attack."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import fedseg_cli
 
 from fedseg.analysis.leakage import inversion as inv
 from fedseg.analysis.leakage.canary import CanaryAuditConfig, records
@@ -32,12 +34,17 @@ def batch(four) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("levels,base", [(1, 4), (2, 4), (2, 8)])
 def test_forward_matches_keras(batch, levels: int, base: int) -> None:
+    """The attack's forward at substituted weights is the model holding those weights,
+    and the substituted model's own variables are back afterwards."""
     config = UNetConfig(levels=levels, base_filters=base)
     model = build_unet(config, seed=3)
     expected = model(batch[0]).numpy()
-    got = inv.unet_forward(config, inv.weights_dict(config, model.weights),
-                           tf.constant(batch[0])).numpy()
+    other = build_unet(config, seed=4)
+    own = other(batch[0]).numpy()
+    got = inv.forward(other, [tf.constant(w) for w in model.get_weights()],
+                      tf.constant(batch[0])).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_array_equal(other(batch[0]).numpy(), own)
 
 
 def test_soft_loss_equals_project_loss_on_one_hot(batch) -> None:
@@ -70,8 +77,7 @@ def test_simulated_update_equals_dp_trainer(four, noise, steps: int, optimizer: 
                                   None if noise is None else 0.5, optimizer, fresh)
     n = settings.n_patches
     assert n == (2 * steps if fresh else 2)
-    names = inv.weight_names(config)
-    sim = inv.simulate_update(config, names, settings, start, tf.constant(images[:n]),
+    sim = inv.simulate_update(build_unet(config), settings, start, tf.constant(images[:n]),
                               tf.one_hot(labels[:n], 7))
     # Adam's steps are ~learning_rate in size; float32 round-off differs a little.
     atol = 1e-4 if optimizer == "adam" else 2e-5
@@ -84,10 +90,11 @@ def test_simulate_update_refuses_wrong_patch_count(four) -> None:
     settings = inv.ClientSettings(0.05, 2, 2, (8, 8, 8), 1.0)  # fresh: needs 4 patches
     start = build_unet(config, seed=0).get_weights()
     with pytest.raises(inv.FedsegError, match=r"2 patches, .* need 4"):
-        inv.simulate_update(config, inv.weight_names(config), settings, start,
+        inv.simulate_update(build_unet(config), settings, start,
                             tf.constant(four[0][:2]), tf.one_hot(four[1][:2], 7))
 
 
+@pytest.mark.slow  # trains a victim for several steps (~10 s)
 def test_simulated_victim_draws_a_new_batch_every_step() -> None:
     """3 steps x batch 2: six distinct patches, and the victim's update is the per-step
     simulation on them (not the same-batch one)."""
@@ -97,16 +104,15 @@ def test_simulated_victim_draws_a_new_batch_every_step() -> None:
     assert client.images.shape == (6, 8, 8, 8) and client.labels.shape == (6, 8, 8, 8)
     flat = client.images.reshape(6, -1)
     assert all(not np.array_equal(flat[i], flat[j]) for i in range(6) for j in range(i))
-    names = inv.weight_names(config)
+    model = build_unet(config)
     real = [c - g for c, g in zip(client.client_weights, client.global_weights, strict=True)]
     images = tf.constant(client.images[..., None])
     labels = tf.one_hot(client.labels.astype(np.int32), 7)
-    per_step = inv.simulate_update(config, names, settings, client.global_weights, images,
-                                   labels)
+    per_step = inv.simulate_update(model, settings, client.global_weights, images, labels)
     for r, s in zip(real, per_step, strict=True):
         np.testing.assert_allclose(s.numpy(), r, atol=2e-5)
     same = inv.ClientSettings(0.1, 3, 2, (8, 8, 8), 1.0, fresh_batches=False)
-    repeated = inv.simulate_update(config, names, same, client.global_weights, images[:2],
+    repeated = inv.simulate_update(model, same, client.global_weights, images[:2],
                                    labels[:2])
     gap = max(float(np.abs(s.numpy() - r).max()) for r, s in zip(real, repeated, strict=True))
     assert gap > 1e-3
@@ -177,19 +183,11 @@ def test_attack_inverts_single_step_and_fails_under_heavy_noise() -> None:
     assert not noisy["recognisable"]
 
 
-def _cli(args: list[str]):
-    from click.testing import CliRunner
-
-    from fedseg.cli import cli
-
-    return CliRunner().invoke(cli, args)
-
-
 def test_invert_cli_needs_exactly_one_source(tmp_path) -> None:
-    result = _cli(["attack", "invert", "--out", str(tmp_path / "o")])
+    result = fedseg_cli(["attack", "invert", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "give either --simulate" in result.output and "Traceback" not in result.output
-    result = _cli(["attack", "invert", "--out", str(tmp_path / "o"), "--global-weights",
+    result = fedseg_cli(["attack", "invert", "--out", str(tmp_path / "o"), "--global-weights",
                    str(tmp_path / "missing.npz"), "--client-weights",
                    str(tmp_path / "missing.npz")])
     assert result.exit_code == 1 and "missing.npz" in result.output
@@ -209,7 +207,7 @@ def test_invert_cli_stored_round_and_simulate(tmp_path, batch) -> None:
         batch[0][:1], batch[1][:1], KNOWN)
     save_weights_npz(model.get_weights(), tmp_path / "client.npz")
     out = tmp_path / "stored"
-    result = _cli(["attack", "invert", "--global-weights", str(tmp_path / "global.npz"),
+    result = fedseg_cli(["attack", "invert", "--global-weights", str(tmp_path / "global.npz"),
                    "--client-weights", str(tmp_path / "client.npz"), "--patch", "8",
                    "--iterations", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -218,7 +216,7 @@ def test_invert_cli_stored_round_and_simulate(tmp_path, batch) -> None:
     assert (out / "montage.png").stat().st_size > 1000 and (out / "report.html").exists()
 
     out = tmp_path / "sim"
-    result = _cli(["attack", "invert", "--simulate", "--patch", "8", "--batch", "2",
+    result = fedseg_cli(["attack", "invert", "--simulate", "--patch", "8", "--batch", "2",
                    "--local-steps", "2", "--iterations", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
@@ -233,7 +231,7 @@ def test_study_cli_small_grid(tmp_path) -> None:
     import json
 
     out = tmp_path / "study"
-    result = _cli(["attack", "study", "--out", str(out), "--batch-sizes", "1",
+    result = fedseg_cli(["attack", "study", "--out", str(out), "--batch-sizes", "1",
                    "--local-steps", "1", "--epsilons", "8", "--sigmas", "",
                    "--iterations", "2"])
     assert result.exit_code == 0, result.output
@@ -243,7 +241,7 @@ def test_study_cli_small_grid(tmp_path) -> None:
     assert sigmas[0] == 0.0 and sigmas[1] == pytest.approx(data["sigma_for_epsilon"]["8.0"])
     assert 0.3 < sigmas[1] < 1.0  # eps 8 over N=100, B=4, T=100, delta 1e-3: ~0.54
     assert (out / "report.html").exists() and (out / "study_noise_multiplier.png").exists()
-    bad = _cli(["attack", "study", "--out", str(tmp_path / "bad"), "--batch-sizes", "0"])
+    bad = fedseg_cli(["attack", "study", "--out", str(tmp_path / "bad"), "--batch-sizes", "0"])
     assert bad.exit_code == 1 and "--batch-sizes" in bad.output
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,15 @@ from fedseg_clinic.privacy.ledger import (
     BudgetExceededError,
     LedgerSegment,
     PrivacyLedger,
+    data_identity,
     default_anchor_path,
+)
+from fedseg_clinic.privacy.ledger import (
+    ledger_path as ledger_file,
 )
 
 DELTA = 1e-3
+DATA_ID = data_identity(["p1", "p2", "p3"])
 
 
 def seg(round_id: str, steps: int = 20, q: float = 0.05, sigma: float = 1.2,
@@ -27,11 +31,11 @@ def seg(round_id: str, steps: int = 20, q: float = 0.05, sigma: float = 1.2,
 
 @pytest.fixture
 def ledger_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "privacy_ledger.json"
+    return ledger_file(tmp_path / "data" / ".fedseg-privacy", DATA_ID)
 
 
 def open_ledger(path: Path, budget: float | None = None, **kwargs) -> PrivacyLedger:
-    return PrivacyLedger(path, "clinic-a", DELTA, budget, **kwargs)
+    return PrivacyLedger(path, DATA_ID, DELTA, budget, **kwargs)
 
 
 def filled(path: Path, rounds: int = 3) -> PrivacyLedger:
@@ -44,7 +48,8 @@ def filled(path: Path, rounds: int = 3) -> PrivacyLedger:
 def test_new_ledger_creates_files_and_spends_nothing(ledger_path: Path) -> None:
     ledger = open_ledger(ledger_path)
     assert ledger_path.exists()
-    assert ledger.anchor_path == ledger_path.parent.parent / "state.privacy-anchor.json"
+    assert ledger.anchor_path == (ledger_path.parent.parent / ".fedseg-privacy-anchors"
+                                  / f"ledger-{DATA_ID}.anchor.json")
     assert default_anchor_path(ledger_path) == ledger.anchor_path
     assert ledger.anchor_path.exists()
     report = ledger.spent()
@@ -182,12 +187,14 @@ def test_garbage_ledger_is_refused(ledger_path: Path) -> None:
         open_ledger(ledger_path)
 
 
-def test_other_client_or_delta_is_refused(ledger_path: Path) -> None:
+def test_other_data_set_is_refused_and_delta_is_free(ledger_path: Path) -> None:
     filled(ledger_path, rounds=1)
-    with pytest.raises(FedsegError, match="belongs to client 'clinic-a'"):
-        PrivacyLedger(ledger_path, "clinic-b", DELTA, None)
-    with pytest.raises(FedsegError, match=re.escape("delta=0.001, not delta=0.0001")):
-        PrivacyLedger(ledger_path, "clinic-a", 1e-4, None)
+    with pytest.raises(FedsegError, match=f"belongs to data set '{DATA_ID}'"):
+        PrivacyLedger(ledger_path, "0123456789abcdef", DELTA, None)
+    # The segments compose at any delta: a run at another delta continues the history.
+    other = PrivacyLedger(ledger_path, DATA_ID, 1e-4, None)
+    assert other.spent().epsilon == pytest.approx(
+        compute_epsilon_history([(0.05, 1.2, 20)], 1e-4).epsilon)
 
 
 def test_interrupted_write_one_entry_ahead_is_accepted(ledger_path: Path, tmp_path: Path
@@ -226,3 +233,121 @@ def test_ledger_refuses_bad_settings(ledger_path: Path, delta: float, budget: fl
     with pytest.raises(FedsegError):
         PrivacyLedger(ledger_path, "clinic-a", delta, budget)
     assert not ledger_path.exists()
+
+
+# -- version 2: the data set's ledger, locked, reserved before training, reset --------
+
+def test_privacy_folder_and_files_are_private(ledger_path: Path) -> None:
+    ledger = filled(ledger_path, rounds=1)
+    assert ledger_path.parent.stat().st_mode & 0o777 == 0o700
+    assert ledger.anchor_path.parent.stat().st_mode & 0o777 == 0o700
+    for path in (ledger_path, ledger.anchor_path, ledger_path.parent / ".lock"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+def test_data_identity_is_the_set_of_patients() -> None:
+    assert data_identity(["b", "a", "a"]) == data_identity(["a", "b"])
+    assert data_identity(["a", "b"]) != data_identity(["a", "b", "c"])
+    with pytest.raises(FedsegError, match="no training patients"):
+        data_identity([])
+
+
+def test_reserve_records_before_training_and_refuses_beyond_budget(ledger_path: Path
+                                                                   ) -> None:
+    budget = compute_epsilon_history([(0.05, 1.2, 50)], DELTA).epsilon
+    ledger = open_ledger(ledger_path, budget=budget)
+    report = ledger.reserve(seg("r1", steps=40), client="clinic-a", run="run-1")
+    assert [e["round_id"] for e in ledger.entries()] == ["r1"]  # recorded at once
+    assert ledger.spent() == report
+    entry = ledger.entries()[0]
+    assert (entry["client"], entry["run"], entry["delta"]) == ("clinic-a", "run-1", DELTA)
+    before = ledger_path.read_bytes()
+    with pytest.raises(BudgetExceededError, match="refusing to train"):
+        ledger.reserve(seg("r2", steps=20))
+    assert ledger_path.read_bytes() == before  # a refused round writes nothing
+
+
+def test_changed_training_set_composes_with_the_earlier_one(ledger_path: Path) -> None:
+    filled(ledger_path, rounds=2)
+    grown_id = data_identity(["p1", "p2", "p3", "p4"])  # a patient was added
+    grown = PrivacyLedger(ledger_file(ledger_path.parent, grown_id), grown_id, DELTA, None)
+    assert grown.entries() == []
+    both = compute_epsilon_history([(0.05, 1.2, 20)] * 3, DELTA).epsilon
+    assert grown.record(seg("r3")).epsilon == pytest.approx(both, rel=1e-9)
+
+
+def test_reset_archives_and_logs(ledger_path: Path) -> None:
+    from fedseg_clinic.privacy.ledger import describe_privacy_dir, reset_ledgers
+
+    filled(ledger_path, rounds=2)
+    shown = describe_privacy_dir(ledger_path.parent, DELTA)
+    assert shown["ledgers"][0]["rounds"] == 2 and shown["epsilon_all"] > 0
+    with pytest.raises(FedsegError, match="reason"):
+        reset_ledgers(ledger_path.parent, "  ")
+    record = reset_ledgers(ledger_path.parent, "new IRB protocol 42", delta=DELTA)
+    assert record["ledgers"][0]["rounds"] == 2
+    assert not ledger_path.exists()
+    assert (Path(record["archive"]) / ledger_path.name).exists()
+    fresh = open_ledger(ledger_path)  # starts over, and the reset is on record
+    assert fresh.spent().epsilon == 0.0
+    assert describe_privacy_dir(ledger_path.parent, DELTA)["resets"][0]["reason"] == (
+        "new IRB protocol 42")
+
+
+def _reserve_worker(path: str, budget: float | None, rounds: int, tag: str,
+                    out: multiprocessing.Queue) -> None:
+    """One process reserving ``rounds`` segments; reports (granted, refused, errors)."""
+    granted = refused = 0
+    errors: list[str] = []
+    for r in range(rounds):
+        try:
+            PrivacyLedger(Path(path), DATA_ID, DELTA, budget).reserve(
+                seg(f"{tag}-{r}", steps=5), client=tag)
+            granted += 1
+        except BudgetExceededError:
+            refused += 1
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            errors.append(f"{type(exc).__name__}: {exc}")
+    out.put((tag, granted, refused, errors))
+
+
+def _run_workers(path: Path, budget: float | None, processes: int, rounds: int
+                 ) -> list[tuple[str, int, int, list[str]]]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # real, independent processes
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_reserve_worker, args=(str(path), budget, rounds,
+                                                         f"w{i}", queue))
+               for i in range(processes)]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=300) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    return results
+
+
+@pytest.mark.slow
+def test_concurrent_processes_lose_no_entry(ledger_path: Path) -> None:
+    open_ledger(ledger_path)
+    results = _run_workers(ledger_path, None, processes=4, rounds=20)
+    assert [r[3] for r in results] == [[], [], [], []]  # no false "head does not match"
+    entries = open_ledger(ledger_path).entries()
+    assert len(entries) == 80
+    assert sorted(e["round_id"] for e in entries) == sorted(
+        f"w{i}-{r}" for i in range(4) for r in range(20))
+
+
+@pytest.mark.slow
+def test_concurrent_trainings_cannot_overspend(ledger_path: Path) -> None:
+    budget = compute_epsilon_history([(0.05, 1.2, 5 * 12)], DELTA).epsilon * 1.0001
+    open_ledger(ledger_path)
+    results = _run_workers(ledger_path, budget, processes=4, rounds=6)
+    assert [r[3] for r in results] == [[], [], [], []]
+    granted = sum(r[1] for r in results)
+    assert granted == 12  # exactly what fits, whoever won the races
+    assert sum(r[2] for r in results) == 24 - 12
+    assert len(open_ledger(ledger_path).entries()) == 12
+    assert open_ledger(ledger_path).spent().epsilon <= budget

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,19 +88,19 @@ def upload_package_and_seed(state: NetworkState, work: Path) -> None:
 
 def start_clients(state: NetworkState, names: list[str], work: Path, token: str | None,
                   preferred: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """`fedn client start` processes, one working directory each."""
+    """fedn's `client start` processes (package route: token in a 0600 file, not argv)."""
+    from fedseg.orchestration.clients import ClientSpec, client_argv, write_package_config
+
     procs = []
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDN_")}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in fedn.yaml
     for name in names:
         cwd = work / name
         cwd.mkdir(parents=True, exist_ok=True)
-        argv = [str(VENV_BIN / "fedn"), "client", "start", "--api-url", "http://127.0.0.1",
-                "--api-port", str(state.api_port), "--name", name]
-        if token:
-            argv += ["--token", token]
-        if preferred and name in preferred:
-            argv += ["--preferred-combiner", preferred[name]]
+        spec = ClientSpec(name, cwd)
+        combiner = (preferred or {}).get(name)
+        write_package_config(cwd, spec, state.api_url, token, combiner, str(uuid.uuid4()))
+        argv = client_argv("package", spec, state.api_url, "", cwd, token, combiner)
         log = open(cwd / "client.log", "wb")
         procs.append(subprocess.Popen(argv, cwd=cwd, env={**env, "FEDN_HOME_DIR": str(cwd)},
                                       stdout=log, stderr=subprocess.STDOUT,
@@ -490,6 +491,50 @@ def test_cli_up_status_down_then_up_again_on_kept_store(tmp_path: Path) -> None:
             ("combiner-1", again.combiners[0].port)]
     finally:
         network_down(config.root)
+
+
+@pytest.mark.parametrize("damage", ["junk", "torn-header", "truncated", "bad-pages"])
+def test_cli_up_refuses_corrupt_sqlite_store(tmp_path: Path, damage: str) -> None:
+    config = make_config(tmp_path / "net")
+    config.root.mkdir(parents=True)
+    store = config.root / "fedn.sqlite"
+    if damage == "junk":
+        store.write_bytes(b"this is not a database\n" * 200)
+    else:
+        # A real SQLite file with several pages, then damaged in place.
+        import sqlite3
+
+        conn = sqlite3.connect(store)
+        conn.execute("CREATE TABLE t (x TEXT)")
+        conn.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 100)
+        conn.execute("CREATE INDEX ix ON t (x)")
+        conn.commit()
+        conn.close()
+        data = bytearray(store.read_bytes())
+        if damage == "torn-header":
+            data[0:16] = b"\x00" * 16
+        elif damage == "truncated":
+            del data[len(data) // 2:]
+        else:
+            for offset in range(4096, len(data), 4096):  # page headers after the first
+                data[offset:offset + 8] = b"\xff" * 8
+        store.write_bytes(bytes(data))
+    config_file = tmp_path / "network.yaml"
+    import yaml
+
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    result = CliRunner(mix_stderr=False).invoke(cli, ["network", "up", "--config",
+                                                      str(config_file)])
+    if result.exit_code == 0:
+        network_down(config.root)  # came up on a damaged store: stop it, then fail
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{store}: corrupt SQLite state store (" in lines[0]
+    # Refused before anything started, and nothing was written over the damaged file.
+    assert not (config.root / "network.json").exists()
+    assert all(ports.is_port_free(p) for p in config.ports().values())
 
 
 # --- process handling (plain processes, no FEDn) ---------------------------------------

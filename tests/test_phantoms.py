@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from fedseg.cli import cli
 from fedseg.orchestration import phantoms as ph
+from fedseg.orchestration.phantoms import benchmark as ph_benchmark
 from fedseg_clinic.cases import read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.organs import ORGANS
@@ -371,7 +372,7 @@ def test_failed_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
             raise RuntimeError("disk full")
         return real(spec, ci, pi)
 
-    monkeypatch.setattr(ph, "make_case", failing)
+    monkeypatch.setattr(ph_benchmark, "make_case", failing)  # where it is looked up
     with pytest.raises(RuntimeError):
         ph.generate_benchmark(spec, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -47,6 +47,7 @@ def test_rounds_times_local_steps_equals_steps() -> None:
     assert json.loads(by_steps) == json.loads(by_rounds)
 
 
+@pytest.mark.slow  # a noise search over many accountant calls (~10 s)
 def test_calibrate_meets_budget() -> None:
     code, out, _ = invoke("calibrate", "--patients", "100", "--batch", "5", "--rounds", "4",
                           "--local-steps", "25", "--epsilon", "2", "--delta", "1e-3", "--json")

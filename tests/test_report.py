@@ -11,25 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import fedseg_cli, make_run
 
 from fedseg.analysis import plots, report, summary
-from fedseg.cli import cli
-from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
 from fedseg_clinic.errors import FedsegError
 
 NAN = math.nan
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-def make_run(path: Path, rows: list[tuple[int, str, str, float]], kind: str = "federated",
-             **info: object) -> Path:
-    path.mkdir(parents=True)
-    write_rounds(path, [RoundRecord(*row) for row in rows])
-    write_run_info(path, {"name": path.name, "seed": 1, "kind": kind,
-                          "config": {"aggregator": "fedavg"}, **info})
-    return path
 
 
 def fed_rows(scale: float, rounds: int = 3, drop: tuple[int, ...] = ()) -> list[tuple]:
@@ -121,6 +111,23 @@ def test_round_time_parts_hand_computed(tmp_path: Path) -> None:
     np.testing.assert_allclose(total, [20.0, 4.0])
 
 
+def test_round_time_parts_do_not_overlap_with_fedn_s_combiner_times(tmp_path: Path) -> None:
+    """fedn's exec-training time contains the client training and the aggregation."""
+    rows = [(1, "global", "round_seconds", 30.0),
+            (1, "global", "round_exec_training_seconds", 20.0),
+            (1, "global", "round_combination_seconds", 2.0),
+            (1, "a", "train_seconds", 12.0), (1, "b", "train_seconds", 15.0),
+            (1, "a", "validate_seconds", 4.0), (1, "b", "validate_seconds", 5.0)]
+    run = summary.load_run(make_run(tmp_path / "t", rows))
+    parts, total = plots.round_time_parts(run)
+    assert set(parts) == {"training", "aggregation", "combiner other", "validation",
+                          "waiting/overhead"}
+    np.testing.assert_allclose(parts["combiner other"], [20.0 - 15.0 - 2.0])
+    np.testing.assert_allclose(parts["waiting/overhead"], [30.0 - 20.0 - 5.0])
+    # Stacked, the bars add up to the round's wall time.
+    np.testing.assert_allclose(sum(parts.values()), total)
+
+
 def test_figures_of_a_log_without_metrics(tmp_path: Path) -> None:
     run = summary.load_run(make_run(tmp_path / "bare", [(1, "global", "round_seconds", 3.0)]))
     for fig in (plots.plot_dice(run, 0.5), plots.plot_losses(run), plots.plot_epsilon(run),
@@ -131,8 +138,8 @@ def test_figures_of_a_log_without_metrics(tmp_path: Path) -> None:
 
 def test_cli_analyze(tmp_path: Path, runs: list[Path]) -> None:
     out = tmp_path / "cli_report"
-    result = CliRunner().invoke(cli, ["analyze", *map(str, runs), "--out", str(out),
-                                      "--target-dice", "0.5"])
+    result = fedseg_cli(["analyze", *map(str, runs), "--out", str(out),
+                         "--target-dice", "0.5"])
     assert result.exit_code == 0, result.output
     assert "target: Dice 0.5" in result.output
     assert (out / "report.html").is_file() and (out / "summary.json").is_file()
@@ -144,8 +151,8 @@ def test_cli_analyze(tmp_path: Path, runs: list[Path]) -> None:
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, runs: list[Path], args: list[str],
                                  message: str) -> None:
-    result = CliRunner().invoke(cli, ["analyze", str(runs[0]), "--out",
-                                      str(tmp_path / "r"), *args])
+    result = fedseg_cli(["analyze", str(runs[0]), "--out",
+                         str(tmp_path / "r"), *args])
     assert result.exit_code == 1
     assert message in result.output
     assert result.output.startswith("fedseg: error:") and result.output.count("\n") == 1
@@ -153,8 +160,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, runs: list[Path], args: list[st
 
 def test_cli_names_the_missing_log(tmp_path: Path) -> None:
     (tmp_path / "empty_run").mkdir()
-    result = CliRunner().invoke(cli, ["analyze", str(tmp_path / "empty_run"), "--out",
-                                      str(tmp_path / "r")])
+    result = fedseg_cli(["analyze", str(tmp_path / "empty_run"), "--out",
+                         str(tmp_path / "r")])
     assert result.exit_code == 1
     assert "empty_run" in result.output and "Traceback" not in result.output
 
@@ -308,13 +315,13 @@ def test_cli_analyze_with_sections_and_bad_folder(tmp_path: Path, runs: list[Pat
     (tmp_path / "aud").mkdir()
     _audit(tmp_path / "aud")
     out = tmp_path / "cli"
-    ok = CliRunner().invoke(cli, ["analyze", str(runs[0]), "--out", str(out), "--attack",
-                                  str(study), "--audit", str(tmp_path / "aud")])
+    ok = fedseg_cli(["analyze", str(runs[0]), "--out", str(out), "--attack",
+                     str(study), "--audit", str(tmp_path / "aud")])
     assert ok.exit_code == 0, ok.output
     assert "privacy sections: 1 attack, 1 audit" in ok.output
     assert "Privacy audit" in (out / "report.html").read_text()
-    bad = CliRunner().invoke(cli, ["analyze", str(runs[0]), "--out", str(tmp_path / "r2"),
-                                   "--audit", str(tmp_path / "study")])
+    bad = fedseg_cli(["analyze", str(runs[0]), "--out", str(tmp_path / "r2"),
+                      "--audit", str(tmp_path / "study")])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1
     assert "no audit.json in this folder" in bad.output and not (tmp_path / "r2").exists()
 
@@ -323,24 +330,23 @@ def test_cli_analyze_with_sections_and_bad_folder(tmp_path: Path, runs: list[Pat
 def test_real_study_and_audit_in_the_report(tmp_path: Path, runs: list[Path]) -> None:
     """The real writers (fedseg attack study / invert / audit, tiny settings) feed the
     report, so reader and writers cannot drift apart."""
-    invoke = CliRunner().invoke
-    result = invoke(cli, ["attack", "study", "--out", str(tmp_path / "study"),
-                          "--batch-sizes", "1", "--local-steps", "2", "--epsilons", "8",
-                          "--sigmas", "", "--iterations", "2", "--levels", "1",
-                          "--base-filters", "4", "--groups", "4"])
+    result = fedseg_cli(["attack", "study", "--out", str(tmp_path / "study"),
+                         "--batch-sizes", "1", "--local-steps", "2", "--epsilons", "8",
+                         "--sigmas", "", "--iterations", "2", "--levels", "1",
+                         "--base-filters", "4", "--groups", "4"])
     assert result.exit_code == 0, result.output
-    result = invoke(cli, ["attack", "invert", "--simulate", "--out", str(tmp_path / "inv"),
-                          "--iterations", "2", "--levels", "1", "--base-filters", "4",
-                          "--groups", "4"])
+    result = fedseg_cli(["attack", "invert", "--simulate", "--out", str(tmp_path / "inv"),
+                         "--iterations", "2", "--levels", "1", "--base-filters", "4",
+                         "--groups", "4"])
     assert result.exit_code == 0, result.output
-    result = invoke(cli, ["audit", "--out", str(tmp_path / "audit"), "--noise", "none,1.0",
-                          "--canaries", "4", "--steps", "2", "--batch", "2",
-                          "--no-membership"])
+    result = fedseg_cli(["audit", "--out", str(tmp_path / "audit"), "--noise", "none,1.0",
+                         "--canaries", "4", "--steps", "2", "--batch", "2",
+                         "--no-membership"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "report"
-    result = invoke(cli, ["analyze", str(runs[0]), "--out", str(out), "--attack",
-                          str(tmp_path / "study"), "--attack", str(tmp_path / "inv"),
-                          "--audit", str(tmp_path / "audit" / "audit.json")])
+    result = fedseg_cli(["analyze", str(runs[0]), "--out", str(out), "--attack",
+                         str(tmp_path / "study"), "--attack", str(tmp_path / "inv"),
+                         "--audit", str(tmp_path / "audit" / "audit.json")])
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
     study = json.loads((tmp_path / "study" / "study.json").read_text())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import tiny_real_experiment
 
 from fedseg.analysis.report import write_report
 from fedseg.orchestration.experiment import parse_experiment
@@ -26,23 +27,9 @@ CLIENTS = ("clinic-1", "clinic-2")
 
 
 def _tiny_real_doc() -> dict[str, Any]:
-    return {
-        "name": "tiny-real-report", "seed": 5,
-        "data": {"phantoms": {"preset": "non-iid", "clinics": len(CLIENTS),
-                              "options": {"patients": 3, "size": 32}}},
-        "model": {"levels": 2, "base_filters": 4, "groups": 2},
-        "clinic": {
-            "training": {"learning_rate": 0.003, "local_steps": 2, "batch_size": 2,
-                         "patch_size": [16, 16, 16]},
-            "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
-            "validation": {"patch_size": [16, 16, 16], "overlap": 0.0, "batch_size": 4},
-        },
-        "session": {"rounds": 2, "round_timeout": 300, "min_clients": 2},
-        "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
-                            "TF_CPP_MIN_LOG_LEVEL": "2"}},
-        "network": {"api_port": free_port(), "s3_port": free_port(),
-                    "combiners": [{"name": "combiner-1", "port": free_port()}]},
-    }
+    return {**tiny_real_experiment("tiny-real-report"),
+            "network": {"api_port": free_port(), "s3_port": free_port(),
+                        "combiners": [{"name": "combiner-1", "port": free_port()}]}}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from helpers import tiny_real_experiment
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.experiment import load_experiment
@@ -226,21 +227,7 @@ def test_ctrl_c_stops_everything_and_keeps_the_log(tmp_path: Path) -> None:
 
 
 def test_real_clinic_app_on_tiny_phantoms(tmp_path: Path, network_root: Path) -> None:
-    doc = {
-        "name": "tiny-real", "seed": 5,
-        "data": {"phantoms": {"preset": "non-iid", "clinics": 2,
-                              "options": {"patients": 3, "size": 32}}},
-        "model": {"levels": 2, "base_filters": 4, "groups": 2},
-        "clinic": {
-            "training": {"learning_rate": 0.003, "local_steps": 2, "batch_size": 2,
-                         "patch_size": [16, 16, 16]},
-            "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
-            "validation": {"patch_size": [16, 16, 16], "overlap": 0.0, "batch_size": 4},
-        },
-        "session": {"rounds": 2, "round_timeout": 300, "min_clients": 2},
-        "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
-                            "TF_CPP_MIN_LOG_LEVEL": "2", "FEDSEG_KEEP_UPDATES": "1"}},
-    }
+    doc = tiny_real_experiment("tiny-real", FEDSEG_KEEP_UPDATES="1")
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(doc))
     result = run_experiment(load_experiment(path), tmp_path / "runs", network_root=network_root)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_run
 
 from fedseg.analysis import summary
 from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
@@ -15,14 +16,6 @@ from fedseg_clinic.errors import FedsegError
 
 NAN = math.nan
 
-
-def make_run(path: Path, rows: list[tuple[int, str, str, float]], kind: str = "federated",
-             **info: object) -> Path:
-    path.mkdir(parents=True)
-    write_rounds(path, [RoundRecord(*row) for row in rows])
-    write_run_info(path, {"name": path.name, "seed": 7, "kind": kind, "config": {},
-                          "versions": {}, "timings": {}, **info})
-    return path
 
 
 def client_rows(rnd: int, client: str, **metrics: float) -> list[tuple[int, str, str, float]]:
@@ -222,3 +215,42 @@ def test_missing_optional_run_info_keys(tmp_path: Path) -> None:
     entry = summary.summarize_run(summary.load_run(run_dir))
     assert (entry["name"], entry["kind"], entry["seed"]) == ("bare", "federated", None)
     assert entry["timings"] == {}
+
+
+def _seed_run(tmp_path: Path, name: str, seed: int, reach_round: int | None,
+              config: dict | None = None) -> summary.RunLog:
+    """Two clients; the client mean crosses 0.5 at ``reach_round`` (never when None)."""
+    rows: list[tuple[int, str, str, float]] = []
+    for rnd in (1, 2, 3, 4):
+        dice = 0.6 if reach_round is not None and rnd >= reach_round else 0.2
+        rows += client_rows(rnd, "global", round_seconds=10.0 * rnd)
+        rows += client_rows(rnd, "c1", val_dice_mean=dice, n_val=2)
+        if rnd != 2:  # c2 skips round 2: fewer bytes moved that round
+            rows += client_rows(rnd, "c2", val_dice_mean=dice, n_val=2)
+    base = {"name": name, "seed": seed, "session": {"rounds": 4},
+            "clinic": {"training": {"seed": seed, "local_steps": 5}}}
+    run_dir = make_run(tmp_path / name, rows, seed=seed, model_bytes=1000,
+                       config=config or base)
+    return summary.load_run(run_dir)
+
+
+def test_seed_groups_mean_and_confidence_interval(tmp_path: Path) -> None:
+    runs = [_seed_run(tmp_path, "fedavg-s1", 1, 2), _seed_run(tmp_path, "fedavg-s2", 2, 3),
+            _seed_run(tmp_path, "fedavg-s3", 3, None),
+            _seed_run(tmp_path, "other", 4, 1, config={"name": "other", "seed": 4,
+                                                       "session": {"rounds": 9}})]
+    data = summary.summarize_runs(runs, target_dice=0.5)
+    assert [e["bytes_to_target"] for e in data["runs"]] == [6000.0, 10000.0, None, 4000.0]
+    [group] = data["groups"]  # "other" differs beyond its seed: not a replicate
+    assert group["label"] == "fedavg-s" and group["runs"] == ["fedavg-s1", "fedavg-s2",
+                                                              "fedavg-s3"]
+    assert group["seeds"] == [1, 2, 3] and group["reached_target"] == 2
+    rounds = group["rounds_to_target"]
+    # Over the two seeds that reached it: 2 and 3 -> mean 2.5, t(0.975, 1) * sd / sqrt(2).
+    assert rounds["n"] == 2 and rounds["mean"] == pytest.approx(2.5)
+    assert rounds["ci95"] == pytest.approx(12.7062047 * math.sqrt(0.5) / math.sqrt(2))
+    final = group["final_dice_mean"]
+    assert final["n"] == 3 and final["mean"] == pytest.approx((0.6 + 0.6 + 0.2) / 3)
+    assert group["seconds_to_target"]["mean"] == pytest.approx((30.0 + 60.0) / 2)
+    assert summary.mean_ci95([1.0]) == {"n": 1, "mean": 1.0, "ci95": None}
+    assert summary.mean_ci95([None]) == {"n": 0, "mean": None, "ci95": None}

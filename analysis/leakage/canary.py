@@ -39,12 +39,11 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
+from fedseg.analysis.leakage.membership import roc_metrics
+from fedseg.analysis.leakage.victim import VictimSettings, build_victim, phantom_patches
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.model.losses import per_example_loss
-from fedseg_clinic.model.unet import UNetConfig, build_unet
+from fedseg_clinic.model.unet import N_CLASSES
 from fedseg_clinic.privacy.accounting import compute_epsilon
-from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
-from fedseg_clinic.tf_env import keras, tf
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ def audit_bound(scores: np.ndarray, included: np.ndarray, delta: float, confiden
 
 
 @dataclasses.dataclass(frozen=True)
-class CanaryAuditConfig:
+class CanaryAuditConfig(VictimSettings):
     """One audited training run.
 
     Attributes:
@@ -204,40 +203,20 @@ def records(config: CanaryAuditConfig) -> tuple[np.ndarray, np.ndarray, np.ndarr
     Returns:
         images (n, p, p, p, 1) float32, labels (n, p, p, p) int32, is_canary bool (n,).
     """
-    from fedseg.orchestration.phantoms import make_case, preset_spec
-    from fedseg_clinic.patches import PatchSampler
-
     total = config.n_patients + config.n_canaries
-    size = max(32, 2 * config.patch)
-    spec = preset_spec("iid", 1, total, size, config.seed)
-    sampler = PatchSampler((config.patch,) * 3, foreground_fraction=1.0, flip=False)
-    rng = np.random.default_rng([config.seed, 1])
-    images, labels = [], []
-    for index in range(total):
-        image, label = sampler.sample(make_case(spec, 0, index), rng)
-        if index >= config.n_patients:
-            # A canary: the patient's CT with unique noise texture and random labels,
-            # so its gradient points its own way (shared structure would let one
-            # included canary lower every canary's loss).
-            image = np.clip(image + rng.normal(0.0, 0.5, image.shape), -1, 1)
-            label = rng.integers(0, 7, label.shape)
-        images.append(image.astype(np.float32))
-        labels.append(label.astype(np.int32))
-    is_canary = np.arange(total) >= config.n_patients
-    return np.stack(images), np.stack(labels), is_canary
 
+    def plant(index: int, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray]:
+        if index < config.n_patients:
+            return image, label
+        # A canary: the patient's CT with unique noise texture and random labels, so its
+        # gradient points its own way (shared structure would let one included canary
+        # lower every canary's loss).
+        return (np.clip(image + rng.normal(0.0, 0.5, image.shape), -1, 1),
+                rng.integers(0, N_CLASSES, label.shape))
 
-LOSS_CHUNK: int = 8  # patches per forward pass when scoring (bounds memory at 32^3)
-
-
-def _losses(model: Any, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    losses = []
-    for first in range(0, len(images), LOSS_CHUNK):
-        chunk = slice(first, first + LOSS_CHUNK)
-        known = np.ones((len(images[chunk]), 7), np.float32)
-        probs = model(tf.constant(images[chunk]), training=False)
-        losses.append(np.asarray(per_example_loss(labels[chunk], probs, known)))
-    return np.concatenate(losses)
+    images, labels = phantom_patches(total, config.patch, config.seed, alter=plant)
+    return images, labels, np.arange(total) >= config.n_patients
 
 
 def run_canary_audit(config: CanaryAuditConfig) -> dict[str, Any]:
@@ -262,26 +241,16 @@ def run_canary_audit(config: CanaryAuditConfig) -> dict[str, Any]:
         raise FedsegError(f"batch_size={config.batch_size} exceeds the {n_train} training "
                           "patients of this draw")
     mark = time.perf_counter()
-    keras.utils.set_random_seed(config.seed)
-    model = build_unet(UNetConfig(levels=config.levels, base_filters=config.base_filters,
-                                  groups=config.groups), seed=config.seed)
+    victim = build_victim(config.unet, config.dp, config.seed)
     canary_images, canary_labels = images[is_canary], labels[is_canary]
-    before = _losses(model, canary_images, canary_labels)
+    before = victim.losses(canary_images, canary_labels)
     timings["model"] = time.perf_counter() - mark
-    dp = DPConfig(l2_norm_clip=config.l2_norm_clip, noise_multiplier=config.noise_multiplier,
-                  expected_batch_size=config.batch_size, learning_rate=config.learning_rate,
-                  optimizer=config.optimizer)
-    trainer = DPTrainer(model, per_example_loss, dp, seed=config.seed)
-    known = np.ones((n_train, 7), np.float32)
-    for step in range(config.steps):
-        mark = time.perf_counter()
-        chosen = train_idx[poisson_sample(n_train, config.batch_size, rng)]
-        pos = np.searchsorted(train_idx, chosen)
-        trainer.step(images[chosen], labels[chosen], known[pos])
-        phase = "first_step" if step == 0 else "steps"
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - mark
+    seconds = victim.train_poisson(images[train_idx], labels[train_idx], config.steps, rng)
+    timings["first_step"] = seconds[0]
+    if len(seconds) > 1:
+        timings["steps"] = sum(seconds[1:])
     mark = time.perf_counter()
-    after = _losses(model, canary_images, canary_labels)
+    after = victim.losses(canary_images, canary_labels)
     scores = before - after
     if config.noise_multiplier is None:
         accountant = math.inf
@@ -289,8 +258,6 @@ def run_canary_audit(config: CanaryAuditConfig) -> dict[str, Any]:
         accountant = compute_epsilon(n_train, config.batch_size, config.steps,
                                      config.noise_multiplier, config.delta).epsilon
     bound = audit_bound(scores, included_canary, config.delta, config.confidence)
-    from fedseg.analysis.leakage.membership import roc_metrics
-
     result = {
         "config": dataclasses.asdict(config),
         "n_train": n_train,

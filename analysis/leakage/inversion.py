@@ -14,8 +14,9 @@ each with per-example gradients clipped to ``l2_norm_clip`` and summed, divided 
 expected batch size, exactly as :class:`fedseg_clinic.privacy.dp_sgd.DPTrainer` does (the
 attacker does not know the DP noise and leaves it out: the noise is the defence). The
 gradient of the objective flows through the simulated steps (second order, nested
-``tf.GradientTape``), so the U-Net's forward pass is written here as a pure function of a
-weight dict (:func:`unet_forward`), checked against the Keras model in the tests.
+``tf.GradientTape``): the steps run the real Keras U-Net with the simulated weights
+(tensors that depend on the dummy data) in place of its variables
+(:func:`weights_substituted`), so attacker and client share one model definition.
 
 Threat model (Geiping et al.'s multi-step setting): the attacker knows the number of
 local steps T and the batch size B but not the data. Like the real ClinicApp, the client
@@ -40,29 +41,28 @@ assignment on PSNR) when the batch has more than one patch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage, optimize
 
+from fedseg.analysis.leakage.victim import build_victim, phantom_patches
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.model.losses import DICE_SMOOTH, PROB_FLOOR
 from fedseg_clinic.model.metrics import dice
 from fedseg_clinic.model.unet import N_CLASSES, UNetConfig, build_unet
+from fedseg_clinic.privacy.dp_sgd import DPConfig, make_optimizer, sum_query
 from fedseg_clinic.tf_env import keras, tf
 
 logger = logging.getLogger(__name__)
 
-# Keras defaults of the layers build_unet uses; the functional forward must match them.
-GN_EPSILON: float = 1e-3
-LEAKY_SLOPE: float = 0.01
-PROB_FLOOR: float = 1e-7  # as losses.PROB_FLOOR
-DICE_SMOOTH: float = 1e-5  # as losses.DICE_SMOOTH
-ADAM_BETAS: tuple[float, float, float] = (0.9, 0.999, 1e-7)  # Keras 2 Adam defaults
 DATA_RANGE: float = 2.0  # patches live in [-1, 1]
 SSIM_SIGMA: float = 1.0  # Gaussian window sigma in voxels (16^3 patches: small window)
 
@@ -96,6 +96,17 @@ class ClientSettings:
     def n_patches(self) -> int:
         """Distinct patches behind one update: the attack's unknowns."""
         return self.local_steps * self.batch_size if self.fresh_batches else self.batch_size
+
+    def dp_config(self, noise_multiplier: float) -> DPConfig:
+        """The DPTrainer settings of this client with DP noise ``noise_multiplier``.
+
+        Without a clip norm the client is the non-DP baseline (no clipping, no noise).
+        """
+        return DPConfig(
+            l2_norm_clip=self.l2_norm_clip or 1.0,
+            noise_multiplier=None if self.l2_norm_clip is None else noise_multiplier,
+            expected_batch_size=self.batch_size, learning_rate=self.learning_rate,
+            optimizer=self.optimizer)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -151,80 +162,73 @@ class Reconstruction:
     seconds: float
 
 
-# ------------------------------------------------------------------- functional U-Net
+# ------------------------------------------------- the real model at given weights
 
 
-def weight_names(config: UNetConfig) -> list[str]:
-    """Names of the model's weights in get_weights() order ("enc0_conv1/kernel", ...)."""
-    model = build_unet(config, seed=0)
-    return [w.name.split(":")[0] for w in model.weights]
+def _weight_slots(model: keras.Model) -> list[tuple[keras.layers.Layer, str]]:
+    """(layer, attribute) holding each of ``model.weights``, in get_weights() order."""
+    index = {id(v): i for i, v in enumerate(model.weights)}
+    slots: list[tuple[keras.layers.Layer, str] | None] = [None] * len(index)
+    for layer in model.layers:
+        for attribute, value in vars(layer).items():
+            if isinstance(value, tf.Variable) and id(value) in index:
+                slots[index[id(value)]] = (layer, attribute)
+    missing = [model.weights[i].name for i, slot in enumerate(slots) if slot is None]
+    if missing:
+        raise FedsegError(f"the inversion attack cannot substitute weights "
+                          f"{', '.join(missing)} of model {model.name}")
+    return [slot for slot in slots if slot is not None]
 
 
-def weights_dict(config: UNetConfig, arrays: Sequence[Any]) -> dict[str, Any]:
-    """Pair get_weights()-ordered arrays (or tensors) with their layer/weight names.
+def check_weights(model: keras.Model, arrays: Sequence[Any]) -> None:
+    """Check that get_weights()-ordered arrays fit the model's weights.
 
     Raises:
-        FedsegError: the number of arrays does not match the architecture.
+        FedsegError: another number of arrays (a different architecture?).
     """
-    names = weight_names(config)
-    if len(arrays) != len(names):
-        raise FedsegError(f"{len(arrays)} weight arrays, the U-Net {config.to_dict()} "
-                          f"has {len(names)} (different architecture?)")
-    return dict(zip(names, arrays, strict=True))
+    if len(arrays) != len(model.weights):
+        raise FedsegError(f"{len(arrays)} weight arrays, the U-Net {model.name} has "
+                          f"{len(model.weights)} (different architecture?)")
 
 
-def _group_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, groups: int) -> tf.Tensor:
-    shape = tf.shape(x)
-    channels = x.shape[-1]
-    grouped = tf.reshape(x, tf.concat([shape[:-1], [groups, channels // groups]], 0))
-    mean, var = tf.nn.moments(grouped, axes=[1, 2, 3, 5], keepdims=True)
-    grouped = (grouped - mean) * tf.math.rsqrt(var + GN_EPSILON)
-    return tf.reshape(grouped, shape) * gamma + beta
+@contextlib.contextmanager
+def weights_substituted(model: keras.Model, weights: Sequence[tf.Tensor]
+                        ) -> Iterator[keras.Model]:
+    """The model computing with ``weights`` (tensors) in place of its variables.
 
-
-def _block(x: tf.Tensor, w: Mapping[str, Any], name: str, config: UNetConfig) -> tf.Tensor:
-    filters = None
-    for unit in (1, 2):
-        kernel = w[f"{name}_conv{unit}/kernel"]
-        filters = kernel.shape[-1]
-        x = tf.nn.conv3d(x, kernel, strides=[1] * 5, padding="SAME")
-        x = _group_norm(x, w[f"{name}_gn{unit}/gamma"], w[f"{name}_gn{unit}/beta"],
-                        config.groups_for(int(filters)))
-        x = tf.nn.leaky_relu(x, LEAKY_SLOPE)
-    return x
-
-
-def unet_forward(config: UNetConfig, w: Mapping[str, Any], images: tf.Tensor) -> tf.Tensor:
-    """build_unet's forward pass as a pure function of its weights (for 2nd-order grads).
+    The simulated client's step t + 1 runs the U-Net at weights that are tensors
+    depending on the dummy data, and the attack differentiates through them (second
+    order). Keras 2 layers read their weights from attributes (``kernel``, ``bias``,
+    ``gamma``, ``beta``) at call time, so pointing these at the tensors runs the real
+    model, not a copy of it; ``object.__setattr__`` bypasses Keras' weight tracking, and
+    the variables are put back on exit.
 
     Args:
-        config: the architecture (residual and dropout unsupported).
-        w: weight name -> tensor (see :func:`weights_dict`).
-        images: float32 (b, z, y, x, 1).
+        model: the Keras model (its variables are neither read nor changed).
+        weights: one tensor per ``model.weights`` entry, same order and shapes.
 
-    Returns:
-        softmax probabilities (b, z, y, x, C).
+    Raises:
+        FedsegError: the weights do not fit the model.
     """
-    if config.residual or config.dropout > 0:
-        raise FedsegError("the inversion attack supports U-Nets without residual "
-                          "shortcuts and dropout only")
-    x = images
-    skips = []
-    for level in range(config.levels):
-        x = _block(x, w, f"enc{level}", config)
-        if level < config.levels - 1:
-            skips.append(x)
-            x = tf.nn.max_pool3d(x, 2, 2, "VALID")
-    for level in reversed(range(config.levels - 1)):
-        kernel = w[f"up{level}/kernel"]
-        skip = skips[level]
-        out_shape = tf.concat([tf.shape(skip)[:-1], [kernel.shape[3]]], 0)
-        x = tf.nn.conv3d_transpose(x, kernel, out_shape, strides=[1, 2, 2, 2, 1],
-                                   padding="VALID") + w[f"up{level}/bias"]
-        x = tf.concat([skip, x], axis=-1)
-        x = _block(x, w, f"dec{level}", config)
-    logits = tf.nn.conv3d(x, w["head/kernel"], strides=[1] * 5, padding="VALID")
-    return tf.nn.softmax(logits + w["head/bias"], axis=-1)
+    check_weights(model, weights)
+    slots = _weight_slots(model)
+    try:
+        for (layer, attribute), tensor in zip(slots, weights, strict=True):
+            object.__setattr__(layer, attribute, tensor)
+        yield model
+    finally:
+        for (layer, attribute), variable in zip(slots, model.weights, strict=True):
+            object.__setattr__(layer, attribute, variable)
+
+
+def forward(model: keras.Model, weights: Sequence[tf.Tensor], images: tf.Tensor
+            ) -> tf.Tensor:
+    """Softmax probabilities of ``model`` at ``weights`` on ``images``, as in training.
+
+    Differentiable with respect to both weights and images.
+    """
+    with weights_substituted(model, weights):
+        return model(images, training=True)
 
 
 def soft_per_example_loss(soft_labels: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
@@ -241,8 +245,7 @@ def soft_per_example_loss(soft_labels: tf.Tensor, probs: tf.Tensor) -> tf.Tensor
 
 
 def simulate_update(
-    config: UNetConfig,
-    names: Sequence[str],
+    model: keras.Model,
     settings: ClientSettings,
     global_weights: Sequence[Any],
     images: tf.Tensor,
@@ -250,12 +253,17 @@ def simulate_update(
 ) -> list[tf.Tensor]:
     """The weight change a noise-free client would make on (images, soft_labels).
 
-    Differentiable with respect to images and soft_labels (call it under a tape).
-    ``names`` are :func:`weight_names` of ``config`` (built once, outside any tf.function).
+    Differentiable with respect to images and soft_labels (call it under a tape). The
+    steps run ``model`` itself at the simulated weights (:func:`weights_substituted`);
+    each per-example gradient is clipped and summed by the client's own TF Privacy query
+    (:func:`fedseg_clinic.privacy.dp_sgd.sum_query`, without noise) and the optimiser
+    step uses the client's optimiser's hyperparameters
+    (:func:`fedseg_clinic.privacy.dp_sgd.make_optimizer`), unrolled here because a Keras
+    optimiser assigns variables, which cuts the gradient.
 
     Args:
-        config: the U-Net architecture.
-        names: its weight names.
+        model: a Keras U-Net of the attacked architecture (built outside any
+            tf.function; its variables are not used).
         settings: the client's settings; with ``fresh_batches`` step t trains on
             images[t * B:(t + 1) * B], otherwise every step trains on all of ``images``.
         global_weights: the starting weights (get_weights() order).
@@ -272,6 +280,10 @@ def simulate_update(
         raise FedsegError(f"simulate_update: {int(images.shape[0])} patches, the settings "
                           f"(T={settings.local_steps}, B={settings.batch_size}, fresh "
                           f"batches {settings.fresh_batches}) need {settings.n_patches}")
+    dp = settings.dp_config(0.0)
+    query = sum_query(dp)
+    clip = query.derive_sample_params(query.initial_global_state())
+    optimizer = make_optimizer(dp)
     start = [tf.convert_to_tensor(w, tf.float32) for w in global_weights]
     current = list(start)
     m = [tf.zeros_like(w) for w in start]
@@ -281,38 +293,33 @@ def simulate_update(
         first = step * b if settings.fresh_batches else 0
         batch_images = images[first:first + b]
         batch_labels = soft_labels[first:first + b]
-        total = [tf.zeros_like(w) for w in current]
         if settings.l2_norm_clip is None:
-            # Non-DP client: one gradient of the batch-mean loss.
+            # Non-DP client: the mean of the per-example gradients, in one pass.
             with tf.GradientTape() as inner:
                 inner.watch(current)
-                probs = unet_forward(config, dict(zip(names, current, strict=True)),
-                                     batch_images)
+                probs = forward(model, current, batch_images)
                 loss = tf.reduce_mean(soft_per_example_loss(batch_labels, probs))
             grads = inner.gradient(loss, current)
         else:
+            total = query.initial_sample_state(current)
             for i in range(b):
                 with tf.GradientTape() as inner:
                     inner.watch(current)
-                    probs = unet_forward(config, dict(zip(names, current, strict=True)),
-                                         batch_images[i:i + 1])
+                    probs = forward(model, current, batch_images[i:i + 1])
                     loss = soft_per_example_loss(batch_labels[i:i + 1], probs)[0]
-                g = inner.gradient(loss, current)
-                norm = tf.linalg.global_norm(g)
-                factor = tf.minimum(1.0, settings.l2_norm_clip / (norm + 1e-12))
-                total = [t + factor * gi for t, gi in zip(total, g, strict=True)]
+                total = query.accumulate_record(clip, total, inner.gradient(loss, current))
             grads = [t / float(settings.batch_size) for t in total]
         if settings.optimizer == "sgd":
             current = [w - settings.learning_rate * g for w, g in
                        zip(current, grads, strict=True)]
         else:
-            beta1, beta2, eps = ADAM_BETAS
+            beta1, beta2 = float(optimizer.beta_1), float(optimizer.beta_2)
             t = step + 1
             m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads, strict=True)]
             v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads, strict=True)]
             lr_t = settings.learning_rate * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             # sqrt(v + tiny) keeps the second derivative finite where a gradient is 0.
-            current = [w - lr_t * mi / (tf.sqrt(vi + 1e-24) + eps)
+            current = [w - lr_t * mi / (tf.sqrt(vi + 1e-24) + optimizer.epsilon)
                        for w, mi, vi in zip(current, m, v, strict=True)]
     return [c - s for c, s in zip(current, start, strict=True)]
 
@@ -365,7 +372,11 @@ def invert_update(
         FedsegError: the weight lists do not fit the architecture or each other, or the
             update is all zeros.
     """
-    names = list(weights_dict(config, global_weights))  # also checks the count
+    if config.residual or config.dropout > 0:
+        raise FedsegError("the inversion attack supports U-Nets without residual "
+                          "shortcuts and dropout only")
+    model = build_unet(config, seed=0)  # the architecture; runs at the simulated weights
+    check_weights(model, global_weights)
     if len(client_weights) != len(global_weights):
         raise FedsegError(f"client weights have {len(client_weights)} arrays, global "
                           f"weights {len(global_weights)}")
@@ -401,7 +412,7 @@ def invert_update(
     def attack_step() -> tf.Tensor:
         with tf.GradientTape() as tape:
             soft = fixed if fixed is not None else tf.nn.softmax(logits, axis=-1)
-            simulated = simulate_update(config, names, settings, globals_t, x, soft)
+            simulated = simulate_update(model, settings, globals_t, x, soft)
             objective = _cosine_distance(simulated, real) + attack.tv_weight * \
                 total_variation(x)
         grads = tape.gradient(objective, [x, logits])
@@ -609,10 +620,6 @@ def simulate_client(config: UNetConfig, settings: ClientSettings,
         noise_multiplier: DP sigma (ignored, must be None or 0, for a non-DP client).
         seed: model initialisation, phantoms and noise.
     """
-    from fedseg.analysis.leakage.membership import phantom_patches
-    from fedseg_clinic.model.losses import per_example_loss
-    from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer
-
     if len(set(settings.patch_size)) != 1:
         raise FedsegError(f"--simulate needs a cubic patch, got {settings.patch_size}")
     if settings.l2_norm_clip is None and noise_multiplier:
@@ -620,20 +627,12 @@ def simulate_client(config: UNetConfig, settings: ClientSettings,
     b = settings.batch_size
     n = settings.n_patches
     images, labels = phantom_patches(n + PRIOR_PATCHES, settings.patch_size[0], seed)
-    keras.utils.set_random_seed(seed)
-    model = build_unet(config, seed=seed)
-    start = [np.array(w) for w in model.get_weights()]
-    dp = DPConfig(
-        l2_norm_clip=settings.l2_norm_clip or 1.0,
-        noise_multiplier=None if settings.l2_norm_clip is None else (noise_multiplier or 0.0),
-        expected_batch_size=b, learning_rate=settings.learning_rate,
-        optimizer=settings.optimizer)
-    trainer = DPTrainer(model, per_example_loss, dp, seed=seed)
-    known = np.ones((b, N_CLASSES), np.float32)
+    victim = build_victim(config, settings.dp_config(noise_multiplier or 0.0), seed)
+    start = victim.weights()
     for step in range(settings.local_steps):
         first = step * b if settings.fresh_batches else 0
-        trainer.step(images[first:first + b], labels[first:first + b], known)
-    return SimulatedClient(start, [np.array(w) for w in model.get_weights()],
+        victim.step(images[first:first + b], labels[first:first + b])
+    return SimulatedClient(start, victim.weights(),
                            images[:n, ..., 0], labels[:n].astype(np.uint8),
                            images[n:, ..., 0], labels[n:].astype(np.uint8))
 
@@ -676,6 +675,35 @@ def attack_simulated(config: UNetConfig, settings: ClientSettings,
         "seconds": rec.seconds,
     }
     return result, client, matched
+
+
+def attack_stored(config: UNetConfig, settings: ClientSettings, global_weights: Path,
+                  client_weights: Path, attack: AttackConfig
+                  ) -> tuple[dict[str, Any], Reconstruction]:
+    """Invert a stored round's update (the truth is unknown: no quality metrics).
+
+    Args:
+        config: the U-Net architecture of the weights.
+        settings: the client's training settings.
+        global_weights: npz of the weights the client received.
+        client_weights: npz of the weights it sent back.
+        attack: the reconstruction's settings.
+
+    Returns:
+        (JSON-ready result, the reconstruction in the attacker's order).
+
+    Raises:
+        FedsegError: an unreadable npz, or weights that do not fit (see invert_update).
+    """
+    from fedseg_clinic.model.weights import load_weights_npz
+
+    rec = invert_update(config, settings, load_weights_npz(global_weights),
+                        load_weights_npz(client_weights), attack)
+    result = {"global_weights": str(global_weights), "client_weights": str(client_weights),
+              "settings": dataclasses.asdict(settings), "n_patches": settings.n_patches,
+              "objective": rec.loss_history[-1], "seconds": rec.seconds,
+              "note": "truth unknown: no quality metrics"}
+    return result, rec
 
 
 @dataclasses.dataclass(frozen=True)

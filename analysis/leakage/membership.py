@@ -29,7 +29,16 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from fedseg.analysis.leakage.victim import (
+    Victim,
+    VictimSettings,
+    all_known,
+    build_victim,
+    phantom_patches,
+)
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.model.losses import per_example_loss
+from fedseg_clinic.privacy.accounting import compute_epsilon
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +96,7 @@ def lira_offline_scores(target_stat: np.ndarray, shadow_stats: np.ndarray) -> np
 
 
 @dataclasses.dataclass(frozen=True)
-class MembershipConfig:
+class MembershipConfig(VictimSettings):
     """A membership-inference experiment on phantoms.
 
     Attributes:
@@ -117,42 +126,16 @@ class MembershipConfig:
     seed: int = 0
 
 
-def phantom_patches(n: int, patch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Phantom patches: one organ-centred (patch)^3 patch of each of n patients."""
-    from fedseg.orchestration.phantoms import make_case, preset_spec
-    from fedseg_clinic.patches import PatchSampler
-
-    spec = preset_spec("iid", 1, n, max(32, 2 * patch), seed)
-    sampler = PatchSampler((patch,) * 3, foreground_fraction=1.0, flip=False)
-    rng = np.random.default_rng([seed, 1])
-    pairs = [sampler.sample(make_case(spec, 0, i), rng) for i in range(n)]
-    return (np.stack([p[0] for p in pairs]),
-            np.stack([p[1] for p in pairs]).astype(np.int32))
-
-
 def _train(config: MembershipConfig, images: np.ndarray, labels: np.ndarray, seed: int,
-           timings: dict[str, float]) -> Any:
+           timings: dict[str, float]) -> Victim:
     """Train one model; add its first step (tracing) and other steps to ``timings``."""
-    from fedseg_clinic.model.losses import per_example_loss
-    from fedseg_clinic.model.unet import UNetConfig, build_unet
-    from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
-    from fedseg_clinic.tf_env import keras
-
-    keras.utils.set_random_seed(seed)
-    model = build_unet(UNetConfig(levels=config.levels, base_filters=config.base_filters,
-                                  groups=config.groups), seed=seed)
-    dp = DPConfig(config.l2_norm_clip, config.noise_multiplier, config.batch_size,
-                  config.learning_rate, config.optimizer)
-    trainer = DPTrainer(model, per_example_loss, dp, seed=seed)
-    rng = np.random.default_rng([seed, 3])
-    known = np.ones((len(images), 7), np.float32)
-    for step in range(config.steps):
-        mark = time.perf_counter()
-        chosen = poisson_sample(len(images), config.batch_size, rng)
-        trainer.step(images[chosen], labels[chosen], known[chosen])
-        phase = "first_steps" if step == 0 else "steps"
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - mark
-    return model
+    victim = build_victim(config.unet, config.dp, seed)
+    seconds = victim.train_poisson(images, labels, config.steps,
+                                   np.random.default_rng([seed, 3]))
+    timings["first_steps"] = timings.get("first_steps", 0.0) + seconds[0]
+    if len(seconds) > 1:
+        timings["steps"] = timings.get("steps", 0.0) + sum(seconds[1:])
+    return victim
 
 
 def run_membership(config: MembershipConfig) -> dict[str, Any]:
@@ -164,10 +147,6 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
         target = phantoms, training and scoring of the target; shadows = all shadows;
         first_steps / steps = the models' first (tracing) and other training steps).
     """
-    from fedseg_clinic.model.losses import per_example_loss
-    from fedseg_clinic.privacy.accounting import compute_epsilon
-    from fedseg_clinic.tf_env import tf
-
     if config.n_targets < 4:
         raise FedsegError(f"n_targets={config.n_targets} must be >= 4")
     started = time.perf_counter()
@@ -177,9 +156,8 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
     member[rng.permutation(config.n_targets)[: config.n_targets // 2]] = True
     step_timings: dict[str, float] = {}
     target = _train(config, images[member], labels[member], config.seed, step_timings)
-    known = np.ones((config.n_targets, 7), np.float32)
-    probs = target(tf.constant(images), training=False).numpy()
-    loss = np.asarray(per_example_loss(labels, probs, known))
+    probs = target.probabilities(images)
+    loss = np.asarray(per_example_loss(labels, probs, all_known(config.n_targets)))
     target_stat = confidence_statistic(probs, labels)
     timings = {"target": time.perf_counter() - started}
     shadow_stats = []
@@ -187,8 +165,7 @@ def run_membership(config: MembershipConfig) -> dict[str, Any]:
         shadow_seed = config.seed + 1000 * (k + 1)
         s_images, s_labels = phantom_patches(len(images) // 2, config.patch, shadow_seed)
         shadow = _train(config, s_images, s_labels, shadow_seed, step_timings)
-        shadow_stats.append(confidence_statistic(
-            shadow(tf.constant(images), training=False).numpy(), labels))
+        shadow_stats.append(confidence_statistic(shadow.probabilities(images), labels))
     timings["shadows"] = time.perf_counter() - started - timings["target"]
     timings.update(step_timings)
     lira = lira_offline_scores(target_stat, np.stack(shadow_stats))

@@ -8,9 +8,9 @@ the model and its traced step functions are paid for once) and the compute packa
 Privacy unit: the patient. Each local step samples patients by Poisson sampling
 (each independently with q = batch_size / N, the accountant's assumption) and takes one
 random patch per sampled patient, so one patient contributes at most one clipped
-gradient per step. Before training, the ledger checks that the whole planned round fits
-in the clinic's epsilon budget; if not, :class:`BudgetExceededError` is raised and no
-weights leave the clinic.
+gradient per step. Before training, the data set's ledger reserves the whole planned
+round (check and record in one locked step); if it would exceed the clinic's epsilon
+budget, :class:`BudgetExceededError` is raised and no weights leave the clinic.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from fedseg_clinic.cases import Case
+from fedseg_clinic.cases import Case, check_organ_set
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.model.inference import sliding_window_predict
-from fedseg_clinic.model.losses import per_example_loss
+from fedseg_clinic.model.losses import loss_for
 from fedseg_clinic.model.metrics import organ_metrics
 from fedseg_clinic.model.unet import (
     UNetConfig,
@@ -40,49 +40,20 @@ from fedseg_clinic.model.unet import (
 )
 from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
-from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
+from fedseg_clinic.privacy.accounting import compute_epsilon, default_delta
+from fedseg_clinic.privacy.calibration import resolve_noise
 from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
-from fedseg_clinic.privacy.ledger import LedgerSegment, PrivacyLedger
+from fedseg_clinic.privacy.ledger import (
+    LedgerSegment,
+    PrivacyLedger,
+    data_identity,
+    default_privacy_dir,
+    ledger_path,
+)
 from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_overrides
 from fedseg_clinic.tf_env import tf
 
 logger = logging.getLogger(__name__)
-
-LEDGER_NAME = "privacy_ledger.json"
-
-
-def default_delta(n_patients: int) -> float:
-    """Delta = 1 / (10 N): comfortably below the 1 / N that would allow naming a patient."""
-    return 1.0 / (10.0 * n_patients)
-
-
-_CALIBRATED: dict[tuple[int, int, int, float, float], float] = {}
-
-
-def resolve_noise(n_patients: int, settings: ClinicSettings) -> tuple[float, float | None]:
-    """The noise multiplier and epsilon budget a clinic trains with.
-
-    With ``privacy.target_epsilon`` the noise is calibrated (dp_accounting, tighter of
-    RDP and PLD) so that ``planned_rounds`` rounds of this clinic's schedule end at or
-    below the target, and the target becomes the budget unless a smaller one is set; the
-    ledger then enforces it. Otherwise ``noise_multiplier`` and ``epsilon_budget`` as set.
-    Neither frozen weights nor K patches per patient change the analysis: one patient
-    still contributes one clipped gradient per step.
-    """
-    t, p = settings.training, settings.privacy
-    if p.target_epsilon is None:
-        return p.noise_multiplier, p.epsilon_budget
-    if p.planned_rounds is None:
-        raise FedsegError("privacy.target_epsilon needs privacy.planned_rounds")
-    delta = p.delta if p.delta is not None else default_delta(n_patients)
-    key = (n_patients, t.batch_size, p.planned_rounds * t.local_steps, p.target_epsilon, delta)
-    if key not in _CALIBRATED:  # a few seconds of PLD work: once per schedule
-        _CALIBRATED[key] = calibrate_noise(n_patients, t.batch_size, key[2],
-                                           p.target_epsilon, delta)
-    budget = p.target_epsilon if p.epsilon_budget is None else min(p.epsilon_budget,
-                                                                   p.target_epsilon)
-    return _CALIBRATED[key], budget
-
 
 class ClinicApp:
     """A clinic's train / validate / predict on its local cases.
@@ -97,14 +68,21 @@ class ClinicApp:
         self.settings = settings
         self.data_dir: Path = settings.data_dir
         self.state_dir: Path = settings.state_dir
-        self.train_cases: list[Case] = load_cases(self.data_dir, "train")
-        self._val_cases: list[Case] | None = None
+        self.privacy_dir: Path = settings.privacy_dir or default_privacy_dir(self.data_dir)
         self.model_config = UNetConfig.from_dict(settings.model)
+        self.organs = self.model_config.organs
+        # Data labelled for another organ set would train the wrong output channels.
+        check_organ_set(self.data_dir, self.organs)
+        self.train_cases: list[Case] = load_cases(self.data_dir, "train")
+        # The ledger's key: the patients whose privacy training spends.
+        self.data_id = data_identity(c.meta.patient_pseudonym for c in self.train_cases)
+        self._val_cases: list[Case] | None = None
         self.model = build_unet(self.model_config, seed=settings.training.seed)
         self._trainer: DPTrainer | None = None
         self._trainer_key: tuple[Any, ...] | None = None
         self._rounds_without_ledger = 0
-        self._loss_fn = tf.function(per_example_loss)
+        self._per_example_loss = loss_for(self.organs)
+        self._loss_fn = tf.function(self._per_example_loss)
 
     @classmethod
     def from_environment(cls) -> ClinicApp:
@@ -132,20 +110,44 @@ class ClinicApp:
             "shapes": sorted({tuple(c.image.shape) for c in self.train_cases}),
         }
 
+    def check_server_organ_set(self, server_settings: dict[str, Any]) -> None:
+        """Refuse a round whose server announces another organ set than this clinic's.
+
+        A server may send ``organ_set`` (a name or the seed's record) in a round's
+        settings; a global model of another set would be trained on the wrong output
+        channels. Every global model is also checked by its head's class count
+        (:meth:`_apply_global`), which tells the two sets apart on its own.
+
+        Raises:
+            FedsegError: one line naming both sets.
+        """
+        record = server_settings.get("organ_set")
+        if record is not None:
+            self.organs.check_record(record, "server's global model")
+
+    def _apply_global(self, weights: list[np.ndarray]) -> None:
+        """Load the global weights; a head of another class count names the organ sets."""
+        head_bias = np.asarray(weights[-1]) if weights else None
+        if head_bias is not None and head_bias.ndim == 1 and \
+                head_bias.shape[0] != self.organs.n_classes:
+            raise FedsegError(
+                f"global model has {head_bias.shape[0]} output classes, but this clinic "
+                f"trains organ set {self.organs.key} ({self.organs.n_classes} classes: "
+                f"background, {', '.join(self.organs.organs)}); use one organ set"
+            )
+        apply_weights(self.model, weights, "global model")
+
     # -- privacy ------------------------------------------------------------------------
 
     def ledger(self, delta: float, epsilon_budget: float | None) -> PrivacyLedger:
-        """The clinic's privacy ledger (persists across rounds and restarts).
+        """The privacy ledger of this clinic's training data (outlives runs and restarts).
 
-        Its anchor lives outside the state folder (ledger.default_anchor_path), so that
-        deleting the whole state folder is detected too.
+        Kept in the data set's privacy folder (``<data_dir>/.fedseg-privacy`` unless
+        settings say otherwise), never in a run folder; its anchor lives outside that
+        folder (ledger.default_anchor_path), so deleting the folder is detected too.
         """
-        return PrivacyLedger(
-            self.state_dir / LEDGER_NAME,
-            client_id=self.settings.client_name,
-            delta=delta,
-            epsilon_budget=epsilon_budget,
-        )
+        return PrivacyLedger(ledger_path(self.privacy_dir, self.data_id), self.data_id,
+                             delta=delta, epsilon_budget=epsilon_budget)
 
     # -- training -----------------------------------------------------------------------
 
@@ -181,7 +183,7 @@ class ClinicApp:
                 optimizer=t.optimizer,
             )
             self._trainer = DPTrainer(
-                self.model, per_example_loss, config, seed=noise_seed,
+                self.model, self._per_example_loss, config, seed=noise_seed,
                 variables=trainable_subset(self.model, t.trainable),
                 augmentations=t.augmentations_per_patient)
             self._trainer_key = key
@@ -209,6 +211,7 @@ class ClinicApp:
             FedsegError: bad settings or weights of the wrong architecture.
         """
         started = time.perf_counter()
+        self.check_server_organ_set(server_settings)
         settings = with_server_overrides(self.settings, server_settings)
         t, p = settings.training, settings.privacy
         patch = check_patch_size(self.model_config, t.patch_size)
@@ -221,7 +224,7 @@ class ClinicApp:
         delta = p.delta if p.delta is not None else default_delta(n)
         sigma, budget = resolve_noise(n, settings) if p.enabled else (0.0, None)
         ledger = self.ledger(delta, budget) if p.enabled else None
-        round_index = len(ledger.segments()) if ledger else self._rounds_without_ledger
+        round_index = len(ledger.entries()) if ledger else self._rounds_without_ledger
         segment = LedgerSegment.for_schedule(
             round_id=str(server_settings.get("round_id", f"local-{round_index + 1}")),
             n_patients=n,
@@ -230,16 +233,21 @@ class ClinicApp:
             noise_multiplier=sigma,
             l2_norm_clip=p.l2_norm_clip,
         )
+        reserved = None
         if ledger is not None:
-            ledger.check_budget(segment)  # raises BudgetExceededError; nothing is trained
-        apply_weights(self.model, weights, "global model")
+            # Record before train, in one locked step: a concurrent training of the same
+            # data cannot slip in between the check and the record. Raises
+            # BudgetExceededError (nothing written, nothing trained).
+            reserved = ledger.reserve(segment, client=settings.client_name,
+                                      run=settings.run_name)
+        self._apply_global(weights)
         noise_seed, sampling_seed = self._round_seeds(settings, round_index)
         trainer = self._get_trainer(settings, noise_seed, sigma)
         trained_ids = {id(v) for v in trainer.variables}
         frozen_before = [(v, v.numpy().copy()) for v in self.model.weights
                          if id(v) not in trained_ids]
         sampler = PatchSampler(patch, foreground_fraction=t.foreground_fraction,
-                               hu_clip=t.hu_window)
+                               hu_clip=t.hu_window, organs=self.organs)
         rng = np.random.default_rng(sampling_seed)
         losses: list[float] = []
         for _ in range(t.local_steps):
@@ -255,8 +263,8 @@ class ClinicApp:
             # Aggregation must only move what was trained: frozen weights leave bit-exact.
             if not np.array_equal(variable.numpy(), before):
                 raise FedsegError(f"frozen weight {variable.name} changed in training")
-        if ledger is not None:
-            epsilon = ledger.record(segment).epsilon
+        if reserved is not None:
+            epsilon = reserved.epsilon
         else:
             self._rounds_without_ledger += 1
             epsilon = math.inf
@@ -293,7 +301,7 @@ class ClinicApp:
         pairs = [sampler.sample(case, rng) for case in cases]
         images = np.stack([p[0] for p in pairs]).astype(np.float32)
         labels = np.stack([p[1] for p in pairs])
-        known = np.stack([class_known(c.meta.labelled_organs) for c in cases])
+        known = np.stack([class_known(c.meta.labelled_organs, self.organs) for c in cases])
         return images, labels, known
 
     # -- validation ---------------------------------------------------------------------
@@ -310,15 +318,16 @@ class ClinicApp:
     def validate(self, weights: list[np.ndarray]) -> dict[str, float]:
         """Dice / HD95 per organ, val_loss, n_val and validate_seconds on the val cases."""
         started = time.perf_counter()
-        apply_weights(self.model, weights, "global model")
+        self._apply_global(weights)
         per_case: list[dict[str, float]] = []
         for case in self.val_cases:
             probs = self.predict_case(case)
-            labels = labels_from_masks(case.masks, case.image.shape)
-            known = class_known(case.meta.labelled_organs)
+            labels = labels_from_masks(case.masks, case.image.shape, self.organs)
+            known = class_known(case.meta.labelled_organs, self.organs)
             loss = self._loss_fn(labels[None].astype(np.int32), probs[None], known[None])
             metrics = organ_metrics(np.argmax(probs, axis=-1).astype(np.uint8), case.masks,
-                                    case.meta.labelled_organs, case.meta.spacing)
+                                    case.meta.labelled_organs, case.meta.spacing,
+                                    self.organs)
             metrics["val_loss"] = float(np.asarray(loss)[0])
             per_case.append(metrics)
         result: dict[str, float] = {}

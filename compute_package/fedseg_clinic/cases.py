@@ -31,13 +31,13 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.io import atomic_write_text, default_dir_mode
-from fedseg_clinic.organs import ORGANS
+from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
+from fedseg_clinic.organs import ALL_ORGANS, OrganSet
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -106,7 +106,7 @@ class CaseMeta:
             raise FedsegError(
                 f"{where}: case format version {meta.format_version}, expected {FORMAT_VERSION}"
             )
-        unknown = [o for o in meta.labelled_organs if o not in ORGANS]
+        unknown = [o for o in meta.labelled_organs if o not in ALL_ORGANS]
         if unknown:
             raise FedsegError(f"{where}: unknown organ name(s) {', '.join(unknown)}")
         return meta
@@ -134,7 +134,7 @@ def _check_case(case: Case) -> None:
             f"case {case.meta.case_id}: sidecar shape {case.meta.shape} != image shape {shape}"
         )
     for organ, mask in case.masks.items():
-        if organ not in ORGANS:
+        if organ not in ALL_ORGANS:
             raise FedsegError(f"case {case.meta.case_id}: unknown organ {organ!r}")
         if tuple(mask.shape) != shape:
             raise FedsegError(
@@ -147,6 +147,17 @@ def _check_case(case: Case) -> None:
         )
 
 
+#: Modes of what holds patient data (CT, masks, sidecars, manifest, salt): owner only.
+PRIVATE_FILE_MODE = PRIVATE_FILE
+PRIVATE_DIR_MODE = PRIVATE_DIR
+
+
+def _private_file(path: Path) -> BinaryIO:
+    """Open a new file for writing with mode 0600 from the start (no readable window)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
 def write_case(case: Case, cases_dir: Path, overwrite: bool = False) -> Path:
     """Write one case atomically to ``cases_dir/<case_id>/`` and return that folder."""
     _check_case(case)
@@ -154,14 +165,17 @@ def write_case(case: Case, cases_dir: Path, overwrite: bool = False) -> Path:
     final = cases_dir / case.meta.case_id
     if final.exists() and not overwrite:
         raise FedsegError(f"{final}: case already exists (use overwrite)")
+    # mkdtemp makes the folder 0700: patient data stays readable by its owner only.
     tmp = Path(tempfile.mkdtemp(prefix=f".{case.meta.case_id}.", dir=cases_dir))
     try:
-        os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700; a case folder is plain
-        np.save(tmp / IMAGE_NAME, np.ascontiguousarray(case.image, dtype=np.int16))
-        np.savez_compressed(
-            tmp / MASKS_NAME, **{k: np.asarray(v, dtype=bool) for k, v in case.masks.items()}
-        )
-        (tmp / CASE_META_NAME).write_text(json.dumps(case.meta.to_json(), indent=2))
+        with _private_file(tmp / IMAGE_NAME) as handle:
+            np.save(handle, np.ascontiguousarray(case.image, dtype=np.int16))
+        with _private_file(tmp / MASKS_NAME) as handle:
+            np.savez_compressed(
+                handle, **{k: np.asarray(v, dtype=bool) for k, v in case.masks.items()}
+            )
+        with _private_file(tmp / CASE_META_NAME) as handle:
+            handle.write(json.dumps(case.meta.to_json(), indent=2).encode("utf-8"))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -227,7 +241,7 @@ def write_manifest(manifest: Manifest, cases_dir: Path) -> Path:
     """Write ``cases_dir/manifest.json`` atomically."""
     path = cases_dir / MANIFEST_NAME
     data = json.loads(json.dumps(dataclasses.asdict(manifest)))
-    atomic_write_text(path, json.dumps(data, indent=2))
+    atomic_write_text(path, json.dumps(data, indent=2), mode=PRIVATE_FILE_MODE)
     return path
 
 
@@ -291,3 +305,26 @@ def assign_splits(case_ids: Sequence[str], val_fraction: float, seed: int) -> di
     return {cid: ("val" if cid in val else "train") for cid in ids}
 
 
+def check_organ_set(cases_dir: Path, organs: OrganSet) -> None:
+    """Refuse a clinic folder whose data belong to another organ set than ``organs``.
+
+    The manifest's ``extra.organ_set`` (written by the importer and the phantom
+    generator) must be ``organs``; folders written before organ sets existed have none,
+    and then every case's labelled organs must lie in the set.
+
+    Raises:
+        FedsegError: one line naming the folder, both sets, and the foreign organs.
+    """
+    manifest = read_manifest(cases_dir)
+    record = manifest.extra.get("organ_set")
+    if record is not None:
+        organs.check_record(record, f"clinic data {cases_dir}")
+        return
+    foreign = sorted({o for entry in manifest.cases for o in entry.labelled_organs
+                      if o not in organs.organs})
+    if foreign:
+        raise FedsegError(
+            f"clinic data {cases_dir}: labels organ(s) {', '.join(foreign)}, which are not in "
+            f"organ set {organs.key} ({', '.join(organs.organs)}); use data and models of "
+            "one organ set"
+        )

@@ -17,6 +17,7 @@ import numpy as np
 from fedseg_clinic.cases import Case, read_case, read_manifest
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.model.unet import labels_from_masks
+from fedseg_clinic.organs import THORAX, OrganSet
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class PatchSampler:
         flip: randomly flip along z with probability 1/2 (see the module docstring).
         hu_clip: HU window for :func:`normalise_hu`; None uses each case's own
             ``meta.hu_clip``.
+        organs: the organ set the label classes follow.
     """
 
     def __init__(
@@ -62,7 +64,9 @@ class PatchSampler:
         foreground_fraction: float = 0.33,
         flip: bool = True,
         hu_clip: tuple[float, float] | None = None,
+        organs: OrganSet = THORAX,
     ) -> None:
+        self.organs = organs
         sides = tuple(int(s) for s in patch_size)
         if len(sides) != 3 or any(s <= 0 for s in sides):
             raise FedsegError(f"patch size must be three positive integers, got {patch_size}")
@@ -84,7 +88,7 @@ class PatchSampler:
         rng = np.random.default_rng(0)  # fixed: the candidate set is a property of the case
         centres: dict[str, np.ndarray] = {}
         for organ, mask in case.masks.items():
-            if organ == "body":
+            if organ == self.organs.container:
                 continue
             coords = np.argwhere(mask)
             if len(coords) == 0:
@@ -132,7 +136,7 @@ class PatchSampler:
         hu_clip = self.hu_clip if self.hu_clip is not None else case.meta.hu_clip
         image = normalise_hu(case.image[window], hu_clip)
         crop_masks = {organ: mask[window] for organ, mask in case.masks.items()}
-        labels = labels_from_masks(crop_masks, image.shape)
+        labels = labels_from_masks(crop_masks, image.shape, self.organs)
 
         if image.shape != self.patch_size:
             pad = []

@@ -9,7 +9,11 @@ Resolution order (later wins):
    as flat keys (see :data:`SERVER_KEYS`).
 
 The data folder comes from ``$FEDSEG_DATA_DIR`` (else ``data_dir`` in the file); the state
-folder (privacy ledger, its anchor) from ``$FEDSEG_STATE_DIR`` (else ``<data_dir>/.fedseg``).
+folder (predictions, kept updates) from ``$FEDSEG_STATE_DIR`` (else ``<data_dir>/.fedseg``).
+The privacy ledgers belong to the data, not to a run: they live in the data set's privacy
+folder, ``<data_dir>/.fedseg-privacy`` unless ``$FEDSEG_PRIVACY_DIR`` (or ``privacy_dir``
+in the file) names another one - e.g. one per run for synthetic experiments, so that runs
+on shared phantom data stay independent (docs/privacy-model.md).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ ENV_SETTINGS = "FEDSEG_SETTINGS"
 ENV_DATA_DIR = "FEDSEG_DATA_DIR"
 ENV_STATE_DIR = "FEDSEG_STATE_DIR"
 ENV_CLIENT_NAME = "FEDSEG_CLIENT_NAME"
+ENV_PRIVACY_DIR = "FEDSEG_PRIVACY_DIR"
+ENV_RUN_NAME = "FEDSEG_RUN_NAME"
 
 
 @dataclasses.dataclass
@@ -126,13 +132,16 @@ class ClinicSettings:
     validation: ValidationSettings = dataclasses.field(default_factory=ValidationSettings)
     data_dir: Path | None = None
     state_dir: Path | None = None
+    privacy_dir: Path | None = None
     client_name: str = "clinic"
+    run_name: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able snapshot (recorded with every round for reproducibility)."""
         data = dataclasses.asdict(self)
         data["data_dir"] = str(self.data_dir) if self.data_dir else None
         data["state_dir"] = str(self.state_dir) if self.state_dir else None
+        data["privacy_dir"] = str(self.privacy_dir) if self.privacy_dir else None
         return data
 
 
@@ -259,7 +268,7 @@ def settings_from_mapping(data: Mapping[str, Any], where: str) -> ClinicSettings
             if not isinstance(value, Mapping):
                 raise FedsegError(f"{where}: section model must be a mapping")
             settings.model = dict(value)
-        elif key in ("data_dir", "state_dir"):
+        elif key in ("data_dir", "state_dir", "privacy_dir"):
             setattr(settings, key, Path(value).expanduser() if value else None)
         elif key == "client_name":
             settings.client_name = str(value)
@@ -301,10 +310,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> ClinicSettings:
         settings.state_dir = Path(env[ENV_STATE_DIR]).expanduser()
     if env.get(ENV_CLIENT_NAME):
         settings.client_name = env[ENV_CLIENT_NAME]
+    if env.get(ENV_PRIVACY_DIR):
+        settings.privacy_dir = Path(env[ENV_PRIVACY_DIR]).expanduser()
+    if env.get(ENV_RUN_NAME):
+        settings.run_name = env[ENV_RUN_NAME]
     if settings.data_dir is None:
         raise FedsegError(f"no data folder: set {ENV_DATA_DIR} or data_dir in the settings file")
     if settings.state_dir is None:
         settings.state_dir = settings.data_dir / ".fedseg"
+    if settings.privacy_dir is None:
+        from fedseg_clinic.privacy.ledger import default_privacy_dir
+
+        settings.privacy_dir = default_privacy_dir(settings.data_dir)
     return settings
 
 

@@ -48,6 +48,14 @@ def analyze(run_dirs: tuple[Path, ...], out_dir: Path, target_dice: float | None
         click.echo(f"{entry['name'][:24]:<24} {entry['kind']:<10} {entry['last_round']:>6} "
                    f"{_fmt(entry['final_dice_mean']):>7} {_fmt(entry['best_dice_mean']):>7} "
                    f"{_fmt(entry['dice_auc']):>7} {_fmt(entry['rounds_to_target']):>9}")
+    for group in data["groups"]:
+        stats = {key: group[key] for key in ("final_dice_mean", "rounds_to_target")}
+        text = ", ".join(
+            f"{key.replace('_', ' ')} {_fmt(s['mean'])}"
+            + ("" if s["ci95"] is None else f" ± {_fmt(s['ci95'])}")
+            for key, s in stats.items())
+        click.echo(f"over seeds {group['label']} ({len(group['runs'])} runs, "
+                   f"{group['reached_target']} reached the target): {text}")
     if attacks or audits:
         click.echo(f"privacy sections: {len(attacks)} attack, {len(audits)} audit")
     click.echo(f"wrote {files.html}, {files.summary} and {len(files.figures)} figures")

@@ -94,9 +94,8 @@ def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weig
            local_steps: int, patch: int, noise_multiplier: float, optimizer: str) -> None:
     """Reconstruct a client's CT patches and masks from one update."""
     from fedseg.analysis.leakage import inversion as inv
-    from fedseg.analysis.leakage import results as lr
+    from fedseg.analysis.leakage import reports
     from fedseg_clinic.model.unet import UNetConfig
-    from fedseg_clinic.model.weights import load_weights_npz
 
     stored = global_weights is not None or client_weights is not None
     if simulate == stored or (stored and (global_weights is None or client_weights is None)):
@@ -110,31 +109,21 @@ def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weig
     if simulate:
         result, client, rec = inv.attack_simulated(config, settings, noise_multiplier,
                                                    attack_config, seed)
-        truth = (client.images, client.labels)
+        files = reports.write_inversion(out, result, rec.images, rec.labels,
+                                        client.images, client.labels)
+        prior = result["baseline"]
+        click.echo(f"PSNR {result['psnr']:.2f} dB (prior {prior['psnr']:.2f}), "
+                   f"SSIM {result['ssim']:.3f} (prior {prior['ssim']:.3f}), "
+                   f"correlation {result['correlation']:.3f} (prior "
+                   f"{prior['correlation']:.3f}), mask Dice "
+                   f"{result['mask_dice']:.3f} (prior {prior['mask_dice']:.3f})"
+                   f", recognisable: {result['recognisable']}")
     else:
         assert global_weights is not None and client_weights is not None
-        rec = inv.invert_update(config, settings, load_weights_npz(global_weights),
-                                load_weights_npz(client_weights), attack_config)
-        result = {"global_weights": str(global_weights),
-                  "client_weights": str(client_weights),
-                  "settings": settings.__dict__, "n_patches": settings.n_patches,
-                  "objective": rec.loss_history[-1],
-                  "seconds": rec.seconds, "note": "truth unknown: no quality metrics"}
-        truth = (None, None)
-    lr.write_json(out / "results.json", result)
-    lr.write_png(out / "montage.png", lr.montage(truth[0], rec.images, truth[1], rec.labels))
-    rows = [{k: v for k, v in result.items() if isinstance(v, int | float | str)}]
-    lr.write_html(out / "report.html", "Update inversion",
-                  "Geiping-style inversion of one client update (see docs/privacy-leakage.md).",
-                  {"result": rows}, ["montage.png"])
-    if simulate:
-        click.echo(f"PSNR {result['psnr']:.2f} dB (prior {result['baseline']['psnr']:.2f}), "
-                   f"SSIM {result['ssim']:.3f} (prior {result['baseline']['ssim']:.3f}), "
-                   f"correlation {result['correlation']:.3f} (prior "
-                   f"{result['baseline']['correlation']:.3f}), mask Dice "
-                   f"{result['mask_dice']:.3f} (prior {result['baseline']['mask_dice']:.3f})"
-                   f", recognisable: {result['recognisable']}")
-    click.echo(f"wrote {out / 'results.json'}, {out / 'montage.png'}, {out / 'report.html'}")
+        result, rec = inv.attack_stored(config, settings, global_weights, client_weights,
+                                        attack_config)
+        files = reports.write_inversion(out, result, rec.images, rec.labels)
+    click.echo(f"wrote {files.summary}, {files.figures[0]}, {files.html}")
 
 
 @attack.command()
@@ -155,7 +144,7 @@ def study(levels: int, base_filters: int, groups: int, iterations: int, tv_weigh
           batch_sizes: str, local_steps_text: str, epsilons: str, sigmas: str) -> None:
     """Reconstruction quality vs batch size, local steps and DP noise."""
     from fedseg.analysis.leakage import inversion as inv
-    from fedseg.analysis.leakage import results as lr
+    from fedseg.analysis.leakage import reports
     from fedseg_clinic.model.unet import UNetConfig
 
     if not l2_norm_clip > 0:
@@ -170,41 +159,11 @@ def study(levels: int, base_filters: int, groups: int, iterations: int, tv_weigh
                                             seed=seed),
                            patch, learning_rate, l2_norm_clip, seed,
                            fresh_batches=not same_batch)
-    keys = ("batch_size", "local_steps", "noise_multiplier", "target_epsilon", "psnr",
-            "ssim", "correlation", "mask_dice", "recognisable", "seconds")
-    rows = [{k: r[k] for k in keys} | {"prior_correlation": r["baseline"]["correlation"],
-                                       "prior_ssim": r["baseline"]["ssim"],
-                                       "prior_mask_dice": r["baseline"]["mask_dice"]}
-            for r in result["rows"]]
-    lr.write_json(out / "study.json", result)
-    mode = ("the same batch at every local step (the attacker's best case)" if same_batch
-            else "a new batch at every local step (as ClinicApp)")
-    figures = []
-    for factor, label in (("batch_size", "batch size"), ("local_steps", "local steps"),
-                          ("noise_multiplier", "noise multiplier")):
-        pts = [r for r in result["rows"] if all(
-            r[f] == d for f, d in (("batch_size", 1), ("local_steps", 1),
-                                   ("noise_multiplier", 0.0)) if f != factor)]
-        pts.sort(key=lambda r: r[factor])
-        series = {m: ([r[factor] for r in pts], [r[m] for r in pts])
-                  for m in ("correlation", "ssim", "mask_dice")}
-        series["correlation of the prior"] = ([r[factor] for r in pts],
-                                              [r["baseline"]["correlation"] for r in pts])
-        name = f"study_{factor}.png"
-        lr.write_png(out / name, lr.line_figure(f"quality vs {label}", label, series,
-                                                "score"))
-        figures.append(name)
-    lr.write_html(out / "report.html", "Inversion study",
-                  f"Client batches: {mode}. "
-                  f"Smallest noise multiplier tried whose reconstruction is not "
-                  f"recognisable: {result['smallest_unrecognisable_sigma']}. Recognisable = "
-                  f"correlation >= prior + {inv.CORRELATION_MARGIN} or mask Dice >= prior + "
-                  f"{inv.MASK_MARGIN}.", {"grid": rows}, figures)
-    for row in rows:
-        click.echo("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in row.items()))
+    files = reports.write_study(out, result)
+    for row in reports.study_rows(result):
+        click.echo(reports.format_row(row))
     click.echo(f"smallest unrecognisable sigma: {result['smallest_unrecognisable_sigma']}")
-    click.echo(f"wrote {out / 'study.json'}, {out / 'report.html'}")
+    click.echo(f"wrote {files.summary}, {files.html}")
 
 
 COMMANDS: list[click.Command] = [attack]

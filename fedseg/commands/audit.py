@@ -10,7 +10,6 @@ The model and optimiser options default to the tiny audit model; the demo's is
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import click
@@ -76,58 +75,29 @@ def audit(out: Path, noise_text: str, canaries: int, steps: int, batch_size: int
           n_patients: int, levels: int,
           base_filters: int, groups: int, patch: int, optimizer: str, seed: int) -> None:
     """Empirical epsilon lower bound (one-run canary audit) and membership AUC."""
-    from fedseg.analysis.leakage import results as lr
-    from fedseg.analysis.leakage.canary import CanaryAuditConfig, run_canary_audit
-    from fedseg.analysis.leakage.membership import MembershipConfig, run_membership
+    from fedseg.analysis.leakage import reports
+    from fedseg.analysis.leakage.audit import bound_violations, run_audit
+    from fedseg.analysis.leakage.canary import CanaryAuditConfig
+    from fedseg.analysis.leakage.membership import MembershipConfig
 
     model = {"levels": levels, "base_filters": base_filters, "groups": groups,
              "patch": patch, "optimizer": optimizer}
-    rows = []
-    details = []
-    for noise in _noises(noise_text):
-        canary = run_canary_audit(CanaryAuditConfig(
-            n_canaries=canaries, n_patients=n_patients, noise_multiplier=noise,
-            l2_norm_clip=l2_norm_clip, batch_size=batch_size, steps=steps,
-            learning_rate=learning_rate, delta=delta, confidence=confidence, seed=seed,
-            **model))
-        entry = {"canary_audit": canary}
-        member = None
-        if not no_membership:
-            member = run_membership(MembershipConfig(
-                n_shadow=n_shadow, noise_multiplier=noise, steps=steps,
-                batch_size=membership_batch or min(batch_size, 8),
-                learning_rate=learning_rate,
-                l2_norm_clip=l2_norm_clip, delta=delta, seed=seed, **model))
-            entry["membership"] = member
-        row = lr.audit_row(noise, canary, member)
-        rows.append(row)
-        details.append(entry)
-        click.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in row.items()))
-    lr.write_json(out / "audit.json", {"rows": rows, "runs": details})
-    finite = [r for r in rows if isinstance(r["noise_multiplier"], float)]
-    series = {
-        "accountant epsilon (upper)": ([r["noise_multiplier"] for r in finite],
-                                       [min(r["epsilon_accountant"], 50.0) for r in finite]),
-        "empirical lower bound": ([r["noise_multiplier"] for r in finite],
-                                  [r["epsilon_lower_bound"] for r in finite]),
-    }
-    lr.write_png(out / "audit.png", lr.line_figure(
-        "epsilon: accountant vs one-run audit", "noise multiplier", series,
-        "epsilon (capped at 50)"))
-    lr.write_html(out / "report.html", "Privacy audit",
-                  f"One-run canary audit (Steinke et al. 2023) at confidence {confidence} "
-                  f"with {canaries} canaries, and membership inference (loss threshold, "
-                  "offline LiRA); accountant epsilon from accounting.compute_epsilon for "
-                  "the same schedule. inf = no DP.",
-                  {"configurations": rows}, ["audit.png"])
-    violated = [r for r in finite if r["epsilon_lower_bound"] > r["epsilon_accountant"]
-                and math.isfinite(r["epsilon_accountant"])]
+    canary = CanaryAuditConfig(
+        n_canaries=canaries, n_patients=n_patients, l2_norm_clip=l2_norm_clip,
+        batch_size=batch_size, steps=steps, learning_rate=learning_rate, delta=delta,
+        confidence=confidence, seed=seed, **model)
+    member = None if no_membership else MembershipConfig(
+        n_shadow=n_shadow, steps=steps, batch_size=membership_batch or min(batch_size, 8),
+        learning_rate=learning_rate, l2_norm_clip=l2_norm_clip, delta=delta, seed=seed,
+        **model)
+    result = run_audit(_noises(noise_text), canary, member,
+                       on_row=lambda row: click.echo(reports.format_row(row, digits=4)))
+    files = reports.write_audit(out, result)
+    violated = bound_violations(result["rows"])
     if violated:
         click.echo("WARNING: empirical lower bound above the accountant's epsilon for "
-                   f"noise {[r['noise_multiplier'] for r in violated]}: check the DP code",
-                   err=True)
-    click.echo(f"wrote {out / 'audit.json'}, {out / 'audit.png'}, {out / 'report.html'}")
+                   f"noise {violated}: check the DP code", err=True)
+    click.echo(f"wrote {files.summary}, {files.figures[0]}, {files.html}")
 
 
 COMMANDS: list[click.Command] = [audit]

@@ -16,7 +16,7 @@ def data() -> None:
 
 
 @data.command(name="import")
-@click.argument("src", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("src", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Clinic folder (CASES_DIR) to write cases and manifest.json into.")
 @click.option("--clinic", default="clinic", show_default=True, help="Clinic name.")
@@ -35,13 +35,25 @@ def data() -> None:
                    "*seg*/*label* .nrrd/.nii/.nii.gz).")
 @click.option("--series", "series_uids", multiple=True, metavar="UID",
               help="CT SeriesInstanceUID to use where a patient has several (repeatable).")
+@click.option("--organ-set", "organ_set_name", default="thorax", show_default=True,
+              help="Organ set the clinic's cases are labelled for (thorax, head_neck); "
+                   "structures of other organs are reported and left out.")
 def import_command(
     src: Path, out: Path, clinic: str, spacing: tuple[float, float, float] | None,
     hu_clip: tuple[float, float], no_crop: bool, aliases: Path | None, val_fraction: float,
     seed: int, labelmap_globs: tuple[str, ...], series_uids: tuple[str, ...],
+    organ_set_name: str,
 ) -> None:
-    """Import DICOM CT + RTSTRUCT/SEG (and NIfTI/NRRD label maps) under SRC into a clinic folder."""
+    """Import CT with contours under SRC into a clinic folder (CASES_DIR).
+
+    SRC is a folder of DICOM CT series with RTSTRUCT/SEG (or NIfTI/NRRD label maps), or
+    NIfTI/NRRD CT volumes: case folders holding ct.nii.gz (image.*, *_ct.*, .nrrd) with a
+    segmentations/ folder of one mask per structure or a *seg*/*label* label map (SRC
+    may also be one such CT file).
+    """
+    from fedseg_clinic.errors import FedsegError
     from fedseg_clinic.imaging.importer import DEFAULT_LABELMAP_GLOBS, ImportOptions, import_clinic
+    from fedseg_clinic.imaging.volumes import find_volume_cases, import_volume_clinic
     from fedseg_clinic.organs import AliasTable
 
     options = ImportOptions(
@@ -54,8 +66,15 @@ def import_command(
         seed=seed,
         labelmap_globs=labelmap_globs or DEFAULT_LABELMAP_GLOBS,
         series_uids=series_uids,
+        organ_set=organ_set_name,
     )
-    report = import_clinic(src, out, options)
+    if not src.exists():
+        raise FedsegError(f"{src}: does not exist")
+    # NIfTI/NRRD volume cases when SRC is such a file or holds CT-named volume files.
+    if src.is_file() or find_volume_cases(src):
+        report = import_volume_clinic(src, out, options)
+    else:
+        report = import_clinic(src, out, options)
     for problem in report.problems:
         click.echo(problem.line(), err=True)
     click.echo(f"imported {len(report.cases)} case(s) ({report.slices} slices) into {out}; "

@@ -87,6 +87,7 @@ def phantoms(out: Path, clinics: int | None, patients: int | None, size: int | N
     import dataclasses
 
     from fedseg.orchestration import phantoms as ph
+    from fedseg_clinic.organs import ORGANS
 
     # Checked before any work, so a bad folder costs nothing and leaves nothing behind.
     ph.prepare_output(out, overwrite)
@@ -130,7 +131,7 @@ def phantoms(out: Path, clinics: int | None, patients: int | None, size: int | N
     click.echo(header)
     for clinic, result in zip(spec.clinics, results, strict=True):
         shape, spacing = spec.grid(clinic)
-        partial = ("all" if set(clinic.labelled_organs) == set(ph.ORGANS)
+        partial = ("all" if set(clinic.labelled_organs) == set(ORGANS)
                    else ",".join(clinic.labelled_organs))
         click.echo(
             f"{clinic.name:<12} {result.n_train:>5} {result.n_val:>4} "

@@ -1,12 +1,17 @@
-"""``fedseg privacy ...``: epsilon of a DP-SGD schedule, and the noise a budget needs.
+"""``fedseg privacy ...``: epsilon of a schedule, the noise a budget needs, the ledgers.
 
-Both commands assume patient-level Poisson sampling (q = batch / patients) per step, as
+``show`` and ``reset`` act on a clinic data set's privacy ledgers
+(``<DATA_DIR>/.fedseg-privacy``, or ``--privacy-dir``); ``reset`` is the only way to start
+a data set's accounting over, and it is logged (docs/privacy-model.md).
+
+``epsilon`` and ``calibrate`` assume patient-level Poisson sampling (q = batch / patients) per step, as
 the DP trainer does; ``steps`` counts every local step of every round.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -60,7 +65,7 @@ def _with_schedule(func: click.decorators.FC) -> click.decorators.FC:
 
 @click.group()
 def privacy() -> None:
-    """Differential privacy: epsilon of a schedule, noise for a budget."""
+    """Differential privacy: epsilon of a schedule, noise for a budget, the ledgers."""
 
 
 @privacy.command()
@@ -92,6 +97,88 @@ def calibrate(n_patients: int, batch_size: int, steps: int | None, rounds: int |
     sigma = calibrate_noise(n_patients, batch_size, total, target_epsilon, delta)
     report = compute_epsilon(n_patients, batch_size, total, sigma, delta)
     _echo(report.to_dict(), as_json)
+
+
+def _privacy_dir(data_dir: Path, privacy_dir: Path | None) -> Path:
+    from fedseg_clinic.privacy.ledger import default_privacy_dir
+
+    if privacy_dir is not None:
+        return privacy_dir.resolve()
+    if not data_dir.is_dir():
+        raise FedsegError(f"{data_dir}: data folder does not exist")
+    return default_privacy_dir(data_dir)
+
+
+def _delta_for(data_dir: Path, delta: float | None) -> float:
+    """--delta, else the clinics' default 1 / (10 N) of the data's training patients."""
+    if delta is not None:
+        if not 0.0 < delta < 1.0:
+            raise FedsegError(f"--delta={delta} must be in (0, 1)")
+        return delta
+    from fedseg_clinic.privacy.accounting import default_delta
+    from fedseg_clinic.privacy.budget import training_patients
+
+    return default_delta(len(training_patients(data_dir)))
+
+
+_ledger_options = [
+    click.argument("data_dir", type=click.Path(file_okay=False, path_type=Path)),
+    click.option("--privacy-dir", type=click.Path(file_okay=False, path_type=Path),
+                 default=None, help="The privacy folder, if not DATA_DIR/.fedseg-privacy."),
+    click.option("--delta", type=float, default=None,
+                 help="Delta to report epsilon at (default 1/(10 N) of DATA_DIR)."),
+]
+
+
+def _with_ledger(func: click.decorators.FC) -> click.decorators.FC:
+    for option in reversed(_ledger_options):
+        func = option(func)
+    return func
+
+
+@privacy.command()
+@_with_ledger
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def show(data_dir: Path, privacy_dir: Path | None, delta: float | None, as_json: bool) -> None:
+    """What has been spent on DATA_DIR's patients: every ledger, its rounds and epsilon."""
+    from fedseg_clinic.privacy.ledger import describe_privacy_dir
+
+    folder = _privacy_dir(data_dir, privacy_dir)
+    report = describe_privacy_dir(folder, _delta_for(data_dir, delta))
+    if as_json:
+        click.echo(json.dumps(report, sort_keys=True, default=str))
+        return
+    click.echo(f"privacy folder {report['privacy_dir']} (delta {report['delta']:g})")
+    for led in report["ledgers"]:
+        click.echo(f"  data set {led['data_id']}: {led['rounds']} rounds, {led['steps']} "
+                   f"steps, epsilon {led['epsilon']:.4f}; clients "
+                   f"{', '.join(led['clients']) or '-'}; runs {', '.join(led['runs']) or '-'}"
+                   f"; {led['first'] or '-'} .. {led['last'] or '-'}")
+    click.echo(f"epsilon of all of them together {report['epsilon_all']:.4f} "
+               "(what budget checks use)")
+    for reset in report["resets"]:
+        click.echo(f"  reset {reset['time']} by {reset['user']}: {reset['reason']}")
+
+
+@privacy.command()
+@_with_ledger
+@click.option("--reason", required=True, help="Why the accounting starts over (logged).")
+@click.option("--yes", is_flag=True, help="Confirm: the spent epsilon stops counting.")
+def reset(data_dir: Path, privacy_dir: Path | None, delta: float | None, reason: str,
+          yes: bool) -> None:
+    """Start DATA_DIR's privacy accounting over (archived and logged, never silent)."""
+    from fedseg_clinic.privacy.ledger import RESET_LOG, reset_ledgers
+
+    if not yes:
+        raise FedsegError("privacy reset: the spent epsilon would stop counting; add --yes "
+                          "to confirm")
+    folder = _privacy_dir(data_dir, privacy_dir)
+    record = reset_ledgers(folder, reason, _delta_for(data_dir, delta))
+    for led in record["ledgers"]:
+        spent = (f"epsilon {led['epsilon']:.4f} over {led['rounds']} rounds"
+                 if "epsilon" in led else f"broken: {led['broken']}")
+        click.echo(f"reset data set {led['data_id']} ({spent})")
+    click.echo(f"archived in {record['archive']}; logged in {folder / RESET_LOG}")
 
 
 COMMANDS: list[click.Command] = [privacy]

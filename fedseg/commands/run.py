@@ -56,17 +56,23 @@ def run(experiment: Path, runs_dir: Path | None, network_root: Path | None,
     _quiet_fedn()
     _sigterm_as_interrupt()
     runs = (runs_dir or _default_runs_dir()).resolve()
+    from fedseg.orchestration.budget import EXIT_BUDGET, BudgetRefusedError
+
     try:
         result = run_experiment(exp, runs, progress=_echo_progress,
                                 network_root=network_root.resolve() if network_root else None,
                                 overwrite=overwrite)
+    except BudgetRefusedError as exc:
+        click.echo(f"fedseg: refused: {exc}", err=True)
+        raise SystemExit(EXIT_BUDGET) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted; round log so far in {runs / exp.name}", err=True)
         raise SystemExit(130) from None
-    _report(result)
+    raise SystemExit(_report(result))
 
 
-def _report(result: object) -> None:
+def _report(result: object) -> int:
+    """Print the outcome; return the exit code (docs/experiments.md, "Exit codes")."""
     from fedseg.orchestration.runner import RunResult
 
     assert isinstance(result, RunResult)
@@ -77,6 +83,20 @@ def _report(result: object) -> None:
     for failure in result.failures:
         click.echo(f"  round {failure['round']}: {failure['client']} {failure['task']} "
                    f"failed: {failure['error']}")
+    return exit_code(result)
+
+
+def exit_code(result: object) -> int:
+    """0 finished, 3 limited by privacy budgets, 1 anything else (failed, no model)."""
+    from fedseg.orchestration.budget import EXIT_BUDGET
+    from fedseg.orchestration.runner import BUDGET_LIMITED, RunResult
+
+    assert isinstance(result, RunResult)
+    if result.status == "finished":
+        return 0
+    if result.status == BUDGET_LIMITED:
+        return EXIT_BUDGET
+    return 1
 
 
 @click.group()

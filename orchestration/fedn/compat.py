@@ -5,8 +5,10 @@ copies fedn code: each function patches fedn (or a library it calls) at run
 time in the process that will run fedn's own start function (see
 :mod:`fedseg.orchestration.fedn.launch`). Each fix names the upstream symptom.
 
-Bug numbers follow the team notes on fedn 0.33.0 ("Bugs met in 0.33.0"); docs/network.md
-has the same list as a table:
+:data:`BUGS` lists every bug with its symptom and fix (docs/network.md has the same list
+as a table, tests/test_fedn_bugs.py a test per bug that fails once fedn fixes it), and
+:func:`check_fedn_version` refuses to patch any fedn other than the one these were written
+for. The list:
 
 1. SQLAlchemy 2.1 maps postgresql:// to psycopg 3: fixed by the pin
    SQLAlchemy==2.0.58 in setup.cfg, checked by :func:`check_sqlalchemy`.
@@ -28,6 +30,7 @@ Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from datetime import datetime
@@ -41,6 +44,74 @@ from sqlalchemy import event, types
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
+
+FEDN_VERSION = "0.33.0"  # the only fedn these workarounds were written and tested for
+
+
+@dataclasses.dataclass(frozen=True)
+class FednBug:
+    """One fedn 0.33.0 bug fedseg works around.
+
+    Attributes:
+        number: its number in docs/network.md and in the tests.
+        symptom: what a user sees without the workaround.
+        fix: where fedseg works around it.
+    """
+
+    number: int
+    symptom: str
+    fix: str
+
+
+BUGS: tuple[FednBug, ...] = (
+    FednBug(1, "SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which fedn lacks",
+            "pin SQLAlchemy==2.0.58; check_sqlalchemy()"),
+    FednBug(2, "SQLite: the combiner stores str(datetime) in a DateTime column and dies",
+            "install_sql_coercion()"),
+    FednBug(3, "gunicorn workers race on create_all (UniqueViolation)",
+            "create_schema() once before the API server starts"),
+    FednBug(4, "client add sends preferred_combiner, the route reads combiner_preferred",
+            "install_client_add_alias(); the callback client sends both spellings"),
+    FednBug(5, "APIClient.start_session leaves rounds out of the session config",
+            "start_session()"),
+    FednBug(6, "round config values arrive as strings ('True', 'None') and kill the round",
+            "install_sql_coercion()"),
+    FednBug(7, "aggregator_kwargs as a dict: can't adapt type 'dict'",
+            "install_sql_coercion()"),
+    FednBug(8, "PostgreSQL enforces VARCHAR(255): ServerFunctions source is longer",
+            "widen_string_columns() in create_schema()"),
+    FednBug(9, "a combiner restarted on a kept store keeps its first address and port",
+            "sync_combiner_registry() before the combiners start"),
+    FednBug(10, "two combiners ending a round together: one deletes the other's report",
+            "merge_round_combiners()"),
+    FednBug(11, "every combiner shares /tmp/models and deletes models other rounds read",
+            "FEDN_MODEL_DIR per combiner (orchestration/network)"),
+    FednBug(12, "the controller waits forever for a dead combiner's round report",
+            "bound_report_wait()"),
+    FednBug(13, "a combiner that does not answer ends the session thread (AttributeError)",
+            "skip_unavailable_combiners()"),
+)
+
+
+def check_fedn_version(installed: str | None = None) -> str:
+    """Refuse to patch a fedn these workarounds were not written for.
+
+    Args:
+        installed: the version to check (default: the installed fedn's).
+
+    Returns:
+        The checked version.
+
+    Raises:
+        FedsegError: any version other than :data:`FEDN_VERSION`.
+    """
+    version = installed if installed is not None else metadata.version("fedn")
+    if version != FEDN_VERSION:
+        raise FedsegError(
+            f"fedn {version} is installed; fedseg's workarounds (docs/network.md) are written "
+            f"for fedn {FEDN_VERSION} and would patch unknown code: install fedn=={FEDN_VERSION}")
+    return version
+
 
 GRACEFUL_TIMEOUT_S = 3  # gunicorn workers' grace on stop (default 30 s)
 _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
@@ -208,7 +279,7 @@ def create_schema(statestore: dict) -> None:
         MyAbstractBase.metadata.create_all(engine, checkfirst=True)
         if engine.dialect.name == "postgresql":
             _widen_existing_postgres_columns(engine, MyAbstractBase.metadata)
-    except sqlalchemy.exc.OperationalError as exc:
+    except sqlalchemy.exc.DatabaseError as exc:  # OperationalError, "not a database", ...
         raise FedsegError(f"cannot create the fedn schema in the state store: "
                           f"{str(exc.orig).strip().splitlines()[0]}") from exc
     finally:
@@ -314,6 +385,123 @@ def install_client_add_alias(app: Any) -> None:
 
     if _alias.__name__ not in {f.__name__ for f in app.before_request_funcs.get(None, [])}:
         app.before_request(_alias)
+
+
+# --- bug 14 ------------------------------------------------------------------------------
+
+#: Endpoints that stay open with auth on: the readiness probe (answers "OK", no data).
+OPEN_ENDPOINTS = frozenset({"health_check", "static"})
+
+
+def unprotected_endpoints(app: Any) -> list[str]:
+    """Flask endpoints whose view is not wrapped by fedn's ``jwt_auth_required``.
+
+    ``jwt_auth_required`` returns the view unchanged when FEDN_JWT_SECRET_KEY is unset,
+    and a ``functools.wraps`` wrapper (with ``__wrapped__``) otherwise, so with a secret
+    set an unwrapped view is one that no token guards.
+    """
+    return sorted(endpoint for endpoint, view in app.view_functions.items()
+                  if endpoint not in OPEN_ENDPOINTS and not hasattr(view, "__wrapped__"))
+
+
+def require_token_everywhere(app: Any, role: str = "admin") -> list[str]:
+    """Guard every unguarded endpoint of fedn's API app with an admin token.
+
+    Symptom (bug 14, found here): with auth on, POST /api/v1/graphql has no
+    ``jwt_auth_required`` at all, and POST /api/v1/metrics/list has it *above*
+    ``@bp.route``, so Flask registered the bare function; both answer without a token
+    with sessions, model ids and every client's metrics. Each such view is wrapped
+    with fedn's own decorator (same 401 answers, same expiry check). No-op without a
+    secret (the decorator then returns the view unchanged).
+
+    Returns:
+        The endpoints that were guarded.
+    """
+    from fedn.network.api.auth import jwt_auth_required
+
+    guarded = unprotected_endpoints(app)
+    for endpoint in guarded:
+        app.view_functions[endpoint] = jwt_auth_required(role=role)(app.view_functions[endpoint])
+    return [e for e in guarded if hasattr(app.view_functions[e], "__wrapped__")]
+
+
+# --- bug 15 ------------------------------------------------------------------------------
+
+def attach_grpc_token() -> None:
+    """Make fedn's client send its token on plain (non-TLS) gRPC channels too.
+
+    Symptom (bug 15, found here): ``GrpcHandler`` adds the token as call credentials
+    only on its TLS channel (port 443); on a plain local channel it sends none, so a
+    combiner that checks tokens (FEDN_JWT_SECRET_KEY set: fedn's ``JWTInterceptor``)
+    refuses every call with UNAUTHENTICATED "Token is missing". Every stub call of
+    ``GrpcHandler`` passes ``metadata=self.metadata``, so the token is appended there.
+    Use in client processes (the package route's launcher does).
+    """
+    from fedn.common.config import FEDN_AUTH_SCHEME
+    from fedn.network.clients.grpc_handler import GrpcHandler
+
+    original = getattr(GrpcHandler.__init__, "__wrapped__", GrpcHandler.__init__)
+
+    def __init__(self: Any, host: str, port: int, name: str, token: str,
+                 combiner_name: str) -> None:
+        original(self, host, port, name, token, combiner_name)
+        if token and not any(key == "authorization" for key, _ in self.metadata):
+            self.metadata.append(("authorization", f"{FEDN_AUTH_SCHEME} {token}"))
+
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    GrpcHandler.__init__ = __init__
+
+
+# --- bug 16 ------------------------------------------------------------------------------
+
+#: gRPC methods that may be called without a token: the health service only.
+GRPC_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def grpc_user_agent_bypass_closed(method: str, metadata: dict[str, str]) -> bool:
+    """True when a call would pass fedn's JWTInterceptor on its user agent alone.
+
+    fedn lets any call through whose user agent starts with "grpc_health_probe",
+    whatever method it calls; the user agent is chosen by the caller.
+    """
+    from fedn.network.grpc.auth import USER_AGENT_WHITELIST
+
+    agent = str(metadata.get("user-agent", "")).split(" ")[0]
+    return agent in USER_AGENT_WHITELIST and not method.startswith(GRPC_HEALTH_PREFIX)
+
+
+def install_grpc_auth_guard() -> None:
+    """Close fedn's gRPC user-agent bypass in this process's gRPC servers.
+
+    Symptom (bug 16, found here): fedn's ``JWTInterceptor`` skips the token check for
+    any call whose ``user-agent`` metadata says "grpc_health_probe", which any client
+    can send: TaskStream, model download and upload then work without a token. Our
+    server interceptor runs first and refuses such calls (UNAUTHENTICATED) unless they
+    go to the gRPC health service. Installed by wrapping ``grpc.server`` (like the
+    binding fix); call after :func:`bind_grpc_servers`, which unwraps what it finds.
+    No-op without FEDN_JWT_SECRET_KEY.
+    """
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    if not fedn_grpc_auth.SECRET_KEY:  # the value fedn's JWTInterceptor checks against
+        return
+    original = grpc.server
+
+    class _UserAgentGuard(grpc.ServerInterceptor):
+        def intercept_service(self, continuation: Any, details: Any) -> Any:
+            metadata = dict(details.invocation_metadata or ())
+            if grpc_user_agent_bypass_closed(details.method, metadata) and (
+                    "authorization" not in metadata):
+                def refuse(_request: Any, context: Any) -> None:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "Token is missing")
+                return grpc.unary_unary_rpc_method_handler(refuse)
+            return continuation(details)
+
+    def server(*args: Any, **kwargs: Any) -> Any:
+        interceptors = [_UserAgentGuard(), *(kwargs.pop("interceptors", None) or ())]
+        return original(*args, interceptors=interceptors, **kwargs)
+
+    grpc.server = server
 
 
 # --- bug 5 -------------------------------------------------------------------------------

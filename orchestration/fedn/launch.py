@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     combiner.add_argument("--name", required=True)
     combiner.add_argument("--port", type=int, required=True)
     combiner.add_argument("--max-clients", type=int, default=30)
+    client = sub.add_parser("client", help="fedn's client (package route)")
+    client.add_argument("--init", required=True,
+                        help="fedn client config YAML (api_url, token, name, ...)")
     hooks = sub.add_parser("hooks", help="fedn's ServerFunctions hooks service")
     hooks.add_argument("--port", type=int, required=True)
     return parser
@@ -33,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_api(workers: int) -> None:
     """Patch, then run fedn.network.api.server.start_server_api (blocks)."""
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.merge_round_combiners()
@@ -43,15 +47,18 @@ def run_api(workers: int) -> None:
     from fedn.network.api import server
 
     fedn_compat.install_client_add_alias(server.app)
+    fedn_compat.require_token_everywhere(server.app)  # bug 14
     server.start_server_api()
 
 
 def run_combiner(name: str, port: int, max_clients: int) -> None:
     """Patch, then run fedn's ``combiner start`` command (blocks)."""
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.merge_round_combiners()
     fedn_compat.bind_grpc_servers(HOST)
+    fedn_compat.install_grpc_auth_guard()  # bug 16; after the binding wrapper
     fedn_compat.shorten_round_polling()
     from fedn.cli import main as fedn_main
 
@@ -60,8 +67,21 @@ def run_combiner(name: str, port: int, max_clients: int) -> None:
               prog_name="fedn", standalone_mode=True)
 
 
+def run_client(init: str) -> None:
+    """Patch, then run fedn's ``client start --init FILE`` (the package route; blocks).
+
+    The token is in FILE (mode 0600), never on the command line, and is attached to
+    every gRPC call on the plain local channel (bug 15).
+    """
+    fedn_compat.attach_grpc_token()
+    from fedn.cli import main as fedn_main
+
+    fedn_main(args=["client", "start", "--init", init], prog_name="fedn", standalone_mode=True)
+
+
 def run_hooks(port: int) -> None:
     """Patch, then run fedn's hooks service (blocks); fedn hard-codes port 12081."""
+    fedn_compat.check_fedn_version()
     fedn_compat.bind_grpc_servers(HOST, port)
     from fedn.network.combiner.hooks.hooks import serve
 
@@ -75,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         run_api(args.workers)
     elif args.role == "combiner":
         run_combiner(args.name, args.port, args.max_clients)
+    elif args.role == "client":
+        run_client(args.init)
     else:
         run_hooks(args.port)
 

@@ -2,7 +2,8 @@
 
 One network lives in one folder (its root)::
 
-    root/network.json         state of the running network (pids, ports, tokens)
+    root/network.json         state of the running network (pids, ports, tokens; 0600)
+    root/jwt-secret           the network's JWT signing secret (auth on; 0600)
     root/network-config.yaml  the NetworkConfig it was started with
     root/fedn-settings.yaml   fedn's store settings (STATESTORE_CONFIG/MODELSTORAGE_CONFIG)
     root/fedn.sqlite          the SQLite state store (statestore: sqlite)
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "network.json"
 CONFIG_FILE = "network-config.yaml"
 FEDN_SETTINGS_FILE = "fedn-settings.yaml"
+SECRET_FILE = "jwt-secret"
+DEFAULT_TOKEN_LIFETIME_S = 24 * 3600.0
 STATESTORES = ("sqlite", "postgres-managed", "postgres-url")
 S3_KINDS = ("moto", "url")
 # Environment variables of ours that must not leak into fedn's processes from the caller.
@@ -79,7 +82,10 @@ class NetworkConfig:
         s3_region: S3 region.
         s3_port: Port for moto_server (s3: moto).
         postgres_port: Port for the managed PostgreSQL.
-        auth: Require JWTs at the API (tokens minted locally, kept in the state).
+        auth: Require JWTs at the API and at the combiners' gRPC ports (tokens minted
+            locally, kept in the state). On by default: a network is closed unless
+            opened explicitly.
+        token_lifetime_s: Seconds until a minted token expires.
         hooks: Start fedn's hooks service (ServerFunctions: per-round client settings).
         hooks_port: Port of the hooks service.
         api_workers: gunicorn workers of the API server.
@@ -99,7 +105,8 @@ class NetworkConfig:
     s3_region: str = "eu-west-1"
     s3_port: int = 9000
     postgres_port: int = 5433
-    auth: bool = False
+    auth: bool = True
+    token_lifetime_s: float = DEFAULT_TOKEN_LIFETIME_S
     hooks: bool = False
     hooks_port: int = 12081
     api_workers: int = 2
@@ -108,7 +115,7 @@ class NetworkConfig:
 
     @classmethod
     def default(cls, root: Path) -> NetworkConfig:
-        """SQLite + moto, one combiner, no auth, in ``root``."""
+        """SQLite + moto, one combiner, auth on, in ``root``."""
         config = cls(root=Path(root).resolve())
         config.validate()
         return config
@@ -153,12 +160,15 @@ class NetworkConfig:
         for key in ("auth", "hooks"):
             if key in values and not isinstance(values[key], bool):
                 raise FedsegError(f"{source}: {key} must be true or false, not {values[key]!r}")
-        if "startup_timeout_s" in values:
-            try:
-                values["startup_timeout_s"] = float(values["startup_timeout_s"])
-            except (TypeError, ValueError) as exc:
-                raise FedsegError(f"{source}: startup_timeout_s must be a number, not "
-                                  f"{values['startup_timeout_s']!r}") from exc
+        for key in ("startup_timeout_s", "token_lifetime_s"):
+            if key in values:
+                try:
+                    if isinstance(values[key], bool):
+                        raise TypeError(key)
+                    values[key] = float(values[key])
+                except (TypeError, ValueError) as exc:
+                    raise FedsegError(f"{source}: {key} must be a number, not "
+                                      f"{values[key]!r}") from exc
         for key in ("statestore", "s3", "postgres_url", "s3_endpoint", "s3_access_key",
                     "s3_secret_key", "s3_region", "network_id"):
             if key in values and values[key] is not None:
@@ -195,6 +205,9 @@ class NetworkConfig:
             raise FedsegError(f"{source}: api_workers must be at least 1")
         if self.startup_timeout_s <= 0:
             raise FedsegError(f"{source}: startup_timeout_s must be positive")
+        if not 60 <= self.token_lifetime_s <= 366 * 24 * 3600:
+            raise FedsegError(f"{source}: token_lifetime_s {self.token_lifetime_s:g} must be "
+                              "between 60 s and one year")
 
     def ports(self) -> dict[str, int]:
         """Every local port this config will listen on, by role."""
@@ -271,6 +284,7 @@ class NetworkState:
         hooks_host: "127.0.0.1:PORT" of the hooks service, or None.
         records: Our name -> full process record (pid, creation time, port, log).
         started_at: Unix time when the network was up.
+        token_lifetime_s: Lifetime of the tokens minted for this network.
     """
 
     root: Path
@@ -285,6 +299,31 @@ class NetworkState:
     hooks_host: str | None = None
     records: dict[str, ProcessRecord] = field(default_factory=dict)
     started_at: float = 0.0
+    token_lifetime_s: float = DEFAULT_TOKEN_LIFETIME_S
+
+    @property
+    def auth(self) -> bool:
+        """Whether the network requires tokens."""
+        return self.admin_token is not None
+
+    def fresh_token(self, role: str, subject: str) -> str | None:
+        """A newly minted token (full lifetime) for ``role``; None without auth.
+
+        Tokens expire; whoever can read the network folder's secret (its owner) mints
+        new ones, so a long run never holds an expired token.
+
+        Raises:
+            FedsegError: auth is on but the secret file is unreadable.
+        """
+        if not self.auth:
+            return None
+        path = self.root / SECRET_FILE
+        try:
+            secret = path.read_text().strip()
+        except OSError as exc:
+            raise FedsegError(f"{path}: cannot read the network's JWT secret "
+                              f"({exc.strerror})") from None
+        return auth.mint_token(secret, role, subject, lifetime_s=self.token_lifetime_s)
 
     @property
     def api_url(self) -> str:
@@ -296,7 +335,7 @@ class NetworkState:
         from fedn.network.api.client import APIClient
 
         return APIClient(host=self.api_host, port=self.api_port, secure=False,
-                         token=self.admin_token)
+                         token=self.fresh_token("admin", "fedseg-operator"))
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -308,7 +347,7 @@ class NetworkState:
             "processes": dict(self.processes), "statestore": self.statestore,
             "storage": self.storage, "hooks_host": self.hooks_host,
             "records": {name: rec.to_dict() for name, rec in self.records.items()},
-            "started_at": self.started_at,
+            "started_at": self.started_at, "token_lifetime_s": self.token_lifetime_s,
         }
 
     @classmethod
@@ -325,6 +364,7 @@ class NetworkState:
             records={str(k): ProcessRecord.from_dict(v)
                      for k, v in data.get("records", {}).items()},
             started_at=float(data.get("started_at", 0.0)),
+            token_lifetime_s=float(data.get("token_lifetime_s", DEFAULT_TOKEN_LIFETIME_S)),
         )
 
 
@@ -342,9 +382,14 @@ def load_network_state(root: Path) -> NetworkState:
     except (OSError, ValueError) as exc:
         raise FedsegError(f"{path}: unreadable network state ({exc})") from exc
     try:
-        return NetworkState.from_dict(data)
+        state = NetworkState.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise FedsegError(f"{path}: malformed network state (missing or bad {exc})") from exc
+    if state.auth and (state.root / SECRET_FILE).is_file():
+        # Tokens expire: whoever loads the state gets tokens with a full lifetime.
+        state.admin_token = state.fresh_token("admin", "fedseg-operator")
+        state.client_token = state.fresh_token("client", "fedseg-clients")
+    return state
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -427,7 +472,9 @@ def network_up(config: NetworkConfig) -> NetworkState:
         raise FedsegError(f"a network is already up in {root} ({', '.join(alive)}); "
                           "run `fedseg network down` first")
     (root / STATE_FILE).unlink(missing_ok=True)
+    (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
     ports.require_free_ports(config.ports())
+    fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     (root / "logs").mkdir(exist_ok=True)
     (root / "fedn-home").mkdir(exist_ok=True)
@@ -447,6 +494,8 @@ def network_up(config: NetworkConfig) -> NetworkState:
 
 def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -> NetworkState:
     timeout = config.startup_timeout_s
+    if config.statestore == "sqlite":
+        stores.check_sqlite_statestore(root)  # before anything starts
     # Object store.
     if config.s3 == "moto":
         record, storage = stores.start_moto(root, config.s3_port, config.s3_region, timeout)
@@ -482,12 +531,18 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
     headers: dict[str, str] = {}
     if config.auth:
         secret = auth.new_secret()
-        admin_token = auth.mint_token(secret, "admin", "fedseg-operator")
-        client_token = auth.mint_token(secret, "client", "fedseg-clients")
-        # Only the API server gets the secret: fedn's gRPC clients attach tokens only on
-        # TLS channels, so a combiner with the secret refuses plain local clients.
+        # On disk for the owner only, so tokens can be minted again when they expire.
+        _write_private(root / SECRET_FILE, secret + "\n")
+        lifetime = config.token_lifetime_s
+        admin_token = auth.mint_token(secret, "admin", "fedseg-operator", lifetime)
+        client_token = auth.mint_token(secret, "client", "fedseg-clients", lifetime)
+        # The API server and the combiners get the secret (environment, never argv):
+        # fedn's JWTInterceptor then checks the client token on every gRPC call; our
+        # clients attach it on the plain local channel (fedn bug 15).
         api_extra["FEDN_JWT_SECRET_KEY"] = secret
         headers = {"Authorization": f"Bearer {admin_token}"}
+    else:
+        (root / SECRET_FILE).unlink(missing_ok=True)
 
     hooks_host = None
     if config.hooks:
@@ -519,7 +574,7 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
         record = ports.spawn(spec.name, _launch_argv("combiner", "--name", spec.name,
                                                      "--port", str(spec.port)),
                              cwd=root, log=root / "logs" / f"{spec.name}.log",
-                             env=_fedn_env(root, settings, {**combiner_extra,
+                             env=_fedn_env(root, settings, {**combiner_extra, **api_extra,
                                                             "FEDN_MODEL_DIR": str(models)}),
                              port=spec.port)
         started.append(record)
@@ -538,7 +593,7 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
         processes={name: rec.pid for name, rec in records.items()},
         statestore={"kind": config.statestore, **statestore},
         storage={"kind": config.s3, **storage}, hooks_host=hooks_host, records=records,
-        started_at=time.time())
+        started_at=time.time(), token_lifetime_s=config.token_lifetime_s)
     _write_private(root / STATE_FILE, json.dumps(state.to_dict(), indent=2))
     return state
 
@@ -564,6 +619,7 @@ def network_down(root: Path, timeout_s: float = 15.0) -> list[str]:
             stopped.append(name)
             logger.info("stopped %s (pid %d)", name, record.pid)
     (root / STATE_FILE).unlink(missing_ok=True)
+    (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
     return stopped
 
 

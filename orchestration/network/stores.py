@@ -18,10 +18,12 @@ import pwd
 import secrets
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from fedseg.orchestration.fedn.compat import sql_url
@@ -36,15 +38,47 @@ BUCKETS = {"storage_bucket": "fedn-models", "context_bucket": "fedn-context",
            "prediction_bucket": "fedn-prediction"}
 FEDN_DATABASE = "fedn_db"  # hard-coded by fedn's DatabaseConnection
 POSTGRES_USER = "fedn"
-MOTO_ACCESS_KEY = "fedseg"
-MOTO_SECRET_KEY = "fedseg-moto-secret"
+SQLITE_FILE = "fedn.sqlite"
+MOTO_USER = "fedseg-network"
+# moto checks IAM credentials after this many requests; ours are the three that create
+# the network's own user, its policy and its access key (see start_moto).
+MOTO_BOOTSTRAP_ACTIONS = 3
+MOTO_ADMIN_PATH = "/moto-api"
 
 
 # --- state store -------------------------------------------------------------------------
 
 def sqlite_statestore(root: Path) -> dict:
     """Fedn's statestore config for a SQLite file in the network root."""
-    return {"type": "SQLite", "sqlite_config": {"dbname": str(root / "fedn.sqlite")}}
+    return {"type": "SQLite", "sqlite_config": {"dbname": str(root / SQLITE_FILE)}}
+
+
+def check_sqlite_statestore(root: Path) -> None:
+    """Refuse a SQLite state store file that SQLite cannot use (corrupt, truncated, junk).
+
+    A missing file is fine (fedn creates it). Without this check fedn's schema code
+    dies deep in SQLAlchemy with a traceback ("file is not a database").
+
+    Raises:
+        FedsegError: naming the file and SQLite's complaint.
+    """
+    path = root / SQLITE_FILE
+    if not path.exists():
+        return
+    try:
+        # Read-only URI: a check must never create or repair the file.
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise FedsegError(f"{path}: corrupt SQLite state store ({exc}); move it away to "
+                          "start with an empty store") from None
+    problems = [str(row[0]) for row in rows if row and row[0] != "ok"]
+    if problems:
+        raise FedsegError(f"{path}: corrupt SQLite state store ({problems[0]}); move it "
+                          "away to start with an empty store")
 
 
 def postgres_statestore(username: str, password: str, host: str, port: int) -> dict:
@@ -243,24 +277,85 @@ def s3_storage(endpoint: str, access_key: str, secret_key: str, region: str) -> 
 
 
 def start_moto(root: Path, port: int, region: str, timeout_s: float) -> tuple[ProcessRecord, dict]:
-    """Start ``moto_server`` on 127.0.0.1:port (objects in memory only) and create buckets."""
-    moto = Path(sys.executable).parent / "moto_server"
-    if not moto.is_file():
-        found = shutil.which("moto_server")
-        if found is None:
-            raise FedsegError("s3 moto needs the moto_server program (PyPI moto[server])")
-        moto = Path(found)
-    record = ports.spawn("moto", [str(moto), "-H", LOCALHOST, "-p", str(port)], cwd=root,
-                         log=root / "logs" / "moto.log", env=_plain_env(), port=port)
-    storage = s3_storage(f"http://{LOCALHOST}:{port}", MOTO_ACCESS_KEY, MOTO_SECRET_KEY, region)
+    """Start moto's S3 on 127.0.0.1:port with IAM authentication, create the buckets.
+
+    moto checks signatures against its own IAM once INITIAL_NO_AUTH_ACTION_COUNT
+    requests have been served; the first three create the network's own IAM user, an
+    allow-all policy and an access key, so every later request needs those
+    credentials (wrong keys: InvalidAccessKeyId / SignatureDoesNotMatch, anonymous:
+    403). moto's own admin API (/moto-api: reset, reset-auth, a data dump) is not
+    behind IAM, so :func:`serve_moto` answers 403 there. Objects live in memory only.
+    """
+    try:
+        import moto.server  # noqa: F401 - only to fail early with a clear message
+    except ImportError:
+        raise FedsegError("s3 moto needs moto[server] installed (PyPI)") from None
+    env = {**_plain_env(), "INITIAL_NO_AUTH_ACTION_COUNT": str(MOTO_BOOTSTRAP_ACTIONS)}
+    record = ports.spawn("moto", [sys.executable, "-m", "fedseg.orchestration.network.stores",
+                                  "moto", "--port", str(port)], cwd=root,
+                         log=root / "logs" / "moto.log", env=env, port=port)
+    endpoint = f"http://{LOCALHOST}:{port}"
     try:
         ports.wait_ready(record, lambda: ports.port_is_listening(port), timeout_s,
                          f"S3 on {LOCALHOST}:{port}")
+        access_key, secret_key = _moto_credentials(endpoint, region)
+        storage = s3_storage(endpoint, access_key, secret_key, region)
         ensure_buckets(storage)
     except BaseException:
         ports.stop(record)
         raise
     return record, storage
+
+
+def _moto_credentials(endpoint: str, region: str) -> tuple[str, str]:
+    """Create the network's IAM user and access key in a fresh moto (its free requests).
+
+    Raises:
+        FedsegError: moto refused (someone else used its free requests first).
+    """
+    import boto3
+    import botocore.exceptions
+
+    # Any key works for the free bootstrap requests; these are never valid afterwards.
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name=region,
+                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    policy = {"Version": "2012-10-17",
+              "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    try:
+        iam.create_user(UserName=MOTO_USER)
+        iam.put_user_policy(UserName=MOTO_USER, PolicyName="fedseg-network",
+                            PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=MOTO_USER)["AccessKey"]
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise FedsegError(f"S3 endpoint {endpoint}: cannot create the network's credentials "
+                          f"({exc})") from None
+    return str(key["AccessKeyId"]), str(key["SecretAccessKey"])
+
+
+def serve_moto(host: str, port: int) -> None:
+    """Run moto's server (blocks) with its unauthenticated admin API refused.
+
+    Reads INITIAL_NO_AUTH_ACTION_COUNT from the environment (moto reads it at import).
+    """
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import run_simple
+
+    os.environ.setdefault("MOTO_PORT", str(port))
+    backend = DomainDispatcherApplication(create_backend_app)
+
+    def app(environ: dict, start_response: Any) -> Any:
+        if str(environ.get("PATH_INFO", "")).startswith(MOTO_ADMIN_PATH):
+            # reset-auth would switch authentication off; data.json lists every object.
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"moto admin API disabled by fedseg\n"]
+        return backend(environ, start_response)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    run_simple(host, port, app, threaded=True, request_handler=MotoRequestHandler)
 
 
 def ensure_buckets(storage: dict, timeout_s: int = 5) -> None:
@@ -303,6 +398,22 @@ def _plain_env() -> dict[str, str]:
 
 def _write_private_json(path: Path, data: dict) -> None:
     atomic_write_json(path, data, PRIVATE_FILE)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m fedseg.orchestration.network.stores moto --port N`` (see serve_moto)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fedseg-stores")
+    sub = parser.add_subparsers(dest="store", required=True)
+    moto = sub.add_parser("moto", help="moto's S3 on 127.0.0.1 with IAM auth")
+    moto.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    serve_moto(LOCALHOST, args.port)
+
+
+if __name__ == "__main__":
+    _main()
 
 
 __all__ = ["check_postgres", "ensure_buckets", "parse_postgres_url", "postgres_statestore",

@@ -23,12 +23,15 @@ import hashlib
 import logging
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from fedseg_clinic.cases import (
     CASE_META_NAME,
+    PRIVATE_DIR_MODE,
+    PRIVATE_FILE_MODE,
     Case,
     CaseMeta,
     Manifest,
@@ -57,7 +60,7 @@ from fedseg_clinic.imaging.rtstruct import (
 )
 from fedseg_clinic.imaging.series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
 from fedseg_clinic.io import atomic_write_text
-from fedseg_clinic.organs import AliasTable
+from fedseg_clinic.organs import DEFAULT_ORGAN_SET, AliasTable, organ_set
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,9 @@ class ImportOptions:
         labelmap_globs: file-name patterns of label map files (NIfTI/NRRD) to use.
         series_uids: CT series to keep where a patient study has several.
         salt: pseudonym salt; None reads or creates ``CASES_DIR/.pseudonym-salt``.
+        organ_set: the organ set (organs.ORGAN_SETS) the clinic's cases are labelled
+            for; ROIs of organs outside it are reported and not imported, and the
+            manifest records the set.
     """
 
     clinic: str = "clinic"
@@ -94,6 +100,7 @@ class ImportOptions:
     labelmap_globs: tuple[str, ...] = DEFAULT_LABELMAP_GLOBS
     series_uids: tuple[str, ...] = ()
     salt: str | None = None
+    organ_set: str = DEFAULT_ORGAN_SET
 
 
 @dataclasses.dataclass
@@ -162,6 +169,7 @@ def _check_options(options: ImportOptions) -> None:
         raise FedsegError(f"spacing must be three positive numbers (z y x), got {options.spacing}")
     if not options.clinic.strip():
         raise FedsegError("clinic name must not be empty")
+    organ_set(options.organ_set)  # an unknown name is refused before any work
 
 
 def load_salt(out: Path) -> str:
@@ -175,7 +183,7 @@ def load_salt(out: Path) -> str:
         if salt:
             return salt
     salt = secrets.token_hex(16)
-    atomic_write_text(path, salt + "\n")
+    atomic_write_text(path, salt + "\n", mode=PRIVATE_FILE_MODE)
     return salt
 
 
@@ -235,6 +243,7 @@ def _organ_masks(
     aliases: AliasTable,
     report: ImportReport,
     case_id: str,
+    organs: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
     """Rasterise every label source; returns masks, unmapped names, ROI name -> organ."""
     masks: dict[str, np.ndarray] = {}
@@ -248,6 +257,12 @@ def _organ_masks(
                 unmapped.append(name)
             report.warn(f"{where}: {case_id}: ROI {name!r} maps to no organ (add it to an "
                         "alias table with --aliases); not imported")
+            return
+        if organs is not None and organ not in organs:
+            if name not in unmapped:
+                unmapped.append(name)
+            report.warn(f"{where}: {case_id}: ROI {name!r} ({organ}) is not in the organ "
+                        "set (--organ-set); not imported")
             return
         mapping[name] = organ
         if not mask.any():
@@ -304,7 +319,8 @@ def _import_patient(
                               f"({series.files[0].parent})")
         labelmaps.append(lm)
     masks, unmapped, mapping = _organ_masks(series, structure_sets, segs, labelmaps,
-                                            options.aliases, report, patient.case_id)
+                                            options.aliases, report, patient.case_id,
+                                            organ_set(options.organ_set).organs)
     hu = series.hu
     geometry = series.geometry
     extra: dict[str, object] = {
@@ -378,6 +394,7 @@ def _write_manifest(out: Path, options: ImportOptions, report: ImportReport) -> 
             "spacing": list(options.spacing) if options.spacing else None,
             "hu_clip": list(options.hu_clip),
             "crop": options.crop,
+            "organ_set": organ_set(options.organ_set).to_json(),
         },
     )
     report.manifest = write_manifest(manifest, out)
@@ -398,6 +415,14 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
     Raises:
         FedsegError: for bad options, an unreadable ``src`` or no CT series at all.
     """
+    with warnings.catch_warnings():
+        # pydicom warns (multi-line, on stderr) about values like 'NaN' in a DS element;
+        # we check those values ourselves and report them as one line naming the file.
+        warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
+        return _import_clinic(src, out, options)
+
+
+def _import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
     _check_options(options)
     scan = scan_folder(src, exclude=[out])
     report = ImportReport()
@@ -405,9 +430,14 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
         report.warn(f"{path}: skipped: {reason}")
     series_files = scan.series_files()
     if not series_files:
-        raise FedsegError(f"{src}: no CT series found ({len(scan.dicom)} DICOM files, "
-                          f"{len(scan.skipped)} unreadable)")
+        raise FedsegError(f"{src}: no CT series found ({len(scan.dicom)} usable DICOM "
+                          f"file(s){_skipped_summary(scan.skipped)})")
     out.mkdir(parents=True, exist_ok=True)
+    # The clinic folder holds CT data and the pseudonym salt: its owner only.
+    os.chmod(out, PRIVATE_DIR_MODE)
+    salt_path = out / SALT_NAME
+    if salt_path.exists():
+        os.chmod(salt_path, PRIVATE_FILE_MODE)  # tighten a salt written by older versions
     salt = options.salt if options.salt is not None else load_salt(out)
     patients = _group_patients(scan, salt)
 
@@ -485,7 +515,7 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
     for patient in patients.values():
         if patient.key in broken:
             report.error(f"{patient.case_id}: not imported: its label file {broken[patient.key]} "
-                         "is unreadable")
+                         "was refused (error above)")
             report.failed.append(patient.case_id)
             continue
         chosen = patient.series
@@ -514,6 +544,20 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
         logger.info("imported %s from series %s", case_id, uid)
     _write_manifest(out, options, report)
     return report
+
+
+def _skipped_summary(skipped: list[tuple[Path, str]]) -> str:
+    """", N skipped: REASON (FILE, ...)" per reason, for a one-line error; "" if none."""
+    if not skipped:
+        return ""
+    by_reason: dict[str, list[Path]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path)
+    parts = []
+    for reason, paths in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+        parts.append(f"{len(paths)} {reason}: {paths[0]}{more}")
+    return f", {len(skipped)} skipped: " + "; ".join(parts)
 
 
 def _overlaps(lm: LabelMap, uid: str, series_files: dict[str, list[DicomFile]]) -> bool:

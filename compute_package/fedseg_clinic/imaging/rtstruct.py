@@ -140,6 +140,13 @@ def _parse_rtstruct(ds: pydicom.Dataset, path: Path) -> StructureSet:
                     f"{path}: ROI {roi.name!r} has a contour with {points.size} coordinates "
                     "(need 3 per point, at least 3 points)"
                 )
+            bad = np.flatnonzero(~np.isfinite(points))
+            if bad.size:
+                # NaN/Inf would reach the rasteriser's index arithmetic and crash it.
+                raise FedsegError(
+                    f"{path}: ROI {roi.name!r} has ContourData value {points[bad[0]]!r} at "
+                    f"point {bad[0] // 3 + 1} (coordinates must be finite)"
+                )
             roi.contours.append(points.reshape(-1, 3))
     return StructureSet(path=path, frame_of_reference_uids=fors, series_uids=series,
                         image_sop_uids=sops, rois=list(rois.values()))

@@ -179,8 +179,12 @@ def _header(path: Path) -> DicomFile | str:
         item.modality = "RTSTRUCT"
     elif sop_class == SEG_STORAGE:
         item.modality = "SEG"
-    if item.modality == "CT" and not (item.series_uid and item.sop_instance_uid):
-        return "CT file without SeriesInstanceUID or SOPInstanceUID"
+    if item.modality == "CT":
+        missing = [name for name, value in (("SeriesInstanceUID", item.series_uid),
+                                            ("SOPInstanceUID", item.sop_instance_uid))
+                   if not value]
+        if missing:
+            return f"CT file without {' and '.join(missing)}"
     if item.modality == "CT" and "LOCALIZER" in image_type:
         # Scout images are projections, not slices; they would look like a second series.
         return "CT localizer (scout) image, not a slice"
@@ -250,11 +254,20 @@ def _decode_hu(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     if pixels.ndim != 2:
         raise FedsegError(f"{path}: expected one grey-level frame, got pixel shape "
                           f"{pixels.shape} (multi-frame/colour CT is not supported)")
-    try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    except (TypeError, ValueError):
-        raise FedsegError(f"{path}: malformed RescaleSlope/RescaleIntercept") from None
+    values = {}
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = ds.get(keyword)
+        try:
+            values[keyword] = default if raw is None or raw == "" else float(raw)
+        except (TypeError, ValueError):
+            raise FedsegError(f"{path}: malformed {keyword} {raw!r}") from None
+        if not np.isfinite(values[keyword]):
+            # NaN would become 0 HU after the int16 cast: refuse instead of importing noise.
+            raise FedsegError(f"{path}: {keyword} is {raw!r}, not a finite number")
+    slope, intercept = values["RescaleSlope"], values["RescaleIntercept"]
+    if slope == 0:
+        raise FedsegError(f"{path}: RescaleSlope is 0 (every voxel would be "
+                          f"{intercept:g} HU)")
     return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
@@ -313,6 +326,10 @@ def read_series(files: Sequence[Path]) -> CtSeries:
             raise FedsegError(f"{path}: cannot read DICOM ({exc})") from None
         orient = _vector(ds, "ImageOrientationPatient", 6, path)
         spacing = _vector(ds, "PixelSpacing", 2, path)
+        if not np.all(spacing > 0):
+            # A zero spacing makes the voxel-to-patient matrix singular.
+            raise FedsegError(f"{path}: PixelSpacing must be two positive numbers, got "
+                              f"{ds.get('PixelSpacing')!r}")
         position = _vector(ds, "ImagePositionPatient", 3, path)
         if first_orient is None:
             first_orient, first_spacing = orient, spacing
@@ -336,7 +353,14 @@ def read_series(files: Sequence[Path]) -> CtSeries:
         dz = _check_spacing(positions, ordered_files)
     else:
         thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness")
-        dz = float(thickness) if thickness else 1.0
+        try:
+            dz = float(thickness) if thickness else 1.0
+        except (TypeError, ValueError):
+            raise FedsegError(f"{ordered_files[0]}: malformed slice thickness "
+                              f"{thickness!r}") from None
+        if not (np.isfinite(dz) and dz > 0):
+            raise FedsegError(f"{ordered_files[0]}: slice thickness {thickness!r} is not a "
+                              "positive number")
         if not thickness:
             warnings.append(f"{ordered_files[0]}: single slice without SliceThickness; "
                             "z spacing set to 1 mm")

@@ -8,7 +8,9 @@ partially supervised multi-organ segmentation"): a clinic that does not contour,
 the heart labels heart voxels as body (or background, when body is not contoured
 either). Training such voxels as body would teach the model that hearts are not hearts.
 So, per example, every *unknown* class is merged into the class that its voxels carry in
-the label map - the merge class ``m`` is body when body is known, else background:
+the label map - the merge class ``m`` is the organ set's container (body) when it is
+known, else background (an organ set without a container, like head_neck, always merges
+into background):
 
     p'_m = p_m + sum_{c unknown} p_c,   p'_c = p_c for the other known classes,
 
@@ -28,8 +30,11 @@ is predicted its Dice loss is close to 1 - the usual behaviour of per-example so
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
+from fedseg_clinic.organs import OrganSet
 from fedseg_clinic.tf_env import tf
 
 # Probabilities are clipped below before the log so a confident wrong voxel costs
@@ -39,7 +44,7 @@ DICE_SMOOTH: float = 1e-5
 
 
 def merge_unknown(
-    labels: Any, probs: Any, known: Any
+    labels: Any, probs: Any, known: Any, container_class: int | None = 1
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Merge unknown classes into each example's merge class (body if known, else bg).
 
@@ -47,6 +52,8 @@ def merge_unknown(
         labels: int (b, z, y, x) label maps.
         probs: float (b, z, y, x, C) softmax probabilities.
         known: float (b, C), 1 for classes the example's labels speak for.
+        container_class: class index of the organ set's container (thorax: body = 1),
+            or None when the set has none (unknown classes then merge into background).
 
     Returns:
         (one-hot merged labels, merged probabilities), both float32 (b, z, y, x, C);
@@ -57,8 +64,11 @@ def merge_unknown(
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     n_classes = tf.shape(probs)[-1]
     known_v = known[:, None, None, None, :]  # broadcast over (z, y, x)
-    # Merge class: body (1) when known, else background (0).
-    merge = tf.cast(known[:, 1] > 0.5, tf.int32)
+    # Merge class: the container (body) when known, else background (0).
+    if container_class is None:
+        merge = tf.zeros_like(known[:, 0], dtype=tf.int32)
+    else:
+        merge = tf.cast(known[:, container_class] > 0.5, tf.int32) * container_class
     merge_v = tf.one_hot(merge, n_classes, dtype=tf.float32)[:, None, None, None, :]
 
     unknown_mass = tf.reduce_sum(probs * (1.0 - known_v), axis=-1, keepdims=True)
@@ -77,6 +87,7 @@ def per_example_loss(
     dice_weight: float = 1.0,
     ce_weight: float = 1.0,
     smooth: float = DICE_SMOOTH,
+    container_class: int | None = 1,
 ) -> tf.Tensor:
     """Soft Dice + cross-entropy per example, with unknown classes marginalised.
 
@@ -87,11 +98,12 @@ def per_example_loss(
         dice_weight: weight of the Dice term.
         ce_weight: weight of the cross-entropy term.
         smooth: Dice smoothing added to numerator and denominator.
+        container_class: see :func:`merge_unknown` (None for sets without a container).
 
     Returns:
         float32 tensor of shape (b,).
     """
-    merged_labels, merged_probs = merge_unknown(labels, probs, known)
+    merged_labels, merged_probs = merge_unknown(labels, probs, known, container_class)
     known = tf.convert_to_tensor(known, dtype=tf.float32)
 
     log_p = tf.math.log(tf.clip_by_value(merged_probs, PROB_FLOOR, 1.0))
@@ -108,3 +120,11 @@ def per_example_loss(
         tf.reduce_sum(foreground * (1.0 - dice), axis=1), tf.reduce_sum(foreground, axis=1)
     )
     return ce_weight * ce + dice_weight * dice_loss
+
+
+def loss_for(organs: OrganSet) -> Callable[[Any, Any, Any], tf.Tensor]:
+    """:func:`per_example_loss` with the container class of an organ set bound."""
+    container = organs.class_index(organs.container) if organs.container else None
+    if container == 1:
+        return per_example_loss  # the thorax default: keep the plain function
+    return functools.partial(per_example_loss, container_class=container)

@@ -14,7 +14,7 @@ Conventions (nnU-Net / MONAI / medpy):
   hallucinated organ is the worst possible boundary error, and NaN is reserved for
   "not measured". Means over cases should therefore report how many were inf, or use
   the median.
-- An organ a clinic does not contour is NaN in both metrics (DESIGN.md).
+- An organ a clinic does not contour is NaN in both metrics (docs/experiments.md, round log).
 
 Surface Dice at a tolerance is not provided: no maintained library in the stack has it.
 """
@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.organs import ORGANS
+from fedseg_clinic.organs import THORAX, OrganSet
 
 
 def _check_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,27 +113,31 @@ def organ_metrics(
     masks: Mapping[str, np.ndarray],
     labelled_organs: Iterable[str],
     spacing: Sequence[float],
+    organs: OrganSet = THORAX,
 ) -> dict[str, float]:
-    """Dice and HD95 for every canonical organ of one case.
+    """Dice and HD95 for every organ of an organ set on one case.
 
     Args:
-        pred_labels: predicted uint8 label map (z, y, x); class k is ORGANS[k - 1].
+        pred_labels: predicted uint8 label map (z, y, x); class k is organs.organs[k - 1].
         masks: organ -> boolean truth mask (the case's contours, overlaps included).
         labelled_organs: the organs the case is contoured for; others are NaN.
         spacing: voxel size (z, y, x) in mm.
+        organs: the organ set the classes follow.
 
     Returns:
-        ``val_dice_<organ>`` and ``val_hd95_<organ>`` for every organ in ORGANS, plus
+        ``val_dice_<organ>`` and ``val_hd95_<organ>`` for every organ of the set, plus
         ``val_dice_mean``: the mean of the labelled organs' Dice ignoring NaN (NaN when
-        none is defined). Body is predicted by every non-background class.
+        none is defined). The set's container (body) is predicted by every
+        non-background class.
     """
     labelled = set(labelled_organs)
-    unknown = sorted(labelled - set(ORGANS))
+    unknown = sorted(labelled - set(organs.organs))
     if unknown:
-        raise FedsegError(f"metrics: unknown organ(s) {', '.join(unknown)}")
+        raise FedsegError(f"metrics: organ(s) {', '.join(unknown)} not in organ set "
+                          f"{organs.name}")
     result: dict[str, float] = {}
     dices: list[float] = []
-    for index, organ in enumerate(ORGANS, start=1):
+    for index, organ in enumerate(organs.organs, start=1):
         if organ not in labelled:
             result[f"val_dice_{organ}"] = math.nan
             result[f"val_hd95_{organ}"] = math.nan
@@ -141,7 +145,7 @@ def organ_metrics(
         truth = masks.get(organ)
         if truth is None:
             raise FedsegError(f"metrics: organ {organ} is labelled but has no mask")
-        pred = pred_labels != 0 if organ == "body" else pred_labels == index
+        pred = pred_labels != 0 if organ == organs.container else pred_labels == index
         result[f"val_dice_{organ}"] = dice(pred, truth)
         result[f"val_hd95_{organ}"] = hd95(pred, truth, spacing)
         dices.append(result[f"val_dice_{organ}"])

@@ -1,16 +1,18 @@
 """The 3D U-Net, its configuration, and the label map it is trained against.
 
-Classes: 0 is background, class ``k`` (1..6) is ``ORGANS[k - 1]`` (body, lung_left,
-lung_right, heart, spinal_cord, esophagus). The network ends in a softmax over these
-classes, so every voxel gets exactly one class; body therefore means "inside the patient
-and none of the organs" in the label map, and "any non-background class" when measured.
+Classes follow the experiment's organ set (``model.organ_set``, default ``thorax``; see
+organs.py): 0 is background, class ``k`` is ``organ_set.organs[k - 1]`` (thorax: body,
+lung_left, lung_right, heart, spinal_cord, esophagus). The network ends in a softmax over
+these classes, so every voxel gets exactly one class; a container organ (thorax's body)
+therefore means "inside the patient and none of the organs" in the label map, and "any
+non-background class" when measured.
 
 Architecture (per resolution level ``k`` with ``base_filters * 2**k`` channels): two
 3x3x3 convolutions, each followed by GroupNormalization and LeakyReLU(0.01); optional
 residual shortcut (1x1x1 projection) around the pair; 2x max pooling down,
 2x transposed convolution up, skip connections by concatenation, a 1x1x1 convolution and
 softmax at the end. GroupNormalization, never BatchNormalization: batch statistics mix
-examples, which breaks per-example DP-SGD gradients (see notes/tf-stack.md).
+examples, which breaks per-example DP-SGD gradients (docs/dependencies.md).
 """
 
 from __future__ import annotations
@@ -22,32 +24,18 @@ from typing import Any
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.organs import ORGANS
+from fedseg_clinic.organs import THORAX, OrganSet, organ_set
 from fedseg_clinic.settings import TRAINABLE_SUBSETS
 from fedseg_clinic.tf_env import keras
 
-N_CLASSES: int = len(ORGANS) + 1
-
-# Overlapping contours are resolved by painting the label map in this order, later organs
-# overwriting earlier ones. Body first (everything inside the patient), then the large
-# lungs, then the heart (lung contours often spill into the mediastinum), then the thin
-# tubular organs, whose few voxels would otherwise vanish under a neighbour's generous
-# contour.
-LABEL_PRIORITY: tuple[str, ...] = (
-    "body",
-    "lung_left",
-    "lung_right",
-    "heart",
-    "esophagus",
-    "spinal_cord",
-)
+# The thorax set's class count and paint order (code written before organ sets).
+N_CLASSES: int = THORAX.n_classes
+LABEL_PRIORITY: tuple[str, ...] = THORAX.label_priority
 
 
-def class_index(organ: str) -> int:
-    """The class index of a canonical organ (1-based; 0 is background)."""
-    if organ not in ORGANS:
-        raise FedsegError(f"unknown organ {organ!r} (known: {', '.join(ORGANS)})")
-    return ORGANS.index(organ) + 1
+def class_index(organ: str, organs: OrganSet = THORAX) -> int:
+    """The class index of a canonical organ in an organ set (1-based; 0 is background)."""
+    return organs.class_index(organ)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +49,24 @@ class UNetConfig:
         groups: GroupNormalization groups, capped at a layer's channel count; every
             level's channel count must be divisible by its (capped) group count.
         residual: add a residual shortcut around each pair of convolutions.
-        n_classes: output classes; must be background + the canonical organs (7).
+        n_classes: output classes; None (the default) takes background + the organ
+            set's organs, and any other value must equal that.
         dropout: dropout rate after each convolution block, in [0, 1).
+        organ_set: name of the organ set (organs.ORGAN_SETS) the output channels follow.
     """
 
     levels: int = 4
     base_filters: int = 16
     groups: int = 8
     residual: bool = False
-    n_classes: int = N_CLASSES
+    n_classes: int | None = None
     dropout: float = 0.0
+    organ_set: str = THORAX.name
 
     def __post_init__(self) -> None:
+        organs = organ_set(self.organ_set)  # raises for an unknown name
+        if self.n_classes is None:
+            object.__setattr__(self, "n_classes", organs.n_classes)
         for name in ("levels", "base_filters", "groups", "n_classes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -89,10 +83,10 @@ class UNetConfig:
                               f"{self.base_filters}")
         if self.groups < 1:
             raise FedsegError(f"model config: groups must be >= 1, got {self.groups}")
-        if self.n_classes != N_CLASSES:
+        if self.n_classes != organs.n_classes:
             raise FedsegError(
-                f"model config: n_classes must be {N_CLASSES} (background + "
-                f"{', '.join(ORGANS)}), got {self.n_classes}"
+                f"model config: n_classes must be {organs.n_classes} (background + "
+                f"{', '.join(organs.organs)} of organ set {organs.name}), got {self.n_classes}"
             )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise FedsegError(f"model config: dropout must be in [0, 1), got {self.dropout}")
@@ -103,6 +97,11 @@ class UNetConfig:
                     f"model config: level {level} has {filters} channels, not divisible by "
                     f"groups={self.groups}"
                 )
+
+    @property
+    def organs(self) -> OrganSet:
+        """The organ set the output channels follow."""
+        return organ_set(self.organ_set)
 
     def filters(self, level: int) -> int:
         """Channel count of a resolution level (0 = full resolution)."""
@@ -236,48 +235,49 @@ def build_unet(config: UNetConfig, seed: int | None = None) -> keras.Model:
 
 
 def labels_from_masks(
-    masks: Mapping[str, np.ndarray], shape: Sequence[int]
+    masks: Mapping[str, np.ndarray], shape: Sequence[int], organs: OrganSet = THORAX
 ) -> np.ndarray:
     """Combine organ masks into one uint8 label map.
 
-    Background is 0, body 1, organ ``k`` is ``ORGANS.index(organ) + 1``. Masks are
-    painted in :data:`LABEL_PRIORITY` order, later organs overwriting earlier ones
-    (so organs overwrite body, and e.g. spinal cord wins over a lung contour).
+    Background is 0, organ ``k`` is ``organs.class_index(organ)``. Masks are painted in
+    the set's ``label_priority`` order, later organs overwriting earlier ones (so organs
+    overwrite body, and e.g. spinal cord wins over a lung contour).
 
     Args:
         masks: organ -> boolean (z, y, x) array; only labelled organs.
         shape: the (z, y, x) shape of the volume.
+        organs: the organ set the classes follow.
 
     Raises:
-        FedsegError: for an unknown organ name or a mask of another shape.
+        FedsegError: for an organ outside the set or a mask of another shape.
     """
     target = tuple(int(s) for s in shape)
     labels = np.zeros(target, dtype=np.uint8)
     for organ in masks:
-        if organ not in ORGANS:
-            raise FedsegError(f"label map: unknown organ {organ!r}")
-    for organ in LABEL_PRIORITY:
+        if organ not in organs.organs:
+            raise FedsegError(f"label map: organ {organ!r} is not in organ set {organs.name}")
+    for organ in organs.label_priority:
         mask = masks.get(organ)
         if mask is None:
             continue
         if tuple(mask.shape) != target:
             raise FedsegError(f"label map: mask {organ} has shape {mask.shape}, expected "
                               f"{target}")
-        labels[np.asarray(mask, dtype=bool)] = class_index(organ)
+        labels[np.asarray(mask, dtype=bool)] = organs.class_index(organ)
     return labels
 
 
-def class_known(labelled_organs: Iterable[str]) -> np.ndarray:
+def class_known(labelled_organs: Iterable[str], organs: OrganSet = THORAX) -> np.ndarray:
     """Which classes a case's labels speak for: float32 (n_classes,), 1 known, 0 unknown.
 
     Background is always known: a voxel outside every labelled contour is a true
     background voxel when body is labelled, and at least "not a labelled organ" otherwise
     (the loss merges unknown classes into it, see losses.py).
     """
-    known = np.zeros(N_CLASSES, dtype=np.float32)
+    known = np.zeros(organs.n_classes, dtype=np.float32)
     known[0] = 1.0
     for organ in labelled_organs:
-        known[class_index(organ)] = 1.0
+        known[organs.class_index(organ)] = 1.0
     return known
 
 

@@ -134,6 +134,22 @@ def make_optimizer(config: DPConfig) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(learning_rate=config.learning_rate)
 
 
+def sum_query(config: DPConfig) -> gaussian_query.GaussianSumQuery | \
+        no_privacy_query.NoPrivacySumQuery:
+    """TF Privacy's query that clips each per-example gradient and sums them (with noise).
+
+    The non-DP baseline (noise_multiplier None) sums without clipping or noise. Also the
+    update inversion's model of the client (fedseg.analysis.leakage.inversion) clips
+    through it, so attacker and client clip alike.
+    """
+    if config.noise_multiplier is None:
+        return no_privacy_query.NoPrivacySumQuery()
+    return gaussian_query.GaussianSumQuery(
+        l2_norm_clip=config.l2_norm_clip,
+        stddev=config.l2_norm_clip * config.noise_multiplier,
+    )
+
+
 class DPTrainer:
     """Takes DP-SGD / DP-Adam steps on a Keras model.
 
@@ -179,13 +195,7 @@ class DPTrainer:
         self.optimizer = make_optimizer(config)
         self.optimizer.build(self.variables)
         self.steps_taken = 0
-        if config.noise_multiplier is not None:
-            self._query = gaussian_query.GaussianSumQuery(
-                l2_norm_clip=config.l2_norm_clip,
-                stddev=config.l2_norm_clip * config.noise_multiplier,
-            )
-        else:
-            self._query = no_privacy_query.NoPrivacySumQuery()
+        self._query = sum_query(config)
         self._global_state = self._query.initial_global_state()
         self._step_fn: Callable[..., tf.Tensor] | None = None
 

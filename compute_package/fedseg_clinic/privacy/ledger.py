@@ -1,47 +1,78 @@
-"""The clinic's privacy ledger: every DP training segment, append-only, tamper-evident.
+"""The privacy ledger of a clinic's data set: every DP training segment, append-only.
 
-Epsilon is a property of the whole training history at a clinic: every round's steps
-compose. The ledger records each segment (round id, steps, sampling probability q, noise
-multiplier sigma, clip norm, time) in a JSON file and recomputes epsilon from all of
-them (:func:`fedseg_clinic.privacy.accounting.compute_epsilon_history`). Losing the ledger would
-silently reset the budget, so it is never recreated once it has existed:
+Epsilon is a property of the patients, not of a run: every round that ever trained on a
+clinic's patients composes, whichever run, session or network asked for it. So the
+ledger lives with the data, in the data set's *privacy folder* (default
+``<data_dir>/.fedseg-privacy/``, mode 0700; files 0600), never in a run folder:
+
+* ``ledger-<data id>.json``: one ledger per data set, keyed by :func:`data_identity`
+  (a hash of the training patients' pseudonyms). Each entry records one segment (round
+  id, steps, sampling probability q, noise multiplier sigma, clip norm), who trained it
+  (client name, run) and when; epsilon is recomputed from all of them
+  (:func:`fedseg_clinic.privacy.accounting.compute_epsilon_history`) at whatever delta is asked.
+* ``.lock``: every read-check-write of any ledger in the folder holds an exclusive
+  ``fcntl.flock`` on it, so two trainings (or two processes recording) at once can
+  neither overspend nor lose an entry.
+* ``resets.jsonl`` and ``reset-archive/``: :func:`reset_ledgers` is the only way to start
+  over; it logs who, when, why and what was spent, and keeps the old ledger.
+
+Budget checks compose *every* ledger in the folder, not only the current data id: when
+a clinic's training set changes (a patient added), its id changes, and the patients it
+shares with the earlier set must still carry the earlier rounds. This over-counts for
+new patients (never under-counts for anyone).
+
+**Record before train.** :meth:`PrivacyLedger.reserve` checks the budget and appends the
+segment in one locked step *before* the round trains: a crash during training leaves
+the epsilon counted (a conservative error), never a round that trained unrecorded.
+
+Tamper evidence (kept from version 1):
 
 * every entry carries ``hash = sha256(previous hash + canonical JSON of the entry)``,
-  the chain starting from a hash of the header (client id, delta): an edited, reordered
-  or removed entry breaks it;
-* an *anchor* file in a separate location holds the entry count and the head hash: a
-  deleted or truncated ledger (whose remaining chain is still valid) disagrees with it.
+  the chain starting from a hash of the header (data id): an edited, reordered or
+  removed entry breaks it;
+* an *anchor* file outside the privacy folder (``<data_dir>/.fedseg-privacy-anchors/``)
+  holds the entry count and the head hash: a deleted or truncated ledger (whose
+  remaining chain is still valid) disagrees with it, and so does a deleted folder.
 
-The default anchor lives beside the state directory that holds the ledger, not in it
-(``<state_dir>/../<state_dir name>.privacy-anchor.json``), so removing the state
-directory is detected. Both files are written atomically, ledger first: a crash between
-the two leaves the ledger exactly one entry ahead of the anchor, which is accepted (it
-only adds spending) and the anchor is brought up to date.
-
-This detects accidents and naive edits. Someone able to rewrite both files consistently
-(the hashes are not keyed) is outside its threat model. One process writes a ledger.
+Both files are written atomically, ledger first: a crash between the two leaves the
+ledger exactly one entry ahead of the anchor, which is accepted (it only adds spending)
+and the anchor is brought up to date. This detects accidents and naive edits; someone
+able to rewrite both files consistently (the hashes are not keyed) is outside its
+threat model (docs/privacy-model.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import getpass
 import hashlib
 import json
 import logging
 import math
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.io import atomic_write_text
+from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
 from fedseg_clinic.privacy.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
 
 logger = logging.getLogger(__name__)
 
 LEDGER_FORMAT = "fedseg-privacy-ledger"
 ANCHOR_FORMAT = "fedseg-privacy-ledger-anchor"
-VERSION = 1
+VERSION = 2
+PRIVACY_DIR_NAME = ".fedseg-privacy"
+LOCK_NAME = ".lock"
+RESET_LOG = "resets.jsonl"
+RESET_ARCHIVE = "reset-archive"
+_LEDGER_RE = re.compile(r"^ledger-([0-9a-f]{16,64})\.json$")
 _SEGMENT_FIELDS = ("round_id", "steps", "sampling_probability", "noise_multiplier",
                    "l2_norm_clip", "n_patients")
 
@@ -108,10 +139,67 @@ class LedgerSegment:
         return PrivacySegment(self.sampling_probability, self.noise_multiplier, self.steps)
 
 
-def default_anchor_path(ledger_path: Path) -> Path:
-    """``<state_dir>/../<state_dir name>.privacy-anchor.json``: outside the state dir."""
-    state_dir = ledger_path.resolve().parent
-    return state_dir.parent / f"{state_dir.name}.privacy-anchor.json"
+def data_identity(patient_pseudonyms: Iterable[str]) -> str:
+    """The data set's identity: sha256 of its sorted, distinct training pseudonyms (16 hex).
+
+    Args:
+        patient_pseudonyms: The pseudonymous ids of the patients trained on.
+
+    Raises:
+        FedsegError: No pseudonyms.
+    """
+    ids = sorted({str(p) for p in patient_pseudonyms})
+    if not ids:
+        raise FedsegError("data identity: no training patients")
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def default_privacy_dir(data_dir: Path) -> Path:
+    """``<data_dir>/.fedseg-privacy``: the ledgers travel with the clinic's data."""
+    return Path(data_dir).resolve() / PRIVACY_DIR_NAME
+
+
+def ledger_path(privacy_dir: Path, data_id: str) -> Path:
+    """``<privacy_dir>/ledger-<data_id>.json``."""
+    return Path(privacy_dir) / f"ledger-{data_id}.json"
+
+
+def default_anchor_path(ledger_file: Path) -> Path:
+    """``<dir>/../<dir name>-anchors/<ledger stem>.anchor.json``: outside the ledger's dir.
+
+    Removing the whole privacy folder is therefore detected too.
+    """
+    folder = Path(ledger_file).resolve().parent
+    return folder.parent / f"{folder.name}-anchors" / f"{Path(ledger_file).stem}.anchor.json"
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700: ledgers reveal who trained when."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a 0600 file atomically in a 0700 folder."""
+    _private_dir(path.parent)
+    atomic_write_text(path, text, mode=PRIVATE_FILE)
+
+
+@contextlib.contextmanager
+def folder_lock(privacy_dir: Path) -> Iterator[None]:
+    """Hold the privacy folder's exclusive lock (``fcntl.flock`` on ``.lock``).
+
+    Blocks until no other process (or open file description) holds it. The lock file is
+    never deleted: deleting it while held would let a third process lock a new inode.
+    """
+    folder = _private_dir(Path(privacy_dir))
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def _canonical(data: dict[str, Any]) -> str:
@@ -122,51 +210,70 @@ def _chain(previous: str, data: dict[str, Any]) -> str:
     return hashlib.sha256((previous + _canonical(data)).encode()).hexdigest()
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 class PrivacyLedger:
-    """Append-only, hash-chained record of a clinic's DP training, with budget checks.
+    """Append-only, hash-chained, locked record of one data set's DP training.
 
     Opening a ledger that does not exist (and has no anchor) creates both files; every
-    call re-reads and re-verifies them from disk, so a restart (or a second open)
-    continues the same history.
+    call takes the folder lock and re-reads and re-verifies the files, so restarts,
+    other runs and concurrent processes continue the same history.
 
     Args:
-        path: The ledger JSON file (e.g. ``<state_dir>/privacy_ledger.json``).
-        client_id: This clinic's id; must match the one recorded in the ledger.
-        delta: The delta epsilon is reported at; must match the recorded one.
+        path: The ledger JSON file (``ledger_path(privacy_dir, data_id)``).
+        data_id: The data set's identity; must match the one recorded in the ledger.
+        delta: The delta epsilon is reported and budgeted at (not a property of the
+            ledger: the recorded segments compose at any delta).
         epsilon_budget: Largest epsilon allowed for the whole history; None = no limit.
         anchor_path: The anchor file; default :func:`default_anchor_path`.
 
     Raises:
         FedsegError: The ledger or its anchor was deleted, truncated or modified, or was
-            written for another client id or delta.
+            written for another data set.
     """
 
     def __init__(
         self,
         path: Path,
-        client_id: str,
+        data_id: str,
         delta: float,
         epsilon_budget: float | None,
         anchor_path: Path | None = None,
     ) -> None:
-        if not client_id:
-            raise FedsegError("privacy ledger: client_id must not be empty")
+        if not data_id:
+            raise FedsegError("privacy ledger: data_id must not be empty")
         if not (math.isfinite(delta) and 0.0 < delta < 1.0):
             raise FedsegError(f"privacy ledger {path}: delta={delta} must be in (0, 1)")
         if epsilon_budget is not None and not (epsilon_budget > 0.0):
             raise FedsegError(
                 f"privacy ledger {path}: epsilon budget {epsilon_budget} must be > 0")
         self.path = Path(path)
-        self.client_id = client_id
+        self.folder = self.path.parent
+        self.data_id = data_id
         self.delta = float(delta)
         self.epsilon_budget = epsilon_budget
         self.anchor_path = Path(anchor_path) if anchor_path else default_anchor_path(self.path)
         self._genesis = _chain("", {"format": LEDGER_FORMAT, "version": VERSION,
-                                    "client_id": client_id, "delta": self.delta})
-        if not self.path.exists() and not self.anchor_path.exists():
-            logger.info("creating privacy ledger %s (anchor %s)", self.path, self.anchor_path)
-            self._write([])
-        self.entries()  # verify now: a broken ledger must stop the client at start
+                                    "data_id": data_id})
+        with folder_lock(self.folder):
+            if not self.path.exists() and not self.anchor_path.exists():
+                logger.info("creating privacy ledger %s (anchor %s)", self.path,
+                            self.anchor_path)
+                self._write([])
+            self._entries()  # verify now: a broken ledger must stop the client at start
+
+    @classmethod
+    def _bare(cls, path: Path, data_id: str, delta: float) -> PrivacyLedger:
+        """An unverified handle for a caller that already holds the folder lock."""
+        ledger = cls.__new__(cls)
+        ledger.path, ledger.folder, ledger.data_id = Path(path), Path(path).parent, data_id
+        ledger.delta, ledger.epsilon_budget = float(delta), None
+        ledger.anchor_path = default_anchor_path(ledger.path)
+        ledger._genesis = _chain("", {"format": LEDGER_FORMAT, "version": VERSION,
+                                      "data_id": data_id})
+        return ledger
 
     # -- files -------------------------------------------------------------------------
 
@@ -175,13 +282,13 @@ class PrivacyLedger:
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
         head = entries[-1]["hash"] if entries else self._genesis
-        ledger = {"format": LEDGER_FORMAT, "version": VERSION, "client_id": self.client_id,
-                  "delta": self.delta, "entries": entries}
-        anchor = {"format": ANCHOR_FORMAT, "version": VERSION, "client_id": self.client_id,
+        ledger = {"format": LEDGER_FORMAT, "version": VERSION, "data_id": self.data_id,
+                  "entries": entries}
+        anchor = {"format": ANCHOR_FORMAT, "version": VERSION, "data_id": self.data_id,
                   "ledger": str(self.path.resolve()), "entries": len(entries), "head": head}
         # Ledger first: a crash in between leaves it one entry ahead (see module doc).
-        atomic_write_text(self.path, json.dumps(ledger, indent=1, allow_nan=False) + "\n")
-        atomic_write_text(self.anchor_path, json.dumps(anchor, indent=1) + "\n")
+        _write_private(self.path, json.dumps(ledger, indent=1, allow_nan=False) + "\n")
+        _write_private(self.anchor_path, json.dumps(anchor, indent=1) + "\n")
 
     def _read_json(self, path: Path, what: str) -> dict[str, Any]:
         try:
@@ -194,31 +301,35 @@ class PrivacyLedger:
         return data
 
     def entries(self) -> list[dict[str, Any]]:
-        """Read and verify the ledger against its hash chain and anchor.
+        """Read and verify the ledger against its hash chain and anchor (locked).
 
         Returns:
-            The recorded entries, oldest first (segment fields + ``time`` + ``hash``).
+            The recorded entries, oldest first (segment fields, ``client``, ``run``,
+            ``delta``, ``time`` and ``hash``).
 
         Raises:
-            FedsegError: Deleted, truncated, modified, or another client's/delta's ledger.
+            FedsegError: Deleted, truncated, modified, or another data set's ledger.
         """
+        with folder_lock(self.folder):
+            return self._entries()
+
+    def _entries(self) -> list[dict[str, Any]]:
+        """:meth:`entries` for a caller that holds the folder lock."""
         ledger_exists, anchor_exists = self.path.exists(), self.anchor_path.exists()
         if not ledger_exists:
-            raise self._refuse(f"was deleted (its anchor {self.anchor_path} exists)")
+            raise self._refuse(f"was deleted (its anchor {self.anchor_path} exists; "
+                               "`fedseg privacy reset` is the way to start over)")
         if not anchor_exists:
             raise self._refuse(f"has lost its anchor {self.anchor_path} (deleted or moved; "
                                "restore it)")
         ledger = self._read_json(self.path, "ledger")
         anchor = self._read_json(self.anchor_path, "anchor")
         if ledger.get("format") != LEDGER_FORMAT or ledger.get("version") != VERSION:
-            raise self._refuse("was modified (not a version-1 fedseg privacy ledger)")
-        if ledger.get("client_id") != self.client_id or anchor.get("client_id") != self.client_id:
+            raise self._refuse(f"was modified (not a version-{VERSION} fedseg privacy ledger)")
+        if ledger.get("data_id") != self.data_id or anchor.get("data_id") != self.data_id:
             raise FedsegError(
-                f"privacy ledger {self.path} belongs to client {ledger.get('client_id')!r} "
-                f"(anchor: {anchor.get('client_id')!r}), not {self.client_id!r}")
-        if ledger.get("delta") != self.delta:
-            raise FedsegError(f"privacy ledger {self.path} was kept at delta="
-                              f"{ledger.get('delta')}, not delta={self.delta}")
+                f"privacy ledger {self.path} belongs to data set {ledger.get('data_id')!r} "
+                f"(anchor: {anchor.get('data_id')!r}), not {self.data_id!r}")
         entries = ledger.get("entries")
         if not isinstance(entries, list):
             raise self._refuse("was modified (no entry list)")
@@ -250,10 +361,9 @@ class PrivacyLedger:
 
     # -- accounting --------------------------------------------------------------------
 
-    def segments(self) -> list[LedgerSegment]:
-        """The recorded segments, oldest first."""
+    def _segments(self, entries: list[dict[str, Any]]) -> list[LedgerSegment]:
         out = []
-        for entry in self.entries():
+        for entry in entries:
             try:
                 out.append(LedgerSegment(**{k: entry.get(k) for k in _SEGMENT_FIELDS}))
             except (TypeError, FedsegError) as exc:
@@ -261,58 +371,212 @@ class PrivacyLedger:
                                    f"invalid values: {exc})") from exc
         return out
 
+    def segments(self) -> list[LedgerSegment]:
+        """The recorded segments of this data set, oldest first."""
+        return self._segments(self.entries())
+
+    def _sibling_segments(self) -> list[LedgerSegment]:
+        """Segments of the folder's other data sets' ledgers (caller holds the lock)."""
+        out: list[LedgerSegment] = []
+        for other in sorted(self.folder.glob("ledger-*.json")):
+            match = _LEDGER_RE.match(other.name)
+            if match is None or other.resolve() == self.path.resolve():
+                continue
+            sibling = PrivacyLedger._bare(other, match.group(1), self.delta)
+            found = sibling._segments(sibling._entries())
+            if found:
+                logger.info("privacy ledger %s: composing %d segment(s) of data set %s kept "
+                            "in the same folder (its patients may overlap)", self.path,
+                            len(found), sibling.data_id)
+            out.extend(found)
+        return out
+
+    def _history(self) -> list[LedgerSegment]:
+        """Everything the budget composes: this data set's and its siblings' segments."""
+        return self._segments(self._entries()) + self._sibling_segments()
+
+    def history(self) -> list[LedgerSegment]:
+        """Every segment the budget composes (this data set's and its siblings'), locked."""
+        with folder_lock(self.folder):
+            return self._history()
+
     def _report(self, segments: list[LedgerSegment], n_patients: int | None = None
                 ) -> EpsilonReport:
         return compute_epsilon_history([s.privacy_segment() for s in segments], self.delta,
                                        n_patients=n_patients)
 
     def spent(self) -> EpsilonReport:
-        """Epsilon of the whole recorded history at the ledger's delta."""
-        return self._report(self.segments())
+        """Epsilon of the whole recorded history (siblings included) at this delta."""
+        with folder_lock(self.folder):
+            return self._report(self._history())
 
-    def check_budget(self, planned: LedgerSegment) -> EpsilonReport:
-        """Epsilon the history would reach with ``planned`` added; refuse beyond budget.
-
-        Args:
-            planned: The segment about to be trained.
-
-        Returns:
-            The report for history + planned.
-
-        Raises:
-            BudgetExceededError: That epsilon would exceed the budget.
-            FedsegError: The ledger is broken, or delta >= 1 / planned.n_patients.
-        """
-        history = self.segments()
+    def _check(self, history: list[LedgerSegment], planned: LedgerSegment) -> EpsilonReport:
         report = self._report([*history, planned], n_patients=planned.n_patients)
         if self.epsilon_budget is not None and report.epsilon > self.epsilon_budget:
             spent = self._report(history).epsilon
             raise BudgetExceededError(
-                f"privacy budget of client {self.client_id} ({self.path}): round "
+                f"privacy budget of data set {self.data_id} ({self.path}): round "
                 f"{planned.round_id} would bring epsilon from {spent:.4g} to "
                 f"{report.epsilon:.4g} > budget {self.epsilon_budget:g} at delta="
                 f"{self.delta:g}; refusing to train")
         return report
 
-    def record(self, segment: LedgerSegment) -> EpsilonReport:
-        """Append a trained segment (always: it has happened) and return the new total.
+    def check_budget(self, planned: LedgerSegment) -> EpsilonReport:
+        """Epsilon the history would reach with ``planned`` added; refuse beyond budget.
+
+        Writes nothing: use :meth:`reserve` to train (a check then a later record would
+        let a concurrent training slip in between).
+
+        Raises:
+            BudgetExceededError: That epsilon would exceed the budget.
+            FedsegError: The ledger is broken, or delta >= 1 / planned.n_patients.
+        """
+        with folder_lock(self.folder):
+            return self._check(self._history(), planned)
+
+    def _append(self, entries: list[dict[str, Any]], segment: LedgerSegment,
+                client: str, run: str) -> None:
+        body: dict[str, Any] = asdict(segment)
+        body.update({"client": client, "run": run, "delta": self.delta, "time": _now()})
+        previous = entries[-1]["hash"] if entries else self._genesis
+        entries.append({**body, "hash": _chain(previous, body)})
+        self._write(entries)
+        logger.info("privacy ledger %s: recorded round %s of %s (%d steps, q=%.4g, "
+                    "sigma=%.4g)", self.path, segment.round_id, client or "?", segment.steps,
+                    segment.sampling_probability, segment.noise_multiplier)
+
+    def reserve(self, segment: LedgerSegment, client: str = "", run: str = ""
+                ) -> EpsilonReport:
+        """Check the budget and record ``segment`` in one locked step, before training.
 
         Args:
-            segment: What was trained.
+            segment: The round about to be trained.
+            client: Who trains it (client name), for the record.
+            run: Which run asked (free text), for the record.
 
         Returns:
             Epsilon of the history including ``segment``.
 
         Raises:
+            BudgetExceededError: It would exceed the budget (nothing is written).
+            FedsegError: The ledger is broken (nothing is written).
+        """
+        with folder_lock(self.folder):
+            entries = self._entries()
+            report = self._check(self._segments(entries) + self._sibling_segments(), segment)
+            self._append(entries, segment, client, run)
+            return report
+
+    def record(self, segment: LedgerSegment, client: str = "", run: str = ""
+               ) -> EpsilonReport:
+        """Append a segment without a budget check (it has happened) and return the total.
+
+        Raises:
             FedsegError: The ledger is broken (nothing is written then).
         """
-        entries = self.entries()
-        body = asdict(segment)
-        body["time"] = datetime.now(UTC).isoformat(timespec="seconds")
-        previous = entries[-1]["hash"] if entries else self._genesis
-        entries.append({**body, "hash": _chain(previous, body)})
-        self._write(entries)
-        logger.info("privacy ledger %s: recorded round %s (%d steps, q=%.4g, sigma=%.4g)",
-                    self.path, segment.round_id, segment.steps,
-                    segment.sampling_probability, segment.noise_multiplier)
-        return self.spent()
+        with folder_lock(self.folder):
+            entries = self._entries()
+            self._append(entries, segment, client, run)
+            return self._report(self._segments(entries) + self._sibling_segments())
+
+
+def ledgers_in(privacy_dir: Path) -> list[str]:
+    """The data ids of the ledgers kept in a privacy folder, sorted."""
+    folder = Path(privacy_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(m.group(1) for p in folder.iterdir()
+                  if (m := _LEDGER_RE.match(p.name)) is not None)
+
+
+def describe_privacy_dir(privacy_dir: Path, delta: float) -> dict[str, Any]:
+    """What ``fedseg privacy show`` prints: each ledger's entries and epsilon at delta.
+
+    Raises:
+        FedsegError: A ledger is broken (named), or the folder holds none.
+    """
+    folder = Path(privacy_dir)
+    ids = ledgers_in(folder)
+    if not ids:
+        raise FedsegError(f"{folder}: no privacy ledger here (nothing has been trained on "
+                          "this data, or the privacy folder is elsewhere)")
+    out: dict[str, Any] = {"privacy_dir": str(folder), "delta": delta, "ledgers": []}
+    total: list[LedgerSegment] = []
+    for data_id in ids:
+        ledger = PrivacyLedger(ledger_path(folder, data_id), data_id, delta, None)
+        entries = ledger.entries()
+        segments = ledger._segments(entries)
+        total += segments
+        out["ledgers"].append({
+            "data_id": data_id, "path": str(ledger.path), "anchor": str(ledger.anchor_path),
+            "rounds": len(entries), "steps": sum(s.steps for s in segments),
+            "epsilon": ledger._report(segments).epsilon,
+            "clients": sorted({str(e.get("client", "")) for e in entries} - {""}),
+            "runs": sorted({str(e.get("run", "")) for e in entries} - {""}),
+            "first": entries[0]["time"] if entries else None,
+            "last": entries[-1]["time"] if entries else None,
+        })
+    out["epsilon_all"] = compute_epsilon_history([s.privacy_segment() for s in total],
+                                                 delta).epsilon
+    resets = folder / RESET_LOG
+    out["resets"] = ([json.loads(line) for line in resets.read_text().splitlines() if line]
+                     if resets.exists() else [])
+    return out
+
+
+def reset_ledgers(privacy_dir: Path, reason: str, delta: float = 1e-5) -> dict[str, Any]:
+    """Start a privacy folder's accounting over: the explicit, logged way.
+
+    Every ledger and anchor is moved into ``reset-archive/<time>/`` (kept for audit,
+    not counted any more) and one line is appended to ``resets.jsonl``: time, user,
+    reason, and each ledger's rounds and epsilon at ``delta``. Holds the folder lock,
+    so it cannot interleave with a training's reservation.
+
+    Args:
+        privacy_dir: The data set's privacy folder.
+        reason: Why (required, non-empty: it is the audit trail).
+        delta: The delta the logged epsilons are computed at.
+
+    Returns:
+        The logged record.
+
+    Raises:
+        FedsegError: Empty reason, no ledger there, or a broken ledger (a tampered
+            ledger is archived too, and the log says it was broken).
+    """
+    if not reason or not reason.strip():
+        raise FedsegError("privacy reset: --reason must say why the budget starts over")
+    folder = Path(privacy_dir)
+    ids = ledgers_in(folder)
+    if not ids:
+        raise FedsegError(f"{folder}: no privacy ledger to reset")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    archive = folder / RESET_ARCHIVE / stamp
+    record: dict[str, Any] = {"time": _now(), "user": getpass.getuser(),
+                              "reason": reason.strip(), "archive": str(archive),
+                              "ledgers": []}
+    with folder_lock(folder):
+        _private_dir(archive)
+        for data_id in ids:
+            path = ledger_path(folder, data_id)
+            anchor = default_anchor_path(path)
+            summary: dict[str, Any] = {"data_id": data_id}
+            try:
+                ledger = PrivacyLedger._bare(path, data_id, delta)
+                segments = ledger._segments(ledger._entries())
+                summary.update(rounds=len(segments),
+                               epsilon=ledger._report(segments).epsilon)
+            except FedsegError as exc:
+                summary["broken"] = str(exc)
+            for source in (path, anchor):
+                if source.exists():
+                    shutil.move(str(source), str(archive / source.name))
+            record["ledgers"].append(summary)
+        with open(folder / RESET_LOG, "a", encoding="utf-8") as log:
+            os.fchmod(log.fileno(), 0o600)
+            log.write(json.dumps(record, allow_nan=True) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+    logger.warning("privacy ledgers of %s reset (%s): %s", folder, reason.strip(),
+                   ", ".join(ids))
+    return record

@@ -1,0 +1,61 @@
+"""Helpers shared by several test modules (tests/ is on sys.path: ``from helpers import``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner, Result
+
+from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
+
+
+def fedseg_cli(args: list[str]) -> Result:
+    """Run the ``fedseg`` command in this process; exit code and output in the result."""
+    from fedseg.cli import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+def make_run(path: Path, rows: list[tuple[int, str, str, float]], kind: str = "federated",
+             **info: Any) -> Path:
+    """A run folder with the given round-log rows and a run.json (``info`` overrides).
+
+    Args:
+        path: the run folder to create (must not exist).
+        rows: (round, client, metric, value) tuples.
+        kind: federated, pooled or local.
+        **info: run.json keys to set or override (seed, config, ...).
+
+    Returns:
+        ``path``.
+    """
+    path.mkdir(parents=True)
+    write_rounds(path, [RoundRecord(*row) for row in rows])
+    write_run_info(path, {"name": path.name, "seed": 1, "kind": kind,
+                          "config": {"aggregator": "fedavg"}, "versions": {}, "timings": {},
+                          **info})
+    return path
+
+
+def tiny_real_experiment(name: str, **client_env: str) -> dict[str, Any]:
+    """The smallest experiment of the real clinic app through FEDn, as an experiment dict.
+
+    Two non-iid phantom clinics of 3 patients (size 32), a 2-level U-Net, 2 DP rounds of 2
+    local steps; clients single-threaded. ``client_env`` adds client environment variables.
+    """
+    return {
+        "name": name, "seed": 5,
+        "data": {"phantoms": {"preset": "non-iid", "clinics": 2,
+                              "options": {"patients": 3, "size": 32}}},
+        "model": {"levels": 2, "base_filters": 4, "groups": 2},
+        "clinic": {
+            "training": {"learning_rate": 0.003, "local_steps": 2, "batch_size": 2,
+                         "patch_size": [16, 16, 16]},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
+            "validation": {"patch_size": [16, 16, 16], "overlap": 0.0, "batch_size": 4},
+        },
+        "session": {"rounds": 2, "round_timeout": 300, "min_clients": 2},
+        "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+                            "TF_CPP_MIN_LOG_LEVEL": "2", **client_env}},
+    }
