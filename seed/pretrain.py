@@ -158,11 +158,11 @@ def pretrain_seed(spec: PretrainSpec, out: Path, work_dir: Path | None = None,
         weights, meta = app.train(initial, {})
         train_seconds = time.perf_counter() - tic
         say(f"trained {spec.steps} steps in {train_seconds:.0f} s, loss {meta['train_loss']:.3f}")
+        save_weights_npz(weights, out)  # before validation: the long part is never lost
         metrics = app.validate(weights)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    save_weights_npz(weights, out)
     dice = {k.removeprefix("val_dice_"): v for k, v in metrics.items()
             if k.startswith("val_dice_") and k != "val_dice_mean"}
     sidecar = {

@@ -173,7 +173,7 @@ class ClinicApp:
         t, p = settings.training, settings.privacy
         noise = noise_multiplier if p.enabled else None
         key = (t.learning_rate, t.optimizer, t.batch_size, p.l2_norm_clip, noise,
-               t.trainable, t.augmentations_per_patient)
+               t.trainable, t.augmentations_per_patient, p.dp_optimizer)
         if self._trainer is None or self._trainer_key != key:
             config = DPConfig(
                 l2_norm_clip=p.l2_norm_clip,
@@ -182,7 +182,12 @@ class ClinicApp:
                 learning_rate=t.learning_rate,
                 optimizer=t.optimizer,
             )
-            self._trainer = DPTrainer(
+            trainer_class: Any = DPTrainer
+            if p.enabled and p.dp_optimizer == "tf_privacy":
+                from fedseg_clinic.privacy.tfp_reference import TFPrivacyTrainer
+
+                trainer_class = TFPrivacyTrainer  # the reference implementation
+            self._trainer = trainer_class(
                 self.model, self._per_example_loss, config, seed=noise_seed,
                 variables=trainable_subset(self.model, t.trainable),
                 augmentations=t.augmentations_per_patient)
@@ -280,6 +285,7 @@ class ClinicApp:
             "trainable": t.trainable,
             "trained_parameters": count_parameters(trainer.variables),
             "augmentations_per_patient": t.augmentations_per_patient,
+            "dp_optimizer": p.dp_optimizer,
             "l2_norm_clip": p.l2_norm_clip,
             "batch_size": t.batch_size,
             "learning_rate": t.learning_rate,

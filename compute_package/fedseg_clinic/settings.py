@@ -101,6 +101,9 @@ class PrivacySettings:
             clinic's schedule (its N, batch size, local steps) end at <= target_epsilon.
             It also becomes the epsilon budget unless one is set.
         planned_rounds: the number of rounds target_epsilon must cover; required with it.
+        dp_optimizer: "fedseg" (the fast per-example loop, default) or "tf_privacy"
+            (TF Privacy's stock DPKeras{SGD,Adam}Optimizer, to cross-check a result on
+            the reference implementation; slower, see privacy/tfp_reference.py).
     """
 
     enabled: bool = True
@@ -111,6 +114,7 @@ class PrivacySettings:
     secure_randomness: bool = True
     target_epsilon: float | None = None
     planned_rounds: int | None = None
+    dp_optimizer: str = "fedseg"
 
 
 @dataclasses.dataclass
@@ -243,6 +247,8 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
          t.augmentations_per_patient),
         (p.target_epsilon is None or (p.target_epsilon > 0 and math.isfinite(p.target_epsilon)),
          "target_epsilon must be a finite number > 0", p.target_epsilon),
+        (p.dp_optimizer in ("fedseg", "tf_privacy"),
+         "dp_optimizer must be fedseg or tf_privacy", p.dp_optimizer),
         (p.planned_rounds is None or p.planned_rounds >= 1, "planned_rounds must be >= 1",
          p.planned_rounds),
         (p.target_epsilon is None or p.planned_rounds is not None,
