@@ -217,3 +217,24 @@ def test_target_epsilon_plans_the_calibrated_noise_and_target_budget(
     _spend(clinics["clinic-1"], 1, run="before")
     decision = _decide(tmp_path, path, lines)
     assert "clinic-1" not in decision.clinics or decision.rounds < 3
+
+
+def test_plan_uses_the_noise_a_target_epsilon_calibrates(clinics: dict[str, Path]) -> None:
+    """With privacy.target_epsilon the plan spends what ClinicApp.train will: the
+    calibrated sigma, the target as budget; the planned rounds fit, one more does not."""
+    from fedseg_clinic.privacy.budget import plan_rounds, resolve_noise
+    from fedseg_clinic.settings import settings_from_mapping
+
+    settings = settings_from_mapping({
+        "data_dir": str(clinics["clinic-1"]), "client_name": "clinic-1",
+        "training": {"batch_size": BATCH, "local_steps": STEPS},
+        "privacy": {"target_epsilon": 3.0, "planned_rounds": 2},
+    }, "test")
+    n = len(training_patients(clinics["clinic-1"]))
+    sigma, budget_eps = resolve_noise(n, settings)
+    assert budget_eps == 3.0 and sigma > 0
+    exact = compute_epsilon(n, BATCH, 2 * STEPS, sigma, default_delta(n)).epsilon
+    assert 2.5 < exact <= 3.0
+    plan = plan_rounds(settings, [{}, {}, {}])
+    assert plan.affordable_rounds == 2 and "round 3" in plan.reason
+    assert plan.epsilon_after == pytest.approx(exact, rel=1e-3)

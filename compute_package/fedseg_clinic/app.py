@@ -41,7 +41,7 @@ from fedseg_clinic.model.unet import (
 from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
 from fedseg_clinic.privacy.accounting import compute_epsilon, default_delta
-from fedseg_clinic.privacy.calibration import resolve_noise
+from fedseg_clinic.privacy.budget import resolve_noise
 from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.privacy.ledger import (
     LedgerSegment,
@@ -54,6 +54,8 @@ from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_ov
 from fedseg_clinic.tf_env import tf
 
 logger = logging.getLogger(__name__)
+
+
 
 class ClinicApp:
     """A clinic's train / validate / predict on its local cases.

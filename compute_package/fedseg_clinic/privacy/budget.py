@@ -23,8 +23,11 @@ from typing import Any
 
 from fedseg_clinic.cases import read_case_meta, read_manifest
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.privacy.accounting import compute_epsilon_history, default_delta
-from fedseg_clinic.privacy.calibration import resolve_noise
+from fedseg_clinic.privacy.accounting import (
+    calibrate_noise,
+    compute_epsilon_history,
+    default_delta,
+)
 from fedseg_clinic.privacy.ledger import (
     LedgerSegment,
     PrivacyLedger,
@@ -73,6 +76,34 @@ class BudgetPlan:
             if not math.isfinite(data[key]):
                 data[key] = str(data[key])
         return data
+
+
+_CALIBRATED: dict[tuple[int, int, int, float, float], float] = {}
+
+
+def resolve_noise(n_patients: int, settings: ClinicSettings) -> tuple[float, float | None]:
+    """The noise multiplier and epsilon budget a clinic trains with.
+
+    With ``privacy.target_epsilon`` the noise is calibrated (dp_accounting, tighter of
+    RDP and PLD) so that ``planned_rounds`` rounds of this clinic's schedule end at or
+    below the target, and the target becomes the budget unless a smaller one is set; the
+    ledger then enforces it. Otherwise ``noise_multiplier`` and ``epsilon_budget`` as set.
+    Neither frozen weights nor K patches per patient change the analysis: one patient
+    still contributes one clipped gradient per step.
+    """
+    t, p = settings.training, settings.privacy
+    if p.target_epsilon is None:
+        return p.noise_multiplier, p.epsilon_budget
+    if p.planned_rounds is None:
+        raise FedsegError("privacy.target_epsilon needs privacy.planned_rounds")
+    delta = p.delta if p.delta is not None else default_delta(n_patients)
+    key = (n_patients, t.batch_size, p.planned_rounds * t.local_steps, p.target_epsilon, delta)
+    if key not in _CALIBRATED:  # a few seconds of PLD work: once per schedule
+        _CALIBRATED[key] = calibrate_noise(n_patients, t.batch_size, key[2],
+                                           p.target_epsilon, delta)
+    budget = p.target_epsilon if p.epsilon_budget is None else min(p.epsilon_budget,
+                                                                   p.target_epsilon)
+    return _CALIBRATED[key], budget
 
 
 def training_patients(data_dir: Path) -> list[str]:
@@ -133,7 +164,9 @@ def plan_rounds(settings: ClinicSettings, round_settings: Sequence[Mapping[str, 
         if t.batch_size > n:
             raise FedsegError(f"{settings.client_name}: batch_size {t.batch_size} is larger "
                               f"than the {n} training patients of {settings.data_dir}")
-        sigma, budget = resolve_noise(n, s)  # target_epsilon: calibrated, and the budget
+        # The same noise and budget the clinic's training will use (target_epsilon
+        # calibrates them), so the plan predicts what ClinicApp.train reserves.
+        sigma, budget = resolve_noise(n, s)
         segment = LedgerSegment.for_schedule(f"planned-{k}", n, t.batch_size, t.local_steps,
                                              sigma, rp.l2_norm_clip)
         trial = [*history, segment.privacy_segment()]
