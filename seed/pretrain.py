@@ -53,6 +53,8 @@ class PretrainSpec:
         patch_size: training patch (z, y, x).
         learning_rate: Adam step size.
         init_seed: seed of the random initialisation the pretraining starts from.
+        init_weights: start from this pretrained seed instead (its sidecar is kept in
+            the new one's ``continued_from``), e.g. to extend a seed to more scanners.
     """
 
     model: dict[str, Any]
@@ -66,11 +68,13 @@ class PretrainSpec:
     patch_size: tuple[int, int, int] = (32, 32, 32)
     learning_rate: float = 0.01
     init_seed: int = 0
+    init_weights: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for the sidecar."""
         data = dataclasses.asdict(self)
         data["cases_dir"] = str(self.cases_dir) if self.cases_dir else None
+        data["init_weights"] = str(self.init_weights) if self.init_weights else None
         data["patch_size"] = list(self.patch_size)
         return data
 
@@ -100,12 +104,38 @@ def _public_cases(spec: PretrainSpec, work: Path) -> tuple[Path, dict[str, Any]]
         return folder, {"kind": "cases", "path": str(folder)}
     from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
 
-    bench = preset_spec(spec.phantom_preset, clinics=1, patients=spec.patients,
-                        size=spec.size, seed=spec.phantom_seed)
+    description = {"kind": "phantoms", "preset": spec.phantom_preset,
+                   "seed": spec.phantom_seed, "patients": spec.patients, "size": spec.size}
+    if spec.phantom_preset != "non-iid":
+        bench = preset_spec(spec.phantom_preset, clinics=1, patients=spec.patients,
+                            size=spec.size, seed=spec.phantom_seed)
+        generate_benchmark(bench, work / "public", overwrite=True)
+        return work / "public" / "clinic-1", description
+    # non-iid: three scanner archetypes (other patients than any clinic's, by the seed),
+    # pooled into one public folder, train and validation splits kept.
+    import dataclasses as dc
+    import os
+
+    from fedseg_clinic.cases import Manifest, read_manifest, write_manifest
+
+    bench = preset_spec("non-iid", clinics=3, patients=max(1, spec.patients // 3),
+                        size=spec.size, seed=spec.phantom_seed, quantity_skew=100.0)
     generate_benchmark(bench, work / "public", overwrite=True)
-    return work / "public" / "clinic-1", {
-        "kind": "phantoms", "preset": spec.phantom_preset, "seed": spec.phantom_seed,
-        "patients": spec.patients, "size": spec.size}
+    pooled = work / "public-pooled"
+    shutil.rmtree(pooled, ignore_errors=True)
+    pooled.mkdir(parents=True)
+    entries = []
+    for clinic in sorted(p.name for p in (work / "public").iterdir() if p.is_dir()):
+        folder = work / "public" / clinic
+        if not (folder / "manifest.json").is_file():
+            continue
+        for entry in read_manifest(folder).cases:
+            name = f"{clinic}--{entry.case_id}"
+            os.symlink((folder / entry.case_id).resolve(), pooled / name,
+                       target_is_directory=True)
+            entries.append(dc.replace(entry, case_id=name))
+    write_manifest(Manifest(clinic="public", cases=entries), pooled)
+    return pooled, description
 
 
 def pretrain_seed(spec: PretrainSpec, out: Path, work_dir: Path | None = None,
@@ -154,6 +184,12 @@ def pretrain_seed(spec: PretrainSpec, out: Path, work_dir: Path | None = None,
             raise FedsegError(f"pretraining batch_size {spec.batch_size} exceeds the "
                               f"{len(app.train_cases)} public training patients")
         initial = [w.copy() for w in app.model.get_weights()]
+        continued_from = None
+        if spec.init_weights is not None:
+            from fedseg_clinic.model.weights import load_weights_npz
+
+            continued_from = read_seed_info(spec.init_weights, dict(spec.model))
+            initial = load_weights_npz(spec.init_weights)
         tic = time.perf_counter()
         weights, meta = app.train(initial, {})
         train_seconds = time.perf_counter() - tic
@@ -180,6 +216,7 @@ def pretrain_seed(spec: PretrainSpec, out: Path, work_dir: Path | None = None,
         "dice_mean": metrics["val_dice_mean"],
         "dice": dice,
         "weights_sha256": file_sha256(out),
+        "continued_from": continued_from,
     }
     atomic_write_json(sidecar_path(out), sidecar, indent=2)
     say(f"seed Dice {metrics['val_dice_mean']:.3f} on {sidecar['n_val']} public val cases "

@@ -103,3 +103,16 @@ def test_shipped_demo_seed_matches_its_recipe() -> None:
     assert DEMO_SEED.stat().st_size < 2_000_000
     assert info["dice_mean"] > 0.6  # measured 0.695 (docs/findings.md)
     assert all(np.isfinite(w).all() for w in load_weights_npz(DEMO_SEED))
+
+
+@pytest.mark.slow
+def test_continue_a_seed_on_pooled_non_iid_public_phantoms(tiny_seed: tuple[Path, dict],
+                                                           tmp_path: Path) -> None:
+    first, first_side = tiny_seed
+    spec = PretrainSpec(model=MODEL, phantom_preset="non-iid", patients=9, size=24, steps=2,
+                        batch_size=2, patch_size=(16, 16, 16), phantom_seed=98,
+                        init_weights=first)
+    side = pretrain_seed(spec, tmp_path / "second.npz")
+    assert side["continued_from"]["weights_sha256"] == first_side["weights_sha256"]
+    assert side["public_data"]["preset"] == "non-iid"
+    assert side["n_train"] + side["n_val"] == 9  # three scanner types pooled

@@ -36,6 +36,10 @@ def seed_group() -> None:
               help='UNetConfig as JSON, e.g. \'{"levels": 3, "base_filters": 8}\'.')
 @click.option("--cases", "cases_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Public cases folder (train/val) instead of phantoms.")
+@click.option("--preset", "phantom_preset", type=click.Choice(["iid", "non-iid"]),
+              default=None, help="Public phantom preset (non-iid: 3 scanner types pooled).")
+@click.option("--init", "init_weights", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Continue from this pretrained seed (with its sidecar).")
 @click.option("--phantom-seed", type=int, default=None,
               help="Seed of the public phantoms (keep it apart from the clinics').")
 @click.option("--patients", type=int, default=None, help="Public phantom patients.")
@@ -47,6 +51,7 @@ def seed_group() -> None:
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the generated public phantoms here (default: temporary).")
 def pretrain(out: Path, demo: bool, model_json: str | None, cases_dir: Path | None,
+             phantom_preset: str | None, init_weights: Path | None,
              phantom_seed: int | None, patients: int | None, size: int | None,
              steps: int | None, batch_size: int | None, patch: int | None,
              learning_rate: float | None, work_dir: Path | None) -> None:
@@ -59,6 +64,7 @@ def pretrain(out: Path, demo: bool, model_json: str | None, cases_dir: Path | No
     base = DEMO_PRETRAIN if demo else PretrainSpec(model=model or {})
     changes = {k: v for k, v in {
         "model": model, "cases_dir": cases_dir, "phantom_seed": phantom_seed,
+        "phantom_preset": phantom_preset, "init_weights": init_weights,
         "patients": patients, "size": size, "steps": steps, "batch_size": batch_size,
         "patch_size": (patch, patch, patch) if patch else None,
         "learning_rate": learning_rate}.items() if v is not None}
