@@ -196,6 +196,12 @@ def _groups(data: dict[str, Any]) -> str:
 def _run_section(entry: dict[str, Any], info: dict[str, Any], figures: list[FigureFile]) -> str:
     parts = [f"<h2>{html.escape(entry['name'])} <span class='note'>({html.escape(entry['kind'])},"
              f" {html.escape(entry['run_dir'])})</span></h2>"]
+    if entry.get("aggregation") == "secure":
+        failed = (info.get("secure_aggregation") or {}).get("failed_rounds") or []
+        parts.append("<p>Secure aggregation: the server saw only masked updates and their sum"
+                     " (docs/secure-aggregation.md); FEDn round 1 exchanged keys only"
+                     + (f"; rounds failed: {html.escape(', '.join(map(str, failed)))}"
+                        if failed else "") + ".</p>")
     parts.append(f"<p>seed {html.escape(_fmt(entry['seed']))}; rounds "
                  f"{entry['first_round']}..{entry['last_round']}; final round "
                  f"{html.escape(_fmt(entry['final_round']))}; clients "

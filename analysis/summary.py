@@ -381,6 +381,8 @@ def summarize_run(run: RunLog, target: float | None = None) -> dict[str, Any]:
         "name": run.name,
         "run_dir": str(run.run_dir),
         "kind": run.kind,
+        # Secure aggregation (docs/secure-aggregation.md); runs before it existed: plain.
+        "aggregation": str(run.info.get("aggregation", "plain")),
         "seed": run.info.get("seed"),
         "clients": list(run.clients),
         "first_round": int(rounds[0]),

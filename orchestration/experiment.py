@@ -91,6 +91,8 @@ class SessionSpec:
     round_timeout: int = 600
     min_clients: int = 1
     validate: bool = True
+    # Pairwise-masked aggregation (docs/secure-aggregation.md): the server sees the sum.
+    secure_aggregation: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +233,17 @@ def _session(check: _Checker, value: Any) -> SessionSpec:
         min_clients=check.integer(s.get("min_clients", default.min_clients),
                                   "session.min_clients", 1),
         validate=check.boolean(s.get("validate", default.validate), "session.validate"),
+        secure_aggregation=_secure_aggregation(check, s, aggregator),
     )
+
+
+def _secure_aggregation(check: _Checker, s: dict[str, Any], aggregator: str) -> bool:
+    on = check.boolean(s.get("secure_aggregation", False), "session.secure_aggregation")
+    if on and aggregator != "fedavg":
+        # The server unmasks a weighted sum: that is FedAvg; FedOpt would need the sum
+        # handed to a server optimiser, which is not built.
+        raise check.fail("session.secure_aggregation", f"works with fedavg only, not {aggregator}")
+    return on
 
 
 def _clients(check: _Checker, value: Any) -> ClientsSpec:
@@ -336,6 +348,14 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     if seed_weights is not None and "seed_builder" in top:
         raise check.fail("seed_weights", "give seed_weights or seed_builder, not both")
     clients = _clients(check, top.get("clients"))
+    if session.secure_aggregation and clients.route != "callback":
+        # Round keys live in the client process between rounds; the package route starts
+        # a fresh process per call.
+        raise check.fail("session.secure_aggregation", "needs clients.route: callback")
+    if session.secure_aggregation and n_clinics < 3:
+        raise check.fail("session.secure_aggregation",
+                         f"needs at least 3 clinics (the sum of 2 reveals each to the other), "
+                         f"got {n_clinics}")
     ledgers = check.choice(top.get("ledgers", "run" if data.phantoms is not None else "data"),
                            "ledgers", LEDGER_SCOPES)
     model = dict(check.mapping(top.get("model"), "model"))

@@ -60,6 +60,8 @@ BUDGET_LIMITED = "budget-limited"
 # 120 s: on a loaded 2-core machine the demo's validation took ~85 s per clinic, and with
 # 30 s the last round was reported (and summarised) with one clinic's Dice of three.
 VALIDATION_GRACE_S = 120.0
+# The server's per-round secure-aggregation outcomes (orchestration/secure_aggregation.py).
+SECAGG_JOURNAL = "secagg.jsonl"
 
 
 @dataclasses.dataclass
@@ -195,8 +197,8 @@ def network_config(exp: Experiment, run_dir: Path) -> Any:
 
     data = dict(exp.network)
     data.setdefault("root", str(run_dir / "network"))
-    if exp.client_settings:
-        data["hooks"] = True
+    if exp.client_settings or exp.session.secure_aggregation:
+        data["hooks"] = True  # settings and secure aggregation run in ServerFunctions
     source = f"{exp.source or exp.name}: network"
     return NetworkConfig.from_dict(data, source=source, base=run_dir)
 
@@ -281,6 +283,15 @@ class RoundReporter:
             parts.append(text)
         parts.append(f"{format_metric(info.seconds, 1)} s")
         return "  ".join(parts)
+
+
+def secagg_summary(journal: Path) -> dict[str, Any]:
+    """run.json's record of a secure session: each FEDn round's outcome, failures named."""
+    from fedseg.orchestration.secure_aggregation import read_journal
+
+    rounds = read_journal(journal)
+    return {"journal": journal.name, "rounds": rounds,
+            "failed_rounds": [r["fedn_round"] for r in rounds if r.get("status") == "failed"]}
 
 
 def format_metric(value: float | None, digits: int = 2) -> str:
@@ -383,9 +394,11 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             state = step("network_up", lambda: network_mod.network_up(config))
         else:
             state = network_mod.load_network_state(network_root)
-            if exp.client_settings and not state.hooks_host:
-                raise FedsegError(f"{network_root}: the experiment sets client_settings but "
-                                  "this network has no hooks service (network up with hooks)")
+            if (exp.client_settings or exp.session.secure_aggregation) \
+                    and not state.hooks_host:
+                raise FedsegError(f"{network_root}: the experiment sets client_settings or "
+                                  "secure_aggregation but this network has no hooks service "
+                                  "(network up with hooks)")
         info["network"] = {"root": str(state.root), "api_url": state.api_url,
                            "owned": network_root is None}
         api = state.api_client()
@@ -396,6 +409,9 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         specs = [clients_mod.ClientSpec(
             name=n, data_dir=data_dirs[n], settings_file=settings_files[n],
             env={**exp.clients.env, **budget.client_privacy_env(exp, run_dir, n),
+                 # A secure session's clinics never send a plain update, whatever happens.
+                 **({"FEDSEG_REQUIRE_SECURE_AGGREGATION": "1"}
+                    if exp.session.secure_aggregation else {}),
                  **(client_env or {}).get(n, {})})
             for n in names]
         say(f"clients up ({exp.clients.route} route): {', '.join(names)}")
@@ -423,8 +439,10 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         # or the just-stopped clients of the previous run (active for 10 s more).
         session_id = session.start_session(
             api, exp.session, seed_id, exp.name, settings_by_round, n_clients=len(names),
-            client_ids=[h.client_id for h in handles])
+            client_ids=[h.client_id for h in handles],
+            secagg_journal=run_dir / SECAGG_JOURNAL if exp.session.secure_aggregation else None)
         info["session_id"] = session_id
+        info["aggregation"] = "secure" if exp.session.secure_aggregation else "plain"
         info["status"] = "running"
         write_run_info(run_dir, info)
         say(f"session {session_id}: {exp.session.rounds} rounds, {exp.session.aggregator}")
@@ -461,6 +479,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             _cleanup(reporter, info, run_dir, clients_started, own_network_root)
         finally:
             timings["total_seconds"] = round(time.monotonic() - t_start, 3)
+            if exp.session.secure_aggregation:
+                info["secure_aggregation"] = secagg_summary(run_dir / SECAGG_JOURNAL)
             info["finished_at"] = utc_now_iso()
             write_run_info(run_dir, info)
             _restore_sigint(previous)

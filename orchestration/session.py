@@ -120,7 +120,8 @@ def server_functions_source(settings_by_round: list[dict[str, Any]], nonce: str)
 def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: str,
                   settings_by_round: list[dict[str, Any]] | None = None,
                   n_clients: int | None = None, available_wait_s: float = 30.0,
-                  client_ids: list[str] | None = None) -> str:
+                  client_ids: list[str] | None = None,
+                  secagg_journal: Path | None = None) -> str:
     """Create and start a session; returns its id.
 
     Args:
@@ -133,11 +134,23 @@ def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: 
         available_wait_s: How long to retry while the combiner reports fewer connected
             clients than ``spec.min_clients``.
         client_ids: Only these clients train (this run's own), or None for any.
+        secagg_journal: With ``spec.secure_aggregation``: the file the server appends
+            each round's secure-aggregation outcome to.
     """
+    if spec.secure_aggregation and not settings_by_round:
+        raise FedsegError("session.secure_aggregation needs the hooks service "
+                          "(network up with hooks)")
     deadline = time.monotonic() + available_wait_s
     while True:
         nonce = uuid.uuid4().hex[:8]
-        source = server_functions_source(settings_by_round, nonce) if settings_by_round else None
+        if spec.secure_aggregation:
+            from fedseg.orchestration import secure_aggregation
+
+            source = secure_aggregation.server_functions_source(settings_by_round, nonce,
+                                                                secagg_journal)
+        else:
+            source = (server_functions_source(settings_by_round, nonce)
+                      if settings_by_round else None)
         try:
             session_id = fedn_compat.start_session(
                 api_client, spec.rounds, model_id=seed_model_id, name=f"{name}-{nonce}",

@@ -26,6 +26,11 @@ UPSTREAM_TESTS_ELSEWHERE = {
     2: "test_fedn_compat.py::test_sql_coercion_fixes_fedn_store_writes",
     10: "test_fedn_compat.py::test_two_combiners_reporting_at_once_keep_both_reports",
     13: "test_fedn_compat.py::test_skip_unavailable_combiners_defines_the_method_fedn_calls",
+    14: "test_fedn_compat.py::test_bugs14_17_graphql_metrics_list_and_bare_bearer",
+    15: "test_fedn_compat.py::test_bug15_grpc_token_only_sent_on_tls",
+    16: "test_fedn_compat.py::test_bug16_health_probe_user_agent_skips_fedn_grpc_auth",
+    17: "test_fedn_compat.py::test_bugs14_17_graphql_metrics_list_and_bare_bearer",
+    18: "test_fedn_compat.py::test_bug18_controller_methods_open_without_a_token",
 }
 
 

@@ -443,6 +443,12 @@ forged = jwt.encode({"role": "admin", "iat": now}, "x" * 64, "HS256")
 client_role = jwt.encode({"role": "client", "iat": now}, secret, "HS256")
 admin = jwt.encode({"role": "admin", "iat": now, "exp": now + 60}, secret, "HS256")
 out = {"upstream_open": fedn_compat.unprotected_endpoints(app), "before": probe({})}
+bare = {"Authorization": "Bearer"}
+out["bare_before"] = client.post("/api/v1/clients/add", json={}, headers=bare).status_code
+fedn_compat.refuse_empty_bearer(app)
+fedn_compat.refuse_empty_bearer(app)  # idempotent
+out["bare_after"] = client.post("/api/v1/clients/add", json={}, headers=bare).status_code
+out["hooks"] = len(app.before_request_funcs.get(None, []))
 out["guarded"] = fedn_compat.require_token_everywhere(app)
 out["after_open"] = fedn_compat.unprotected_endpoints(app)
 for name, token in (("none", None), ("expired", expired), ("forged", forged),
@@ -452,7 +458,7 @@ print(json.dumps(out))
 """
 
 
-def test_bug14_graphql_and_metrics_list_need_a_token(tmp_path: Path) -> None:
+def test_bugs14_17_graphql_metrics_list_and_bare_bearer(tmp_path: Path) -> None:
     """Upstream: both routes answer without a token; the fix refuses missing, expired,
     forged and client-role tokens there (401) and lets an admin token through."""
     import json
@@ -478,6 +484,8 @@ def test_bug14_graphql_and_metrics_list_need_a_token(tmp_path: Path) -> None:
         assert out[refused]["health"] == 200
     assert out["admin"]["graphql"] == 200
     assert out["admin"]["metrics_list"] != 401  # reaches the route (no store here: 500)
+    # Bug 17: "Bearer" without a token crashed fedn's decorator (500); now 401.
+    assert out["bare_before"] == 500 and out["bare_after"] == 401 and out["hooks"] == 1
 
 
 # --- bugs 15 and 16: gRPC tokens ----------------------------------------------------------
@@ -490,26 +498,34 @@ def _jwt(secret: str, role: str, lifetime_s: int = 60) -> str:
 
 
 def _grpc_server_with_fedn_auth() -> tuple[object, int]:
-    """A real gRPC server with fedn's JWTInterceptor and one fedn method (bytes in/out)."""
+    """A real gRPC server with fedn's JWTInterceptor and two fedn methods (bytes in/out)."""
     from concurrent import futures
 
     from fedn.network.grpc.auth import JWTInterceptor
 
-    handler = grpc.method_handlers_generic_handler("fedn.Connector", {
-        "SendHeartbeat": grpc.unary_unary_rpc_method_handler(lambda request, _ctx: b"ok")})
+    echo = grpc.unary_unary_rpc_method_handler(lambda request, _ctx: b"ok")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
                          interceptors=[JWTInterceptor()])
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler("fedn.Connector", {"SendHeartbeat": echo}),
+        grpc.method_handlers_generic_handler("fedn.Control", {"Start": echo})))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
 
 
-def _call(port: int, metadata: list[tuple[str, str]], user_agent: str | None = None) -> str:
-    """Call /fedn.Connector/SendHeartbeat; "OK" or the status code's name."""
+def _call(port: int, metadata: list[tuple[str, str]], user_agent: str | None = None,
+          method: str = "/fedn.Connector/SendHeartbeat", channel: object = None) -> str:
+    """Call a method; "OK" or the status code's name."""
     options = [("grpc.primary_user_agent", user_agent)] if user_agent else []
+    if channel is not None:
+        try:
+            channel.unary_unary(method)(b"x", metadata=metadata, timeout=10)  # type: ignore
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return "OK"
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-        call = channel.unary_unary("/fedn.Connector/SendHeartbeat")
+        call = channel.unary_unary(method)
         try:
             call(b"x", metadata=metadata, timeout=10)
         except grpc.RpcError as exc:
@@ -573,5 +589,39 @@ def test_bug15_grpc_token_only_sent_on_tls(monkeypatch: pytest.MonkeyPatch) -> N
         assert [v for k, v in fixed.metadata if k == "authorization"] == [f"Bearer {token}"]
         assert _call(port, fixed.metadata) == "OK"
         fixed.channel.close()
+    finally:
+        server.stop(0)
+
+
+def test_bug18_controller_methods_open_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upstream: Control/Start (and the other controller methods) need no token at a
+    combiner that checks tokens; closed, they need the API server's controller token,
+    which the patched fedn Channel sends on every call."""
+    import secrets as secrets_module
+
+    from fedn.network.combiner import interfaces
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    secret = secrets_module.token_hex(32)
+    start = "/fedn.Control/Start"
+    monkeypatch.setattr(fedn_grpc_auth, "SECRET_KEY", secret)
+    monkeypatch.setattr(fedn_grpc_auth, "ENDPOINT_WHITELIST",
+                        list(fedn_grpc_auth.ENDPOINT_WHITELIST))
+    monkeypatch.setattr(interfaces.Channel, "__init__", interfaces.Channel.__init__)
+    server, port = _grpc_server_with_fedn_auth()
+    try:
+        assert _call(port, [], method=start) == "OK"  # the upstream bug
+        removed = fedn_compat.close_controller_whitelist()
+        assert sorted(removed) == sorted(fedn_compat.CONTROLLER_METHODS)
+        assert _call(port, [], method=start) == "UNAUTHENTICATED"
+        bearer = lambda token: [("authorization", f"Bearer {token}")]  # noqa: E731
+        assert _call(port, bearer(_jwt(secret, "client")), method=start) == "PERMISSION_DENIED"
+        assert _call(port, bearer(_jwt(secret, "controller", -10)),
+                     method=start) == "UNAUTHENTICATED"
+        unsigned = interfaces.Channel("127.0.0.1", port).get_channel()
+        assert _call(port, [], method=start, channel=unsigned) == "UNAUTHENTICATED"
+        fedn_compat.sign_controller_calls()
+        signed = interfaces.Channel("127.0.0.1", port).get_channel()
+        assert _call(port, [], method=start, channel=signed) == "OK"
     finally:
         server.stop(0)

@@ -520,3 +520,29 @@ def test_cli_import_writes_owner_only(shared_data: Path, tmp_path: Path) -> None
     assert len(modes) == 7  # folder, salt, manifest, one case folder with 3 files
     for name, mode in modes.items():
         assert mode == (0o700 if (out / name).is_dir() else 0o600), (name, oct(mode))
+
+
+@pytest.mark.parametrize("source", ["nrrd-origin-nan", "seg-spacing-inf"])
+def test_cli_non_finite_label_geometry_refused(shared_data: Path, tmp_path: Path,
+                                               source: str) -> None:
+    src = _copy_ct3(shared_data, tmp_path / "src")
+    if source == "nrrd-origin-nan":
+        import nrrd
+
+        data, header = nrrd.read(str(shared_data / SEGS / "heart_seg.nrrd"))
+        header["space origin"] = np.array([np.nan, -226.8, -128.69])
+        nrrd.write(str(src / "heart_seg.nrrd"), data, header)
+        expected = "heart_seg.nrrd: non-finite value in the voxel-to-patient matrix"
+    else:
+        ds = pydicom.dcmread(shared_data / SEGS / "liver.dcm")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns when writing 'inf' into a DS
+            ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [
+                "inf", "0.810547"]
+        ds.save_as(src / "seg.dcm")
+        expected = "seg.dcm: frame 1: PixelSpacing [inf, 0.810547]"
+    code, stdout, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"))
+    assert code == 1 and "Traceback" not in stderr and "Warning" not in stderr
+    assert any(line.startswith("error:") and expected in line
+               for line in stderr.splitlines()), stderr
+    assert "imported 0 case(s)" in stdout

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import psutil
 import pytest
@@ -28,6 +29,7 @@ from fedseg.cli import cli
 from fedseg.orchestration.fedn import compat as fedn_compat
 from fedseg.orchestration.network import (
     CombinerSpec,
+    CombinerState,
     NetworkConfig,
     NetworkState,
     combiner_model_dir,
@@ -38,6 +40,7 @@ from fedseg.orchestration.network import (
     ports,
     stores,
 )
+from fedseg.orchestration.network import auth as auth_mod
 from fedseg.orchestration.network.ports import free_port, free_ports
 from fedseg.orchestration.network.stores import find_postgres_bindir
 from fedseg_clinic.errors import FedsegError
@@ -388,6 +391,170 @@ def test_two_combiners_with_auth_and_hooks_run_two_rounds(auth_net: NetworkState
     # The hooks service sent step 3 to every client in both rounds.
     weights = final_weights(auth_net, session_id, tmp_path)
     np.testing.assert_allclose(weights[1], seed_weights()[1] + 6.0)
+
+
+# --- closed by default: every route class refuses missing, wrong and expired tokens -----
+
+def _tokens(state: NetworkState, role: str) -> dict[str, str | None]:
+    """none / forged (other secret) / expired (right secret) / valid tokens for ``role``."""
+    secret = (state.root / "jwt-secret").read_text().strip()
+    return {"none": None,
+            "forged": auth_mod.mint_token(auth_mod.new_secret(), role, "mallory", 600),
+            "expired": auth_mod.mint_token(secret, role, "late", lifetime_s=-30),
+            "valid": state.fresh_token(role, "tester")}
+
+
+def _rest_status(state: NetworkState, method: str, path: str, token: str | None,
+                 body: dict | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    answer = requests.request(method, f"{state.api_url}{path}", json=body, headers=headers,
+                              timeout=10)
+    return answer.status_code
+
+
+def _grpc_status(combiner: CombinerState, token: str | None,
+                 user_agent: str | None = None) -> str:
+    import fedn.network.grpc.fedn_pb2 as fedn_pb2
+    import fedn.network.grpc.fedn_pb2_grpc as fedn_rpc
+
+    options = [("grpc.primary_user_agent", user_agent)] if user_agent else []
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(f"{combiner.host}:{combiner.port}", options=options) as channel:
+        beat = fedn_pb2.Heartbeat(sender=fedn_pb2.Client(name="probe", role=fedn_pb2.CLIENT,
+                                                         client_id="probe"))
+        try:
+            fedn_rpc.ConnectorStub(channel).SendHeartbeat(beat, metadata=metadata, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
+
+
+def _grpc_control_status(combiner: CombinerState, token: str | None) -> str:
+    import fedn.network.grpc.fedn_pb2 as fedn_pb2
+    import fedn.network.grpc.fedn_pb2_grpc as fedn_rpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(f"{combiner.host}:{combiner.port}") as channel:
+        try:
+            fedn_rpc.ControlStub(channel).Stop(fedn_pb2.ControlRequest(), metadata=metadata,
+                                               timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
+
+
+def test_network_is_closed_by_default(tmp_path: Path) -> None:
+    config = NetworkConfig.default(tmp_path / "net")
+    assert config.auth and config.token_lifetime_s == 24 * 3600
+    with pytest.raises(FedsegError, match="token_lifetime_s 5 must be between"):
+        NetworkConfig.from_dict({"token_lifetime_s": 5}, "net.yaml", tmp_path)
+
+
+@net
+def test_every_route_class_refuses_missing_wrong_and_expired_tokens(
+        auth_net: NetworkState) -> None:
+    admin, client = _tokens(auth_net, "admin"), _tokens(auth_net, "client")
+    routes = [  # (route class, method, path, body, token role)
+        ("rest admin", "GET", "api/v1/sessions/", None, admin),
+        ("graphql", "POST", "api/v1/graphql", {"query": "{ sessions { session_id } }"}, admin),
+        ("metrics list", "POST", "api/v1/metrics/list", {}, admin),
+        ("models", "GET", "api/v1/models/", None, admin),
+        ("client add", "POST", "api/v1/clients/add", {"name": "x", "client_id": "x"}, client),
+        ("package checksum", "GET", "api/v1/packages/checksum", None, client),
+    ]
+    for route, method, path, body, tokens in routes:
+        for kind in ("none", "forged", "expired"):
+            code = _rest_status(auth_net, method, path, tokens[kind], body)
+            assert code == 401, (route, kind, code)
+        code = _rest_status(auth_net, method, path, tokens["valid"], body)
+        assert code != 401, (route, "valid", code)
+    assert _rest_status(auth_net, "GET", "health", None) == 200  # readiness probe only
+    for combiner in auth_net.combiners:
+        for kind in ("none", "forged", "expired"):
+            assert _grpc_status(combiner, client[kind]) == "UNAUTHENTICATED", kind
+        assert _grpc_status(combiner, None, user_agent="grpc_health_probe") == "UNAUTHENTICATED"
+        assert _grpc_status(combiner, admin["valid"]) == "PERMISSION_DENIED"
+        assert _grpc_status(combiner, client["valid"]) == "OK"
+        # The Control service (start/stop rounds): the API server's controller token only.
+        for kind in ("none", "forged", "expired", "valid"):
+            code = _grpc_control_status(combiner, client[kind])
+            assert code in ("UNAUTHENTICATED", "PERMISSION_DENIED"), (kind, code)
+
+
+@net
+def test_no_token_or_secret_in_any_command_line(auth_net: NetworkState, tmp_path: Path) -> None:
+    token = auth_net.fresh_token("client", "ps-check")
+    assert token is not None
+    upload_package_and_seed(auth_net, tmp_path / "work")
+    procs = start_clients(auth_net, ["ps1"], tmp_path, token)
+    try:
+        wait_for_clients(auth_net, 1)  # it registered and streams tasks: token accepted
+        secret = (auth_net.root / "jwt-secret").read_text().strip()
+        leaked = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            for name, value in (("token", token), ("client token", auth_net.client_token),
+                                ("admin token", auth_net.admin_token), ("secret", secret)):
+                if value and value in line:
+                    leaked.append((proc.info["pid"], name))
+        assert leaked == []
+        # The client did get its token: its config file, owner-only.
+        config = tmp_path / "ps1" / "fedn-client.yaml"
+        assert token in config.read_text() and config.stat().st_mode & 0o777 == 0o600
+    finally:
+        stop_clients(procs)
+    for name in ("network.json", "jwt-secret", "fedn-settings.yaml", "network-config.yaml"):
+        assert (auth_net.root / name).stat().st_mode & 0o777 == 0o600, name
+
+
+@net
+def test_s3_refuses_wrong_credentials(auth_net: NetworkState) -> None:
+    import boto3
+    import botocore.exceptions
+
+    cfg = auth_net.storage["storage_config"]
+
+    def list_with(access: str, secret: str) -> str:
+        s3 = boto3.client("s3", endpoint_url=cfg["storage_endpoint"], region_name="eu-west-1",
+                          aws_access_key_id=access, aws_secret_access_key=secret)
+        try:
+            s3.list_buckets()
+        except botocore.exceptions.ClientError as exc:
+            return str(exc.response["Error"]["Code"])
+        return "OK"
+
+    assert list_with(cfg["storage_access_key"], cfg["storage_secret_key"]) == "OK"
+    assert list_with("fedseg", "fedseg-moto-secret") == "InvalidAccessKeyId"  # old fixed key
+    assert list_with(cfg["storage_access_key"], "wrong") == "SignatureDoesNotMatch"
+    endpoint = cfg["storage_endpoint"]
+    assert requests.get(f"{endpoint}/fedn-models", timeout=5).status_code == 403  # anonymous
+    # moto's admin API would switch authentication off or dump every object.
+    assert requests.post(f"{endpoint}/moto-api/reset-auth", data=b"1000",
+                         timeout=5).status_code == 403
+    assert requests.get(f"{endpoint}/moto-api/data.json", timeout=5).status_code == 403
+    assert list_with("fedseg", "fedseg-moto-secret") == "InvalidAccessKeyId"
+
+
+@net
+def test_expired_state_tokens_are_renewed_on_load(auth_net: NetworkState) -> None:
+    import json
+
+    import jwt
+
+    path = auth_net.root / "network.json"
+    original = path.read_text()
+    expired = _tokens(auth_net, "admin")["expired"]
+    try:
+        path.write_text(json.dumps({**json.loads(original), "admin_token": expired}))
+        assert _rest_status(auth_net, "GET", "api/v1/models/", expired) == 401
+        loaded = load_network_state(auth_net.root)
+        claims = jwt.decode(loaded.admin_token, options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == int(auth_net.token_lifetime_s)
+        assert claims["exp"] > time.time() + 3600
+        assert _rest_status(auth_net, "GET", "api/v1/models/", loaded.admin_token) == 200
+    finally:
+        path.write_text(original)
+        os.chmod(path, 0o600)
 
 
 # --- managed PostgreSQL ----------------------------------------------------------------

@@ -28,6 +28,7 @@ from fedseg.orchestration.experiment import load_experiment
 from fedseg.orchestration.network.ports import free_port
 from fedseg.orchestration.runlog import GLOBAL, pivot, read_rounds, read_run_info
 from fedseg.orchestration.runner import run_experiment
+from fedseg_clinic.cases import FORMAT_VERSION
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,9 @@ def _toy_experiment(folder: Path, name: str, names: dict[str, dict[str, str]],
     folder.mkdir(parents=True, exist_ok=True)
     for client in names:
         (folder / client).mkdir(exist_ok=True)
-        (folder / client / "manifest.json").write_text("{}")
+        # An empty but valid clinic manifest: the runner checks every clinic's organ set.
+        (folder / client / "manifest.json").write_text(
+            json.dumps({"clinic": client, "cases": [], "format_version": FORMAT_VERSION}))
     pythonpath = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     doc: dict[str, Any] = {
         "name": name, "seed": 3,
@@ -95,8 +98,9 @@ def test_two_sessions_on_one_network_log_only_their_own_rounds(
 
     bystander = clients_mod.ClientSpec("bystander", tmp_path / "a" / "clinic-1",
                                        env={"PYTHONPATH": str(TESTS)})
-    clients_mod.clients_up(tmp_path / "other", [bystander],
-                           api_url=load_network_state(network_root).api_url, app=TOY_APP)
+    state = load_network_state(network_root)  # closed by default: it needs a token
+    clients_mod.clients_up(tmp_path / "other", [bystander], api_url=state.api_url,
+                           app=TOY_APP, token=state.client_token)
     try:
         second = run_experiment(load_experiment(_toy_experiment(tmp_path / "b", "second",
                                                                 names)),

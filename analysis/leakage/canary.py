@@ -151,41 +151,22 @@ def audit_bound(scores: np.ndarray, included: np.ndarray, delta: float, confiden
 
 @dataclasses.dataclass(frozen=True)
 class CanaryAuditConfig(VictimSettings):
-    """One audited training run.
+    """One audited training run (the victim's knobs: :class:`VictimSettings`).
 
     Attributes:
         n_canaries: m canary patients (each included with probability 1/2).
         n_patients: ordinary training patients (always included).
-        noise_multiplier: sigma; None = non-private baseline (no clip, no noise).
-        l2_norm_clip: per-patient clip norm.
-        batch_size: expected batch size B (Poisson q = B / N).
-        steps: DP-SGD steps.
-        learning_rate: the optimiser's learning rate.
-        delta: the run's delta.
         confidence: confidence of the lower bound.
-        patch: cubic patch side (one fixed patch per patient; 8 lets the tiny model
-            memorise canaries when it is not private).
-        levels, base_filters, groups: the U-Net (tiny by default; the demo's is levels
-            3, base 8, groups 4).
-        optimizer: "sgd" or "adam" (the demo trains with Adam, lr 0.01).
-        seed: everything random (phantoms, coin flips, sampling, noise, init).
+
+    The patch side 8 lets the tiny model memorise canaries when it is not private.
     """
 
     n_canaries: int = 32
     n_patients: int = 4
     noise_multiplier: float | None = 1.0
-    l2_norm_clip: float = 1.0
     batch_size: int = 8
     steps: int = 100
-    learning_rate: float = 1.0
-    delta: float = 1e-5
     confidence: float = 0.95
-    patch: int = 8
-    levels: int = 2
-    base_filters: int = 4
-    groups: int = 8
-    optimizer: str = "sgd"
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.n_canaries < 2:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -184,11 +185,28 @@ def check_weights(model: keras.Model, arrays: Sequence[Any]) -> None:
     """Check that get_weights()-ordered arrays fit the model's weights.
 
     Raises:
-        FedsegError: another number of arrays (a different architecture?).
+        FedsegError: another number of arrays or another shape (a different
+            architecture?).
     """
     if len(arrays) != len(model.weights):
         raise FedsegError(f"{len(arrays)} weight arrays, the U-Net {model.name} has "
                           f"{len(model.weights)} (different architecture?)")
+    for array, variable in zip(arrays, model.weights, strict=True):
+        if tuple(array.shape) != tuple(variable.shape):
+            raise FedsegError(f"weight {variable.name.split(':')[0]} has shape "
+                              f"{tuple(array.shape)}, the U-Net's is {tuple(variable.shape)} "
+                              "(different architecture?)")
+
+
+def architecture_of(config: UNetConfig, weights: Sequence[Any]) -> UNetConfig:
+    """``config`` with the base width the weights have (their first kernel's channels).
+
+    A stored update fixes the U-Net's widths; the levels (and so the number of weights)
+    and the group count still come from ``config``.
+    """
+    if not weights or len(np.shape(weights[0])) != 5:
+        return config
+    return dataclasses.replace(config, base_filters=int(np.shape(weights[0])[-1]))
 
 
 @contextlib.contextmanager
@@ -244,6 +262,20 @@ def soft_per_example_loss(soft_labels: tf.Tensor, probs: tf.Tensor) -> tf.Tensor
     return ce + tf.reduce_mean(1.0 - dice_c[:, 1:], axis=1)
 
 
+@functools.cache
+def client_adam_hyperparameters() -> tuple[float, float, float]:
+    """(beta_1, beta_2, epsilon) of the client's Adam (dp_sgd.make_optimizer).
+
+    Read once and cached: building a Keras optimizer creates variables, which a
+    tf.function tolerates on its first trace only (:func:`invert_update` reads them
+    before tracing).
+    """
+    adam = make_optimizer(DPConfig(l2_norm_clip=1.0, noise_multiplier=None,
+                                   expected_batch_size=1, learning_rate=1.0,
+                                   optimizer="adam"))
+    return float(adam.beta_1), float(adam.beta_2), float(adam.epsilon)
+
+
 def simulate_update(
     model: keras.Model,
     settings: ClientSettings,
@@ -258,8 +290,8 @@ def simulate_update(
     each per-example gradient is clipped and summed by the client's own TF Privacy query
     (:func:`fedseg_clinic.privacy.dp_sgd.sum_query`, without noise) and the optimiser
     step uses the client's optimiser's hyperparameters
-    (:func:`fedseg_clinic.privacy.dp_sgd.make_optimizer`), unrolled here because a Keras
-    optimiser assigns variables, which cuts the gradient.
+    (:func:`client_adam_hyperparameters`), unrolled here because a Keras optimiser
+    assigns variables, which cuts the gradient.
 
     Args:
         model: a Keras U-Net of the attacked architecture (built outside any
@@ -283,7 +315,6 @@ def simulate_update(
     dp = settings.dp_config(0.0)
     query = sum_query(dp)
     clip = query.derive_sample_params(query.initial_global_state())
-    optimizer = make_optimizer(dp)
     start = [tf.convert_to_tensor(w, tf.float32) for w in global_weights]
     current = list(start)
     m = [tf.zeros_like(w) for w in start]
@@ -313,13 +344,13 @@ def simulate_update(
             current = [w - settings.learning_rate * g for w, g in
                        zip(current, grads, strict=True)]
         else:
-            beta1, beta2 = float(optimizer.beta_1), float(optimizer.beta_2)
+            beta1, beta2, epsilon = client_adam_hyperparameters()
             t = step + 1
             m = [beta1 * mi + (1 - beta1) * g for mi, g in zip(m, grads, strict=True)]
             v = [beta2 * vi + (1 - beta2) * g * g for vi, g in zip(v, grads, strict=True)]
             lr_t = settings.learning_rate * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             # sqrt(v + tiny) keeps the second derivative finite where a gradient is 0.
-            current = [w - lr_t * mi / (tf.sqrt(vi + 1e-24) + optimizer.epsilon)
+            current = [w - lr_t * mi / (tf.sqrt(vi + 1e-24) + epsilon)
                        for w, mi, vi in zip(current, m, v, strict=True)]
     return [c - s for c, s in zip(current, start, strict=True)]
 
@@ -375,8 +406,10 @@ def invert_update(
     if config.residual or config.dropout > 0:
         raise FedsegError("the inversion attack supports U-Nets without residual "
                           "shortcuts and dropout only")
-    model = build_unet(config, seed=0)  # the architecture; runs at the simulated weights
+    # The architecture (widths as the weights have them); runs at the simulated weights.
+    model = build_unet(architecture_of(config, global_weights), seed=0)
     check_weights(model, global_weights)
+    client_adam_hyperparameters()  # outside the tf.function below (see there)
     if len(client_weights) != len(global_weights):
         raise FedsegError(f"client weights have {len(client_weights)} arrays, global "
                           f"weights {len(global_weights)}")
@@ -645,15 +678,31 @@ def recognisable(metrics: Mapping[str, float], baseline: Mapping[str, float]) ->
 
 
 def attack_simulated(config: UNetConfig, settings: ClientSettings,
-                     noise_multiplier: float | None, attack: AttackConfig, seed: int
+                     noise_multiplier: float | None, attack: AttackConfig, seed: int,
+                     secure_aggregation: bool = False
                      ) -> tuple[dict[str, Any], SimulatedClient, Reconstruction]:
     """Simulate a client, invert its update, score against the truth and the prior.
+
+    Args:
+        config: the (tiny) U-Net.
+        settings: client settings (see :func:`simulate_client`).
+        noise_multiplier: DP sigma of the client.
+        attack: the reconstruction's settings.
+        seed: model initialisation, phantoms and noise.
+        secure_aggregation: Attack what the server stores under secure aggregation (the
+            client's masked update, analysis/leakage/secure.py) instead of the update.
 
     Returns:
         (JSON-ready result, the simulated client, the matched reconstruction).
     """
     client = simulate_client(config, settings, noise_multiplier, seed)
-    rec = invert_update(config, settings, client.global_weights, client.client_weights,
+    seen = client.client_weights
+    if secure_aggregation:
+        from fedseg.analysis.leakage.secure import masked_update_view
+
+        seen = masked_update_view(client.global_weights, client.client_weights,
+                                  settings.n_patches)
+    rec = invert_update(config, settings, client.global_weights, seen,
                         attack, prior=(client.prior_images, client.prior_labels))
     matched, metrics = match_and_score(rec, client.images, client.labels)
     baseline = prior_baseline(client.images, client.labels, client.prior_images,
@@ -668,6 +717,7 @@ def attack_simulated(config: UNetConfig, settings: ClientSettings,
         "model": config.to_dict(),
         "attack": dataclasses.asdict(attack),
         "seed": seed,
+        "secure_aggregation": secure_aggregation,
         **metrics,
         "baseline": baseline,
         "recognisable": recognisable(metrics, baseline),

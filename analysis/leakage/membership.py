@@ -99,31 +99,15 @@ def lira_offline_scores(target_stat: np.ndarray, shadow_stats: np.ndarray) -> np
 class MembershipConfig(VictimSettings):
     """A membership-inference experiment on phantoms.
 
+    The victim's knobs (:class:`VictimSettings`) hold for target and shadows alike.
+
     Attributes:
         n_targets: candidate patients; half (drawn) are trained on (members).
         n_shadow: shadow models for offline LiRA (trained on fresh phantom patients).
-        noise_multiplier: DP sigma of target and shadows; None = non-private.
-        steps, batch_size, learning_rate, l2_norm_clip: training schedule.
-        delta: for the accountant's epsilon.
-        patch, levels, base_filters, groups: patches and the U-Net (tiny by default).
-        optimizer: "sgd" or "adam".
-        seed: everything random.
     """
 
     n_targets: int = 16
     n_shadow: int = 4
-    noise_multiplier: float | None = None
-    steps: int = 60
-    batch_size: int = 4
-    learning_rate: float = 1.0
-    l2_norm_clip: float = 1.0
-    delta: float = 1e-5
-    patch: int = 8
-    levels: int = 2
-    base_filters: int = 4
-    groups: int = 8
-    optimizer: str = "sgd"
-    seed: int = 0
 
 
 def _train(config: MembershipConfig, images: np.ndarray, labels: np.ndarray, seed: int,

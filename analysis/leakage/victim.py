@@ -67,21 +67,39 @@ def all_known(batch: int) -> np.ndarray:
     return np.ones((batch, N_CLASSES), np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
 class VictimSettings:
-    """The victim's knobs that an attack's config dataclass declares as fields.
+    """The victim's training knobs, shared by the attacks' config dataclasses.
 
-    A mixin (no fields of its own): the membership and canary configs keep their own
-    defaults and field order, and get the U-Net and DP settings from here.
+    The membership and canary configs inherit these fields (overriding the defaults of
+    noise_multiplier, batch_size and steps) and add their own.
+
+    Attributes:
+        noise_multiplier: DP sigma; None = the non-private baseline (no clip, no noise).
+        l2_norm_clip: per-patient clip norm.
+        batch_size: expected batch size B (Poisson q = B / N).
+        steps: DP-SGD steps.
+        learning_rate: the optimiser's learning rate.
+        delta: the run's delta (for the accountant's epsilon).
+        patch: cubic patch side (one patch per patient).
+        levels, base_filters, groups: the U-Net (tiny by default; the demo's is levels
+            3, base 8, groups 4).
+        optimizer: "sgd" or "adam" (the demo trains with Adam, lr 0.01).
+        seed: everything random (phantoms, sampling, noise, initial weights).
     """
 
-    levels: int
-    base_filters: int
-    groups: int
-    l2_norm_clip: float
-    noise_multiplier: float | None
-    batch_size: int
-    learning_rate: float
-    optimizer: str
+    noise_multiplier: float | None = None
+    l2_norm_clip: float = 1.0
+    batch_size: int = 4
+    steps: int = 60
+    learning_rate: float = 1.0
+    delta: float = 1e-5
+    patch: int = 8
+    levels: int = 2
+    base_filters: int = 4
+    groups: int = 8
+    optimizer: str = "sgd"
+    seed: int = 0
 
     @property
     def unet(self) -> UNetConfig:

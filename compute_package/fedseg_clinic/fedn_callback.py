@@ -49,6 +49,9 @@ TRAIN_FAILED = "FEDSEG_TRAIN_FAILED"
 VALIDATE_FAILED = "FEDSEG_VALIDATE_FAILED"
 TOKEN_ENV = "FEDSEG_CLIENT_TOKEN"
 KEEP_UPDATES_ENV = "FEDSEG_KEEP_UPDATES"
+# 1/true: this clinic sends masked updates only (secure aggregation) and refuses a round
+# whose settings carry no secure-aggregation request, e.g. when the server's hook failed.
+REQUIRE_SECAGG_ENV = "FEDSEG_REQUIRE_SECURE_AGGREGATION"
 
 
 class ClientApp(Protocol):
@@ -123,7 +126,8 @@ def _json_safe(metadata: dict[str, Any], where: str) -> dict[str, Any]:
 class CallbackAdapter:
     """Turns an app's numpy interface into FEDn's BytesIO callbacks."""
 
-    def __init__(self, app: ClientApp, keep_updates: Path | None = None) -> None:
+    def __init__(self, app: ClientApp, keep_updates: Path | None = None,
+                 require_secagg: bool = False) -> None:
         """Wrap ``app``.
 
         Args:
@@ -133,6 +137,7 @@ class CallbackAdapter:
                 1, 2, ... per training call), for attacking real rounds with
                 ``fedseg attack invert``. None (the default) keeps nothing: an update
                 is exactly what DP protects, so keeping it is a research opt-in.
+            require_secagg: Refuse to send an update that is not masked.
         """
         from fedn.utils.helpers.helpers import get_helper
 
@@ -140,13 +145,18 @@ class CallbackAdapter:
         self.helper = get_helper("numpyhelper")
         self.keep_updates = keep_updates
         self.trained = 0
+        # Set once connected: secure aggregation addresses clinics by their FEDn id.
+        self.client_id: str | None = None
+        self.secagg: Any = None
+        self.require_secagg = require_secagg
 
     def train(self, in_model: io.BytesIO, client_settings: dict[str, Any]
               ) -> tuple[io.BytesIO, dict[str, Any]]:
         """FEDn train callback: model bytes + server settings -> model bytes + metadata."""
         in_model.seek(0)  # fedn hands over the buffer at its end
         weights = self.helper.load(in_model)
-        new_weights, metadata = self.app.train(weights, dict(client_settings or {}))
+        settings = dict(client_settings or {})
+        new_weights, metadata = self._train(weights, settings)
         metadata = _json_safe(dict(metadata), "train")
         if "num_examples" not in metadata:
             raise FedsegError("train: metadata lacks num_examples (FEDn weights by it)")
@@ -157,6 +167,24 @@ class CallbackAdapter:
         if self.keep_updates is not None:
             self._keep(out.getvalue(), metadata, dict(client_settings or {}))
         return out, {"training_metadata": metadata}
+
+    def _train(self, weights: list[np.ndarray], settings: dict[str, Any]
+               ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """The app's training, wrapped in the secure-aggregation protocol when asked."""
+        from fedseg_clinic.privacy.secagg_clinic import SETTINGS_KEY, SecAggClinic
+
+        payload = settings.pop(SETTINGS_KEY, None)
+        if payload is None:
+            if self.require_secagg:
+                raise FedsegError("this clinic requires secure aggregation and the round's "
+                                  "settings carry no request: refusing to send a plain update")
+            return self.app.train(weights, settings)
+        if self.secagg is None:
+            if not self.client_id:
+                raise FedsegError("secure aggregation: this client's id is not known yet")
+            self.secagg = SecAggClinic(self.client_id)
+        return self.secagg.handle(str(payload), weights,
+                                  lambda: self.app.train(weights, settings))
 
     def _keep(self, update: bytes, metadata: dict[str, Any], settings: dict[str, Any]) -> None:
         """Write this call's update and its metadata atomically into keep_updates."""
@@ -291,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         tic = time.monotonic()
         app = factory()
         logger.info("app %s ready in %.1f s", args.app, time.monotonic() - tic)
-        adapter = CallbackAdapter(app, keep_updates_dir(os.environ))
+        adapter = CallbackAdapter(app, keep_updates_dir(os.environ),
+                                  os.environ.get(REQUIRE_SECAGG_ENV, "").lower()
+                                  in ("1", "true", "yes"))
         client = _make_fedn_client(adapter)
     except FedsegError as exc:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
@@ -302,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     except FedsegError as exc:
         print(f"clinic_client: error: {exc}", file=sys.stderr)
         return 2
+    adapter.client_id = client.client_id
     if args.ready_file is not None:
         from fedseg_clinic.io import atomic_write_text
 

@@ -87,11 +87,15 @@ def attack() -> None:
               help="DP noise multiplier of the simulated client.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd",
               show_default=True)
+@click.option("--secure-aggregation", is_flag=True,
+              help="With --simulate: attack what the server stores under secure "
+                   "aggregation (the masked update), same batch, steps and noise.")
 def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weight: float,
            learning_rate: float, l2_norm_clip: float, seed: int, same_batch: bool, out: Path,
            simulate: bool,
            global_weights: Path | None, client_weights: Path | None, batch_size: int,
-           local_steps: int, patch: int, noise_multiplier: float, optimizer: str) -> None:
+           local_steps: int, patch: int, noise_multiplier: float, optimizer: str,
+           secure_aggregation: bool) -> None:
     """Reconstruct a client's CT patches and masks from one update."""
     from fedseg.analysis.leakage import inversion as inv
     from fedseg.analysis.leakage import reports
@@ -101,6 +105,9 @@ def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weig
     if simulate == stored or (stored and (global_weights is None or client_weights is None)):
         raise FedsegError("give either --simulate or both --global-weights and "
                           "--client-weights")
+    if secure_aggregation and not simulate:
+        raise FedsegError("--secure-aggregation needs --simulate (a stored round under "
+                          "secure aggregation has no single update to give)")
     config = UNetConfig(levels=levels, base_filters=base_filters, groups=groups)
     settings = inv.ClientSettings(learning_rate, local_steps, batch_size, (patch,) * 3,
                                   l2_norm_clip or None, optimizer,
@@ -108,7 +115,7 @@ def invert(levels: int, base_filters: int, groups: int, iterations: int, tv_weig
     attack_config = inv.AttackConfig(iterations=iterations, tv_weight=tv_weight, seed=seed)
     if simulate:
         result, client, rec = inv.attack_simulated(config, settings, noise_multiplier,
-                                                   attack_config, seed)
+                                                   attack_config, seed, secure_aggregation)
         files = reports.write_inversion(out, result, rec.images, rec.labels,
                                         client.images, client.labels)
         prior = result["baseline"]

@@ -80,6 +80,7 @@ def audit(out: Path, noise_text: str, canaries: int, steps: int, batch_size: int
     from fedseg.analysis.leakage.canary import CanaryAuditConfig
     from fedseg.analysis.leakage.membership import MembershipConfig
 
+    noises = _noises(noise_text)
     model = {"levels": levels, "base_filters": base_filters, "groups": groups,
              "patch": patch, "optimizer": optimizer}
     canary = CanaryAuditConfig(
@@ -90,7 +91,7 @@ def audit(out: Path, noise_text: str, canaries: int, steps: int, batch_size: int
         n_shadow=n_shadow, steps=steps, batch_size=membership_batch or min(batch_size, 8),
         learning_rate=learning_rate, l2_norm_clip=l2_norm_clip, delta=delta, seed=seed,
         **model)
-    result = run_audit(_noises(noise_text), canary, member,
+    result = run_audit(noises, canary, member,
                        on_row=lambda row: click.echo(reports.format_row(row, digits=4)))
     files = reports.write_audit(out, result)
     violated = bound_violations(result["rows"])

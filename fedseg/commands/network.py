@@ -25,7 +25,9 @@ def network() -> None:
 @click.option("--combiners", "n_combiners", type=click.IntRange(1, 32),
               help="Number of combiners: combiner-1.. on ports 12080, 12082, ...")
 @click.option("--api-port", type=click.IntRange(1, 65535), help="API server port.")
-@click.option("--auth/--no-auth", default=None, help="Require JWTs at the API.")
+@click.option("--auth/--no-auth", default=None,
+              help="Require expiring JWTs at the API and the combiners (default: on; "
+                   "--no-auth opens the network).")
 @click.option("--hooks/--no-hooks", default=None,
               help="Start the hooks service (per-round client settings).")
 def up(config_path: Path | None, root: Path | None, statestore: str | None,
@@ -61,7 +63,10 @@ def up(config_path: Path | None, root: Path | None, statestore: str | None,
     if state.hooks_host:
         click.echo(f"  hooks     {state.hooks_host}")
     if state.admin_token:
-        click.echo(f"  auth      on (tokens in {state.root / 'network.json'})")
+        click.echo(f"  auth      on (tokens in {state.root / 'network.json'}, expire after "
+                   f"{state.token_lifetime_s:g} s)")
+    else:
+        click.echo("  auth      OFF: anyone on this machine can use the API and combiners")
 
 
 @network.command("down")

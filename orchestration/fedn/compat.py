@@ -23,6 +23,15 @@ for. The list:
    source is longer): :func:`create_schema` widens them.
 9. (found here) A combiner restarted on a kept store keeps its first address and
    port: :func:`sync_combiner_registry` before the combiners start.
+10-13. Round bookkeeping with several combiners (see docs/network.md).
+14. (found here) GraphQL and metrics/list answer without a token:
+   :func:`require_token_everywhere`.
+15. (found here) Clients send their token on TLS channels only: :func:`attach_grpc_token`.
+16. (found here) The "grpc_health_probe" user agent skips the gRPC token check:
+   :func:`install_grpc_auth_guard`.
+17. (found here) "Bearer" without a token -> HTTP 500: :func:`refuse_empty_bearer`.
+18. (found here) The controller's calls to the combiners are whitelisted (no token):
+   :func:`sign_controller_calls` and :func:`close_controller_whitelist`.
 Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
    :func:`bind_api_server` and :func:`bind_grpc_servers` make them listen on
    127.0.0.1 only.
@@ -30,9 +39,11 @@ Binding: fedn hard-codes 0.0.0.0 for gunicorn and [::] for gRPC:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
+import time
 from datetime import datetime
 from importlib import metadata
 from typing import Any
@@ -90,6 +101,16 @@ BUGS: tuple[FednBug, ...] = (
             "bound_report_wait()"),
     FednBug(13, "a combiner that does not answer ends the session thread (AttributeError)",
             "skip_unavailable_combiners()"),
+    FednBug(14, "with auth on, POST /api/v1/graphql and /api/v1/metrics/list need no token",
+            "require_token_everywhere() on the API app"),
+    FednBug(15, "clients send their token on TLS channels only: plain local calls refused",
+            "attach_grpc_token() in client processes"),
+    FednBug(16, "user agent 'grpc_health_probe' skips the combiners' token check",
+            "install_grpc_auth_guard() in combiners"),
+    FednBug(17, "'Authorization: Bearer' without a token -> HTTP 500 (client TypeError)",
+            "refuse_empty_bearer() on the API app"),
+    FednBug(18, "the controller's Control/Connector calls are whitelisted: no token needed",
+            "sign_controller_calls() (API) and close_controller_whitelist() (combiners)"),
 )
 
 
@@ -425,6 +446,30 @@ def require_token_everywhere(app: Any, role: str = "admin") -> list[str]:
     return [e for e in guarded if hasattr(app.view_functions[e], "__wrapped__")]
 
 
+# --- bug 17 ------------------------------------------------------------------------------
+
+def refuse_empty_bearer(app: Any) -> None:
+    """Answer 401 (not 500) to an Authorization header that holds the scheme alone.
+
+    Symptom (bug 17, found here): a client started without a token sends
+    "Authorization: Bearer " (requests strips the trailing space); fedn's
+    ``jwt_auth_required`` does ``token.split(" ")[1]`` -> IndexError -> HTTP 500, and
+    fedn's ``connect_to_api`` has no branch for 500, so it returns None and the client
+    dies with "cannot unpack non-iterable NoneType object" instead of "Unauthorized".
+    """
+    from flask import jsonify, request
+
+    def _empty_bearer() -> Any:
+        header = request.headers.get("Authorization")
+        if header is not None and len(header.strip().split()) < 2:
+            return jsonify({"message": "Missing token"}), 401
+        return None
+
+    hooks = app.before_request_funcs.setdefault(None, [])
+    if _empty_bearer.__name__ not in {f.__name__ for f in hooks}:
+        hooks.insert(0, _empty_bearer)  # before fedn's own hooks (the same list Flask uses)
+
+
 # --- bug 15 ------------------------------------------------------------------------------
 
 def attach_grpc_token() -> None:
@@ -442,7 +487,7 @@ def attach_grpc_token() -> None:
 
     original = getattr(GrpcHandler.__init__, "__wrapped__", GrpcHandler.__init__)
 
-    def __init__(self: Any, host: str, port: int, name: str, token: str,
+    def __init__(self: Any, host: str, port: int, name: str, token: str,  # noqa: N807 - replaces __init__
                  combiner_name: str) -> None:
         original(self, host, port, name, token, combiner_name)
         if token and not any(key == "authorization" for key, _ in self.metadata):
@@ -502,6 +547,94 @@ def install_grpc_auth_guard() -> None:
         return original(*args, interceptors=interceptors, **kwargs)
 
     grpc.server = server
+
+
+# --- bug 18 ------------------------------------------------------------------------------
+
+#: Lifetime of the token the API server mints for each of its calls to a combiner.
+CONTROLLER_TOKEN_S = 300
+#: Combiner methods fedn 0.33.0 lets through without a token (its ENDPOINT_WHITELIST).
+CONTROLLER_METHODS = (
+    "/fedn.Connector/AcceptingClients", "/fedn.Connector/ListActiveClients",
+    "/fedn.Control/Start", "/fedn.Control/Stop", "/fedn.Control/FlushAggregationQueue",
+    "/fedn.Control/SetAggregator", "/fedn.Control/SetServerFunctions")
+
+
+class _ControllerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds a freshly minted "controller" token to every call of the API server."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def _details(self, details: Any) -> Any:
+        import jwt
+
+        now = int(time.time())
+        token = jwt.encode({"role": "controller", "sub": "fedn-api", "iat": now,
+                            "exp": now + CONTROLLER_TOKEN_S}, self._secret, algorithm="HS256")
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+class _CallDetails(
+        collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    """grpc.ClientCallDetails with replaced metadata."""
+
+
+def sign_controller_calls() -> None:
+    """API server: send a "controller" token on every call to a combiner (bug 18).
+
+    Patches ``fedn.network.combiner.interfaces.Channel`` so its channel carries
+    :class:`_ControllerToken`. No-op without FEDN_JWT_SECRET_KEY.
+    """
+    from fedn.network.combiner import interfaces
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    secret = fedn_grpc_auth.SECRET_KEY
+    if not secret:
+        return
+    original = getattr(interfaces.Channel.__init__, "__wrapped__", interfaces.Channel.__init__)
+
+    def __init__(self: Any, address: str, port: int, certificate: Any = None) -> None:  # noqa: N807 - replaces __init__
+        original(self, address, port, certificate)
+        self.channel = grpc.intercept_channel(self.channel, _ControllerToken(str(secret)))
+
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    interfaces.Channel.__init__ = __init__
+
+
+def close_controller_whitelist() -> list[str]:
+    """Combiner: check tokens on the methods fedn whitelists (bug 18).
+
+    Symptom (bug 18, found here): fedn's controller calls the combiners' Control
+    service (Start, Stop, SetAggregator, SetServerFunctions, FlushAggregationQueue) and
+    Connector.AcceptingClients/ListActiveClients without a token, so fedn's
+    ``JWTInterceptor`` lets these methods through for anybody: any local process could
+    start or stop rounds, swap the aggregator or server functions, or list the clients.
+    With :func:`sign_controller_calls` in the API server, they are taken off the
+    whitelist; Control methods need role "controller" (fedn's own role mapping).
+
+    Returns:
+        The methods taken off the whitelist.
+    """
+    from fedn.network.grpc import auth as fedn_grpc_auth
+
+    if not fedn_grpc_auth.SECRET_KEY:
+        return []
+    removed = [m for m in fedn_grpc_auth.ENDPOINT_WHITELIST if m in CONTROLLER_METHODS]
+    fedn_grpc_auth.ENDPOINT_WHITELIST[:] = [m for m in fedn_grpc_auth.ENDPOINT_WHITELIST
+                                            if m not in CONTROLLER_METHODS]
+    return removed
 
 
 # --- bug 5 -------------------------------------------------------------------------------

@@ -43,11 +43,13 @@ def run_api(workers: int) -> None:
     fedn_compat.bound_report_wait()
     fedn_compat.skip_unavailable_combiners()
     fedn_compat.bind_api_server(HOST, workers)
+    fedn_compat.sign_controller_calls()  # bug 18
     fedn_compat.shorten_round_polling()
     from fedn.network.api import server
 
     fedn_compat.install_client_add_alias(server.app)
     fedn_compat.require_token_everywhere(server.app)  # bug 14
+    fedn_compat.refuse_empty_bearer(server.app)  # bug 17
     server.start_server_api()
 
 
@@ -59,6 +61,7 @@ def run_combiner(name: str, port: int, max_clients: int) -> None:
     fedn_compat.merge_round_combiners()
     fedn_compat.bind_grpc_servers(HOST)
     fedn_compat.install_grpc_auth_guard()  # bug 16; after the binding wrapper
+    fedn_compat.close_controller_whitelist()  # bug 18
     fedn_compat.shorten_round_polling()
     from fedn.cli import main as fedn_main
 
@@ -73,6 +76,7 @@ def run_client(init: str) -> None:
     The token is in FILE (mode 0600), never on the command line, and is attached to
     every gRPC call on the plain local channel (bug 15).
     """
+    fedn_compat.check_fedn_version()
     fedn_compat.attach_grpc_token()
     from fedn.cli import main as fedn_main
 

@@ -2,8 +2,10 @@
 
 fedn's API server checks ``Authorization: Bearer <jwt>`` signed with
 FEDN_JWT_SECRET_KEY (HS256) and a ``role`` claim: "admin" for management
-routes, "client" for client registration and package download. fedn's own
-token commands call a hosted service, so we mint the tokens ourselves.
+routes, "client" for client registration and package download; the combiners'
+gRPC checks "client" on client calls and "controller" on the Control service.
+Tokens carry ``exp`` (the network's token_lifetime_s). fedn's own token commands
+call a hosted service, so we mint the tokens ourselves.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import time
 import jwt
 
 ALGORITHM = "HS256"  # fedn's default FEDN_JWT_ALGORITHM
-ROLES = ("admin", "client", "combiner")
+# "controller": the API server's own calls to the combiners' Control service.
+ROLES = ("admin", "client", "combiner", "controller")
 MIN_SECRET_BYTES = 32
 
 
@@ -29,10 +32,10 @@ def mint_token(secret: str, role: str, subject: str = "fedseg",
 
     Args:
         secret: The network's FEDN_JWT_SECRET_KEY.
-        role: "admin", "client" or "combiner".
+        role: "admin", "client", "combiner" or "controller".
         subject: Who holds it (the ``sub`` claim), e.g. a client name.
-        lifetime_s: Seconds until it expires; None = no expiry (a local network's
-            lifetime is bounded by the secret, which changes at each ``network up``).
+        lifetime_s: Seconds until it expires (negative: already expired, for tests);
+            None = no expiry. The network always passes its token_lifetime_s.
 
     Returns:
         The encoded JWT.

@@ -352,6 +352,12 @@ def serve_moto(host: str, port: int) -> None:
             # reset-auth would switch authentication off; data.json lists every object.
             start_response("403 Forbidden", [("Content-Type", "text/plain")])
             return [b"moto admin API disabled by fedseg\n"]
+        if "HTTP_AUTHORIZATION" not in environ and "X-Amz-Signature" not in str(
+                environ.get("QUERY_STRING", "")):
+            # Anonymous: moto's IAM check dies on the missing header (KeyError -> 500).
+            start_response("403 Forbidden", [("Content-Type", "application/xml")])
+            return [b"<Error><Code>AccessDenied</Code><Message>anonymous access refused"
+                    b"</Message></Error>"]
         return backend(environ, start_response)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

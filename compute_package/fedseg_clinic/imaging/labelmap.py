@@ -145,6 +145,10 @@ def read_labelmap(path: Path) -> LabelMap:
             raise FedsegError(f"{path}: label map holds non-integer values "
                               f"(dtype {values.dtype}); is it an image?")
         labelmap.labels = values.astype(np.int32)
+    if not np.all(np.isfinite(labelmap.affine)):
+        # NaN would slip through the determinant test below (NaN < x is False).
+        raise FedsegError(f"{path}: non-finite value in the voxel-to-patient matrix "
+                          f"(origin or spacing): {labelmap.affine[:3].tolist()}")
     if abs(np.linalg.det(labelmap.affine[:3, :3])) < 1e-9:
         raise FedsegError(f"{path}: degenerate voxel-to-patient matrix")
     return labelmap
@@ -284,9 +288,17 @@ def _parse_dicom_seg(ds: object, frames: np.ndarray, path: Path) -> DicomSeg:
         segment = int(ident.ReferencedSegmentNumber) if ident is not None else 0
         if seg_type != "LABELMAP" and segment == 0:
             raise FedsegError(f"{path}: frame {index + 1} names no segment")
+        frame_position = np.asarray([float(v) for v in position.ImagePositionPatient])
+        if not (np.all(np.isfinite(iop)) and np.all(np.isfinite(frame_position))
+                and all(np.isfinite(v) and v > 0 for v in spacing)
+                and np.isfinite(thickness) and thickness >= 0):
+            raise FedsegError(
+                f"{path}: frame {index + 1}: PixelSpacing {spacing}, SliceThickness "
+                f"{thickness}, ImagePositionPatient {frame_position.tolist()} and "
+                f"ImageOrientationPatient {iop.tolist()} must be finite (spacing positive)")
         out.append(SegFrame(
             pixels=frames[index], segment=segment,
-            position=np.asarray([float(v) for v in position.ImagePositionPatient]),
+            position=frame_position,
             row_dir=iop[:3], col_dir=iop[3:], spacing=(spacing[0], spacing[1]),
             thickness=thickness,
         ))
