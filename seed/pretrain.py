@@ -79,10 +79,26 @@ class PretrainSpec:
         return data
 
 
-# The demo's seed: the demo U-Net on 40 public iid phantoms (seed 1000, not the demo's 7),
-# 400 non-DP Adam steps of 4 patients on 24^3 patches (about 10 min on one CPU thread).
+# The demo's seed, in two stages (``fedseg seed pretrain --demo`` runs both):
+# 1. the demo U-Net on 40 public iid phantoms (one reference scanner, phantom seed 1000,
+#    not the demo clinics' 7): 400 non-DP Adam steps of 4 patients on 24^3 patches;
+# 2. continued on 60 public non-iid phantoms (phantom seed 1001: the three scanner types,
+#    other patients than any clinic's), 150 steps at learning rate 0.005. Stage 1 alone
+#    transferred poorly to the noisy thick-slice clinic (docs/findings.md).
 DEMO_PRETRAIN = PretrainSpec(model={"levels": 3, "base_filters": 8, "groups": 4},
                              steps=400, batch_size=4, patch_size=(24, 24, 24))
+DEMO_CONTINUE = dataclasses.replace(DEMO_PRETRAIN, phantom_preset="non-iid",
+                                    phantom_seed=1001, patients=60, steps=150,
+                                    learning_rate=0.005)
+
+
+def pretrain_demo_seed(out: Path, work_dir: Path | None = None,
+                       progress: Any = None) -> dict[str, Any]:
+    """Rebuild the demo's seed: stage 1 into ``<out>.stage1.npz``, stage 2 into ``out``."""
+    stage1 = Path(out).with_suffix(".stage1.npz")
+    pretrain_seed(DEMO_PRETRAIN, stage1, work_dir=work_dir, progress=progress)
+    return pretrain_seed(dataclasses.replace(DEMO_CONTINUE, init_weights=stage1), out,
+                         work_dir=work_dir, progress=progress)
 
 
 def sidecar_path(seed_path: Path) -> Path:

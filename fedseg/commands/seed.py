@@ -31,7 +31,7 @@ def seed_group() -> None:
 @seed_group.command("pretrain")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--demo", is_flag=True,
-              help="The demo's recipe (rebuilds seed/pretrained/demo-seed.npz's schedule).")
+              help="The demo's two-stage recipe (rebuilds seed/pretrained/demo-seed.npz).")
 @click.option("--model", "model_json", default=None,
               help='UNetConfig as JSON, e.g. \'{"levels": 3, "base_filters": 8}\'.')
 @click.option("--cases", "cases_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -56,20 +56,24 @@ def pretrain(out: Path, demo: bool, model_json: str | None, cases_dir: Path | No
              steps: int | None, batch_size: int | None, patch: int | None,
              learning_rate: float | None, work_dir: Path | None) -> None:
     """Pretrain a seed without DP on public data; write OUT and OUT's .json sidecar."""
-    from fedseg.seed.pretrain import DEMO_PRETRAIN, PretrainSpec, pretrain_seed
+    from fedseg.seed.pretrain import PretrainSpec, pretrain_demo_seed, pretrain_seed
 
     model = _model(model_json)
     if not demo and model is None:
         raise FedsegError("give --model (the clinics' UNetConfig) or --demo")
-    base = DEMO_PRETRAIN if demo else PretrainSpec(model=model or {})
     changes = {k: v for k, v in {
         "model": model, "cases_dir": cases_dir, "phantom_seed": phantom_seed,
         "phantom_preset": phantom_preset, "init_weights": init_weights,
         "patients": patients, "size": size, "steps": steps, "batch_size": batch_size,
         "patch_size": (patch, patch, patch) if patch else None,
         "learning_rate": learning_rate}.items() if v is not None}
-    spec = dataclasses.replace(base, **changes)
-    side = pretrain_seed(spec, out.resolve(), work_dir=work_dir, progress=click.echo)
+    if demo:
+        if changes:
+            raise FedsegError(f"--demo is the fixed recipe; drop --{sorted(changes)[0]}")
+        side = pretrain_demo_seed(out.resolve(), work_dir=work_dir, progress=click.echo)
+    else:
+        spec = dataclasses.replace(PretrainSpec(model=model or {}), **changes)
+        side = pretrain_seed(spec, out.resolve(), work_dir=work_dir, progress=click.echo)
     click.echo(f"seed {out} (sidecar {out.with_suffix('.json')}): Dice "
                f"{side['dice_mean']:.3f}, {side['steps']} steps, {side['train_seconds']} s")
 
