@@ -205,7 +205,8 @@ def _run_section(entry: dict[str, Any], info: dict[str, Any], figures: list[Figu
     parts.append(f"<p>seed {html.escape(_fmt(entry['seed']))}; rounds "
                  f"{entry['first_round']}..{entry['last_round']}; final round "
                  f"{html.escape(_fmt(entry['final_round']))}; clients "
-                 f"{html.escape(', '.join(entry['clients']) or '—')}.</p>")
+                 f"{html.escape(', '.join(entry['clients']) or '—')}; organ set "
+                 f"{html.escape(entry.get('organ_set') or '—')}.</p>")
     if entry["organs"]:
         parts.append(_table(
             ("organ", "final Dice", "best Dice", "best round", "final HD95 (mm)",

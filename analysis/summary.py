@@ -184,14 +184,29 @@ def client_mean_curve(run: RunLog, metric: str) -> np.ndarray:
 
 
 def organ_names(run: RunLog) -> list[str]:
-    """Organs with a ``val_dice_<organ>`` metric in the log: canonical order, then others."""
+    """Organs with a ``val_dice_<organ>`` metric in the log, in order.
+
+    The run's organ set order (run.json ``organ_set``), else the canonical order, then
+    any others.
+    """
     found = {
         metric[len(DICE_PREFIX):]
         for metrics in run.table.values()
         for metric in metrics
         if metric.startswith(DICE_PREFIX) and metric != DICE_MEAN
     }
-    return [o for o in ALL_ORGANS if o in found] + sorted(found - set(ALL_ORGANS))
+    record = run.info.get("organ_set")
+    order = [str(o) for o in record.get("organs", [])] if isinstance(record, dict) else []
+    order += [o for o in ALL_ORGANS if o not in order]
+    return [o for o in order if o in found] + sorted(found - set(order))
+
+
+def organ_set_label(run: RunLog) -> str | None:
+    """``name@vVERSION`` of the run's organ set (run.json), or None for older runs."""
+    record = run.info.get("organ_set")
+    if isinstance(record, dict) and record.get("name"):
+        return f"{record['name']}@v{record.get('version')}"
+    return None
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -385,6 +400,7 @@ def summarize_run(run: RunLog, target: float | None = None) -> dict[str, Any]:
         "aggregation": str(run.info.get("aggregation", "plain")),
         "seed": run.info.get("seed"),
         "clients": list(run.clients),
+        "organ_set": organ_set_label(run),
         "first_round": int(rounds[0]),
         "last_round": int(rounds[-1]),
         "final_round": final_round,

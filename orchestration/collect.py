@@ -14,6 +14,12 @@ Where fedn 0.33.0 keeps what a round produced:
 - rounds: ``get_rounds()``; round ids are global across sessions, so a session's rounds
   are those whose ``round_config.session_id`` matches, numbered 1..N by round id.
 
+A round that committed no global model is a **failed round**, whatever its clients did:
+``round_failed`` 1 in the log, ``updates_aggregated`` 0 (the combiners' own count stays
+in ``updates_received``), and one failure entry (client ``global``, task ``round``) with
+its cause (:func:`round_failure_cause`): a combiner died, the clients failed, or no update
+came within the round timeout.
+
 Everything here except :func:`collect_session` is a pure function of those answers.
 """
 
@@ -69,11 +75,20 @@ class RoundInfo:
 
 @dataclasses.dataclass
 class SessionLog:
-    """Everything collected for one session."""
+    """Everything collected for one session.
+
+    Attributes:
+        rounds: The session's rounds.
+        records: Round log rows.
+        failures: [{round, client, task, error}]: clients' train/validate failures and,
+            for rounds without a model, one entry with client "global", task "round".
+        causes: Round index -> why it committed no model (failed rounds only).
+    """
 
     rounds: list[RoundInfo]
     records: list[RoundRecord]
     failures: list[dict[str, Any]]
+    causes: dict[int, str] = dataclasses.field(default_factory=dict)
 
     @property
     def model_ids(self) -> dict[int, str]:
@@ -266,32 +281,91 @@ def _weighted_nanmean(values: list[tuple[float, float]]) -> float:
     return sum(v * w for v, w in pairs) / total if total else math.nan
 
 
+def round_failure_cause(info: RoundInfo, clients: list[str],
+                        updates: dict[tuple[int, str], dict[str, float]],
+                        failures: list[dict[str, Any]],
+                        dead_combiners: Iterable[str] = ()) -> str | None:
+    """Why a round committed no global model; None when it committed one.
+
+    In order: a combiner that is not running any more (its clients' updates never reach
+    the global model, whatever they did); every client reported a training failure; no
+    update at all (some clients silent: down, crashed or slower than the round
+    timeout); updates arrived but no model was committed.
+    """
+    if info.model_id:
+        return None
+    dead = sorted(dead_combiners)
+    if dead:
+        return (f"combiner died ({', '.join(dead)}): no global model committed (round "
+                f"status {info.status or 'unknown'})")
+    k = info.index
+    sent = [c for c in clients if (k, c) in updates]
+    reported = {f["client"]: f["error"] for f in failures
+                if f["round"] == k and f["task"] == "train"}
+    if not sent and clients and all(c in reported for c in clients):
+        detail = "; ".join(f"{c}: {reported[c]}" for c in clients)
+        return f"clients failed: every client reported a training failure ({detail})"
+    if not sent:
+        silent = [c for c in clients if c not in reported]
+        text = f"timeout: no update arrived within the round timeout (silent: {', '.join(silent)}"
+        if reported:
+            text += f"; failed: {', '.join(sorted(reported))}"
+        return text + ")"
+    return (f"no global model committed although {len(sent)} update(s) arrived "
+            f"({', '.join(sent)}; round status {info.status or 'unknown'})")
+
+
 def build_records(rounds: list[RoundInfo],
                   updates: dict[tuple[int, str], dict[str, float]],
                   validations: dict[tuple[int, str], dict[str, float]],
                   failures: list[dict[str, Any]],
-                  clients: Iterable[str]) -> tuple[list[RoundRecord], list[dict[str, Any]]]:
-    """Round log rows and the full failure list.
+                  clients: Iterable[str],
+                  dead_combiners: Iterable[str] = (),
+                  ) -> tuple[list[RoundRecord], list[dict[str, Any]], dict[int, str]]:
+    """Round log rows, the full failure list and the causes of failed rounds.
 
     Per client and round: its training metadata, its validation metrics and
-    ``train_failed`` (1 when it sent no update in a finished round: reported failure,
-    crash or timeout). Per round (client "global"): round_seconds, combiner times,
-    updates expected/aggregated, and the n_val-weighted mean of each validation metric.
+    ``train_failed`` (1 when it sent no update: reported failure, crash or timeout).
+    Per round (client "global"): ``round_failed`` (1 when no global model was committed),
+    round_seconds, combiner times, updates expected / received (by the combiners) /
+    aggregated (into the global model: 0 in a failed round), and the n_val-weighted
+    mean of each validation metric.
+
+    Args:
+        rounds: The session's rounds (:func:`session_rounds`).
+        updates: (round, client) -> training metadata (:func:`training_updates`).
+        validations: (round, client) -> validation metrics.
+        failures: Reported client failures (:func:`reported_failures`).
+        clients: The clients that take part.
+        dead_combiners: Combiners found not running: a round without a model is then
+            attributed to them, not to the clients.
 
     Returns:
-        (records, failures) where failures adds "no update" entries for silent clients.
+        (records, failures, causes): failures adds "no update" entries for silent
+        clients and one "round" entry per failed round; causes maps failed rounds to
+        :func:`round_failure_cause`.
     """
     clients = list(clients)
+    dead_combiners = list(dead_combiners)
     records: list[RoundRecord] = []
     all_failures = list(failures)
+    causes: dict[int, str] = {}
     reported = {(f["round"], f["client"]) for f in failures if f["task"] == "train"}
     for info in rounds:
         k = info.index
-        for metric, value in (("round_seconds", info.seconds),
+        cause = round_failure_cause(info, clients, updates, failures, dead_combiners)
+        if cause is not None:
+            causes[k] = cause
+            all_failures.append({"round": k, "client": GLOBAL, "task": "round",
+                                 "error": cause})
+        for metric, value in (("round_failed", 0.0 if cause is None else 1.0),
+                              ("round_seconds", info.seconds),
                               ("round_exec_training_seconds", info.exec_training_s),
                               ("round_combination_seconds", info.combination_s),
                               ("updates_expected", info.expected_updates),
-                              ("updates_aggregated", info.aggregated_updates)):
+                              ("updates_received", info.aggregated_updates),
+                              ("updates_aggregated",
+                               info.aggregated_updates if cause is None else 0.0)):
             records.append(RoundRecord(k, GLOBAL, metric, value))
         metric_names: set[str] = set()
         for client in clients:
@@ -301,9 +375,10 @@ def build_records(rounds: list[RoundInfo],
             failed = meta is None
             records.append(RoundRecord(k, client, "train_failed", 1.0 if failed else 0.0))
             if failed and (k, client) not in reported:
+                why = ("the round's combiner died" if dead_combiners and cause
+                       else "client down, crashed or too slow for the round timeout")
                 all_failures.append({"round": k, "client": client, "task": "train",
-                                     "error": "no update (client down, crashed or too slow "
-                                              "for the round timeout)"})
+                                     "error": f"no update ({why})"})
             vals = validations.get((k, client), {})
             records.extend(RoundRecord(k, client, m, v) for m, v in vals.items())
             metric_names.update(vals)
@@ -315,21 +390,37 @@ def build_records(rounds: list[RoundInfo],
                      for c in clients if (k, c) in validations]
             records.append(RoundRecord(k, GLOBAL, metric, _weighted_nanmean(pairs)))
     all_failures.sort(key=lambda f: (f["round"], f["client"], f["task"]))
-    return records, all_failures
+    return records, all_failures, causes
 
 
 def assemble(rounds_answer: Any, models_answer: Any, statuses_answer: Any,
              validations_answer: Any, session_id: str, seed_model_id: str,
-             clients: Iterable[str]) -> SessionLog:
-    """All pure steps together: API answers -> :class:`SessionLog`."""
+             clients: Iterable[str], dead_combiners: Iterable[str] = ()) -> SessionLog:
+    """All pure steps together: API answers (+ dead combiners) -> :class:`SessionLog`."""
     infos = session_rounds(rounds_answer, session_id, model_chain(models_answer, seed_model_id))
     round_index = {r.round_id: r.index for r in infos}
     model_round = {r.model_id: r.index for r in infos if r.model_id}
     updates = training_updates(statuses_answer, round_index)
     vals = validation_metrics(validations_answer, model_round)
     failures = reported_failures(statuses_answer, round_index, model_round)
-    records, failures = build_records(infos, updates, vals, failures, clients)
-    return SessionLog(rounds=infos, records=records, failures=failures)
+    records, failures, causes = build_records(infos, updates, vals, failures, clients,
+                                              dead_combiners)
+    return SessionLog(rounds=infos, records=records, failures=failures, causes=causes)
+
+
+def shift_log(log: SessionLog, offset: int) -> SessionLog:
+    """The same log with every round number moved up by ``offset``.
+
+    A resumed run's new session numbers its rounds 1..R; in the run's log they follow the
+    ``offset`` rounds logged before the interruption.
+    """
+    if offset == 0:
+        return log
+    return SessionLog(
+        rounds=[dataclasses.replace(r, index=r.index + offset) for r in log.rounds],
+        records=[dataclasses.replace(r, round=r.round + offset) for r in log.records],
+        failures=[{**f, "round": f["round"] + offset} for f in log.failures],
+        causes={k + offset: c for k, c in log.causes.items()})
 
 
 def _get(call: Any, what: str, attempts: int = 5) -> Any:
@@ -349,7 +440,8 @@ def _get(call: Any, what: str, attempts: int = 5) -> Any:
 
 
 def collect_session(api_client: Any, session_id: str, seed_model_id: str,
-                    clients: Iterable[str]) -> SessionLog:
+                    clients: Iterable[str], dead_combiners: Iterable[str] = ()
+                    ) -> SessionLog:
     """Read this session's rounds, models, updates, failures and validations.
 
     Args:
@@ -357,10 +449,12 @@ def collect_session(api_client: Any, session_id: str, seed_model_id: str,
         session_id: The session.
         seed_model_id: The model the session started from.
         clients: The client names that take part (rows for each, even silent ones).
+        dead_combiners: Combiners the caller found not running (failed rounds are
+            attributed to them).
     """
     return assemble(
         _get(api_client.get_rounds, "get_rounds"),
         _get(lambda: api_client.get_models(session_id=session_id), "get_models"),
         _get(lambda: api_client.get_statuses(session_id=session_id), "get_statuses"),
         _get(api_client.get_validations, "get_validations"),
-        session_id, seed_model_id, clients)
+        session_id, seed_model_id, clients, dead_combiners)

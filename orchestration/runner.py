@@ -44,7 +44,16 @@ from fedseg.orchestration import budget, collect, session
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.experiment import Experiment
 from fedseg.orchestration.network import ports
-from fedseg.orchestration.runlog import GLOBAL, MODELS_DIR, write_rounds, write_run_info
+from fedseg.orchestration.runlog import (
+    GLOBAL,
+    MODELS_DIR,
+    ROUNDS_NAME,
+    RoundRecord,
+    read_rounds,
+    read_run_info,
+    write_rounds,
+    write_run_info,
+)
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import atomic_write_bytes, atomic_write_text
 from fedseg_clinic.organs import OrganSet
@@ -62,6 +71,25 @@ BUDGET_LIMITED = "budget-limited"
 VALIDATION_GRACE_S = 120.0
 # The server's per-round secure-aggregation outcomes (orchestration/secure_aggregation.py).
 SECAGG_JOURNAL = "secagg.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues (:func:`resume_run`).
+
+    Attributes:
+        offset: Rounds logged before the interruption (the new session's round 1 is
+            round ``offset + 1`` of the run).
+        start_model: The last committed global model (or the seed): the new session's
+            starting point.
+        earlier_records: rounds.csv as it was.
+        earlier_info: run.json as it was.
+    """
+
+    offset: int
+    start_model: Path
+    earlier_records: list[RoundRecord]
+    earlier_info: dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -107,8 +135,16 @@ def resolve_callable(spec: str, what: str) -> Callable[..., Any]:
     return target
 
 
-def prepare_data(exp: Experiment, run_dir: Path) -> dict[str, Path]:
-    """Clinic name -> cases folder: generated phantoms or the experiment's folders."""
+def prepare_data(exp: Experiment, run_dir: Path, reuse: bool = False) -> dict[str, Path]:
+    """Clinic name -> cases folder: generated phantoms or the experiment's folders.
+
+    ``reuse`` (a resumed run) keeps phantoms generated before, with the ledgers that
+    may live beside them.
+    """
+    if reuse and exp.data.phantoms is not None:
+        folders = {n: run_dir / "data" / n for n in exp.data.clinic_names()}
+        if all((f / "manifest.json").is_file() for f in folders.values()):
+            return folders
     if exp.data.phantoms is None:
         for name, folder in exp.data.clinic_dirs.items():
             if not (folder / "manifest.json").is_file():
@@ -208,8 +244,21 @@ class RoundReporter:
 
     def __init__(self, api_client: Any, session_id: str, seed_model_id: str,
                  clients: list[str], rounds: int, run_dir: Path, validate: bool,
-                 progress: Progress | None) -> None:
-        """Track one session (see :meth:`poll`)."""
+                 progress: Progress | None,
+                 dead_combiners: Callable[[], list[str]] | None = None,
+                 offset: int = 0, earlier: list[RoundRecord] | None = None) -> None:
+        """Track one session (see :meth:`poll`).
+
+        ``dead_combiners`` names the network's combiners that are not running any more,
+        so that a round without a model is attributed to them, not to the clients.
+        A resumed run's session continues after ``offset`` logged rounds: its rounds are
+        numbered from ``offset + 1`` and written after the ``earlier`` records.
+        """
+        self.dead_combiners = dead_combiners or (lambda: [])
+        self.offset = offset
+        self.earlier = list(earlier or [])
+        # Called after new rounds are written (the runner updates run.json there).
+        self.on_update: Callable[[], None] | None = None
         self.api = api_client
         self.session_id = session_id
         self.seed_model_id = seed_model_id
@@ -237,8 +286,9 @@ class RoundReporter:
         Args:
             final: The session is over: report everything that is done.
         """
-        log = collect.collect_session(self.api, self.session_id, self.seed_model_id,
-                                      self.clients)
+        log = collect.shift_log(
+            collect.collect_session(self.api, self.session_id, self.seed_model_id,
+                                    self.clients, self.dead_combiners()), self.offset)
         self.log = log
         now = time.monotonic()
         new = []
@@ -260,7 +310,10 @@ class RoundReporter:
                 self.model_ids[info.index] = info.model_id
                 session.download_model(self.api, info.model_id,
                                        self.run_dir / MODELS_DIR / f"round-{info.index}.npz")
-        write_rounds(self.run_dir, [r for r in log.records if r.round in self.reported])
+        write_rounds(self.run_dir, self.earlier + [r for r in log.records
+                                                   if r.round in self.reported])
+        if new and self.on_update is not None:
+            self.on_update()
         for info in sorted(new, key=lambda r: r.index):
             if self.progress is not None:
                 self.progress(self.round_line(info, log))
@@ -272,6 +325,8 @@ class RoundReporter:
             if rec.round == info.index:
                 table.setdefault(rec.client, {})[rec.metric] = rec.value
         parts = [f"round {info.index}/{self.rounds}"]
+        if info.index in log.causes:
+            parts.append(f"FAILED, no model: {log.causes[info.index]}")
         for client in self.clients:
             row = table.get(client, {})
             if row.get("train_failed", 0.0) >= 1.0:
@@ -309,7 +364,8 @@ def utc_now_iso() -> str:
 def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None = None,
                    network_root: Path | None = None, overwrite: bool = False,
                    ready_timeout_s: float = 180.0,
-                   client_env: dict[str, dict[str, str]] | None = None) -> RunResult:
+                   client_env: dict[str, dict[str, str]] | None = None,
+                   resume: ResumePoint | None = None) -> RunResult:
     """Run ``exp``; results in ``runs_dir/<exp.name>/``.
 
     Args:
@@ -322,6 +378,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         ready_timeout_s: Bound on clients connecting (TF import + model build included).
         client_env: Extra environment variables per client name (on top of
             ``clients.env``), e.g. thread counts or fault injection in tests.
+        resume: Continue an interrupted run in its folder (see :func:`resume_run`)
+            instead of starting a new one.
 
     Returns:
         The outcome; ``status`` is "finished", "budget-limited" (a clinic dropped or
@@ -335,17 +393,31 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
     """
     say = progress or (lambda _line: None)
     run_dir = Path(runs_dir).resolve() / exp.name
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise FedsegError(f"{run_dir}: run folder exists and is not empty "
-                          "(choose another name or --overwrite)")
-    if overwrite and run_dir.exists():
-        _clear_run_dir(run_dir)
+    planned_rounds = exp.session.rounds
+    offset = resume.offset if resume else 0
+    if resume is None:
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise FedsegError(f"{run_dir}: run folder exists and is not empty "
+                              "(choose another name, --overwrite or --resume)")
+        if overwrite and run_dir.exists():
+            _clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
         "name": exp.name, "seed": exp.seed, "status": "starting", "started_at": utc_now_iso(),
         "experiment_file": str(exp.source) if exp.source else None, "config": exp.raw,
         "versions": package_versions(), "timings": {}, "model_ids": {}, "failures": [],
     }
+    if resume is not None:
+        # Keep the record of the interrupted attempt; this attempt adds to it.
+        info = {**resume.earlier_info, "status": "starting", "timings": {},
+                "versions": package_versions()}
+        info["resumed"] = [*resume.earlier_info.get("resumed", []),
+                           {"at": utc_now_iso(), "after_round": offset,
+                            "from_model": str(resume.start_model),
+                            "previous_status": resume.earlier_info.get("status")}]
+        exp = remaining_experiment(exp, offset)
+        say(f"resuming {run_dir} after round {offset} of {planned_rounds}, from "
+            f"{resume.start_model.name}")
     timings: dict[str, float] = info["timings"]
     write_run_info(run_dir, info)
     t_start = time.monotonic()
@@ -361,10 +433,12 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
 
     try:
         say(f"run folder {run_dir}")
-        data_dirs = step("data", lambda: prepare_data(exp, run_dir))
+        data_dirs = step("data", lambda: prepare_data(exp, run_dir, reuse=resume is not None))
         names = list(data_dirs)
         say(f"data: {len(names)} clinics ({', '.join(names)})")
         info["organ_set"] = check_data_organ_set(exp, data_dirs).to_json()
+        # Model export reads the clinics' manifests (import spacing) from here.
+        info["clinic_data"] = {n: str(Path(d).resolve()) for n, d in data_dirs.items()}
         # The budget is decided before any process starts (orchestration/budget.py).
         budget.check_synthetic(exp, data_dirs)
         settings_files = {n: write_clinic_settings(exp, run_dir, n, i)
@@ -379,7 +453,10 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             exp = dataclasses.replace(
                 exp, session=dataclasses.replace(exp.session, rounds=decision.rounds))
         seed_path = run_dir / "seed.npz"
-        info["seed_model"] = step("seed", lambda: prepare_seed(exp, seed_path))
+        if resume is None:
+            info["seed_model"] = step("seed", lambda: prepare_seed(exp, seed_path))
+        else:
+            seed_path = resume.start_model  # the session goes on from the last model
         info["model_bytes"] = seed_path.stat().st_size  # what one transfer moves
         write_models_record(exp, run_dir)
         package = step("package", lambda: session.build_package(
@@ -446,8 +523,18 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         info["status"] = "running"
         write_run_info(run_dir, info)
         say(f"session {session_id}: {exp.session.rounds} rounds, {exp.session.aggregator}")
-        reporter = RoundReporter(api, session_id, seed_id, names, exp.session.rounds, run_dir,
-                                 exp.session.validate, progress)
+        reporter = RoundReporter(api, session_id, seed_id, names, planned_rounds, run_dir,
+                                 exp.session.validate, progress,
+                                 dead_combiners=lambda: dead_combiners(state),
+                                 offset=offset,
+                                 earlier=resume.earlier_records if resume else None)
+
+        def round_reported() -> None:  # run.json follows the log: kill -9 loses nothing
+            assert reporter is not None
+            record_progress(reporter, info, resume.earlier_info if resume else None)
+            write_run_info(run_dir, info)
+
+        reporter.on_update = round_reported
         tic = time.monotonic()
         status = session.wait_session(api, session_id, session.session_timeout(exp.session),
                                       on_poll=reporter.poll)
@@ -460,7 +547,14 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         reporter.poll(final=True)
         timings["session_seconds"] = round(time.monotonic() - tic, 3)
         info["status"] = "finished" if status.lower() == "finished" else status.lower()
-        if info["status"] == "finished" and decision.limited:
+        earlier_models = (resume.earlier_info.get("model_ids") or {}) if resume else {}
+        if not reporter.model_ids and not earlier_models:
+            # A session that "finished" without any global model is a failed run.
+            causes = reporter.log.causes if reporter.log else {}
+            info["status"] = "failed: no round committed a global model" + (
+                " (" + "; ".join(f"round {k}: {c}" for k, c in sorted(causes.items())) + ")"
+                if causes else "")
+        elif info["status"] == "finished" and decision.limited:
             info["status"] = BUDGET_LIMITED
     except KeyboardInterrupt:
         info["status"] = "interrupted"
@@ -476,7 +570,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
     finally:
         previous = _ignore_sigint()
         try:
-            _cleanup(reporter, info, run_dir, clients_started, own_network_root)
+            _cleanup(reporter, info, run_dir, clients_started, own_network_root,
+                     resume.earlier_info if resume else None)
         finally:
             timings["total_seconds"] = round(time.monotonic() - t_start, 3)
             if exp.session.secure_aggregation:
@@ -487,6 +582,108 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
     return RunResult(run_dir=run_dir, status=info["status"],
                      session_id=info.get("session_id"),
                      rounds_done=int(info.get("rounds_done", 0)), failures=info["failures"])
+
+
+def remaining_experiment(exp: Experiment, done: int) -> Experiment:
+    """``exp`` without its first ``done`` rounds (per-round schedules sliced to match)."""
+    if done <= 0:
+        return exp
+    schedules = {k: (v[done:] if isinstance(v, list) else v)
+                 for k, v in exp.client_settings.items()}
+    return dataclasses.replace(
+        exp, client_settings=schedules,
+        session=dataclasses.replace(exp.session, rounds=exp.session.rounds - done))
+
+
+def stop_leftovers(run_dir: Path, network_root: Path | None = None) -> list[str]:
+    """Stop what an interrupted run left running: its clients and its own network.
+
+    Only processes recorded in the run folder (``clients/clients.json``,
+    ``network/network.json``, or the run's own network at ``network_root``: pid +
+    creation time) are signalled; a recorded pid that now belongs to another process is
+    left alone.
+
+    Returns:
+        The names of the processes that were still running and got stopped.
+    """
+    from fedseg.orchestration import network as network_mod
+
+    stopped = [f"client {n}" for n in clients_mod.stop_clients(run_dir)]
+    net = network_root or run_dir / "network"
+    if (net / network_mod.STATE_FILE).exists():
+        stopped += network_mod.network_down(net)
+    return stopped
+
+
+def resume_run(run_dir: Path, *, progress: Progress | None = None,
+               ready_timeout_s: float = 180.0,
+               client_env: dict[str, dict[str, str]] | None = None) -> RunResult:
+    """Continue a crashed, killed or interrupted run from its last committed model.
+
+    Stops the processes the interrupted run left behind (:func:`stop_leftovers`), then
+    runs the remaining rounds as a new session in the same folder: from the last
+    downloaded global model (``models/round-<k>.npz``; the seed if none), with the same
+    ledgers (so the budget is re-planned with what was already spent), numbering its
+    rounds after the ones in rounds.csv. A run-owned network starts afresh (the old
+    network folder is kept as ``network.before-resume-<n>``).
+
+    Args:
+        run_dir: The run folder (its run.json holds the experiment).
+        progress: As :func:`run_experiment`.
+        ready_timeout_s: As :func:`run_experiment`.
+        client_env: As :func:`run_experiment`.
+
+    Raises:
+        FedsegError: No run there, or it finished already.
+    """
+    from fedseg.orchestration.experiment import parse_experiment
+
+    say = progress or (lambda _line: None)
+    run_dir = Path(run_dir).resolve()
+    info = read_run_info(run_dir)
+    status = str(info.get("status", ""))
+    if status in ("finished", BUDGET_LIMITED):
+        raise FedsegError(f"{run_dir}: the run is {status}; nothing to resume")
+    source = info.get("experiment_file")
+    base = Path(source).parent if source else None
+    exp = parse_experiment(info.get("config"), source=source or str(run_dir / "run.json"),
+                           base=base)
+    if exp.name != run_dir.name:
+        raise FedsegError(f"{run_dir}: run.json names run {exp.name!r}, not the folder's "
+                          f"name {run_dir.name!r}")
+    network = info.get("network") or {}
+    owned = bool(network.get("owned", True))
+    own_root = Path(network["root"]) if owned and network.get("root") else run_dir / "network"
+    stopped = stop_leftovers(run_dir, own_root)
+    if stopped:
+        say(f"stopped what the interrupted run left running: {', '.join(stopped)}")
+    records = read_rounds(run_dir) if (run_dir / ROUNDS_NAME).exists() else []
+    done = max((r.round for r in records), default=0)
+    models = {int(m.stem.split("-", 1)[1]): m
+              for m in (run_dir / MODELS_DIR).glob("round-*.npz")
+              if m.stem.split("-", 1)[1].isdigit() and int(m.stem.split("-", 1)[1]) <= done}
+    start = models[max(models)] if models else run_dir / "seed.npz"
+    if not start.is_file():
+        raise FedsegError(f"{run_dir}: no committed model and no seed.npz to resume from")
+    if done >= exp.session.rounds:
+        raise FedsegError(f"{run_dir}: all {exp.session.rounds} rounds are logged "
+                          f"(status {status!r}); nothing to resume")
+    network_root = None if owned else Path(network["root"])
+    if owned and own_root.exists():
+        # A fresh network: the old store lists the dead combiners and the dead session.
+        n = 1
+        while own_root.with_name(f"{own_root.name}.before-resume-{n}").exists():
+            n += 1
+        own_root.rename(own_root.with_name(f"{own_root.name}.before-resume-{n}"))
+    return run_experiment(exp, run_dir.parent, progress=progress, network_root=network_root,
+                          ready_timeout_s=ready_timeout_s, client_env=client_env,
+                          resume=ResumePoint(done, start, records, info))
+
+
+def dead_combiners(state: Any) -> list[str]:
+    """The network's combiners whose recorded process is not running any more."""
+    return [c.name for c in state.combiners
+            if c.name in state.records and not ports.is_alive(state.records[c.name])]
 
 
 def _clear_run_dir(run_dir: Path) -> None:
@@ -514,13 +711,42 @@ def _clear_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
+def record_progress(reporter: RoundReporter, info: dict[str, Any],
+                    earlier: dict[str, Any] | None = None) -> None:
+    """Put what the reporter logged so far into run.json's ``info`` (in place).
+
+    Called after every reported round as well as at the end, so a run killed with
+    ``kill -9`` still leaves its rounds, model ids and failures on record. A resumed
+    run's record continues ``earlier`` (run.json before the interruption).
+    """
+    if reporter.log is None:
+        return
+    before = earlier or {}
+    kept = [f for f in before.get("failures", []) if f["round"] <= reporter.offset]
+    info["failures"] = kept + reporter.log.failures
+    info["model_ids"] = {**{k: v for k, v in (before.get("model_ids") or {}).items()
+                            if int(k) <= reporter.offset},
+                         **{str(k): v for k, v in sorted(reporter.model_ids.items())}}
+    info["rounds_done"] = reporter.offset + len(reporter.reported)
+    # Every round with its outcome: a round without a model is failed, with a cause.
+    info["rounds"] = [r for r in before.get("rounds", []) if r["round"] <= reporter.offset]
+    info["rounds"] += [{"round": r.index, "round_id": r.round_id, "status": r.status,
+                        "model_id": r.model_id or None,
+                        "failed": r.index in reporter.log.causes,
+                        "cause": reporter.log.causes.get(r.index)}
+                       for r in reporter.log.rounds if r.index in reporter.reported]
+    info["rounds_failed"] = sum(1 for r in info["rounds"] if r["failed"])
+
+
 def _cleanup(reporter: RoundReporter | None, info: dict[str, Any], run_dir: Path,
-             clients_started: bool, own_network_root: Path | None) -> None:
-    """Record what was collected, then stop clients and the run's own network."""
-    if reporter is not None and reporter.log is not None:
-        info["failures"] = reporter.log.failures
-        info["model_ids"] = {str(k): v for k, v in sorted(reporter.model_ids.items())}
-        info["rounds_done"] = len(reporter.reported)
+             clients_started: bool, own_network_root: Path | None,
+             earlier: dict[str, Any] | None = None) -> None:
+    """Record what was collected, then stop clients and the run's own network.
+
+    A resumed run's record continues ``earlier`` (run.json before the interruption).
+    """
+    if reporter is not None:
+        record_progress(reporter, info, earlier)
     if clients_started:
         clients_mod.stop_clients(run_dir)
     if own_network_root is not None:

@@ -95,6 +95,7 @@ def _decide(tmp_path: Path, path: Path, lines: list[str]) -> budget.BudgetDecisi
     return budget.decide(exp, tmp_path / "run", data, files, lines.append)
 
 
+@pytest.mark.slow  # epsilon by PLD: about 1 s per plan on a shared CPU
 def test_earlier_runs_compose_and_shorten_the_session(tmp_path: Path,
                                                       clinics: dict[str, Path]) -> None:
     one = clinics["clinic-1"]
@@ -113,6 +114,7 @@ def test_earlier_runs_compose_and_shorten_the_session(tmp_path: Path,
                for line in lines)
 
 
+@pytest.mark.slow  # epsilon by PLD: about 1 s per plan on a shared CPU
 def test_exhausted_clinic_is_dropped_with_a_log_line(tmp_path: Path,
                                                      clinics: dict[str, Path]) -> None:
     path = _experiment(tmp_path, clinics, _epsilon(clinics["clinic-1"], 3) * 1.0001,
@@ -126,6 +128,7 @@ def test_exhausted_clinic_is_dropped_with_a_log_line(tmp_path: Path,
                for line in lines)
 
 
+@pytest.mark.slow  # epsilon by PLD: about 1 s per plan on a shared CPU
 def test_run_refused_up_front_exit_3_and_ledger_survives_overwrite(
         tmp_path: Path, clinics: dict[str, Path]) -> None:
     path = _experiment(tmp_path, clinics, _epsilon(clinics["clinic-1"], 2) * 1.0001,
@@ -148,6 +151,7 @@ def test_run_refused_up_front_exit_3_and_ledger_survives_overwrite(
     assert {n: sorted((default_privacy_dir(d)).iterdir()) for n, d in clinics.items()} == before
 
 
+@pytest.mark.slow  # epsilon by PLD: about 1 s per plan on a shared CPU
 def test_privacy_show_and_reset_cli(tmp_path: Path, clinics: dict[str, Path]) -> None:
     data = clinics["clinic-1"]
     _spend(data, 2)
@@ -174,7 +178,7 @@ def test_run_scoped_ledgers_only_for_phantom_data(tmp_path: Path,
     data["extra"]["source"] = "import"  # as if it were imported patient data
     manifest.write_text(json.dumps(data))
     exp = load_experiment(_experiment(tmp_path, clinics, 10.0, ledgers="run"))
-    with pytest.raises(FedsegError, match="clinic-2.*not phantom data"):
+    with pytest.raises(FedsegError, match=r"clinic-2.*not phantom data"):
         budget.check_synthetic(exp, dict(exp.data.clinic_dirs))
     env = budget.client_privacy_env(exp, tmp_path / "run", "clinic-1")
     assert env == {"FEDSEG_RUN_NAME": "budgeted",

@@ -109,6 +109,20 @@ def test_ledger_lives_with_the_data_by_default(tmp_path: Path, clinic_dir: Path)
     assert not list((tmp_path / "state").glob("*ledger*"))  # nothing in the state folder
 
 
+def test_secure_randomness_two_trainings_same_settings_differ(tmp_path: Path,
+                                                              clinic_dir: Path) -> None:
+    """Default (secret) randomness: nothing a server knows repeats a clinic's noise."""
+    env = _env(tmp_path, clinic_dir, secure_randomness=True)
+    updates = []
+    for _ in range(2):
+        app = ClinicApp(load_settings(env))
+        seed = [np.asarray(w) for w in app.model.get_weights()]
+        new, _ = app.train(seed, {"seed": 7})  # a server-sent seed changes nothing here
+        updates.append(np.concatenate([(a - b).ravel() for a, b in zip(new, seed,
+                                                                        strict=True)]))
+    assert not np.allclose(updates[0], updates[1])
+
+
 def test_wrong_architecture_and_bad_server_settings(tmp_path: Path, clinic_dir: Path) -> None:
     app = ClinicApp(load_settings(_env(tmp_path, clinic_dir)))
     weights = [np.asarray(w) for w in app.model.get_weights()]

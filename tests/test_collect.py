@@ -130,3 +130,47 @@ def test_silent_client_is_logged_as_failed() -> None:
 def test_empty_answers_give_empty_log() -> None:
     log = assemble({"message": "error"}, {}, None, [], SID, SEED, ["c1"])
     assert log.rounds == [] and log.records == [] and log.failures == []
+
+
+def _two_rounds_second_failed(statuses: list[dict], aggregated: int, dead: tuple = ()
+                              ) -> tuple[dict, object]:
+    rounds = {"result": [_round("3", SID),
+                         _round("4", SID, status="Failed", aggregated=aggregated)]}
+    chain = {"result": [{"model_id": "g1", "parent_model": SEED}]}
+    log = assemble(rounds, chain, {"result": statuses}, {"result": []}, SID, SEED,
+                   ["c1", "c2"], dead_combiners=dead)
+    return pivot(log.records), log
+
+
+def test_round_without_model_is_failed_even_when_its_updates_arrived() -> None:
+    """One of two combiners died: the other aggregated 2 updates, no model was committed."""
+    statuses = [_update("c1", "3"), _update("c2", "3"), _update("c1", "4"), _update("c2", "4")]
+    table, log = _two_rounds_second_failed(statuses, aggregated=2, dead=("combiner-2",))
+    assert table[(1, "global")]["round_failed"] == 0.0
+    assert table[(1, "global")]["updates_aggregated"] == 2
+    assert table[(2, "global")]["round_failed"] == 1.0
+    assert table[(2, "global")]["updates_aggregated"] == 0.0  # none reached a global model
+    assert table[(2, "global")]["updates_received"] == 2
+    assert log.causes[2].startswith("combiner died (combiner-2)")
+    assert {"round": 2, "client": "global", "task": "round",
+            "error": log.causes[2]} in log.failures
+    assert not [f for f in log.failures if f["client"] != "global"]  # clients not blamed
+
+
+def test_only_combiner_died_blames_the_combiner_not_the_clients() -> None:
+    statuses = [_update("c1", "3"), _update("c2", "3")]
+    _, log = _two_rounds_second_failed(statuses, aggregated=0, dead=("combiner-1",))
+    assert "combiner died (combiner-1)" in log.causes[2]
+    client_failures = [f for f in log.failures if f["client"] != "global"]
+    assert client_failures and all("combiner died" in f["error"] for f in client_failures)
+
+
+def test_failed_round_causes_clients_failed_or_timeout() -> None:
+    statuses = [_update("c1", "3"), _update("c2", "3"), _failure("c1", "4"), _failure("c2", "4")]
+    _, log = _two_rounds_second_failed(statuses, aggregated=0)
+    assert log.causes[2].startswith("clients failed: every client reported a training "
+                                    "failure (c1: BudgetExceededError")
+    statuses = [_update("c1", "3"), _update("c2", "3"), _failure("c1", "4")]
+    _, log = _two_rounds_second_failed(statuses, aggregated=0)
+    assert log.causes[2] == ("timeout: no update arrived within the round timeout "
+                             "(silent: c2; failed: c1)")

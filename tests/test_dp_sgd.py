@@ -210,6 +210,37 @@ def test_same_seed_same_noise_other_seed_other_noise() -> None:
     assert not np.allclose(a[0], c[0])
 
 
+def test_secret_key_two_trainings_same_settings_draw_different_noise() -> None:
+    """No seed: the Philox key and counter come from the OS, so nothing repeats them."""
+    empty = tuple(a[:0] for a in batch(1))  # noise-only steps: the update is the noise
+
+    def noise_of_one_training() -> np.ndarray:
+        model = tiny_model()
+        before = weights(model)[0]
+        DPTrainer(model, ce_loss, DPConfig(1.0, 1.0, 2, 1.0)).step(*empty)
+        return weights(model)[0] - before
+
+    a, b = noise_of_one_training(), noise_of_one_training()
+    assert not np.allclose(a, b)
+    # Both are N(0, (clip sigma / B)^2) = N(0, 0.5^2) per coordinate.
+    for draw in (a, b):
+        assert 0.35 < float(np.std(draw)) < 0.65
+
+
+def test_reseed_restarts_a_reproducible_stream_and_renews_a_secret_one() -> None:
+    empty = tuple(a[:0] for a in batch(1))
+    model = tiny_model()
+    trainer = DPTrainer(model, ce_loss, DPConfig(1.0, 1.0, 2, 1.0), seed=5)
+    steps = []
+    for seed in (5, 5, None):
+        trainer.reseed(seed)
+        before = weights(model)[0]
+        trainer.step(*empty)
+        steps.append(weights(model)[0] - before)
+    np.testing.assert_allclose(steps[0], steps[1], atol=1e-6)  # same noise (weights moved)
+    assert not np.allclose(steps[1], steps[2])
+
+
 def test_noise_differs_from_step_to_step() -> None:
     model = tiny_model()
     trainer = DPTrainer(model, ce_loss, DPConfig(1.0, 1.0, 2, 1.0), seed=0)

@@ -117,10 +117,12 @@ def test_bugs_6_7_fedn_s_columns_refuse_what_fedn_sends(
 
 
 def test_bug_8_server_functions_column_is_varchar_255() -> None:
-    from fedn.network.storage.statestore.stores.sql.shared import SessionConfigModel
+    from fedn.network.storage.statestore.stores.sql import shared
 
-    column = SessionConfigModel.__table__.c.server_functions
-    assert isinstance(column.type, sqlalchemy.String) and column.type.length == 255
+    # fedn's source, not its metadata: a network started in this test process
+    # (tests/test_deployment.py, test_network.py) has already widened the metadata.
+    source = inspect.getsource(shared.SessionConfigModel)
+    assert "server_functions: Mapped[Optional[str]] = mapped_column(String(255))" in source
 
 
 def test_bug_9_a_known_combiner_name_keeps_its_stored_port() -> None:
@@ -146,3 +148,13 @@ def test_bug_12_report_wait_retries_without_a_stop() -> None:
                   source.index("def check_combiners_done_reporting")]
     assert "@retry(" in wait and "stop=" not in wait
 
+
+
+def test_bug_19_client_tls_only_on_port_443_and_private_ca_drops_token() -> None:
+    from fedn.network.clients import grpc_handler
+
+    source = inspect.getsource(grpc_handler.GrpcHandler)
+    assert "if port == GRPC_SECURE_PORT:" in source and grpc_handler.GRPC_SECURE_PORT == 443
+    secure = inspect.getsource(grpc_handler.GrpcHandler._init_secure_channel)
+    root_branch = secure[secure.index("FEDN_GRPC_ROOT_CERT_PATH"):secure.index("return")]
+    assert "GrpcAuth" not in root_branch  # the private-CA branch attaches no token

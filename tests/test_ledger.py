@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,8 +295,21 @@ def test_reset_archives_and_logs(ledger_path: Path) -> None:
         "new IRB protocol 42")
 
 
+def test_reset_after_a_deleted_ledger(ledger_path: Path) -> None:
+    """A deleted ledger refuses training; the logged reset is the way out."""
+    from fedseg_clinic.privacy.ledger import reset_ledgers
+
+    filled(ledger_path, rounds=1)
+    ledger_path.unlink()
+    with pytest.raises(FedsegError, match="was deleted"):
+        open_ledger(ledger_path)
+    record = reset_ledgers(ledger_path.parent, "ledger deleted by mistake", delta=DELTA)
+    assert "deleted" in record["ledgers"][0]["broken"]
+    assert open_ledger(ledger_path).spent().epsilon == 0.0
+
+
 def _reserve_worker(path: str, budget: float | None, rounds: int, tag: str,
-                    out: multiprocessing.Queue) -> None:
+                    out: Any) -> None:
     """One process reserving ``rounds`` segments; reports (granted, refused, errors)."""
     granted = refused = 0
     errors: list[str] = []

@@ -36,8 +36,8 @@ def test_sets_and_their_records() -> None:
         s.check_record(s.to_json(), "here")  # its own record passes
     with pytest.raises(FedsegError, match=r"unknown organ set 'pelvis' \(known: thorax"):
         organ_set("pelvis")
-    with pytest.raises(FedsegError, match="built for organ set thorax@v1 .* organ set "
-                                          "head_neck@v1"):
+    with pytest.raises(FedsegError, match=r"built for organ set thorax@v1 .* organ set "
+                                          r"head_neck@v1"):
         HEAD_NECK.check_record(THORAX.to_json(), "model m.npz")
     older = dict(HEAD_NECK.to_json(), version=0)
     with pytest.raises(FedsegError, match="head_neck@v0"):
@@ -137,7 +137,7 @@ def test_clinic_data_of_another_set_is_refused(thorax_clinic: Path, head_neck_cl
     # `fedseg run` checks every clinic before it starts anything.
     exp = types.SimpleNamespace(model=HN_MODEL)
     assert check_data_organ_set(exp, {"a": head_neck_clinic}) is HEAD_NECK
-    with pytest.raises(FedsegError, match="clinic data .*thorax@v1"):
+    with pytest.raises(FedsegError, match=r"clinic data .*thorax@v1"):
         check_data_organ_set(exp, {"a": head_neck_clinic, "b": thorax_clinic})
 
 
@@ -189,3 +189,39 @@ def test_clinic_trains_head_neck_and_refuses_a_thorax_server(
     with pytest.raises(FedsegError, match="thorax@v1"):
         ClinicApp(load_settings(env_thorax))
     json.dumps(metrics)  # the metrics travel as JSON
+
+
+def test_round_log_summary_follows_the_run_organ_set(tmp_path: Path) -> None:
+    from fedseg.analysis.summary import load_run, organ_names, summarize_run
+    from fedseg.orchestration.runlog import RoundRecord, write_rounds, write_run_info
+
+    write_run_info(tmp_path, {"name": "hn", "organ_set": HEAD_NECK.to_json()})
+    write_rounds(tmp_path, [RoundRecord(1, "c", f"val_dice_{o}", 0.5)
+                            for o in ("mandible", "brainstem", "parotid_left")]
+                 + [RoundRecord(1, "c", "val_dice_mean", 0.5)])
+    run = load_run(tmp_path)
+    assert organ_names(run) == ["brainstem", "parotid_left", "mandible"]  # the set's order
+    assert summarize_run(run)["organ_set"] == "head_neck@v1"
+
+
+def test_dicom_import_keeps_only_the_chosen_set(shared_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fedseg_clinic.cases import read_case
+    from fedseg_clinic.imaging.importer import ImportOptions, import_clinic
+
+    segs = shared_data / "dcmqi" / "data" / "segmentations"
+    src = tmp_path / "src"
+    shutil.copytree(segs / "ct-3slice", src / "p")
+    for name in ("heart_seg.nrrd", "spine_seg.nrrd"):
+        shutil.copy(segs / name, src / name)
+    aliases = AliasTable({"spinal_cord": ["spine"]})
+    report = import_clinic(src, tmp_path / "out", ImportOptions(
+        crop=False, aliases=aliases, organ_set="head_neck"))
+    case = read_case(tmp_path / "out" / report.cases[0])
+    assert case.meta.labelled_organs == ("spinal_cord",)
+    assert int(case.masks["spinal_cord"].sum()) == 12439
+    assert any("'heart' (heart) is not in the organ set" in p.text for p in report.problems)
+    assert read_manifest(tmp_path / "out").extra["organ_set"]["name"] == "head_neck"
+    with pytest.raises(FedsegError, match="unknown organ set"):
+        import_clinic(src, tmp_path / "o2", ImportOptions(organ_set="pelvis"))

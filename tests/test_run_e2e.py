@@ -247,6 +247,19 @@ def test_real_clinic_app_on_tiny_phantoms(tmp_path: Path, network_root: Path) ->
     assert np.isnan(table[(1, "clinic-2")]["val_dice_spinal_cord"])
     assert not np.isnan(table[(1, "clinic-1")]["val_dice_spinal_cord"])
     assert (result.run_dir / "models" / "round-2.npz").is_file()
+    # The run records its organ set and clinics; round 2 exports with a model card.
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["organ_set"]["name"] == "thorax"
+    assert set(info["clinic_data"]) == {"clinic-1", "clinic-2"}
+    from fedseg.orchestration.export import export_model
+    from fedseg_clinic.model.bundle import load_model, read_card
+
+    card = read_card(export_model(result.run_dir, 2, tmp_path / "exported"))
+    assert card["clinics"] == ["clinic-1", "clinic-2"] and card["round"] == 2
+    assert card["privacy"]["clinic-1"]["epsilon"] == pytest.approx(
+        table[(2, "clinic-1")]["epsilon"])
+    assert card["validation_dice"]["per_organ"]["spinal_cord"] is not None
+    assert load_model(tmp_path / "exported").organs.name == "thorax"
     settings = yaml.safe_load((result.run_dir / "settings" / "clinic-1.yaml").read_text())
     assert settings["model"]["base_filters"] == 4
     assert settings["training"]["seed"] == 5  # experiment seed + clinic index 0
@@ -405,3 +418,109 @@ def test_combiner_killed_mid_round_fails_that_round_and_the_session_goes_on(
     assert {f["round"] for f in result.failures if f["client"] == "clinic-2"} == {1, 2}
     info = read_run_info(result.run_dir)
     assert list(info["model_ids"]) == ["2"]
+    # Round 1 committed no model: a failed round, blamed on the dead combiner, even
+    # though combiner-1's clients trained and their updates arrived.
+    assert table[(1, GLOBAL)]["round_failed"] == 1 and table[(2, GLOBAL)]["round_failed"] == 0
+    assert table[(1, GLOBAL)]["updates_aggregated"] == 0
+    assert table[(1, "clinic-1")]["train_failed"] == 0
+    assert info["rounds_failed"] == 1 and info["rounds"][0]["failed"]
+    assert info["rounds"][0]["cause"].startswith("combiner died (combiner-2)")
+    assert {"round": 1, "client": GLOBAL, "task": "round",
+            "error": info["rounds"][0]["cause"]} in result.failures
+
+
+def test_only_combiner_killed_fails_the_run_and_blames_the_combiner(tmp_path: Path) -> None:
+    """Issue 13: the only combiner killed ended "finished", exit 0, clients blamed."""
+    from fedseg.commands.run import exit_code
+    from fedseg.orchestration.network import load_network_state
+    from fedseg.orchestration.runner import RunResult
+
+    names = {"clinic-1": {}, "clinic-2": {}}
+    path = _toy_experiment(tmp_path / "exp", "no-combiner", names, rounds=1,
+                           network=_network_keys(),
+                           session={"rounds": 1, "round_timeout": 10, "min_clients": 1})
+    run_dir = tmp_path / "runs" / "no-combiner"
+    env = {"TOY_TRAIN_SLEEP_S": "3"}
+
+    def kill_combiner() -> None:
+        state = load_network_state(run_dir / "network")
+        os.kill(state.combiners[0].pid, signal.SIGKILL)
+
+    def progress(line: str) -> None:
+        if line.startswith("session "):
+            threading.Timer(1.5, kill_combiner).start()
+
+    tic = time.monotonic()
+    try:
+        result = run_experiment(load_experiment(path), tmp_path / "runs", progress=progress,
+                                client_env={n: env for n in names})
+        status, failures = result.status, result.failures
+    except Exception as exc:  # noqa: BLE001 - a session that never ends is a failure too
+        status, failures = f"failed: {exc}", read_run_info(run_dir)["failures"]
+    assert time.monotonic() - tic < 240
+    assert status.startswith("failed"), status
+    info = read_run_info(run_dir)
+    assert info["status"].startswith("failed") and not info.get("model_ids")
+    # Whatever the API still answered, no failure blames a client for a dead combiner.
+    for failure in failures:
+        assert "client down" not in failure["error"], failure
+    assert exit_code(RunResult(run_dir, info["status"], None, 0, failures)) == 1
+
+
+def test_kill_9_of_the_runner_then_resume(tmp_path: Path) -> None:
+    """Issue 13: kill -9 left six processes and run.json "running"; now --resume."""
+    from fedseg.orchestration.runner import resume_run
+
+    path = _toy_experiment(tmp_path, "killed", {"clinic-1": {}, "clinic-2": {}}, rounds=3,
+                           network=_network_keys())
+    doc = yaml.safe_load(path.read_text())
+    doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "1.5"
+    path.write_text(yaml.safe_dump(doc))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": doc["clients"]["env"]["PYTHONPATH"]}
+    fedseg = Path(sys.executable).parent / "fedseg"
+    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path)
+    run_dir = runs / "killed"
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("round 1/3"):
+                break
+            assert time.monotonic() < deadline, "".join(output)
+        else:
+            pytest.fail("run ended before round 1:\n" + "".join(output))
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    state = json.loads((run_dir / "network" / "network.json").read_text())
+    left = list(state["records"].values())
+    left += [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
+    assert any(_alive(r) for r in left)  # what kill -9 leaves behind
+    assert read_run_info(run_dir)["status"] == "running"
+    lines: list[str] = []
+    result = resume_run(run_dir, progress=lines.append)
+    assert any(line.startswith("stopped what the interrupted run left running")
+               for line in lines), lines
+    assert not [r["name"] for r in left if _alive(r)]  # found and stopped by their pids
+    assert result.status == "finished", result
+    rows = read_rounds(run_dir)
+    assert {r.round for r in rows} == {1, 2, 3}  # numbered on after the logged rounds
+    info = read_run_info(run_dir)
+    assert info["status"] == "finished" and info["resumed"][0]["previous_status"] == "running"
+    done = info["resumed"][0]["after_round"]
+    assert done >= 1 and set(info["model_ids"]) == {"1", "2", "3"}
+    assert (run_dir / "models" / "round-3.npz").is_file()
+    assert (run_dir / "network.before-resume-1").is_dir()
+    # Nothing of the resumed run is left running either.
+    now = [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
+    assert not [r["name"] for r in now if _alive(r)]
+    with pytest.raises(Exception, match="nothing to resume"):
+        resume_run(run_dir)

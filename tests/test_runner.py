@@ -11,8 +11,10 @@ from fedseg.orchestration.runner import RoundReporter, demo_experiment, write_cl
 
 
 class _Log:
-    def __init__(self, records: list[RoundRecord]) -> None:
+    def __init__(self, records: list[RoundRecord], causes: dict[int, str] | None = None
+                 ) -> None:
         self.records = records
+        self.causes = causes or {}
 
 
 def test_progress_line_names_failed_clients(tmp_path: Path) -> None:
@@ -26,6 +28,15 @@ def test_progress_line_names_failed_clients(tmp_path: Path) -> None:
                 RoundRecord(1, "c3", "val_dice_mean", 0.9)])
     assert reporter.round_line(info, log) == (
         "round 2/5  c1 dice 0.41 eps 1.20  c2 dice -  c3 FAILED  12.0 s")
+
+
+def test_progress_line_says_a_round_without_model_failed(tmp_path: Path) -> None:
+    reporter = RoundReporter(None, "s", "seed", ["c1"], 3, tmp_path, True, None)
+    info = RoundInfo(2, "7", "Failed", "", 9.0, 1.0, 0.1, 1, 1)
+    log = _Log([RoundRecord(2, "c1", "train_failed", 0.0)],
+               {2: "combiner died (combiner-1): no global model committed"})
+    assert reporter.round_line(info, log).startswith(
+        "round 2/3  FAILED, no model: combiner died (combiner-1)")
 
 
 def test_demo_experiment_is_valid_and_uses_free_ports() -> None:

@@ -21,7 +21,7 @@ from fedseg.orchestration.sweep import (
     point_experiment,
     run_sweep,
 )
-from fedseg_clinic.cases import Manifest, ManifestEntry, write_manifest
+from fedseg_clinic.cases import FORMAT_VERSION, Manifest, ManifestEntry, write_manifest
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
 
@@ -93,6 +93,16 @@ def test_point_experiment_applies_values(tmp_path: Path) -> None:
     assert exp.clinic["training"]["local_steps"] == 4
     assert exp.data.clinic_dirs["a"] == (tmp_path / "cases" / "a").resolve()
     assert exp.raw["sweep"]["params"]["server_learning_rate"] == 0.1
+    assert exp.ledgers == "data"  # existing clinic folders: the data's own ledgers
+
+
+def test_points_on_shared_phantoms_keep_their_own_ledgers(tmp_path: Path) -> None:
+    _base(tmp_path, data={"phantoms": {"preset": "iid", "clinics": 2}})
+    sweep = load_sweep(_sweep(tmp_path, {"local_steps": [4, 8]}))
+    shared = {"clinic-1": tmp_path / "d1", "clinic-2": tmp_path / "d2"}
+    exps = [point_experiment(sweep, p, shared, None).experiment for p in expand_grid(sweep)]
+    # Otherwise the shared phantoms' ledger would compose every point's epsilon.
+    assert [e.ledgers for e in exps] == ["run", "run"]
 
 
 @pytest.mark.slow  # each calibration takes seconds
@@ -256,7 +266,8 @@ def test_real_tiny_sweep_through_fedn(tmp_path: Path) -> None:
     tests = Path(__file__).resolve().parent
     for client in ("c1", "c2"):
         (tmp_path / client).mkdir()
-        (tmp_path / client / "manifest.json").write_text("{}")
+        (tmp_path / client / "manifest.json").write_text(json.dumps(  # valid, empty
+            {"clinic": client, "cases": [], "format_version": FORMAT_VERSION}))
     doc = {
         "name": "toy", "seed": 3, "data": {"clinics": {"c1": "c1", "c2": "c2"}},
         "seed_builder": "toy_clinic_app:build_seed",

@@ -36,7 +36,8 @@ def _geometry(meta: object) -> Geometry:
                     direction=tuple(tuple(d[i * 3:i * 3 + 3]) for i in range(3)))
 
 
-def _phantom(shape: tuple[int, int, int] = (24, 20, 16)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _phantom(shape: tuple[int, int, int] = (24, 20, 16)
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A body block in (i, j, k) file order with two 'parotids' and a 'cord'."""
     ct = np.full(shape, -1000, np.int16)
     ct[3:-3, 3:-3, 2:-2] = 40
@@ -213,7 +214,7 @@ def test_find_volume_cases_follows_symlinked_folders(tmp_path: Path) -> None:
 
 # -- the real OpenKBP patients (read-only, beside the checkout) ----------------------------
 
-KBP_PATIENTS = ("pt_1", "pt_10", "pt_100")
+KBP_PATIENTS = ("pt_1", "pt_10", "pt_151")  # pt_151: cord below the threshold body
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +260,35 @@ def test_openkbp_volumes_equal_mask_voxels_times_voxel_volume(openkbp: Path,
             assert centre("parotid_left")[0] > centre("parotid_right")[0]  # LPS x: left
         assert read_manifest(out).extra["organ_set"]["name"] == "head_neck"
     assert checked >= 10
+
+
+def test_mask_on_another_grid_is_resampled_with_a_warning(tmp_path: Path) -> None:
+    ct, masks = _phantom()
+    _write_kbp_case(tmp_path / "src" / "p", ct, masks)
+    # The cord again, on a grid of half the resolution (2 x 2 x 2 CT voxels per voxel).
+    coarse = np.zeros((12, 10, 8), np.uint8)
+    coarse[8:10, 4:6, 1:7] = 1  # CT voxels i 16..19, j 8..11, k 2..13
+    affine = KBP_AFFINE.copy()
+    affine[:3, :3] *= 2.0
+    affine[:3, 3] = KBP_AFFINE[:3, :3] @ np.array([0.5, 0.5, 0.5])  # same corner
+    nibabel.save(nibabel.Nifti1Image(coarse, affine),
+                 tmp_path / "src" / "p" / "segmentations" / "SpinalCord.nii.gz")
+    report = import_volume_clinic(tmp_path / "src", tmp_path / "out",
+                                  ImportOptions(organ_set="head_neck", crop=False))
+    assert report.ok
+    assert any("on another grid than the CT were resampled" in p.text
+               for p in report.problems)
+    case = read_case(tmp_path / "out" / report.cases[0])
+    assert case.masks["spinal_cord"].sum() == coarse.sum() * 8  # each voxel -> 2x2x2
+
+
+def test_two_ct_files_in_one_folder_fail_that_case_only(tmp_path: Path) -> None:
+    ct, masks = _phantom()
+    _write_kbp_case(tmp_path / "src" / "a", ct, masks)
+    _write_kbp_case(tmp_path / "src" / "b", ct, masks)
+    nibabel.save(nibabel.Nifti1Image(ct, KBP_AFFINE), tmp_path / "src" / "b" / "image.nii")
+    report = import_volume_clinic(tmp_path / "src", tmp_path / "out",
+                                  ImportOptions(organ_set="head_neck", crop=False))
+    assert len(report.cases) == 1 and len(report.failed) == 1
+    errors = [p.text for p in report.problems if p.severity == "error"]
+    assert len(errors) == 1 and "2 CT files (ct.nii.gz, image.nii)" in errors[0]

@@ -56,7 +56,6 @@ from fedseg_clinic.tf_env import tf
 logger = logging.getLogger(__name__)
 
 
-
 class ClinicApp:
     """A clinic's train / validate / predict on its local cases.
 
@@ -153,19 +152,21 @@ class ClinicApp:
 
     # -- training -----------------------------------------------------------------------
 
-    def _round_seeds(self, settings: ClinicSettings, round_index: int) -> tuple[int, int]:
-        """Seeds of the DP noise and of the patient/patch sampling for one round.
+    def _round_seeds(self, settings: ClinicSettings, round_index: int
+                     ) -> tuple[int | None, int]:
+        """Seed of the DP noise (None: secret key) and of the patient/patch sampling.
 
-        Secret (OS randomness) unless the clinic opted into reproducible randomness; see
+        Secret (OS randomness: a 192-bit Philox key and counter for the noise, 128 bits
+        for the sampling) unless the clinic opted into reproducible randomness; see
         PrivacySettings.secure_randomness for why a known seed would void the guarantee.
         """
         if settings.privacy.enabled and settings.privacy.secure_randomness:
-            return secrets.randbits(31), secrets.randbits(63)
+            return None, secrets.randbits(128)
         base = np.random.SeedSequence([settings.training.seed, round_index])
         noise_seed, sampling_seed = base.generate_state(2)
         return int(noise_seed) & 0x7FFFFFFF, int(sampling_seed)
 
-    def _get_trainer(self, settings: ClinicSettings, noise_seed: int,
+    def _get_trainer(self, settings: ClinicSettings, noise_seed: int | None,
                      noise_multiplier: float) -> DPTrainer:
         """The DP trainer; kept across rounds (its traced step is the costly part).
 
@@ -197,7 +198,10 @@ class ClinicApp:
         else:
             for variable in self._trainer.optimizer.variables():
                 variable.assign(tf.zeros_like(variable))
-            # The traced noise ops of a kept trainer continue their own random stream.
+            # A kept trainer's secret noise stream goes on; a reproducible one restarts
+            # from this round's seed.
+            if noise_seed is not None:
+                self._trainer.reseed(noise_seed)
         return self._trainer
 
     def train(

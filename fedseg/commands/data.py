@@ -104,7 +104,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
         click.echo(f"{case.case_id}{split}: shape {shape} (z y x), spacing {spacing} mm, "
                    f"HU {case.hu_min}..{case.hu_max}")
         for organ, organ_stats in sorted(case.organs.items()):
-            click.echo(f"  {organ:<12} {organ_stats.voxels:>10d} voxels "
+            click.echo(f"  {organ:<13} {organ_stats.voxels:>10d} voxels "
                        f"{organ_stats.volume_cc:>10.1f} cc")
         if case.unmapped_rois:
             click.echo(f"  unmapped ROIs: {', '.join(case.unmapped_rois)}")
@@ -112,7 +112,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
         click.echo(f"clinic {stats.clinic}: {len(stats.cases)} case(s), {stats.n_train} train, "
                    f"{stats.n_val} val, {stats.total_voxels} voxels")
         for organ in sorted(stats.organ_cases):
-            click.echo(f"  {organ:<12} in {stats.organ_cases[organ]:>4d} case(s) "
+            click.echo(f"  {organ:<13} in {stats.organ_cases[organ]:>4d} case(s) "
                        f"{stats.organ_volume_cc[organ]:>12.1f} cc total")
 
 

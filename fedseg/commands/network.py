@@ -30,9 +30,14 @@ def network() -> None:
                    "--no-auth opens the network).")
 @click.option("--hooks/--no-hooks", default=None,
               help="Start the hooks service (per-round client settings).")
+@click.option("--host", help="Address the API server and combiners listen on and advertise "
+                             "(default 127.0.0.1). Any other: TLS and auth, always.")
+@click.option("--keep-secret/--new-secret", default=None,
+              help="Keep the JWT secret across down/up so clinic kits survive a restart "
+                   "(default: a new secret per up).")
 def up(config_path: Path | None, root: Path | None, statestore: str | None,
        n_combiners: int | None, api_port: int | None, auth: bool | None,
-       hooks: bool | None) -> None:
+       hooks: bool | None, host: str | None, keep_secret: bool | None) -> None:
     """Bring a network up and wait until every process answers."""
     from fedseg.orchestration.network import CombinerSpec, NetworkConfig, network_up
 
@@ -54,6 +59,10 @@ def up(config_path: Path | None, root: Path | None, statestore: str | None,
         config.auth = auth
     if hooks is not None:
         config.hooks = hooks
+    if host is not None:
+        config.host = host
+    if keep_secret is not None:
+        config.keep_secret = keep_secret
     config.validate(str(config_path) if config_path is not None else "command line")
     state = network_up(config)
     click.echo(f"network up in {state.root}")
@@ -62,6 +71,8 @@ def up(config_path: Path | None, root: Path | None, statestore: str | None,
         click.echo(f"  combiner  {combiner.name} {combiner.host}:{combiner.port}")
     if state.hooks_host:
         click.echo(f"  hooks     {state.hooks_host}")
+    if state.tls_ca:
+        click.echo(f"  tls       on (CA certificate for clinics: {state.tls_ca})")
     if state.admin_token:
         click.echo(f"  auth      on (tokens in {state.root / 'network.json'}, expire after "
                    f"{state.token_lifetime_s:g} s)")
@@ -73,10 +84,18 @@ def up(config_path: Path | None, root: Path | None, statestore: str | None,
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Network folder.")
 def down(root: Path) -> None:
-    """Stop every process the network started (also after a crash)."""
+    """Stop every process the network started (also after a crash).
+
+    The network folder of a run (``RUN/network``): the run's clients, recorded in
+    ``RUN/clients/clients.json``, are stopped too (e.g. after ``kill -9`` of fedseg run).
+    """
+    from fedseg.orchestration.clients import CLIENTS_DIR, STATE_FILE, stop_clients
     from fedseg.orchestration.network import network_down
 
     stopped = network_down(root)
+    run_dir = root.resolve().parent
+    if (run_dir / "run.json").is_file() and (run_dir / CLIENTS_DIR / STATE_FILE).is_file():
+        stopped += [f"client {n}" for n in stop_clients(run_dir)]
     click.echo(f"stopped {', '.join(stopped) if stopped else 'nothing (all had exited)'}")
 
 

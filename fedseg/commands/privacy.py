@@ -4,8 +4,8 @@
 (``<DATA_DIR>/.fedseg-privacy``, or ``--privacy-dir``); ``reset`` is the only way to start
 a data set's accounting over, and it is logged (docs/privacy-model.md).
 
-``epsilon`` and ``calibrate`` assume patient-level Poisson sampling (q = batch / patients) per step, as
-the DP trainer does; ``steps`` counts every local step of every round.
+``epsilon`` and ``calibrate`` assume patient-level Poisson sampling (q = batch / patients)
+per step, as the DP trainer does; ``steps`` counts every local step of every round.
 """
 
 from __future__ import annotations

@@ -40,33 +40,49 @@ def _quiet_fedn() -> None:
 
 
 @click.command("run")
-@click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path), required=False)
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Parent of the run folder (default: ./runs, printed).")
 @click.option("--network", "network_root", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Use the network already up in this folder.")
 @click.option("--overwrite", is_flag=True, help="Reuse an existing run folder of that name.")
-def run(experiment: Path, runs_dir: Path | None, network_root: Path | None,
-        overwrite: bool) -> None:
-    """Run EXPERIMENT (YAML) end to end; results in RUNS_DIR/<name>/."""
-    from fedseg.orchestration.experiment import load_experiment
-    from fedseg.orchestration.runner import run_experiment
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Continue this crashed or killed run (instead of EXPERIMENT).")
+def run(experiment: Path | None, runs_dir: Path | None, network_root: Path | None,
+        overwrite: bool, resume_dir: Path | None) -> None:
+    """Run EXPERIMENT (YAML) end to end; results in RUNS_DIR/<name>/.
 
-    exp = load_experiment(experiment)
+    With --resume RUN_DIR: stop what the interrupted run left running (by recorded pid)
+    and run its remaining rounds from its last committed global model, same ledgers.
+    """
+    from fedseg.orchestration.budget import EXIT_BUDGET, BudgetRefusedError
+    from fedseg.orchestration.experiment import load_experiment
+    from fedseg.orchestration.runner import resume_run, run_experiment
+
+    if (experiment is None) == (resume_dir is None):
+        raise FedsegError("give EXPERIMENT or --resume RUN_DIR (exactly one)")
+    if resume_dir is not None and (overwrite or network_root or runs_dir):
+        raise FedsegError("--resume takes no --overwrite, --network or --runs-dir "
+                          "(the run folder's run.json has them)")
+    exp = load_experiment(experiment) if experiment is not None else None
     _quiet_fedn()
     _sigterm_as_interrupt()
     runs = (runs_dir or _default_runs_dir()).resolve()
-    from fedseg.orchestration.budget import EXIT_BUDGET, BudgetRefusedError
-
+    where = resume_dir.resolve() if resume_dir is not None else runs / exp.name
     try:
-        result = run_experiment(exp, runs, progress=_echo_progress,
-                                network_root=network_root.resolve() if network_root else None,
-                                overwrite=overwrite)
+        if resume_dir is not None:
+            result = resume_run(resume_dir.resolve(), progress=_echo_progress)
+        else:
+            result = run_experiment(
+                exp, runs, progress=_echo_progress,
+                network_root=network_root.resolve() if network_root else None,
+                overwrite=overwrite)
     except BudgetRefusedError as exc:
         click.echo(f"fedseg: refused: {exc}", err=True)
         raise SystemExit(EXIT_BUDGET) from None
     except KeyboardInterrupt:
-        click.echo(f"interrupted; round log so far in {runs / exp.name}", err=True)
+        click.echo(f"interrupted; round log so far in {where} (fedseg run --resume {where})",
+                   err=True)
         raise SystemExit(130) from None
     raise SystemExit(_report(result))
 
@@ -205,7 +221,7 @@ def demo(out: Path | None, rounds: int, overwrite: bool) -> None:
     except KeyboardInterrupt:
         click.echo(f"interrupted; round log so far in {runs / exp.name}", err=True)
         raise SystemExit(130) from None
-    _report(result)
+    code = _report(result)
     ctx = click.get_current_context()
     analyze = ctx.parent.command.get_command(ctx.parent, "analyze") if ctx.parent else None
     if analyze is not None and result.rounds_done:
@@ -215,6 +231,8 @@ def demo(out: Path | None, rounds: int, overwrite: bool) -> None:
                        out_dir=result.run_dir / "analysis")
         except TypeError as exc:  # analyze's options differ: say how to run it
             click.echo(f"  (run `fedseg analyze {result.run_dir}` yourself: {exc})")
+    if code:
+        raise SystemExit(code)
 
 
 COMMANDS: list[click.Command] = [run, clients, demo]

@@ -43,6 +43,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import time
 from datetime import datetime
 from importlib import metadata
@@ -111,6 +112,8 @@ BUGS: tuple[FednBug, ...] = (
             "refuse_empty_bearer() on the API app"),
     FednBug(18, "the controller's Control/Connector calls are whitelisted: no token needed",
             "sign_controller_calls() (API) and close_controller_whitelist() (combiners)"),
+    FednBug(19, "clients use TLS only on port 443; a private CA (FEDN_GRPC_ROOT_CERT_PATH) "
+            "drops the token", "tls_on_any_port() in client processes"),
 )
 
 
@@ -497,6 +500,43 @@ def attach_grpc_token() -> None:
     GrpcHandler.__init__ = __init__
 
 
+# --- bug 19 ------------------------------------------------------------------------------
+
+#: Environment variable fedn's client reads the CA certificate of the combiners from.
+GRPC_ROOT_CERT_ENV = "FEDN_GRPC_ROOT_CERT_PATH"
+
+
+def tls_on_any_port() -> None:
+    """Make fedn's client speak TLS to a combiner on any port when given a CA.
+
+    Symptom (bug 19, found here): ``GrpcHandler._init_channel`` opens a TLS channel
+    only when the combiner's port is 443, so a combiner serving TLS on its own port
+    (12080) gets a plain-text connection and the handshake fails; and on its TLS path
+    with a private CA (FEDN_GRPC_ROOT_CERT_PATH) it leaves the token out. With the
+    variable set, the channel is TLS verified against that CA on every port; the token
+    goes in the call metadata (:func:`attach_grpc_token`, which this installs too).
+    Without the variable fedn's behaviour is unchanged.
+    """
+    from fedn.network.clients import grpc_handler
+
+    attach_grpc_token()
+    handler = grpc_handler.GrpcHandler
+    original = getattr(handler._init_channel, "__wrapped__", handler._init_channel)
+
+    def _init_channel(self: Any, host: str, port: int, token: str) -> None:
+        ca_path = os.environ.get(GRPC_ROOT_CERT_ENV)
+        if not ca_path:
+            original(self, host, port, token)
+            return
+        with open(ca_path, "rb") as ca_file:
+            credentials = grpc.ssl_channel_credentials(ca_file.read())
+        self.channel = grpc.secure_channel(f"{host}:{port}", credentials,
+                                           options=grpc_handler.GRPC_OPTIONS)
+
+    _init_channel.__wrapped__ = original  # type: ignore[attr-defined]
+    handler._init_channel = _init_channel
+
+
 # --- bug 16 ------------------------------------------------------------------------------
 
 #: gRPC methods that may be called without a token: the health service only.
@@ -823,12 +863,15 @@ def skip_unavailable_combiners() -> None:
 
 # --- binding -----------------------------------------------------------------------------
 
-def bind_api_server(host: str, workers: int) -> None:
+def bind_api_server(host: str, workers: int, certfile: str | None = None,
+                    keyfile: str | None = None) -> None:
     """Make fedn's API server listen on ``host`` with ``workers`` gunicorn workers.
 
     Symptom: fedn.network.api.server.start_server_api hard-codes host "0.0.0.0" and
     workers = os.cpu_count(). It calls ``gunicorn_app.run_gunicorn`` through the
     module, so replacing that attribute changes both before gunicorn binds.
+    With ``certfile``/``keyfile`` gunicorn serves HTTPS only (plain HTTP gets no
+    answer: the TLS handshake fails).
     """
     from fedn.network.api import gunicorn_app
 
@@ -852,6 +895,9 @@ def bind_api_server(host: str, workers: int) -> None:
         # A worker running a session thread (non-daemon) holds a graceful stop for the
         # default 30 s; the network stops the API quickly instead.
         self.cfg.set("graceful_timeout", GRACEFUL_TIMEOUT_S)
+        if certfile and keyfile:
+            self.cfg.set("certfile", certfile)
+            self.cfg.set("keyfile", keyfile)
 
     load_config_without_control_socket.__wrapped__ = load_config  # type: ignore[attr-defined]
     gunicorn_app.GunicornApp.load_config = load_config_without_control_socket

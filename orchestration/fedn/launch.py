@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from fedseg.orchestration.fedn import compat as fedn_compat
+from fedseg.orchestration.network.revocation import install_revocation_check
 
 HOST = "127.0.0.1"
 
@@ -22,10 +23,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="role", required=True)
     api = sub.add_parser("api", help="fedn's API server (controller)")
     api.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    api.add_argument("--host", default=HOST, help="address to listen on")
+    api.add_argument("--certfile", help="server certificate (PEM): serve HTTPS")
+    api.add_argument("--keyfile", help="its private key (PEM)")
     combiner = sub.add_parser("combiner", help="a fedn combiner")
     combiner.add_argument("--name", required=True)
     combiner.add_argument("--port", type=int, required=True)
     combiner.add_argument("--max-clients", type=int, default=30)
+    combiner.add_argument("--host", default=HOST,
+                          help="address to listen on and advertise to clients")
+    combiner.add_argument("--init", help="fedn combiner YAML (secure, cert_path, key_path)")
     client = sub.add_parser("client", help="fedn's client (package route)")
     client.add_argument("--init", required=True,
                         help="fedn client config YAML (api_url, token, name, ...)")
@@ -34,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_api(workers: int) -> None:
+def run_api(workers: int, host: str = HOST, certfile: str | None = None,
+            keyfile: str | None = None) -> None:
     """Patch, then run fedn.network.api.server.start_server_api (blocks)."""
     fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
@@ -42,8 +50,9 @@ def run_api(workers: int) -> None:
     fedn_compat.merge_round_combiners()
     fedn_compat.bound_report_wait()
     fedn_compat.skip_unavailable_combiners()
-    fedn_compat.bind_api_server(HOST, workers)
+    fedn_compat.bind_api_server(host, workers, certfile, keyfile)
     fedn_compat.sign_controller_calls()  # bug 18
+    install_revocation_check()  # fedseg clinic revoke
     fedn_compat.shorten_round_polling()
     from fedn.network.api import server
 
@@ -53,21 +62,30 @@ def run_api(workers: int) -> None:
     server.start_server_api()
 
 
-def run_combiner(name: str, port: int, max_clients: int) -> None:
-    """Patch, then run fedn's ``combiner start`` command (blocks)."""
+def run_combiner(name: str, port: int, max_clients: int, host: str = HOST,
+                 init: str | None = None) -> None:
+    """Patch, then run fedn's ``combiner start`` command (blocks).
+
+    ``init`` is fedn's own combiner YAML; the network passes one with ``secure: true``,
+    ``cert_path`` and ``key_path`` for gRPC over TLS (fedn's command line has no
+    options for the certificate files).
+    """
     fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     fedn_compat.install_sql_coercion()
     fedn_compat.merge_round_combiners()
-    fedn_compat.bind_grpc_servers(HOST)
+    fedn_compat.bind_grpc_servers(host)
     fedn_compat.install_grpc_auth_guard()  # bug 16; after the binding wrapper
     fedn_compat.close_controller_whitelist()  # bug 18
+    install_revocation_check()  # fedseg clinic revoke
     fedn_compat.shorten_round_polling()
     from fedn.cli import main as fedn_main
 
-    fedn_main(args=["combiner", "start", "--name", name, "--host", HOST, "--port", str(port),
-                    "--max_clients", str(max_clients)],
-              prog_name="fedn", standalone_mode=True)
+    args = ["combiner", "start", "--name", name, "--host", host, "--port", str(port),
+            "--max_clients", str(max_clients)]
+    if init:
+        args += ["--init", init]
+    fedn_main(args=args, prog_name="fedn", standalone_mode=True)
 
 
 def run_client(init: str) -> None:
@@ -78,6 +96,7 @@ def run_client(init: str) -> None:
     """
     fedn_compat.check_fedn_version()
     fedn_compat.attach_grpc_token()
+    fedn_compat.tls_on_any_port()  # bug 19
     from fedn.cli import main as fedn_main
 
     fedn_main(args=["client", "start", "--init", init], prog_name="fedn", standalone_mode=True)
@@ -96,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = _parser().parse_args(argv)
     if args.role == "api":
-        run_api(args.workers)
+        run_api(args.workers, args.host, args.certfile, args.keyfile)
     elif args.role == "combiner":
-        run_combiner(args.name, args.port, args.max_clients)
+        run_combiner(args.name, args.port, args.max_clients, args.host, args.init)
     elif args.role == "client":
         run_client(args.init)
     else:

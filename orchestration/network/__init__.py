@@ -15,11 +15,12 @@ One network lives in one folder (its root)::
 Processes: stores we run (moto, postgres), the hooks service (optional), the API
 server, the combiners. fedn's servers are started through
 :mod:`fedseg.orchestration.fedn.launch`, which applies our fedn 0.33.0 workarounds
-and binds 127.0.0.1 only.
+and binds 127.0.0.1 only (or the config's ``host``, with TLS).
 
 Modules: ``config`` (NetworkConfig and the file names), ``state`` (network.json),
 ``processes`` (up, down, status), ``stores`` (SQL and S3 stores), ``auth`` (tokens),
-``ports`` (free ports, process records).
+``ports`` (free ports, process records), ``tls`` (private CA, server certificate),
+``clinics`` (per-clinic tokens and kits), ``revocation`` (revoked tokens).
 """
 
 from fedseg.orchestration.network.config import (

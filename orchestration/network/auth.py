@@ -27,7 +27,7 @@ def new_secret() -> str:
 
 
 def mint_token(secret: str, role: str, subject: str = "fedseg",
-               lifetime_s: float | None = None) -> str:
+               lifetime_s: float | None = None, jti: str | None = None) -> str:
     """Sign a token for ``role``.
 
     Args:
@@ -36,6 +36,7 @@ def mint_token(secret: str, role: str, subject: str = "fedseg",
         subject: Who holds it (the ``sub`` claim), e.g. a client name.
         lifetime_s: Seconds until it expires (negative: already expired, for tests);
             None = no expiry. The network always passes its token_lifetime_s.
+        jti: Token id (the ``jti`` claim), by which a clinic's token is revoked.
 
     Returns:
         The encoded JWT.
@@ -48,6 +49,8 @@ def mint_token(secret: str, role: str, subject: str = "fedseg",
     claims: dict[str, object] = {"role": role, "sub": subject, "iat": now}
     if lifetime_s is not None:
         claims["exp"] = now + int(lifetime_s)
+    if jti is not None:
+        claims["jti"] = jti
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 

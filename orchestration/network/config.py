@@ -60,6 +60,16 @@ class NetworkConfig:
         api_workers: gunicorn workers of the API server.
         startup_timeout_s: Bound on each readiness wait.
         network_id: fedn's network id.
+        host: Address the API server and the combiners listen on and advertise to
+            clients. Loopback (the default): plain HTTP/gRPC, as on one machine. Any
+            other address: TLS (HTTPS, gRPC over TLS) and auth are forced on.
+        tls_cert: Operator-supplied server certificate (PEM; its subjectAltNames must
+            include ``host``). Without it fedseg creates a private CA in root/tls.
+        tls_key: Its private key (PEM).
+        tls_ca: The CA certificate clients verify the server with (PEM).
+        keep_secret: Keep root/jwt-secret across ``network down``/``up``, so tokens in
+            clinic kits stay valid after a restart (off: a fresh secret per ``up``,
+            every earlier token worthless). Revoked kits stay revoked either way.
     """
 
     root: Path
@@ -81,6 +91,18 @@ class NetworkConfig:
     api_workers: int = 2
     startup_timeout_s: float = 60.0
     network_id: str = "fedseg"
+    host: str = "127.0.0.1"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    keep_secret: bool = False
+
+    @property
+    def tls(self) -> bool:
+        """TLS on: every address but loopback (cannot be switched off there)."""
+        from fedseg.orchestration.network.tls import is_loopback
+
+        return not is_loopback(self.host)
 
     @classmethod
     def default(cls, root: Path) -> NetworkConfig:
@@ -126,7 +148,7 @@ class NetworkConfig:
         for key in ("api_port", "s3_port", "postgres_port", "hooks_port", "api_workers"):
             if key in values:
                 values[key] = _as_int(values[key], key, source)
-        for key in ("auth", "hooks"):
+        for key in ("auth", "hooks", "keep_secret"):
             if key in values and not isinstance(values[key], bool):
                 raise FedsegError(f"{source}: {key} must be true or false, not {values[key]!r}")
         for key in ("startup_timeout_s", "token_lifetime_s"):
@@ -139,9 +161,13 @@ class NetworkConfig:
                     raise FedsegError(f"{source}: {key} must be a number, not "
                                       f"{values[key]!r}") from exc
         for key in ("statestore", "s3", "postgres_url", "s3_endpoint", "s3_access_key",
-                    "s3_secret_key", "s3_region", "network_id"):
+                    "s3_secret_key", "s3_region", "network_id", "host"):
             if key in values and values[key] is not None:
                 values[key] = str(values[key])
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            if values.get(key) is not None:
+                tls_path = Path(str(values[key]))
+                values[key] = (tls_path if tls_path.is_absolute() else base / tls_path).resolve()
         config = cls(**values)
         config.validate(source)
         return config
@@ -162,6 +188,21 @@ class NetworkConfig:
             if not str(self.s3_endpoint).startswith(("http://", "https://")):
                 raise FedsegError(f"{source}: s3_endpoint {self.s3_endpoint!r} must start "
                                   "with http:// or https://")
+        if not self.host or any(c.isspace() or c in "/:[]@" for c in self.host):
+            raise FedsegError(f"{source}: host {self.host!r} must be an IPv4 address or a "
+                              "host name")
+        if self.tls and not self.auth:
+            raise FedsegError(f"{source}: host {self.host} is not loopback: auth cannot be "
+                              "turned off there (clinics reach it over the network)")
+        if self.keep_secret and not self.auth:
+            raise FedsegError(f"{source}: keep_secret needs auth on (no secret without it)")
+        tls_given = [k for k in ("tls_cert", "tls_key", "tls_ca") if getattr(self, k)]
+        if tls_given and len(tls_given) != 3:
+            raise FedsegError(f"{source}: tls_cert, tls_key and tls_ca go together "
+                              f"(only {', '.join(tls_given)} given)")
+        if tls_given and not self.tls:
+            raise FedsegError(f"{source}: tls_cert/tls_key/tls_ca need a non-loopback host "
+                              "(on loopback the network runs without TLS)")
         if not self.combiners:
             raise FedsegError(f"{source}: combiners must list at least one combiner")
         names = [c.name for c in self.combiners]
@@ -195,6 +236,8 @@ class NetworkConfig:
         """YAML/JSON-ready form (root as a string)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["root"] = str(self.root)
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            data[key] = str(data[key]) if data[key] is not None else None
         data["combiners"] = [{"name": c.name, "port": c.port} for c in self.combiners]
         return data
 

@@ -117,18 +117,27 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def require_free_ports(ports: dict[str, int]) -> None:
+def require_free_ports(ports: dict[str, int], host: str = LOCALHOST) -> None:
     """Raise FedsegError for the first named port that is taken or duplicated.
 
     Args:
         ports: Role (e.g. "api_port") -> port number.
+        host: The address they will be bound on.
+
+    Raises:
+        FedsegError: A port taken, or ``host`` not an address of this machine.
     """
     seen: dict[int, str] = {}
     for role, port in ports.items():
         if port in seen:
             raise FedsegError(f"{role} {port} is the same port as {seen[port]}")
         seen[port] = role
-        if not is_port_free(port):
+        try:
+            free = is_port_free(port, host)
+        except OSError as exc:
+            raise FedsegError(f"host {host}: cannot listen there ({exc.strerror}; is it an "
+                              "address of this machine?)") from None
+        if not free:
             raise FedsegError(f"{role} {port} is already in use by {port_owner(port)}")
 
 

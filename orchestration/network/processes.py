@@ -13,7 +13,7 @@ import requests
 import yaml
 
 from fedseg.orchestration.fedn import compat as fedn_compat
-from fedseg.orchestration.network import auth, ports, stores
+from fedseg.orchestration.network import auth, ports, stores, tls
 from fedseg.orchestration.network.config import (
     CONFIG_FILE,
     FEDN_SETTINGS_FILE,
@@ -22,6 +22,7 @@ from fedseg.orchestration.network.config import (
     NetworkConfig,
 )
 from fedseg.orchestration.network.ports import LOCALHOST, ProcessRecord
+from fedseg.orchestration.network.revocation import REVOKED_FILE, REVOKED_FILE_ENV
 from fedseg.orchestration.network.state import CombinerState, NetworkState, load_network_state
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import PRIVATE_FILE, atomic_write_text
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 # Environment variables of ours that must not leak into fedn's processes from the caller.
 _FEDN_ENV_DROP = ("STATESTORE_CONFIG", "MODELSTORAGE_CONFIG", "FEDN_JWT_SECRET_KEY",
                   "FEDN_MODEL_DIR", "FEDN_AUTH_TOKEN", "HOOK_SERVICE_HOST", "OTEL_SERVICE_NAME",
-                  "FEDN_CUSTOM_URL_PREFIX", "FEDN_AUTH_WHITELIST_URL_PREFIX")
+                  "FEDN_CUSTOM_URL_PREFIX", "FEDN_AUTH_WHITELIST_URL_PREFIX",
+                  "FEDN_GRPC_CERT_PATH", "FEDN_GRPC_ROOT_CERT_PATH", "FEDSEG_REVOKED_TOKENS")
 
 def _fedn_env(root: Path, settings: Path, extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _FEDN_ENV_DROP}
@@ -53,16 +55,19 @@ def _launch_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedseg.orchestration.fedn.launch", *args]
 
 
-def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+def _http_ok(url: str, headers: dict[str, str] | None = None,
+             verify: bool | str = True) -> bool:
     try:
-        return requests.get(url, headers=headers, timeout=2).status_code == 200
+        return requests.get(url, headers=headers, timeout=2, verify=verify).status_code == 200
     except requests.RequestException:
         return False
 
 
-def _combiner_registered(api_url: str, name: str, headers: dict[str, str]) -> bool:
+def _combiner_registered(api_url: str, name: str, headers: dict[str, str],
+                         verify: bool | str = True) -> bool:
     try:
-        answer = requests.get(f"{api_url}api/v1/combiners/", headers=headers, timeout=2)
+        answer = requests.get(f"{api_url}api/v1/combiners/", headers=headers, timeout=2,
+                              verify=verify)
         if answer.status_code != 200:
             return False
         return any(item.get("name") == name for item in answer.json().get("result", []))
@@ -91,6 +96,23 @@ def _previous_alive(root: Path) -> list[str]:
     return alive
 
 
+def _kept_secret(root: Path) -> str | None:
+    """The secret of an earlier ``up`` with keep_secret (None if absent or too short)."""
+    try:
+        secret = (root / SECRET_FILE).read_text().strip()
+    except OSError:
+        return None
+    return secret if len(secret.encode()) >= auth.MIN_SECRET_BYTES else None
+
+
+def _keeps_secret(root: Path) -> bool:
+    try:
+        data = yaml.safe_load((root / CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get("keep_secret") is True
+
+
 def network_up(config: NetworkConfig) -> NetworkState:
     """Start stores, API server, combiners (and hooks); wait until each is ready.
 
@@ -109,8 +131,14 @@ def network_up(config: NetworkConfig) -> NetworkState:
         raise FedsegError(f"a network is already up in {root} ({', '.join(alive)}); "
                           "run `fedseg network down` first")
     (root / STATE_FILE).unlink(missing_ok=True)
-    (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
+    if not config.keep_secret:
+        (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
     ports.require_free_ports(config.ports())
+    if config.tls:
+        # The API server and the combiners listen on the chosen address instead.
+        ports.require_free_ports({key: port for key, port in config.ports().items()
+                                  if key == "api_port" or key.startswith("port of combiner")},
+                                 host=config.host)
     fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
     (root / "logs").mkdir(exist_ok=True)
@@ -125,7 +153,8 @@ def network_up(config: NetworkConfig) -> NetworkState:
     except BaseException:
         for record in reversed(started):
             ports.stop(record)
-        (root / SECRET_FILE).unlink(missing_ok=True)  # no network: no valid tokens
+        if not config.keep_secret:
+            (root / SECRET_FILE).unlink(missing_ok=True)  # no network: no valid tokens
         raise
     logger.info("network up in %s after %.1f s", root, time.monotonic() - t0)
     return state
@@ -133,6 +162,10 @@ def network_up(config: NetworkConfig) -> NetworkState:
 
 def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -> NetworkState:
     timeout = config.startup_timeout_s
+    host = config.host if config.tls else LOCALHOST
+    tls_files = (tls.prepare_tls(root, config.host, config.tls_cert, config.tls_key,
+                                 config.tls_ca) if config.tls else None)
+    verify: bool | str = str(tls_files.ca) if tls_files else True
     if config.statestore == "sqlite":
         stores.check_sqlite_statestore(root)  # before anything starts
     # Object store.
@@ -154,7 +187,7 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
         stores.check_postgres(statestore)
     fedn_compat.create_schema(statestore)  # once, before gunicorn's workers (bug 3)
     stale = fedn_compat.sync_combiner_registry(  # a kept store may list old ports (bug 9)
-        statestore, {spec.name: (LOCALHOST, spec.port) for spec in config.combiners})
+        statestore, {spec.name: (host, spec.port) for spec in config.combiners})
     if stale:
         logger.info("removed combiners of an earlier network from the store: %s",
                     ", ".join(stale))
@@ -162,14 +195,15 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
     settings = root / FEDN_SETTINGS_FILE
     atomic_write_text(settings, yaml.safe_dump({
         "network_id": config.network_id,
-        "controller": {"host": LOCALHOST, "port": config.api_port, "debug": False},
+        "controller": {"host": host, "port": config.api_port, "debug": False},
         "statestore": statestore, "storage": storage}, sort_keys=False), PRIVATE_FILE)
 
     admin_token = client_token = None
     api_extra: dict[str, str] = {}
     headers: dict[str, str] = {}
     if config.auth:
-        secret = auth.new_secret()
+        secret = _kept_secret(root) if config.keep_secret else None
+        secret = secret or auth.new_secret()
         # On disk for the owner only, so tokens can be minted again when they expire.
         atomic_write_text(root / SECRET_FILE, secret + "\n", PRIVATE_FILE)
         lifetime = config.token_lifetime_s
@@ -193,12 +227,21 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
                          f"hooks on {LOCALHOST}:{config.hooks_port}")
         hooks_host = f"{LOCALHOST}:{config.hooks_port}"
 
-    api = ports.spawn("api", _launch_argv("api", "--workers", str(config.api_workers)),
+    # Revoked clinic tokens (fedseg clinic revoke): the API server and the combiners
+    # refuse them; the file is re-read when it changes.
+    revoked = {REVOKED_FILE_ENV: str(root / REVOKED_FILE)} if config.auth else {}
+    api_args = ["api", "--workers", str(config.api_workers), "--host", host]
+    api_env = {**api_extra, **revoked}
+    if tls_files:
+        api_args += ["--certfile", str(tls_files.cert), "--keyfile", str(tls_files.key)]
+        # fedn's controller opens its channels to the combiners with this CA.
+        api_env["FEDN_GRPC_CERT_PATH"] = str(tls_files.ca)
+    api = ports.spawn("api", _launch_argv(*api_args),
                       cwd=root, log=root / "logs" / "api.log",
-                      env=_fedn_env(root, settings, api_extra), port=config.api_port)
+                      env=_fedn_env(root, settings, api_env), port=config.api_port)
     started.append(api)
-    api_url = f"http://{LOCALHOST}:{config.api_port}/"
-    ports.wait_ready(api, lambda: _http_ok(f"{api_url}health"), timeout,
+    api_url = f"{'https' if tls_files else 'http'}://{host}:{config.api_port}/"
+    ports.wait_ready(api, lambda: _http_ok(f"{api_url}health", verify=verify), timeout,
                      f"API server on {api_url}")
 
     combiner_extra = {"HOOK_SERVICE_HOST": hooks_host} if hooks_host else {}
@@ -210,29 +253,38 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
         # here: FileNotFoundError killed combiner-2's round thread; the session hung).
         models = combiner_model_dir(root, spec.name)
         models.mkdir(parents=True, exist_ok=True)
-        record = ports.spawn(spec.name, _launch_argv("combiner", "--name", spec.name,
-                                                     "--port", str(spec.port)),
+        combiner_args = ["combiner", "--name", spec.name, "--port", str(spec.port),
+                         "--host", host]
+        if tls_files:
+            init = root / "fedn-home" / f"{spec.name}-tls.yaml"
+            atomic_write_text(init, yaml.safe_dump({
+                "secure": True, "cert_path": str(tls_files.cert),
+                "key_path": str(tls_files.key)}), PRIVATE_FILE)
+            combiner_args += ["--init", str(init)]
+        record = ports.spawn(spec.name, _launch_argv(*combiner_args),
                              cwd=root, log=root / "logs" / f"{spec.name}.log",
                              env=_fedn_env(root, settings, {**combiner_extra, **api_extra,
+                                                            **revoked,
                                                             "FEDN_MODEL_DIR": str(models)}),
                              port=spec.port)
         started.append(record)
         combiner_records.append((spec, record))
     for spec, record in combiner_records:
-        ports.wait_ready(record, lambda s=spec: ports.port_is_listening(s.port)
-                         and _combiner_registered(api_url, s.name, headers),
-                         timeout, f"combiner {spec.name} on {LOCALHOST}:{spec.port}")
+        ports.wait_ready(record, lambda s=spec: ports.port_is_listening(s.port, host)
+                         and _combiner_registered(api_url, s.name, headers, verify),
+                         timeout, f"combiner {spec.name} on {host}:{spec.port}")
 
     records = {rec.name: rec for rec in started}
     state = NetworkState(
         root=root, api_port=config.api_port,
-        combiners=[CombinerState(spec.name, LOCALHOST, spec.port, rec.pid)
+        combiners=[CombinerState(spec.name, host, spec.port, rec.pid)
                    for spec, rec in combiner_records],
         admin_token=admin_token, client_token=client_token,
         processes={name: rec.pid for name, rec in records.items()},
         statestore={"kind": config.statestore, **statestore},
         storage={"kind": config.s3, **storage}, hooks_host=hooks_host, records=records,
-        started_at=time.time(), token_lifetime_s=config.token_lifetime_s)
+        started_at=time.time(), token_lifetime_s=config.token_lifetime_s, api_host=host,
+        tls_ca=str(tls_files.ca) if tls_files else None)
     atomic_write_text(root / STATE_FILE, json.dumps(state.to_dict(), indent=2), PRIVATE_FILE)
     return state
 
@@ -258,7 +310,8 @@ def network_down(root: Path, timeout_s: float = 15.0) -> list[str]:
             stopped.append(name)
             logger.info("stopped %s (pid %d)", name, record.pid)
     (root / STATE_FILE).unlink(missing_ok=True)
-    (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
+    if not _keeps_secret(root):
+        (root / SECRET_FILE).unlink(missing_ok=True)  # its tokens are worthless from now on
     return stopped
 
 

@@ -39,11 +39,13 @@ class NetworkState:
         processes: Our name -> pid of every process we started.
         statestore: fedn's statestore config (kind added under "kind").
         storage: fedn's storage config.
-        api_host: Host of the API server (always 127.0.0.1).
+        api_host: Host of the API server (the network's ``host``; 127.0.0.1 by default).
         hooks_host: "127.0.0.1:PORT" of the hooks service, or None.
         records: Our name -> full process record (pid, creation time, port, log).
         started_at: Unix time when the network was up.
         token_lifetime_s: Lifetime of the tokens minted for this network.
+        tls_ca: Path of the CA certificate that signed the server certificate when the
+            network serves TLS (a non-loopback host), else None.
     """
 
     root: Path
@@ -59,6 +61,7 @@ class NetworkState:
     records: dict[str, ProcessRecord] = field(default_factory=dict)
     started_at: float = 0.0
     token_lifetime_s: float = DEFAULT_TOKEN_LIFETIME_S
+    tls_ca: str | None = None
 
     @property
     def auth(self) -> bool:
@@ -87,14 +90,20 @@ class NetworkState:
     @property
     def api_url(self) -> str:
         """The API server's URL, ending in "/" (as fedn's connect_to_api wants)."""
-        return f"http://{self.api_host}:{self.api_port}/"
+        scheme = "https" if self.tls_ca else "http"
+        return f"{scheme}://{self.api_host}:{self.api_port}/"
+
+    @property
+    def verify(self) -> bool | str:
+        """What ``requests`` should verify the API's certificate with (the CA path)."""
+        return self.tls_ca if self.tls_ca else True
 
     def api_client(self) -> Any:
         """A fedn APIClient for this network (with the admin token when auth is on)."""
         from fedn.network.api.client import APIClient
 
-        return APIClient(host=self.api_host, port=self.api_port, secure=False,
-                         token=self.fresh_token("admin", "fedseg-operator"))
+        return APIClient(host=self.api_host, port=self.api_port, secure=bool(self.tls_ca),
+                         verify=self.verify, token=self.fresh_token("admin", "fedseg-operator"))
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -107,6 +116,7 @@ class NetworkState:
             "storage": self.storage, "hooks_host": self.hooks_host,
             "records": {name: rec.to_dict() for name, rec in self.records.items()},
             "started_at": self.started_at, "token_lifetime_s": self.token_lifetime_s,
+            "tls_ca": self.tls_ca,
         }
 
     @classmethod
@@ -124,6 +134,7 @@ class NetworkState:
                      for k, v in data.get("records", {}).items()},
             started_at=float(data.get("started_at", 0.0)),
             token_lifetime_s=float(data.get("token_lifetime_s", DEFAULT_TOKEN_LIFETIME_S)),
+            tls_ca=data.get("tls_ca"),
         )
 
 

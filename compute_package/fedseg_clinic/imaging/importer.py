@@ -58,7 +58,14 @@ from fedseg_clinic.imaging.rtstruct import (
     rasterise_roi,
     read_rtstruct,
 )
-from fedseg_clinic.imaging.series import CtSeries, DicomFile, ScanResult, read_series, scan_folder
+from fedseg_clinic.imaging.series import (
+    CtSeries,
+    DicomFile,
+    Geometry,
+    ScanResult,
+    read_series,
+    scan_folder,
+)
 from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.organs import DEFAULT_ORGAN_SET, AliasTable, organ_set
 
@@ -157,7 +164,8 @@ class _Patient:
     series: list[str]
 
 
-def _check_options(options: ImportOptions) -> None:
+def check_import_options(options: ImportOptions) -> None:
+    """Refuse import options out of range (one line naming the value)."""
     if not 0.0 <= options.val_fraction < 1.0:
         raise FedsegError(f"val fraction must be in [0, 1), got {options.val_fraction}")
     low, high = options.hu_clip
@@ -332,29 +340,8 @@ def _import_patient(
                           "labelmap": len(labelmap_paths)},
         "crop": options.crop,
     }
-    if options.crop:
-        body = masks.get("body")
-        extra["crop_body_from"] = "BODY ROI" if body is not None else "threshold"
-        if body is None:
-            body = preprocess.threshold_body_mask(hu)
-        box = preprocess.crop_box(body)
-        hu = hu[box]
-        cropped = {organ: m[box] for organ, m in masks.items()}
-        for organ, mask in masks.items():
-            lost = int(np.count_nonzero(mask)) - int(np.count_nonzero(cropped[organ]))
-            if lost:
-                report.warn(f"{patient.case_id}: {lost} voxel(s) of {organ} lie outside the "
-                            "body's bounding box and were cropped away")
-        masks = cropped
-        geometry = preprocess.crop_geometry(geometry, box)
-    if options.spacing is not None:
-        hu, masks, geometry = preprocess.resample(hu, masks, geometry, options.spacing)
-    for organ in [o for o, m in masks.items() if not m.any()]:
-        # Labelled-but-empty means "truly absent"; a contoured organ is not.
-        report.warn(f"{patient.case_id}: {organ} is empty after cropping/resampling to "
-                    f"{geometry.spacing} mm; {organ} left unlabelled")
-        del masks[organ]
-    image = preprocess.clip_hu(hu, *options.hu_clip)
+    image, masks, geometry = preprocess_case(hu, masks, geometry, options, report,
+                                             patient.case_id, extra)
     meta = CaseMeta(
         case_id=patient.case_id,
         patient_pseudonym=patient.pseudonym,
@@ -374,7 +361,52 @@ def _import_patient(
     return patient.case_id
 
 
-def _write_manifest(out: Path, options: ImportOptions, report: ImportReport) -> None:
+def preprocess_case(hu: np.ndarray, masks: dict[str, np.ndarray], geometry: Geometry,
+                    options: ImportOptions, report: ImportReport, case_id: str,
+                    extra: dict[str, object]) -> tuple[np.ndarray, dict[str, np.ndarray],
+                                                       Geometry]:
+    """Crop to the body, resample, drop organs left empty, clip HU: one imported case.
+
+    Shared by the DICOM and the NIfTI/NRRD importers. The crop box holds the body (the
+    BODY ROI, else a threshold body) and every contoured organ: contours lie in the
+    patient by definition, and a threshold body can miss a slice or two (OpenKBP's
+    lowest cord slices in some patients), which must not cut a contour.
+
+    Args:
+        hu: the CT in HU (z, y, x).
+        masks: organ -> boolean mask on the CT's grid (changed in place: empty organs go).
+        geometry: the CT's geometry.
+        options: crop, spacing and HU clip.
+        report: where warnings go.
+        case_id: the case's id (for warnings).
+        extra: the case sidecar's extra fields (``crop_body_from`` is added).
+
+    Returns:
+        (int16 image, masks, geometry) after preprocessing.
+    """
+    if options.crop:
+        body = masks.get("body")
+        extra["crop_body_from"] = "BODY ROI" if body is not None else "threshold"
+        if body is None:
+            body = preprocess.threshold_body_mask(hu)
+        for mask in masks.values():
+            body = body | mask
+        box = preprocess.crop_box(body)
+        hu = hu[box]
+        masks = {organ: m[box] for organ, m in masks.items()}
+        geometry = preprocess.crop_geometry(geometry, box)
+    if options.spacing is not None:
+        hu, masks, geometry = preprocess.resample(hu, masks, geometry, options.spacing)
+    for organ in [o for o, m in masks.items() if not m.any()]:
+        # Labelled-but-empty means "truly absent"; a contoured organ is not.
+        report.warn(f"{case_id}: {organ} is empty after cropping/resampling to "
+                    f"{geometry.spacing} mm; {organ} left unlabelled")
+        del masks[organ]
+    return preprocess.clip_hu(hu, *options.hu_clip), masks, geometry
+
+
+def write_import_manifest(out: Path, options: ImportOptions, report: ImportReport) -> None:
+    """Write the clinic manifest (train/val split) over every case folder in ``out``."""
     metas = []
     for child in sorted(out.iterdir()):
         if child.is_dir() and not child.name.startswith(".") and (child / CASE_META_NAME).exists():
@@ -423,7 +455,7 @@ def import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
 
 
 def _import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport:
-    _check_options(options)
+    check_import_options(options)
     scan = scan_folder(src, exclude=[out])
     report = ImportReport()
     for path, reason in scan.skipped:
@@ -542,7 +574,7 @@ def _import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport
             continue
         report.cases.append(case_id)
         logger.info("imported %s from series %s", case_id, uid)
-    _write_manifest(out, options, report)
+    write_import_manifest(out, options, report)
     return report
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
+import json
 import logging
 import os
 from pathlib import Path
@@ -41,13 +42,13 @@ import numpy as np
 
 from fedseg_clinic.cases import Case, CaseMeta, write_case
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.imaging import preprocess
 from fedseg_clinic.imaging.importer import (
     ImportOptions,
     ImportReport,
-    _write_manifest,
     load_salt,
+    preprocess_case,
     pseudonym,
+    write_import_manifest,
 )
 from fedseg_clinic.imaging.labelmap import (
     _NRRD_SPACES,
@@ -97,12 +98,14 @@ class VolumeCase:
         ct: its CT file.
         masks: one file per structure (from a mask folder).
         labelmaps: label map files (several structures per file).
+        problem: why the folder cannot be imported ("" when it can).
     """
 
     folder: Path
     ct: Path
     masks: list[Path]
     labelmaps: list[Path]
+    problem: str = ""
 
 
 def _suffix(path: Path) -> str | None:
@@ -242,8 +245,11 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
     image.*, *_ct.*). Its labels: every volume file in its mask folder(s), plus label
     map files (``*seg*``/``*label*``) beside the CT.
 
+    A folder with several CT-named files is returned with a ``problem`` (its import
+    fails, the others go on).
+
     Raises:
-        FedsegError: when ``src`` does not exist, or a folder holds several CT files.
+        FedsegError: when ``src`` does not exist.
     """
     if src.is_file():
         if not is_volume_file(src):
@@ -270,9 +276,11 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
         raise FedsegError(f"{src}: does not exist")
     cases = []
     for folder, files in sorted(cts.items()):
+        problem = ""
         if len(files) > 1:
-            raise FedsegError(f"{folder}: {len(files)} CT files ({', '.join(f.name for f in files)})"
-                              "; keep one CT per case folder")
+            listing = ", ".join(f.name for f in files)
+            problem = (f"{folder}: {len(files)} CT files ({listing}); keep one CT per case "
+                       "folder")
         ct = files[0]
         masks = sorted(p for name in MASK_FOLDERS for p in (folder / name).glob("*")
                        if (folder / name).is_dir() and p.is_file() and is_volume_file(p)
@@ -282,15 +290,46 @@ def find_volume_cases(src: Path) -> list[VolumeCase]:
             if p.is_file() and p != ct and is_volume_file(p) and not p.name.startswith(".")
             and any(k in p.name.lower() for k in ("seg", "label", "mask"))
         )
-        cases.append(VolumeCase(folder=folder, ct=ct, masks=masks, labelmaps=labelmaps))
+        cases.append(VolumeCase(folder=folder, ct=ct, masks=masks, labelmaps=labelmaps,
+                                problem=problem))
     return cases
 
 
-def _same_grid(lm: LabelMap, volume: Volume) -> bool:
-    """True when a label file's voxels are the CT's voxels (no resampling happens)."""
-    _, geometry, _ = canonical_grid(np.zeros(lm.labels.shape, np.uint8), lm.affine, lm.path)
-    return geometry.shape == volume.geometry.shape and np.allclose(
-        geometry.matrix(), volume.geometry.matrix(), atol=1e-3)
+def _label_table(path: Path) -> dict[int, str] | None:
+    """Names of a label map's values from ``<stem>.json`` beside it, or None.
+
+    The table is ``{"labels": {"1": "brainstem", ...}}``, what ``fedseg predict --format
+    nifti`` writes.
+    """
+    table_path = path.with_name(_stem_of(path) + ".json")
+    if not table_path.is_file():
+        return None
+    try:
+        labels = json.loads(table_path.read_text())["labels"]
+        return {int(value): str(name) for value, name in labels.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FedsegError(f"{table_path}: malformed label table ({type(exc).__name__}: "
+                          f"{exc}); expected {{\"labels\": {{\"1\": \"name\", ...}}}}") from None
+
+
+def _stem_of(path: Path) -> str:
+    suffix = _suffix(path) or path.suffix
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def _on_grid(lm: LabelMap, volume: Volume, resampled: list[str]) -> np.ndarray:
+    """A label file's values on the CT's grid.
+
+    A file on the CT's own grid (the usual case) is permuted and flipped like the CT -
+    exact and cheap; any other grid is resampled by nearest neighbour (and listed in
+    ``resampled``).
+    """
+    array, geometry, _ = canonical_grid(lm.labels, lm.affine, lm.path)
+    if geometry.shape == volume.geometry.shape and np.allclose(
+            geometry.matrix(), volume.geometry.matrix(), atol=1e-3):
+        return array
+    resampled.append(lm.path.name)
+    return labelmap_to_grid(lm, volume.geometry)
 
 
 def _case_key(folder: Path, src: Path) -> str:
@@ -302,6 +341,8 @@ def _case_key(folder: Path, src: Path) -> str:
 def _import_volume_case(found: VolumeCase, key: str, out: Path, options: ImportOptions,
                         report: ImportReport, salt: str) -> str:
     """Import one volume case folder; raises FedsegError, writes nothing on failure."""
+    if found.problem:
+        raise FedsegError(found.problem)
     case_id = "case-" + pseudonym(salt, "volume", key)
     organs = organ_set(options.organ_set).organs
     volume = read_volume(found.ct)
@@ -339,16 +380,13 @@ def _import_volume_case(found: VolumeCase, key: str, out: Path, options: ImportO
         lm = read_labelmap(path)
         if not bounds_overlap(lm, volume.geometry):
             raise FedsegError(f"{path}: mask does not overlap its CT {found.ct.name}")
-        if not _same_grid(lm, volume):
-            resampled.append(path.name)
-        add(_stem(path), labelmap_to_grid(lm, volume.geometry) != 0, path)
+        add(_stem(path), _on_grid(lm, volume, resampled) != 0, path)
     for path in found.labelmaps:
         lm = read_labelmap(path)
         if not bounds_overlap(lm, volume.geometry):
             raise FedsegError(f"{path}: label map does not overlap its CT {found.ct.name}")
-        if not _same_grid(lm, volume):
-            resampled.append(path.name)
-        grid = labelmap_to_grid(lm, volume.geometry)
+        lm.names = _label_table(path) or lm.names
+        grid = _on_grid(lm, volume, resampled)
         for value, name in sorted(lm.names.items()):
             add(name, grid == value, path)
     if resampled:
@@ -364,28 +402,8 @@ def _import_volume_case(found: VolumeCase, key: str, out: Path, options: ImportO
         "label_sources": {"masks": len(found.masks), "labelmap": len(found.labelmaps)},
         "crop": options.crop,
     }
-    if options.crop:
-        body = masks.get("body")
-        extra["crop_body_from"] = "BODY ROI" if body is not None else "threshold"
-        if body is None:
-            body = preprocess.threshold_body_mask(hu)
-        box = preprocess.crop_box(body)
-        hu = hu[box]
-        cropped = {organ: m[box] for organ, m in masks.items()}
-        for organ, mask in masks.items():
-            lost = int(np.count_nonzero(mask)) - int(np.count_nonzero(cropped[organ]))
-            if lost:
-                report.warn(f"{case_id}: {lost} voxel(s) of {organ} lie outside the body's "
-                            "bounding box and were cropped away")
-        masks = cropped
-        geometry = preprocess.crop_geometry(geometry, box)
-    if options.spacing is not None:
-        hu, masks, geometry = preprocess.resample(hu, masks, geometry, options.spacing)
-    for organ in [o for o, m in masks.items() if not m.any()]:
-        report.warn(f"{case_id}: {organ} is empty after cropping/resampling to "
-                    f"{geometry.spacing} mm; {organ} left unlabelled")
-        del masks[organ]
-    image = preprocess.clip_hu(hu, *options.hu_clip)
+    image, masks, geometry = preprocess_case(hu, masks, geometry, options, report, case_id,
+                                             extra)
     meta = CaseMeta(
         case_id=case_id,
         patient_pseudonym="pt-" + pseudonym(salt, "volume", key),
@@ -419,9 +437,9 @@ def import_volume_clinic(src: Path, out: Path, options: ImportOptions) -> Import
     Raises:
         FedsegError: for bad options or when ``src`` holds no CT volume at all.
     """
-    from fedseg_clinic.imaging.importer import _check_options
+    from fedseg_clinic.imaging.importer import check_import_options
 
-    _check_options(options)
+    check_import_options(options)
     found = find_volume_cases(src)
     if not found:
         raise FedsegError(f"{src}: no NIfTI/NRRD CT volume found (CT files are named "
@@ -445,5 +463,5 @@ def import_volume_clinic(src: Path, out: Path, options: ImportOptions) -> Import
             continue
         report.cases.append(case_id)
         logger.info("imported %s (%d/%d)", case_id, index, len(found))
-    _write_manifest(out, options, report)
+    write_import_manifest(out, options, report)
     return report

@@ -26,12 +26,21 @@ Parameter-efficient DP fine-tuning: ``variables`` restricts the step to a subset
 model's weights (e.g. GroupNorm scale/offset and biases). Only those get clipped, noised
 gradients; the others are never touched. The clip and noise apply to the trained
 subset's gradient alone, so noise / signal scales with sqrt(trained parameters).
+
+The noise comes from a Philox ``tf.random.Generator`` of the trainer's own
+(:func:`noise_generator`), not from TensorFlow's global generator: by default its 64-bit
+key and 128-bit counter are drawn from the OS (``secrets``), 192 secret bits that nothing
+outside the process knows, so an observer of the update cannot enumerate seeds to
+subtract the noise. A seed makes it reproducible: an explicit opt-in for synthetic
+experiments and attacks on our own models (docs/privacy-model.md, with the
+floating-point caveats that remain).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +51,7 @@ from fedseg_clinic.tf_env import keras, tf
 
 # isort: split
 # TF Privacy only after tf_env has set its skip flag (its top level needs the Estimator API).
+import dp_accounting
 from tensorflow_privacy.privacy.dp_query import gaussian_query, no_privacy_query
 
 logger = logging.getLogger(__name__)
@@ -127,6 +137,55 @@ def poisson_sample(
     return np.flatnonzero(rng.random(n_patients) < q).astype(np.int64)
 
 
+def _int64(bits: int) -> int:
+    """An unsigned 64-bit draw as the signed int64 TensorFlow stores."""
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
+
+
+def noise_generator(seed: int | None = None) -> tf.random.Generator:
+    """The Philox generator the DP noise is drawn from.
+
+    Args:
+        seed: None (the default) draws the key (64 bits) and the starting counter (128
+            bits) from the OS's secret randomness; an int gives a reproducible stream
+            (explicit opt-in: anyone who knows the seed can recompute the noise).
+    """
+    if seed is None:
+        return tf.random.Generator.from_key_counter(
+            key=_int64(secrets.randbits(64)),
+            counter=[_int64(secrets.randbits(64)), _int64(secrets.randbits(64))],
+            alg="philox")
+    return tf.random.Generator.from_seed(int(seed), alg="philox")
+
+
+class KeyedGaussianSumQuery(gaussian_query.GaussianSumQuery):
+    """TF Privacy's Gaussian sum query with the noise drawn from our keyed generator.
+
+    Clipping, accumulation and the DP event stay TF Privacy's; only the source of the
+    N(0, stddev^2) noise changes (TF Privacy draws from TensorFlow's global generator,
+    whose seed is at most 64 bits and process-global).
+    """
+
+    def __init__(self, l2_norm_clip: float, stddev: float,
+                 generator: tf.random.Generator) -> None:
+        super().__init__(l2_norm_clip=l2_norm_clip, stddev=stddev)
+        self._generator = generator
+
+    def get_noised_result(self, sample_state: object, global_state: object
+                          ) -> tuple[object, object, dp_accounting.DpEvent]:
+        """The summed, clipped records plus Gaussian noise of the query's stddev."""
+        stddev = global_state.stddev  # type: ignore[attr-defined]
+
+        def add_noise(v: tf.Tensor) -> tf.Tensor:
+            noise = self._generator.normal(tf.shape(v), stddev=stddev, dtype=tf.float32)
+            return v + tf.cast(noise, v.dtype)
+
+        result = tf.nest.map_structure(add_noise, sample_state)
+        event = dp_accounting.GaussianDpEvent(
+            stddev / global_state.l2_norm_clip)  # type: ignore[attr-defined]
+        return result, global_state, event
+
+
 def make_optimizer(config: DPConfig) -> keras.optimizers.Optimizer:
     """The Keras 2 optimiser that applies the (privatised) gradient."""
     if config.optimizer == "adam":
@@ -134,20 +193,27 @@ def make_optimizer(config: DPConfig) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(learning_rate=config.learning_rate)
 
 
-def sum_query(config: DPConfig) -> gaussian_query.GaussianSumQuery | \
-        no_privacy_query.NoPrivacySumQuery:
+def sum_query(config: DPConfig, generator: tf.random.Generator | None = None
+              ) -> gaussian_query.GaussianSumQuery | no_privacy_query.NoPrivacySumQuery:
     """TF Privacy's query that clips each per-example gradient and sums them (with noise).
 
     The non-DP baseline (noise_multiplier None) sums without clipping or noise. Also the
     update inversion's model of the client (fedseg.analysis.leakage.inversion) clips
     through it, so attacker and client clip alike.
+
+    Args:
+        config: The DP settings.
+        generator: Where the noise comes from (:func:`noise_generator`); None keeps TF
+            Privacy's own draw from TensorFlow's global generator (only for callers that
+            never release the noised sum, like the inversion's clipping model).
     """
     if config.noise_multiplier is None:
         return no_privacy_query.NoPrivacySumQuery()
-    return gaussian_query.GaussianSumQuery(
-        l2_norm_clip=config.l2_norm_clip,
-        stddev=config.l2_norm_clip * config.noise_multiplier,
-    )
+    stddev = config.l2_norm_clip * config.noise_multiplier
+    if generator is None:
+        return gaussian_query.GaussianSumQuery(l2_norm_clip=config.l2_norm_clip,
+                                               stddev=stddev)
+    return KeyedGaussianSumQuery(config.l2_norm_clip, stddev, generator)
 
 
 class DPTrainer:
@@ -159,9 +225,9 @@ class DPTrainer:
             ``model.losses`` (weight regularisers) are not included in the step.
         loss_fn: Per-example loss (labels, probs, known) -> (b,).
         config: The DP settings.
-        seed: Seed of TensorFlow's global generator, set when the step is first traced:
-            TF Privacy's GaussianSumQuery draws its noise from it, so the same seed
-            gives the same noise sequence.
+        seed: None (the default): the noise generator's key and counter are secret OS
+            randomness (:func:`noise_generator`). An int makes the noise reproducible
+            (same seed, same noise sequence): synthetic experiments only.
         parallel_iterations: Per-example backward passes run concurrently; 1 keeps the
             peak memory at that of a batch-1 step.
         variables: The variables to train (a subset of ``model.trainable_variables``);
@@ -175,7 +241,7 @@ class DPTrainer:
         model: keras.Model,
         loss_fn: PerExampleLoss,
         config: DPConfig,
-        seed: int,
+        seed: int | None = None,
         parallel_iterations: int = 1,
         variables: Sequence[tf.Variable] | None = None,
         augmentations: int = 1,
@@ -195,7 +261,9 @@ class DPTrainer:
         self.optimizer = make_optimizer(config)
         self.optimizer.build(self.variables)
         self.steps_taken = 0
-        self._query = sum_query(config)
+        # Our own keyed generator (module doc); None for the non-DP baseline.
+        self._noise = noise_generator(seed) if config.private else None
+        self._query = sum_query(config, self._noise)
         self._global_state = self._query.initial_global_state()
         self._step_fn: Callable[..., tf.Tensor] | None = None
 
@@ -206,7 +274,6 @@ class DPTrainer:
             tf.TensorSpec([None, None, None, None], tf.int32),
             tf.TensorSpec([None, known.shape[-1]], tf.float32),
         ]
-        tf.random.set_seed(self.seed)
         return tf.function(self._step_graph, input_signature=signature)
 
     def _step_graph(self, images: tf.Tensor, labels: tf.Tensor, known: tf.Tensor) -> tf.Tensor:
@@ -243,6 +310,13 @@ class DPTrainer:
         self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         return tf.where(batch > 0, loss_sum / tf.cast(tf.maximum(batch, 1), tf.float32),
                         tf.constant(math.nan))
+
+    def reseed(self, seed: int | None) -> None:
+        """Restart the noise stream: from fresh secret randomness (None) or a seed."""
+        self.seed = seed
+        if self.config.private:
+            fresh = noise_generator(seed)
+            self._noise.reset(fresh.state)  # the traced step keeps reading this variable
 
     def step(self, images: np.ndarray, labels: np.ndarray, known: np.ndarray) -> float:
         """One private update on a (Poisson-sampled) batch.

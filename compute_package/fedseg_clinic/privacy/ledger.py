@@ -547,7 +547,12 @@ def reset_ledgers(privacy_dir: Path, reason: str, delta: float = 1e-5) -> dict[s
     if not reason or not reason.strip():
         raise FedsegError("privacy reset: --reason must say why the budget starts over")
     folder = Path(privacy_dir)
-    ids = ledgers_in(folder)
+    # Anchors whose ledger was deleted count too: after such an accident a logged reset
+    # is the way to train again.
+    anchors = default_anchor_path(ledger_path(folder, "0" * 16)).parent
+    orphans = ([a.name[len("ledger-"):-len(".anchor.json")]
+                for a in anchors.glob("ledger-*.anchor.json")] if anchors.is_dir() else [])
+    ids = sorted(set(ledgers_in(folder)) | set(orphans))
     if not ids:
         raise FedsegError(f"{folder}: no privacy ledger to reset")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
