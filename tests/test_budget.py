@@ -7,6 +7,7 @@ every decision here happens before any process would start.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,39 @@ def test_plan_uses_the_noise_a_target_epsilon_calibrates(clinics: dict[str, Path
     plan = plan_rounds(settings, [{}, {}, {}])
     assert plan.affordable_rounds == 2 and "round 3" in plan.reason
     assert plan.epsilon_after == pytest.approx(exact, rel=1e-3)
+
+
+@pytest.mark.parametrize(("server", "refused"), [
+    ({"dp": False}, "dp off"),
+    ({"noise_multiplier": 0.5}, "noise_multiplier 0.5 < 1.1"),
+    ({"epsilon_budget": 20.0}, "epsilon budget 20.0 > 8"),
+    ({"delta": 1e-3}, "delta 0.001 > 0.0001"),
+    ({"noise_multiplier": 2.0, "epsilon_budget": 4.0, "delta": 1e-5}, None),  # stronger
+    ({"learning_rate": 0.1, "local_steps": 7}, None),
+])
+def test_server_settings_cannot_weaken_a_clinics_privacy(server: dict[str, Any],
+                                                         refused: str | None) -> None:
+    from fedseg_clinic.privacy.budget import check_privacy_floor
+    from fedseg_clinic.settings import settings_from_mapping, with_server_overrides
+
+    clinic = settings_from_mapping({"client_name": "clinic-1", "privacy": {
+        "noise_multiplier": 1.1, "epsilon_budget": 8.0, "delta": 1e-4}}, "test")
+    merged = with_server_overrides(clinic, server)
+    if refused is None:
+        check_privacy_floor(50, clinic, merged)
+    else:
+        with pytest.raises(FedsegError, match=re.escape(refused)) as info:
+            check_privacy_floor(50, clinic, merged)
+        assert "clinic-1's privacy" in str(info.value) and "floor" in str(info.value)
+
+
+def test_budget_plan_refuses_a_session_that_weakens_dp(clinics: dict[str, Path]) -> None:
+    from fedseg_clinic.privacy.budget import plan_rounds
+    from fedseg_clinic.settings import settings_from_mapping
+
+    settings = settings_from_mapping({
+        "data_dir": str(clinics["clinic-1"]), "client_name": "clinic-1",
+        "training": {"batch_size": BATCH, "local_steps": STEPS},
+        "privacy": {"noise_multiplier": SIGMA}}, "test")
+    with pytest.raises(FedsegError, match=r"noise_multiplier 0\.3 < 1"):
+        plan_rounds(settings, [{}, {"noise_multiplier": 0.3}])

@@ -41,7 +41,7 @@ from fedseg_clinic.model.unet import (
 from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
 from fedseg_clinic.privacy.accounting import compute_epsilon, default_delta
-from fedseg_clinic.privacy.budget import resolve_noise
+from fedseg_clinic.privacy.budget import check_privacy_floor, resolve_noise
 from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
 from fedseg_clinic.privacy.ledger import (
     LedgerSegment,
@@ -232,6 +232,7 @@ class ClinicApp:
                 f"batch_size {t.batch_size} is larger than the {n} training patients of "
                 f"{self.data_dir}"
             )
+        check_privacy_floor(n, self.settings, settings)  # the server cannot weaken DP
         delta = p.delta if p.delta is not None else default_delta(n)
         sigma, budget = resolve_noise(n, settings) if p.enabled else (0.0, None)
         ledger = self.ledger(delta, budget) if p.enabled else None

@@ -106,6 +106,45 @@ def resolve_noise(n_patients: int, settings: ClinicSettings) -> tuple[float, flo
     return _CALIBRATED[key], budget
 
 
+def check_privacy_floor(n_patients: int, clinic: ClinicSettings, merged: ClinicSettings
+                        ) -> None:
+    """Refuse server settings that would weaken the clinic's own privacy settings.
+
+    The server may send per-round settings (SERVER_KEYS), but a clinic's privacy settings
+    are a floor it alone can lower: the server may switch DP on, add noise, lower the
+    budget or delta, never the reverse. Compared on what training would use (the noise a
+    target epsilon calibrates, the budget it implies, the default delta 1/(10 N)).
+
+    Args:
+        n_patients: the clinic's training patients.
+        clinic: the clinic's own settings.
+        merged: the same with the server's settings applied.
+
+    Raises:
+        FedsegError: one line naming the setting, both values and the rule.
+    """
+    own, asked = clinic.privacy, merged.privacy
+
+    def refuse(what: str) -> FedsegError:
+        return FedsegError(f"server settings would weaken {clinic.client_name}'s privacy: "
+                           f"{what} (the clinic's privacy settings are a floor)")
+
+    if not own.enabled:
+        return
+    if not asked.enabled:
+        raise refuse("dp off")
+    own_sigma, own_budget = resolve_noise(n_patients, clinic)
+    sigma, budget = resolve_noise(n_patients, merged)
+    if sigma < own_sigma:
+        raise refuse(f"noise_multiplier {sigma:.4g} < {own_sigma:.4g}")
+    if own_budget is not None and (budget is None or budget > own_budget):
+        raise refuse(f"epsilon budget {budget} > {own_budget:g}")
+    own_delta = own.delta if own.delta is not None else default_delta(n_patients)
+    delta = asked.delta if asked.delta is not None else default_delta(n_patients)
+    if delta > own_delta:
+        raise refuse(f"delta {delta:g} > {own_delta:g}")
+
+
 def training_patients(data_dir: Path) -> list[str]:
     """Pseudonyms of the training cases a clinic trains on (as ``load_cases`` picks them)."""
     manifest = read_manifest(data_dir)
@@ -157,6 +196,7 @@ def plan_rounds(settings: ClinicSettings, round_settings: Sequence[Mapping[str, 
     affordable, epsilon_after, reason = 0, spent, ""
     for k, server in enumerate(round_settings, start=1):
         s = with_server_overrides(settings, server)
+        check_privacy_floor(n, settings, s)
         if not s.privacy.enabled:
             affordable += 1
             continue
