@@ -228,3 +228,26 @@ def test_norm_bias_round_moves_only_trained_weights_at_target_epsilon(
     assert 3.5 < meta["epsilon"] <= 4.0
     with pytest.raises(BudgetExceededError):  # the target is the budget: no third round
         app.train(new, {})
+
+
+def test_ema_of_one_step_is_the_decayed_mix_of_start_and_iterate(
+        tmp_path: Path, clinic_dir: Path) -> None:
+    """Same seeds, one step: EMA weights = d * global + (1 - d) * the plain iterate."""
+    results = {}
+    for decay in (0.0, 0.75):
+        settings = json.loads(json.dumps(TINY_SETTINGS))
+        settings["training"].update(local_steps=1, ema_decay=decay)
+        settings["privacy"] = {"enabled": False}  # no noise: both runs take the same step
+        path = tmp_path / f"settings-{decay}.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        env = {"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(clinic_dir),
+               "FEDSEG_STATE_DIR": str(tmp_path / f"state-{decay}"),
+               "FEDSEG_CLIENT_NAME": "clinic-1"}
+        app = ClinicApp(load_settings(env))
+        start = [np.asarray(w).copy() for w in app.model.get_weights()]
+        results[decay] = (start, *app.train(start, {}))
+    start, plain, _ = results[0.0]
+    _, smoothed, meta = results[0.75]
+    assert meta["ema_decay"] == 0.75
+    for w0, w1, ema in zip(start, plain, smoothed, strict=True):
+        np.testing.assert_allclose(ema, 0.75 * w0 + 0.25 * w1, rtol=1e-5, atol=1e-6)

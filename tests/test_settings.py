@@ -78,6 +78,8 @@ def test_hu_window(tmp_path: Path, value: list[int], ok: bool) -> None:
     ("{planned_rounds: 0}", "{}", "planned_rounds"),
     ("{}", "{trainable: weights}", "trainable must be one of"),
     ("{}", "{augmentations_per_patient: 0}", "augmentations_per_patient"),
+    ("{dp_optimizer: opacus}", "{}", "dp_optimizer must be fedseg or tf_privacy"),
+    ("{}", "{ema_decay: 1.0}", "ema_decay must be in"),
 ])
 def test_dp_recipe_settings_are_checked(tmp_path: Path, privacy: str, training: str,
                                         message: str) -> None:

@@ -176,7 +176,7 @@ class ClinicApp:
         t, p = settings.training, settings.privacy
         noise = noise_multiplier if p.enabled else None
         key = (t.learning_rate, t.optimizer, t.batch_size, p.l2_norm_clip, noise,
-               t.trainable, t.augmentations_per_patient)
+               t.trainable, t.augmentations_per_patient, p.dp_optimizer)
         if self._trainer is None or self._trainer_key != key:
             config = DPConfig(
                 l2_norm_clip=p.l2_norm_clip,
@@ -185,7 +185,12 @@ class ClinicApp:
                 learning_rate=t.learning_rate,
                 optimizer=t.optimizer,
             )
-            self._trainer = DPTrainer(
+            trainer_class: Any = DPTrainer
+            if p.enabled and p.dp_optimizer == "tf_privacy":
+                from fedseg_clinic.privacy.tfp_reference import TFPrivacyTrainer
+
+                trainer_class = TFPrivacyTrainer  # the reference implementation
+            self._trainer = trainer_class(
                 self.model, self._per_example_loss, config, seed=noise_seed,
                 variables=trainable_subset(self.model, t.trainable),
                 augmentations=t.augmentations_per_patient)
@@ -257,6 +262,8 @@ class ClinicApp:
                                hu_clip=t.hu_window, organs=self.organs)
         rng = np.random.default_rng(sampling_seed)
         losses: list[float] = []
+        ema = ([v.numpy().astype(np.float64) for v in trainer.variables]
+               if t.ema_decay > 0 else None)
         for _ in range(t.local_steps):
             chosen = poisson_sample(n, t.batch_size, rng)
             # K patches per sampled patient, consecutive rows (see DPTrainer).
@@ -266,6 +273,15 @@ class ClinicApp:
             loss = trainer.step(images, labels, known)
             if len(chosen):
                 losses.append(float(loss))
+            if ema is not None:
+                for average, variable in zip(ema, trainer.variables, strict=True):
+                    average *= t.ema_decay
+                    average += (1.0 - t.ema_decay) * variable.numpy()
+        if ema is not None:
+            # Send (and so validate) the average of the round's iterates: post-processing
+            # of the private iterates, no privacy cost; it smooths the DP noise.
+            for average, variable in zip(ema, trainer.variables, strict=True):
+                variable.assign(average.astype(variable.dtype.as_numpy_dtype))
         for variable, before in frozen_before:
             # Aggregation must only move what was trained: frozen weights leave bit-exact.
             if not np.array_equal(variable.numpy(), before):
@@ -287,6 +303,8 @@ class ClinicApp:
             "trainable": t.trainable,
             "trained_parameters": count_parameters(trainer.variables),
             "augmentations_per_patient": t.augmentations_per_patient,
+            "dp_optimizer": p.dp_optimizer,
+            "ema_decay": t.ema_decay,
             "l2_norm_clip": p.l2_norm_clip,
             "batch_size": t.batch_size,
             "learning_rate": t.learning_rate,

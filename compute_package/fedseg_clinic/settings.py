@@ -64,6 +64,9 @@ class TrainingSettings:
             the weights a clinic sends back differ from the global ones only there.
         augmentations_per_patient: K patches per sampled patient per step; the patient's
             gradient is the mean over them, clipped once (privacy cost unchanged).
+        ema_decay: 0 (off) or in (0, 1): the clinic sends the exponential moving average
+            of its trained weights over the round's steps (starting at the global
+            model) instead of the last iterate; post-processing, no privacy cost.
     """
 
     learning_rate: float = 1e-3
@@ -76,6 +79,7 @@ class TrainingSettings:
     seed: int = 0
     trainable: str = "all"
     augmentations_per_patient: int = 1
+    ema_decay: float = 0.0
 
 
 @dataclasses.dataclass
@@ -101,6 +105,9 @@ class PrivacySettings:
             clinic's schedule (its N, batch size, local steps) end at <= target_epsilon.
             It also becomes the epsilon budget unless one is set.
         planned_rounds: the number of rounds target_epsilon must cover; required with it.
+        dp_optimizer: "fedseg" (the fast per-example loop, default) or "tf_privacy"
+            (TF Privacy's stock DPKeras{SGD,Adam}Optimizer, to cross-check a result on
+            the reference implementation; slower, see privacy/tfp_reference.py).
     """
 
     enabled: bool = True
@@ -111,6 +118,7 @@ class PrivacySettings:
     secure_randomness: bool = True
     target_epsilon: float | None = None
     planned_rounds: int | None = None
+    dp_optimizer: str = "fedseg"
 
 
 @dataclasses.dataclass
@@ -156,6 +164,7 @@ SERVER_KEYS: dict[str, tuple[str, str]] = {
     "seed": ("training", "seed"),
     "trainable": ("training", "trainable"),
     "augmentations_per_patient": ("training", "augmentations_per_patient"),
+    "ema_decay": ("training", "ema_decay"),
     "dp": ("privacy", "enabled"),
     "noise_multiplier": ("privacy", "noise_multiplier"),
     "l2_norm_clip": ("privacy", "l2_norm_clip"),
@@ -243,6 +252,9 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
          t.augmentations_per_patient),
         (p.target_epsilon is None or (p.target_epsilon > 0 and math.isfinite(p.target_epsilon)),
          "target_epsilon must be a finite number > 0", p.target_epsilon),
+        (0.0 <= t.ema_decay < 1.0, "ema_decay must be in [0, 1)", t.ema_decay),
+        (p.dp_optimizer in ("fedseg", "tf_privacy"),
+         "dp_optimizer must be fedseg or tf_privacy", p.dp_optimizer),
         (p.planned_rounds is None or p.planned_rounds >= 1, "planned_rounds must be >= 1",
          p.planned_rounds),
         (p.target_epsilon is None or p.planned_rounds is not None,
