@@ -251,3 +251,33 @@ def test_ema_of_one_step_is_the_decayed_mix_of_start_and_iterate(
     assert meta["ema_decay"] == 0.75
     for w0, w1, ema in zip(start, plain, smoothed, strict=True):
         np.testing.assert_allclose(ema, 0.75 * w0 + 0.25 * w1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("state", "iterations"), [("reset", 2), ("keep", 4)])
+def test_optimizer_state_reset_or_kept_across_rounds(tmp_path: Path, clinic_dir: Path,
+                                                     state: str, iterations: int) -> None:
+    """Adam's step count after two rounds of 2 steps: 2 when reset each round, else 4."""
+    app = ClinicApp(load_settings(_env(tmp_path, clinic_dir)))
+    seed = [np.asarray(w) for w in app.model.get_weights()]
+    first, meta = app.train(seed, {"optimizer": "adam", "optimizer_state": state})
+    _, meta = app.train(first, {"optimizer": "adam", "optimizer_state": state})
+    assert meta["optimizer_state"] == state
+    assert int(app._trainer.optimizer.iterations.numpy()) == iterations
+
+
+def test_fedprox_round_records_mu_and_pulls_towards_the_global_model(
+        tmp_path: Path, clinic_dir: Path) -> None:
+    """With a huge mu the weights barely leave the global model; mu reaches the metadata."""
+    env = _env(tmp_path, clinic_dir, noise_multiplier=0.0)
+    seed = [np.asarray(w) for w in ClinicApp(load_settings(env)).model.get_weights()]
+
+    def distance(mu: float) -> float:
+        (tmp_path / f"mu{mu}").mkdir()
+        app = ClinicApp(load_settings(_env(tmp_path / f"mu{mu}", clinic_dir,
+                                           noise_multiplier=0.0, secure_randomness=False)))
+        new, meta = app.train(seed, {"optimizer": "sgd", "learning_rate": 0.5,
+                                     "local_steps": 4, "proximal_mu": mu})
+        assert meta["proximal_mu"] == mu
+        return sum(float(np.sum((a - b) ** 2)) for a, b in zip(new, seed, strict=True))
+
+    assert distance(1.9) < 0.5 * distance(0.0)

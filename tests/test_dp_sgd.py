@@ -407,3 +407,24 @@ def test_tf_privacy_stock_optimizer_refuses_non_dp_and_skips_empty_batches() -> 
     trainer = TFPrivacyTrainer(tiny_model(), ce_loss, DPConfig(1.0, 1.0, 2, 0.1), seed=0)
     assert np.isnan(trainer.step(*batch(0)))
     assert trainer.skipped_steps == 1
+
+
+def test_fedprox_adds_mu_times_distance_to_the_anchor_after_clipping() -> None:
+    """FedProx: the step is the clipped (noise-free) mean plus mu * (w - anchor)."""
+    mu, lr, clip = 0.3, 0.5, 0.05
+    model = tiny_model()
+    data = batch(2)
+    trainer = DPTrainer(model, ce_loss, DPConfig(clip, 0.0, 2, lr, proximal_mu=mu), seed=0)
+    anchor = weights(model)
+    trainer.set_anchor()
+    # Move the weights away from the anchor, as after earlier local steps.
+    for variable in model.trainable_variables:
+        variable.assign_add(tf.fill(variable.shape, 0.1))
+    start = weights(model)
+    grad = clipped_mean(per_example_grads(model, data), clip, 2)
+    trainer.step(*data)
+    expected = [w - lr * (g + mu * (w - a))
+                for w, g, a in zip(start, grad, anchor, strict=True)]
+    assert_weights_close(weights(model), expected)
+    with pytest.raises(FedsegError, match="proximal_mu=-1"):
+        DPConfig(clip, 0.0, 2, lr, proximal_mu=-1.0)

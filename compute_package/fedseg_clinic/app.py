@@ -170,13 +170,14 @@ class ClinicApp:
                      noise_multiplier: float) -> DPTrainer:
         """The DP trainer; kept across rounds (its traced step is the costly part).
 
-        The optimiser state (Adam moments, step count) is reset each round: every round
-        starts from new global weights, as in FedAvg's client update.
+        The optimiser state (Adam moments, step count) is reset each round unless
+        ``training.optimizer_state`` is "keep": every round starts from new global
+        weights, as in FedAvg's client update.
         """
         t, p = settings.training, settings.privacy
         noise = noise_multiplier if p.enabled else None
         key = (t.learning_rate, t.optimizer, t.batch_size, p.l2_norm_clip, noise,
-               t.trainable, t.augmentations_per_patient, p.dp_optimizer)
+               t.trainable, t.augmentations_per_patient, p.dp_optimizer, t.proximal_mu)
         if self._trainer is None or self._trainer_key != key:
             config = DPConfig(
                 l2_norm_clip=p.l2_norm_clip,
@@ -184,6 +185,7 @@ class ClinicApp:
                 expected_batch_size=t.batch_size,
                 learning_rate=t.learning_rate,
                 optimizer=t.optimizer,
+                proximal_mu=t.proximal_mu,
             )
             trainer_class: Any = DPTrainer
             if p.enabled and p.dp_optimizer == "tf_privacy":
@@ -196,8 +198,9 @@ class ClinicApp:
                 augmentations=t.augmentations_per_patient)
             self._trainer_key = key
         else:
-            for variable in self._trainer.optimizer.variables():
-                variable.assign(tf.zeros_like(variable))
+            if t.optimizer_state == "reset":
+                for variable in self._trainer.optimizer.variables():
+                    variable.assign(tf.zeros_like(variable))
             # A kept trainer's secret noise stream goes on; a reproducible one restarts
             # from this round's seed.
             if noise_seed is not None:
@@ -255,6 +258,8 @@ class ClinicApp:
         self._apply_global(weights)
         noise_seed, sampling_seed = self._round_seeds(settings, round_index)
         trainer = self._get_trainer(settings, noise_seed, sigma)
+        if t.proximal_mu > 0:
+            trainer.set_anchor()  # the global weights just applied
         trained_ids = {id(v) for v in trainer.variables}
         frozen_before = [(v, v.numpy().copy()) for v in self.model.weights
                          if id(v) not in trained_ids]
@@ -304,6 +309,8 @@ class ClinicApp:
             "trained_parameters": count_parameters(trainer.variables),
             "augmentations_per_patient": t.augmentations_per_patient,
             "dp_optimizer": p.dp_optimizer,
+            "proximal_mu": t.proximal_mu,
+            "optimizer_state": t.optimizer_state,
             "ema_decay": t.ema_decay,
             "l2_norm_clip": p.l2_norm_clip,
             "batch_size": t.batch_size,

@@ -67,6 +67,12 @@ class TrainingSettings:
         ema_decay: 0 (off) or in (0, 1): the clinic sends the exponential moving average
             of its trained weights over the round's steps (starting at the global
             model) instead of the last iterate; post-processing, no privacy cost.
+        proximal_mu: FedProx's mu (0 = off): each step adds mu * (w - w_global) to the
+            privatised gradient of the trained weights, pulling local training towards
+            the round's global model on non-iid clinics. It depends on no patient, so it
+            is added after clipping and noise and costs no privacy.
+        optimizer_state: "reset" (default: Adam's moments start at zero every round, as
+            in FedAvg's client update) or "keep" (they carry over between rounds).
     """
 
     learning_rate: float = 1e-3
@@ -80,6 +86,8 @@ class TrainingSettings:
     trainable: str = "all"
     augmentations_per_patient: int = 1
     ema_decay: float = 0.0
+    proximal_mu: float = 0.0
+    optimizer_state: str = "reset"
 
 
 @dataclasses.dataclass
@@ -165,6 +173,8 @@ SERVER_KEYS: dict[str, tuple[str, str]] = {
     "trainable": ("training", "trainable"),
     "augmentations_per_patient": ("training", "augmentations_per_patient"),
     "ema_decay": ("training", "ema_decay"),
+    "proximal_mu": ("training", "proximal_mu"),
+    "optimizer_state": ("training", "optimizer_state"),
     "dp": ("privacy", "enabled"),
     "noise_multiplier": ("privacy", "noise_multiplier"),
     "l2_norm_clip": ("privacy", "l2_norm_clip"),
@@ -253,6 +263,10 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
         (p.target_epsilon is None or (p.target_epsilon > 0 and math.isfinite(p.target_epsilon)),
          "target_epsilon must be a finite number > 0", p.target_epsilon),
         (0.0 <= t.ema_decay < 1.0, "ema_decay must be in [0, 1)", t.ema_decay),
+        (0.0 <= t.proximal_mu and math.isfinite(t.proximal_mu),
+         "proximal_mu must be a finite number >= 0", t.proximal_mu),
+        (t.optimizer_state in ("reset", "keep"), "optimizer_state must be reset or keep",
+         t.optimizer_state),
         (p.dp_optimizer in ("fedseg", "tf_privacy"),
          "dp_optimizer must be fedseg or tf_privacy", p.dp_optimizer),
         (p.planned_rounds is None or p.planned_rounds >= 1, "planned_rounds must be >= 1",

@@ -52,6 +52,9 @@ class TFPrivacyTrainer:
 
         if not config.private:
             raise FedsegError("dp_optimizer tf_privacy needs privacy on (a noise multiplier)")
+        if config.proximal_mu > 0:
+            raise FedsegError("dp_optimizer tf_privacy has no FedProx term: set "
+                              "training.proximal_mu 0 or dp_optimizer fedseg")
         if isinstance(augmentations, bool) or int(augmentations) != augmentations \
                 or augmentations < 1:
             raise FedsegError(f"augmentations={augmentations!r} must be an integer >= 1")
