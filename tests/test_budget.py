@@ -279,3 +279,21 @@ def test_budget_plan_refuses_a_session_that_weakens_dp(clinics: dict[str, Path])
         "privacy": {"noise_multiplier": SIGMA}}, "test")
     with pytest.raises(FedsegError, match=r"noise_multiplier 0\.3 < 1"):
         plan_rounds(settings, [{}, {"noise_multiplier": 0.3}])
+
+
+def test_plan_spends_the_steps_local_epochs_give(clinics: dict[str, Path]) -> None:
+    """With local_epochs the ledger plan spends ceil(E N / B) steps per round."""
+    import math
+
+    from fedseg_clinic.privacy.budget import plan_rounds
+    from fedseg_clinic.settings import settings_from_mapping
+
+    settings = settings_from_mapping({
+        "data_dir": str(clinics["clinic-1"]), "client_name": "clinic-1",
+        "training": {"batch_size": BATCH, "local_steps": 1, "local_epochs": 2.0},
+        "privacy": {"noise_multiplier": SIGMA}}, "test")
+    n = len(training_patients(clinics["clinic-1"]))
+    steps = math.ceil(2.0 * n / BATCH)
+    plan = plan_rounds(settings, [{}])
+    expected = compute_epsilon(n, BATCH, steps, SIGMA, default_delta(n)).epsilon
+    assert steps > 1 and plan.epsilon_after == pytest.approx(expected, rel=1e-3)

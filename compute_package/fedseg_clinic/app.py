@@ -50,7 +50,12 @@ from fedseg_clinic.privacy.ledger import (
     default_privacy_dir,
     ledger_path,
 )
-from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_overrides
+from fedseg_clinic.settings import (
+    ClinicSettings,
+    load_settings,
+    with_local_steps,
+    with_server_overrides,
+)
 from fedseg_clinic.tf_env import tf
 
 logger = logging.getLogger(__name__)
@@ -226,16 +231,17 @@ class ClinicApp:
         """
         started = time.perf_counter()
         self.check_server_organ_set(server_settings)
-        settings = with_server_overrides(self.settings, server_settings)
+        n = len(self.train_cases)
+        settings = with_local_steps(with_server_overrides(self.settings, server_settings), n)
         t, p = settings.training, settings.privacy
         patch = check_patch_size(self.model_config, t.patch_size)
-        n = len(self.train_cases)
         if t.batch_size > n:
             raise FedsegError(
                 f"batch_size {t.batch_size} is larger than the {n} training patients of "
                 f"{self.data_dir}"
             )
-        check_privacy_floor(n, self.settings, settings)  # the server cannot weaken DP
+        # The server cannot weaken DP (compared at the same step count rule).
+        check_privacy_floor(n, with_local_steps(self.settings, n), settings)
         delta = p.delta if p.delta is not None else default_delta(n)
         sigma, budget = resolve_noise(n, settings) if p.enabled else (0.0, None)
         ledger = self.ledger(delta, budget) if p.enabled else None
@@ -375,6 +381,7 @@ class ClinicApp:
 
 def epsilon_for_plan(n_patients: int, settings: ClinicSettings, rounds: int) -> float:
     """Epsilon the planned training (rounds x local steps) would spend: for `startup`."""
+    settings = with_local_steps(settings, n_patients)
     t, p = settings.training, settings.privacy
     if not p.enabled:
         return math.inf

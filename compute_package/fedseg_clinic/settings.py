@@ -73,6 +73,9 @@ class TrainingSettings:
             is added after clipping and noise and costs no privacy.
         optimizer_state: "reset" (default: Adam's moments start at zero every round, as
             in FedAvg's client update) or "keep" (they carry over between rounds).
+        local_epochs: 0 (off: ``local_steps`` per round) or E > 0: each round takes
+            ceil(E * N / batch_size) steps, so unbalanced clinics each see their data E
+            times per round instead of taking equal steps (:func:`with_local_steps`).
     """
 
     learning_rate: float = 1e-3
@@ -88,6 +91,7 @@ class TrainingSettings:
     ema_decay: float = 0.0
     proximal_mu: float = 0.0
     optimizer_state: str = "reset"
+    local_epochs: float = 0.0
 
 
 @dataclasses.dataclass
@@ -175,6 +179,7 @@ SERVER_KEYS: dict[str, tuple[str, str]] = {
     "ema_decay": ("training", "ema_decay"),
     "proximal_mu": ("training", "proximal_mu"),
     "optimizer_state": ("training", "optimizer_state"),
+    "local_epochs": ("training", "local_epochs"),
     "dp": ("privacy", "enabled"),
     "noise_multiplier": ("privacy", "noise_multiplier"),
     "l2_norm_clip": ("privacy", "l2_norm_clip"),
@@ -267,6 +272,8 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
          "proximal_mu must be a finite number >= 0", t.proximal_mu),
         (t.optimizer_state in ("reset", "keep"), "optimizer_state must be reset or keep",
          t.optimizer_state),
+        (0.0 <= t.local_epochs and math.isfinite(t.local_epochs),
+         "local_epochs must be a finite number >= 0", t.local_epochs),
         (p.dp_optimizer in ("fedseg", "tf_privacy"),
          "dp_optimizer must be fedseg or tf_privacy", p.dp_optimizer),
         (p.planned_rounds is None or p.planned_rounds >= 1, "planned_rounds must be >= 1",
@@ -349,6 +356,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> ClinicSettings:
 
         settings.privacy_dir = default_privacy_dir(settings.data_dir)
     return settings
+
+
+def with_local_steps(settings: ClinicSettings, n_patients: int) -> ClinicSettings:
+    """Resolve ``training.local_epochs`` into ``local_steps`` for a clinic of N patients.
+
+    With E > 0 local epochs a round takes ceil(E * N / batch_size) steps (at least 1):
+    the expected number of patient visits is E * N. Everything downstream (training, the
+    ledger's segment, noise calibration, the budget plan) then uses that step count.
+    """
+    t = settings.training
+    if t.local_epochs <= 0:
+        return settings
+    steps = max(1, math.ceil(t.local_epochs * n_patients / t.batch_size))
+    return dataclasses.replace(settings, training=dataclasses.replace(t, local_steps=steps))
 
 
 def with_server_overrides(
