@@ -281,3 +281,31 @@ def test_fedprox_round_records_mu_and_pulls_towards_the_global_model(
         return sum(float(np.sum((a - b) ** 2)) for a, b in zip(new, seed, strict=True))
 
     assert distance(1.9) < 0.5 * distance(0.0)
+
+
+def test_local_norm_keeps_the_clinics_groupnorm_over_the_global_one(
+        tmp_path: Path, clinic_dir: Path) -> None:
+    """FedBN-like: after a round the clinic's GroupNorm scale/offset replace the global
+    ones when it loads the next global model (for training and validation)."""
+    from fedseg_clinic.model.unet import norm_variables
+
+    env = _env(tmp_path, clinic_dir)
+    path = Path(env["FEDSEG_SETTINGS"])
+    doc = yaml.safe_load(path.read_text())
+    doc["training"]["local_norm"] = True
+    path.write_text(yaml.safe_dump(doc))
+    app = ClinicApp(load_settings(env))
+    norm_ids = {id(v) for v in norm_variables(app.model)}
+    is_norm = [id(v) in norm_ids for v in app.model.weights]
+    assert any(is_norm) and not all(is_norm)
+    seed = [np.asarray(w) for w in app.model.get_weights()]
+    _, meta = app.train(seed, {"learning_rate": 0.05})
+    assert meta["local_norm"] is True
+    own = [w.copy() for w, n in zip(app.model.get_weights(), is_norm, strict=True) if n]
+    assert any(not np.array_equal(a, s) for a, s, n in
+               zip(app.model.get_weights(), seed, is_norm, strict=True) if n)
+    metrics = app.validate(seed)  # the global model is the seed again
+    assert metrics["val_personalised"] == 1.0
+    for now, s, n in zip(app.model.get_weights(), seed, is_norm, strict=True):
+        # GroupNorm: the clinic's own; everything else: the global model's.
+        np.testing.assert_array_equal(now, own.pop(0) if n else s)

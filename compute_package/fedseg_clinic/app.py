@@ -26,6 +26,7 @@ import numpy as np
 
 from fedseg_clinic.cases import Case, check_organ_set
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_output
 from fedseg_clinic.model.inference import sliding_window_predict
 from fedseg_clinic.model.losses import loss_for
 from fedseg_clinic.model.metrics import organ_metrics
@@ -36,6 +37,7 @@ from fedseg_clinic.model.unet import (
     class_known,
     count_parameters,
     labels_from_masks,
+    norm_variables,
     trainable_subset,
 )
 from fedseg_clinic.model.weights import apply_weights
@@ -59,6 +61,8 @@ from fedseg_clinic.settings import (
 from fedseg_clinic.tf_env import tf
 
 logger = logging.getLogger(__name__)
+
+LOCAL_NORM_NAME = "local_norm.npz"  # training.local_norm: the clinic's own GroupNorm
 
 
 class ClinicApp:
@@ -142,6 +146,32 @@ class ClinicApp:
                 f"background, {', '.join(self.organs.organs)}); use one organ set"
             )
         apply_weights(self.model, weights, "global model")
+        if self.settings.training.local_norm:
+            self._restore_local_norm()
+
+    # -- personalised normalisation (training.local_norm) -----------------------------
+
+    @property
+    def _local_norm_path(self) -> Path:
+        return self.state_dir / LOCAL_NORM_NAME
+
+    def _restore_local_norm(self) -> None:
+        """Put this clinic's own GroupNorm scale/offset over the global ones (if saved)."""
+        if not self._local_norm_path.exists():
+            return  # first round: start from the global values
+        with np.load(self._local_norm_path) as saved:
+            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        variables = norm_variables(self.model)
+        if len(arrays) != len(variables) or any(
+                a.shape != tuple(v.shape) for a, v in zip(arrays, variables, strict=True)):
+            raise FedsegError(f"{self._local_norm_path}: local GroupNorm weights of another "
+                              "model; delete the file to start from the global ones")
+        for variable, array in zip(variables, arrays, strict=True):
+            variable.assign(array)
+
+    def _save_local_norm(self) -> None:
+        with atomic_output(self._local_norm_path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, *[v.numpy() for v in norm_variables(self.model)])
 
     # -- privacy ------------------------------------------------------------------------
 
@@ -293,6 +323,8 @@ class ClinicApp:
             # of the private iterates, no privacy cost; it smooths the DP noise.
             for average, variable in zip(ema, trainer.variables, strict=True):
                 variable.assign(average.astype(variable.dtype.as_numpy_dtype))
+        if t.local_norm:
+            self._save_local_norm()  # this clinic's own, for its next round and validation
         for variable, before in frozen_before:
             # Aggregation must only move what was trained: frozen weights leave bit-exact.
             if not np.array_equal(variable.numpy(), before):
@@ -316,6 +348,7 @@ class ClinicApp:
             "augmentations_per_patient": t.augmentations_per_patient,
             "dp_optimizer": p.dp_optimizer,
             "proximal_mu": t.proximal_mu,
+            "local_norm": t.local_norm,
             "optimizer_state": t.optimizer_state,
             "ema_decay": t.ema_decay,
             "l2_norm_clip": p.l2_norm_clip,
@@ -376,6 +409,8 @@ class ClinicApp:
         result["n_val"] = float(len(per_case))
         # FEDn does not time validations; the round-time split of the report needs it.
         result["validate_seconds"] = time.perf_counter() - started
+        # 1: validated with the global model and this clinic's own GroupNorm (local_norm).
+        result["val_personalised"] = float(self.settings.training.local_norm)
         return result
 
 

@@ -76,6 +76,9 @@ class TrainingSettings:
         local_epochs: 0 (off: ``local_steps`` per round) or E > 0: each round takes
             ceil(E * N / batch_size) steps, so unbalanced clinics each see their data E
             times per round instead of taking equal steps (:func:`with_local_steps`).
+        local_norm: FedBN-like personalisation: the clinic keeps its own GroupNorm
+            scale/offset (saved in its state folder) over the global ones, for training
+            and validation; it still sends them, so the global model averages them.
     """
 
     learning_rate: float = 1e-3
@@ -92,6 +95,7 @@ class TrainingSettings:
     proximal_mu: float = 0.0
     optimizer_state: str = "reset"
     local_epochs: float = 0.0
+    local_norm: bool = False
 
 
 @dataclasses.dataclass
