@@ -207,6 +207,11 @@ def _run_section(entry: dict[str, Any], info: dict[str, Any], figures: list[Figu
                  f"{html.escape(_fmt(entry['final_round']))}; clients "
                  f"{html.escape(', '.join(entry['clients']) or '—')}; organ set "
                  f"{html.escape(entry.get('organ_set') or '—')}.</p>")
+    clinic_training = ((info.get("config") or {}).get("clinic") or {}).get("training") or {}
+    if clinic_training.get("local_norm"):
+        parts.append("<p>Personalised normalisation (training.local_norm): each clinic is "
+                     "validated with the global model and its own GroupNorm scale/offset, "
+                     "not with the global model alone.</p>")
     if entry["organs"]:
         parts.append(_table(
             ("organ", "final Dice", "best Dice", "best round", "final HD95 (mm)",

@@ -21,7 +21,8 @@ from fedseg_clinic.errors import FedsegError
 # Modules under fedseg.commands, each exposing COMMANDS. Heavy imports (TensorFlow,
 # fedn) happen inside the commands, so `fedseg --help` stays fast.
 COMMAND_MODULES: tuple[str, ...] = ("data", "analyze", "network", "run", "privacy", "baseline",
-                                     "sweep", "attack", "audit", "predict", "clinic")
+                                     "sweep", "attack", "audit", "predict", "clinic",
+                                     "seed")
 
 
 def _package_version(name: str) -> str:

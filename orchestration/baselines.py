@@ -313,9 +313,11 @@ def _block(exp: Experiment, kind: str, k: int, trainers: dict[str, Any],
     train_meta: dict[str, dict[str, float]] = {}
     for name, app in trainers.items():
         settings = dict(round_settings)
-        if steps_factor != 1:
-            steps = with_server_overrides(app.settings, round_settings).training.local_steps
-            settings["local_steps"] = steps * steps_factor
+        merged = with_server_overrides(app.settings, round_settings)
+        # Equal compute: the pooled trainer takes every clinic's steps; with local epochs
+        # its pooled N already scales them.
+        if steps_factor != 1 and merged.training.local_epochs <= 0:
+            settings["local_steps"] = merged.training.local_steps * steps_factor
         try:
             new, meta = app.train(weights[name], settings)
         except BudgetExceededError as exc:

@@ -24,6 +24,8 @@ Top-level keys::
     network: {...}              # passed to the network layer (NetworkConfig fields)
     ledgers: data | run         # where the clinics' privacy ledgers are kept (below)
     seed_builder: MODULE:FUNC   # builds the seed npz: FUNC(model, out, seed=seed)
+    seed_weights: path          # or: a pretrained seed npz (fedseg seed pretrain) whose
+                                # sidecar JSON (what it was trained on) goes to run.json
     package: path               # compute package folder (default: the project's)
 """
 
@@ -48,7 +50,7 @@ DEFAULT_SEED_BUILDER = "fedseg.seed.build:build_seed"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _APP_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _TOP_KEYS = ("name", "seed", "data", "model", "clinic", "client_settings", "session",
-             "clients", "network", "seed_builder", "package", "ledgers")
+             "clients", "network", "seed_builder", "package", "ledgers", "seed_weights")
 # ledgers: "data" keeps each clinic's privacy ledger with its data (<data>/.fedseg-privacy):
 # every run on that data composes. "run" keeps them in <run>/privacy/<clinic>/, so runs
 # on shared synthetic data stay independent; only allowed for phantom data (runner
@@ -118,6 +120,7 @@ class Experiment:
     seed_builder: str = DEFAULT_SEED_BUILDER
     package: Path | None = None
     ledgers: str = "data"
+    seed_weights: Path | None = None
     source: Path | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -291,6 +294,21 @@ def _check_clinic_settings(check: _Checker, model: dict[str, Any], clinic: dict[
             raise check.fail("client_settings", f"round {k}: {exc}") from None
 
 
+def _path(check: _Checker, top: dict[str, Any], key: str, base: Path | None) -> Path | None:
+    """An optional path value, relative ones resolved against the experiment's folder."""
+    value = top.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise check.fail(key, f"must be a path, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        if base is None:
+            raise check.fail(key, "relative path needs an experiment file")
+        path = (base / path).resolve()
+    return path
+
+
 def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None = None
                      ) -> Experiment:
     """Validate an already-loaded YAML document.
@@ -325,15 +343,10 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     seed_builder = top.get("seed_builder", DEFAULT_SEED_BUILDER)
     if not isinstance(seed_builder, str) or not _APP_RE.match(seed_builder):
         raise check.fail("seed_builder", f"must be MODULE:FUNC, got {seed_builder!r}")
-    package = None
-    if top.get("package") is not None:
-        if not isinstance(top["package"], str) or not top["package"]:
-            raise check.fail("package", f"must be a folder path, got {top['package']!r}")
-        package = Path(top["package"]).expanduser()
-        if not package.is_absolute():
-            if base is None:
-                raise check.fail("package", "relative path needs an experiment file")
-            package = (base / package).resolve()
+    package = _path(check, top, "package", base)
+    seed_weights = _path(check, top, "seed_weights", base)
+    if seed_weights is not None and "seed_builder" in top:
+        raise check.fail("seed_weights", "give seed_weights or seed_builder, not both")
     clients = _clients(check, top.get("clients"))
     if session.secure_aggregation and clients.route != "callback":
         # Round keys live in the client process between rounds; the package route starts
@@ -347,6 +360,11 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
                            "ledgers", LEDGER_SCOPES)
     model = dict(check.mapping(top.get("model"), "model"))
     clinic = dict(check.mapping(top.get("clinic"), "clinic"))
+    privacy = clinic.get("privacy")
+    if isinstance(privacy, dict) and privacy.get("target_epsilon") is not None \
+            and privacy.get("planned_rounds") is None:
+        # A target epsilon covers this session's rounds unless the file says otherwise.
+        clinic["privacy"] = {**privacy, "planned_rounds": session.rounds}
     client_settings = _client_settings(check, top.get("client_settings"), session.rounds)
     if clients.app == DEFAULT_APP and top.get("package") is None:
         _check_clinic_settings(check, model, clinic, client_settings, session.rounds)
@@ -363,6 +381,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
         seed_builder=seed_builder,
         package=package,
         ledgers=ledgers,
+        seed_weights=seed_weights,
         source=None if base is None else Path(source),
         raw=raw,
     )

@@ -198,6 +198,32 @@ def test_overwrite_refuses_a_run_folder_holding_a_data_sets_ledger(
     assert default_privacy_dir(inside).is_dir()
 
 
+def test_target_epsilon_plans_the_calibrated_noise_and_target_budget(
+        tmp_path: Path, clinics: dict[str, Path]) -> None:
+    """A target epsilon covers the session: every planned round fits, none more."""
+    from fedseg_clinic.privacy.accounting import calibrate_noise
+
+    path = _experiment(tmp_path, clinics, 100.0, rounds=3)
+    doc = yaml.safe_load(path.read_text())
+    doc["clinic"]["privacy"] = {"target_epsilon": 3.0}
+    doc["clinic"]["training"].update(trainable="norm_bias", augmentations_per_patient=2)
+    path.write_text(yaml.safe_dump(doc))
+    lines: list[str] = []
+    decision = _decide(tmp_path, path, lines)
+    assert decision.rounds == 3 and set(decision.clinics) == set(clinics)
+    for name, data in clinics.items():
+        n = len(training_patients(data))
+        sigma = calibrate_noise(n, BATCH, 3 * STEPS, 3.0, default_delta(n))
+        plan = decision.plans[name]
+        assert plan["epsilon_after"] == pytest.approx(
+            compute_epsilon(n, BATCH, 3 * STEPS, sigma, default_delta(n)).epsilon)
+        assert 2.8 < plan["epsilon_after"] <= 3.0
+    # The same data asked for one more round than the target covers: refused up front.
+    _spend(clinics["clinic-1"], 1, run="before")
+    decision = _decide(tmp_path, path, lines)
+    assert "clinic-1" not in decision.clinics or decision.rounds < 3
+
+
 def test_plan_uses_the_noise_a_target_epsilon_calibrates(clinics: dict[str, Path]) -> None:
     """With privacy.target_epsilon the plan spends what ClinicApp.train will: the
     calibrated sigma, the target as budget; the planned rounds fit, one more does not."""
@@ -253,3 +279,21 @@ def test_budget_plan_refuses_a_session_that_weakens_dp(clinics: dict[str, Path])
         "privacy": {"noise_multiplier": SIGMA}}, "test")
     with pytest.raises(FedsegError, match=r"noise_multiplier 0\.3 < 1"):
         plan_rounds(settings, [{}, {"noise_multiplier": 0.3}])
+
+
+def test_plan_spends_the_steps_local_epochs_give(clinics: dict[str, Path]) -> None:
+    """With local_epochs the ledger plan spends ceil(E N / B) steps per round."""
+    import math
+
+    from fedseg_clinic.privacy.budget import plan_rounds
+    from fedseg_clinic.settings import settings_from_mapping
+
+    settings = settings_from_mapping({
+        "data_dir": str(clinics["clinic-1"]), "client_name": "clinic-1",
+        "training": {"batch_size": BATCH, "local_steps": 1, "local_epochs": 2.0},
+        "privacy": {"noise_multiplier": SIGMA}}, "test")
+    n = len(training_patients(clinics["clinic-1"]))
+    steps = math.ceil(2.0 * n / BATCH)
+    plan = plan_rounds(settings, [{}])
+    expected = compute_epsilon(n, BATCH, steps, SIGMA, default_delta(n)).epsilon
+    assert steps > 1 and plan.epsilon_after == pytest.approx(expected, rel=1e-3)

@@ -228,3 +228,84 @@ def test_norm_bias_round_moves_only_trained_weights_at_target_epsilon(
     assert 3.5 < meta["epsilon"] <= 4.0
     with pytest.raises(BudgetExceededError):  # the target is the budget: no third round
         app.train(new, {})
+
+
+def test_ema_of_one_step_is_the_decayed_mix_of_start_and_iterate(
+        tmp_path: Path, clinic_dir: Path) -> None:
+    """Same seeds, one step: EMA weights = d * global + (1 - d) * the plain iterate."""
+    results = {}
+    for decay in (0.0, 0.75):
+        settings = json.loads(json.dumps(TINY_SETTINGS))
+        settings["training"].update(local_steps=1, ema_decay=decay)
+        settings["privacy"] = {"enabled": False}  # no noise: both runs take the same step
+        path = tmp_path / f"settings-{decay}.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        env = {"FEDSEG_SETTINGS": str(path), "FEDSEG_DATA_DIR": str(clinic_dir),
+               "FEDSEG_STATE_DIR": str(tmp_path / f"state-{decay}"),
+               "FEDSEG_CLIENT_NAME": "clinic-1"}
+        app = ClinicApp(load_settings(env))
+        start = [np.asarray(w).copy() for w in app.model.get_weights()]
+        results[decay] = (start, *app.train(start, {}))
+    start, plain, _ = results[0.0]
+    _, smoothed, meta = results[0.75]
+    assert meta["ema_decay"] == 0.75
+    for w0, w1, ema in zip(start, plain, smoothed, strict=True):
+        np.testing.assert_allclose(ema, 0.75 * w0 + 0.25 * w1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("state", "iterations"), [("reset", 2), ("keep", 4)])
+def test_optimizer_state_reset_or_kept_across_rounds(tmp_path: Path, clinic_dir: Path,
+                                                     state: str, iterations: int) -> None:
+    """Adam's step count after two rounds of 2 steps: 2 when reset each round, else 4."""
+    app = ClinicApp(load_settings(_env(tmp_path, clinic_dir)))
+    seed = [np.asarray(w) for w in app.model.get_weights()]
+    first, meta = app.train(seed, {"optimizer": "adam", "optimizer_state": state})
+    _, meta = app.train(first, {"optimizer": "adam", "optimizer_state": state})
+    assert meta["optimizer_state"] == state
+    assert int(app._trainer.optimizer.iterations.numpy()) == iterations
+
+
+def test_fedprox_round_records_mu_and_pulls_towards_the_global_model(
+        tmp_path: Path, clinic_dir: Path) -> None:
+    """With a huge mu the weights barely leave the global model; mu reaches the metadata."""
+    env = _env(tmp_path, clinic_dir, noise_multiplier=0.0)
+    seed = [np.asarray(w) for w in ClinicApp(load_settings(env)).model.get_weights()]
+
+    def distance(mu: float) -> float:
+        (tmp_path / f"mu{mu}").mkdir()
+        app = ClinicApp(load_settings(_env(tmp_path / f"mu{mu}", clinic_dir,
+                                           noise_multiplier=0.0, secure_randomness=False)))
+        new, meta = app.train(seed, {"optimizer": "sgd", "learning_rate": 0.5,
+                                     "local_steps": 4, "proximal_mu": mu})
+        assert meta["proximal_mu"] == mu
+        return sum(float(np.sum((a - b) ** 2)) for a, b in zip(new, seed, strict=True))
+
+    assert distance(1.9) < 0.5 * distance(0.0)
+
+
+def test_local_norm_keeps_the_clinics_groupnorm_over_the_global_one(
+        tmp_path: Path, clinic_dir: Path) -> None:
+    """FedBN-like: after a round the clinic's GroupNorm scale/offset replace the global
+    ones when it loads the next global model (for training and validation)."""
+    from fedseg_clinic.model.unet import norm_variables
+
+    env = _env(tmp_path, clinic_dir)
+    path = Path(env["FEDSEG_SETTINGS"])
+    doc = yaml.safe_load(path.read_text())
+    doc["training"]["local_norm"] = True
+    path.write_text(yaml.safe_dump(doc))
+    app = ClinicApp(load_settings(env))
+    norm_ids = {id(v) for v in norm_variables(app.model)}
+    is_norm = [id(v) in norm_ids for v in app.model.weights]
+    assert any(is_norm) and not all(is_norm)
+    seed = [np.asarray(w) for w in app.model.get_weights()]
+    _, meta = app.train(seed, {"learning_rate": 0.05})
+    assert meta["local_norm"] is True
+    own = [w.copy() for w, n in zip(app.model.get_weights(), is_norm, strict=True) if n]
+    assert any(not np.array_equal(a, s) for a, s, n in
+               zip(app.model.get_weights(), seed, is_norm, strict=True) if n)
+    metrics = app.validate(seed)  # the global model is the seed again
+    assert metrics["val_personalised"] == 1.0
+    for now, s, n in zip(app.model.get_weights(), seed, is_norm, strict=True):
+        # GroupNorm: the clinic's own; everything else: the global model's.
+        np.testing.assert_array_equal(now, own.pop(0) if n else s)

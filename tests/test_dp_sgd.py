@@ -368,3 +368,63 @@ def test_k_augmentations_refuse_a_ragged_batch_and_bad_k() -> None:
         trainer.step(*batch(3))
     with pytest.raises(FedsegError, match="augmentations"):
         DPTrainer(tiny_model(), ce_loss, DPConfig(1.0, 0.0, 2, 0.5), seed=0, augmentations=0)
+
+
+@pytest.mark.parametrize(("optimizer", "realised", "k", "subset"),
+                         [("sgd", 3, 1, False), ("sgd", 2, 2, True), ("adam", 3, 2, True),
+                          ("adam", 3, 1, False)])
+def test_tf_privacy_stock_optimizer_gives_the_same_update(optimizer: str, realised: int,
+                                                          k: int, subset: bool) -> None:
+    """privacy.dp_optimizer tf_privacy: DPKeras{SGD,Adam}Optimizer, same step, noise 0."""
+    from fedseg_clinic.privacy.tfp_reference import TFPrivacyTrainer
+
+    images, labels, known = batch(realised * k, seed=3)
+    ours, theirs = tiny_model(), tiny_model()
+    theirs.set_weights(ours.get_weights())
+
+    def chosen(model: keras.Model) -> list:
+        if not subset:
+            return list(model.trainable_variables)
+        return [v for v in model.trainable_variables if not v.name.endswith("kernel:0")]
+
+    config = DPConfig(0.3, 0.0, 3, 0.05, optimizer)
+    mine = DPTrainer(ours, ce_loss, config, seed=0, variables=chosen(ours), augmentations=k)
+    stock = TFPrivacyTrainer(theirs, ce_loss, config, seed=0, variables=chosen(theirs),
+                             augmentations=k)
+    for _ in range(2):
+        mine.step(images, labels, known)
+        stock.step(images, labels, known)
+    assert_weights_close(weights(ours), weights(theirs), atol=2e-6)
+    assert not np.allclose(weights(ours)[0 if not subset else 1],
+                           tiny_model().get_weights()[0 if not subset else 1])
+
+
+def test_tf_privacy_stock_optimizer_refuses_non_dp_and_skips_empty_batches() -> None:
+    from fedseg_clinic.privacy.tfp_reference import TFPrivacyTrainer
+
+    with pytest.raises(FedsegError, match="needs privacy"):
+        TFPrivacyTrainer(tiny_model(), ce_loss, DPConfig(1.0, None, 2, 0.1), seed=0)
+    trainer = TFPrivacyTrainer(tiny_model(), ce_loss, DPConfig(1.0, 1.0, 2, 0.1), seed=0)
+    assert np.isnan(trainer.step(*batch(0)))
+    assert trainer.skipped_steps == 1
+
+
+def test_fedprox_adds_mu_times_distance_to_the_anchor_after_clipping() -> None:
+    """FedProx: the step is the clipped (noise-free) mean plus mu * (w - anchor)."""
+    mu, lr, clip = 0.3, 0.5, 0.05
+    model = tiny_model()
+    data = batch(2)
+    trainer = DPTrainer(model, ce_loss, DPConfig(clip, 0.0, 2, lr, proximal_mu=mu), seed=0)
+    anchor = weights(model)
+    trainer.set_anchor()
+    # Move the weights away from the anchor, as after earlier local steps.
+    for variable in model.trainable_variables:
+        variable.assign_add(tf.fill(variable.shape, 0.1))
+    start = weights(model)
+    grad = clipped_mean(per_example_grads(model, data), clip, 2)
+    trainer.step(*data)
+    expected = [w - lr * (g + mu * (w - a))
+                for w, g, a in zip(start, grad, anchor, strict=True)]
+    assert_weights_close(weights(model), expected)
+    with pytest.raises(FedsegError, match="proximal_mu=-1"):
+        DPConfig(clip, 0.0, 2, lr, proximal_mu=-1.0)

@@ -40,11 +40,28 @@ def test_progress_line_says_a_round_without_model_failed(tmp_path: Path) -> None
 
 
 def test_demo_experiment_is_valid_and_uses_free_ports() -> None:
-    first, second = demo_experiment(rounds=3), demo_experiment()
-    assert first.session.rounds == 3 and second.session.rounds == 5
+    first, second = demo_experiment(rounds=4), demo_experiment()
+    assert first.session.rounds == 4 and second.session.rounds == 3
     assert first.data.clinic_names() == ["clinic-1", "clinic-2", "clinic-3"]
     assert first.clinic["privacy"]["enabled"] is True
+    # The DP recipe: epsilon <= 8 over exactly the session's rounds, from the shipped seed.
+    assert first.clinic["privacy"]["target_epsilon"] == 8.0
+    assert first.clinic["privacy"]["planned_rounds"] == 4
+    assert first.clinic["training"]["trainable"] == "norm_bias"
+    assert first.seed_weights is not None and first.seed_weights.name == "demo-seed.npz"
     assert first.network["api_port"] != first.network["s3_port"]
+
+
+def test_a_second_demo_gets_a_fresh_run_folder(tmp_path: Path) -> None:
+    from fedseg.commands.run import demo_run_name
+
+    assert demo_run_name(tmp_path, overwrite=False) == "demo"
+    (tmp_path / "demo").mkdir()
+    assert demo_run_name(tmp_path, overwrite=False) == "demo"  # empty: reuse
+    (tmp_path / "demo" / "run.json").write_text("{}")
+    second = demo_run_name(tmp_path, overwrite=False)
+    assert second.startswith("demo-") and second != "demo"
+    assert demo_run_name(tmp_path, overwrite=True) == "demo"
 
 
 def test_clinic_settings_file_carries_model_and_seed(tmp_path: Path) -> None:

@@ -78,6 +78,8 @@ def test_hu_window(tmp_path: Path, value: list[int], ok: bool) -> None:
     ("{planned_rounds: 0}", "{}", "planned_rounds"),
     ("{}", "{trainable: weights}", "trainable must be one of"),
     ("{}", "{augmentations_per_patient: 0}", "augmentations_per_patient"),
+    ("{dp_optimizer: opacus}", "{}", "dp_optimizer must be fedseg or tf_privacy"),
+    ("{}", "{ema_decay: 1.0}", "ema_decay must be in"),
 ])
 def test_dp_recipe_settings_are_checked(tmp_path: Path, privacy: str, training: str,
                                         message: str) -> None:
@@ -98,3 +100,18 @@ def test_dp_recipe_settings_from_file_and_server(tmp_path: Path) -> None:
     assert settings.training.trainable == "norm_bias"
     merged = with_server_overrides(settings, {"trainable": "head", "planned_rounds": "5"})
     assert merged.training.trainable == "head" and merged.privacy.planned_rounds == 5
+
+
+def test_local_epochs_resolve_to_steps_per_clinic_size(tmp_path: Path) -> None:
+    from fedseg_clinic.settings import settings_from_mapping, with_local_steps
+
+    settings = settings_from_mapping({"training": {"batch_size": 4, "local_steps": 10,
+                                                   "local_epochs": 1.5}}, "test")
+    # ceil(1.5 * N / 4): unbalanced clinics each see their data 1.5 times per round.
+    assert with_local_steps(settings, 40).training.local_steps == 15
+    assert with_local_steps(settings, 9).training.local_steps == 4
+    assert with_local_steps(settings, 1).training.local_steps == 1
+    off = settings_from_mapping({"training": {"local_steps": 10}}, "test")
+    assert with_local_steps(off, 40).training.local_steps == 10
+    with pytest.raises(FedsegError, match="local_epochs must be a finite number >= 0"):
+        settings_from_mapping({"training": {"local_epochs": -1}}, "test")

@@ -26,6 +26,7 @@ import numpy as np
 
 from fedseg_clinic.cases import Case, check_organ_set
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import atomic_output
 from fedseg_clinic.model.inference import sliding_window_predict
 from fedseg_clinic.model.losses import loss_for
 from fedseg_clinic.model.metrics import organ_metrics
@@ -36,6 +37,7 @@ from fedseg_clinic.model.unet import (
     class_known,
     count_parameters,
     labels_from_masks,
+    norm_variables,
     trainable_subset,
 )
 from fedseg_clinic.model.weights import apply_weights
@@ -50,10 +52,17 @@ from fedseg_clinic.privacy.ledger import (
     default_privacy_dir,
     ledger_path,
 )
-from fedseg_clinic.settings import ClinicSettings, load_settings, with_server_overrides
+from fedseg_clinic.settings import (
+    ClinicSettings,
+    load_settings,
+    with_local_steps,
+    with_server_overrides,
+)
 from fedseg_clinic.tf_env import tf
 
 logger = logging.getLogger(__name__)
+
+LOCAL_NORM_NAME = "local_norm.npz"  # training.local_norm: the clinic's own GroupNorm
 
 
 class ClinicApp:
@@ -137,6 +146,32 @@ class ClinicApp:
                 f"background, {', '.join(self.organs.organs)}); use one organ set"
             )
         apply_weights(self.model, weights, "global model")
+        if self.settings.training.local_norm:
+            self._restore_local_norm()
+
+    # -- personalised normalisation (training.local_norm) -----------------------------
+
+    @property
+    def _local_norm_path(self) -> Path:
+        return self.state_dir / LOCAL_NORM_NAME
+
+    def _restore_local_norm(self) -> None:
+        """Put this clinic's own GroupNorm scale/offset over the global ones (if saved)."""
+        if not self._local_norm_path.exists():
+            return  # first round: start from the global values
+        with np.load(self._local_norm_path) as saved:
+            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        variables = norm_variables(self.model)
+        if len(arrays) != len(variables) or any(
+                a.shape != tuple(v.shape) for a, v in zip(arrays, variables, strict=True)):
+            raise FedsegError(f"{self._local_norm_path}: local GroupNorm weights of another "
+                              "model; delete the file to start from the global ones")
+        for variable, array in zip(variables, arrays, strict=True):
+            variable.assign(array)
+
+    def _save_local_norm(self) -> None:
+        with atomic_output(self._local_norm_path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, *[v.numpy() for v in norm_variables(self.model)])
 
     # -- privacy ------------------------------------------------------------------------
 
@@ -170,13 +205,14 @@ class ClinicApp:
                      noise_multiplier: float) -> DPTrainer:
         """The DP trainer; kept across rounds (its traced step is the costly part).
 
-        The optimiser state (Adam moments, step count) is reset each round: every round
-        starts from new global weights, as in FedAvg's client update.
+        The optimiser state (Adam moments, step count) is reset each round unless
+        ``training.optimizer_state`` is "keep": every round starts from new global
+        weights, as in FedAvg's client update.
         """
         t, p = settings.training, settings.privacy
         noise = noise_multiplier if p.enabled else None
         key = (t.learning_rate, t.optimizer, t.batch_size, p.l2_norm_clip, noise,
-               t.trainable, t.augmentations_per_patient)
+               t.trainable, t.augmentations_per_patient, p.dp_optimizer, t.proximal_mu)
         if self._trainer is None or self._trainer_key != key:
             config = DPConfig(
                 l2_norm_clip=p.l2_norm_clip,
@@ -184,15 +220,22 @@ class ClinicApp:
                 expected_batch_size=t.batch_size,
                 learning_rate=t.learning_rate,
                 optimizer=t.optimizer,
+                proximal_mu=t.proximal_mu,
             )
-            self._trainer = DPTrainer(
+            trainer_class: Any = DPTrainer
+            if p.enabled and p.dp_optimizer == "tf_privacy":
+                from fedseg_clinic.privacy.tfp_reference import TFPrivacyTrainer
+
+                trainer_class = TFPrivacyTrainer  # the reference implementation
+            self._trainer = trainer_class(
                 self.model, self._per_example_loss, config, seed=noise_seed,
                 variables=trainable_subset(self.model, t.trainable),
                 augmentations=t.augmentations_per_patient)
             self._trainer_key = key
         else:
-            for variable in self._trainer.optimizer.variables():
-                variable.assign(tf.zeros_like(variable))
+            if t.optimizer_state == "reset":
+                for variable in self._trainer.optimizer.variables():
+                    variable.assign(tf.zeros_like(variable))
             # A kept trainer's secret noise stream goes on; a reproducible one restarts
             # from this round's seed.
             if noise_seed is not None:
@@ -218,16 +261,17 @@ class ClinicApp:
         """
         started = time.perf_counter()
         self.check_server_organ_set(server_settings)
-        settings = with_server_overrides(self.settings, server_settings)
+        n = len(self.train_cases)
+        settings = with_local_steps(with_server_overrides(self.settings, server_settings), n)
         t, p = settings.training, settings.privacy
         patch = check_patch_size(self.model_config, t.patch_size)
-        n = len(self.train_cases)
         if t.batch_size > n:
             raise FedsegError(
                 f"batch_size {t.batch_size} is larger than the {n} training patients of "
                 f"{self.data_dir}"
             )
-        check_privacy_floor(n, self.settings, settings)  # the server cannot weaken DP
+        # The server cannot weaken DP (compared at the same step count rule).
+        check_privacy_floor(n, with_local_steps(self.settings, n), settings)
         delta = p.delta if p.delta is not None else default_delta(n)
         sigma, budget = resolve_noise(n, settings) if p.enabled else (0.0, None)
         ledger = self.ledger(delta, budget) if p.enabled else None
@@ -250,6 +294,8 @@ class ClinicApp:
         self._apply_global(weights)
         noise_seed, sampling_seed = self._round_seeds(settings, round_index)
         trainer = self._get_trainer(settings, noise_seed, sigma)
+        if t.proximal_mu > 0:
+            trainer.set_anchor()  # the global weights just applied
         trained_ids = {id(v) for v in trainer.variables}
         frozen_before = [(v, v.numpy().copy()) for v in self.model.weights
                          if id(v) not in trained_ids]
@@ -257,6 +303,8 @@ class ClinicApp:
                                hu_clip=t.hu_window, organs=self.organs)
         rng = np.random.default_rng(sampling_seed)
         losses: list[float] = []
+        ema = ([v.numpy().astype(np.float64) for v in trainer.variables]
+               if t.ema_decay > 0 else None)
         for _ in range(t.local_steps):
             chosen = poisson_sample(n, t.batch_size, rng)
             # K patches per sampled patient, consecutive rows (see DPTrainer).
@@ -266,6 +314,17 @@ class ClinicApp:
             loss = trainer.step(images, labels, known)
             if len(chosen):
                 losses.append(float(loss))
+            if ema is not None:
+                for average, variable in zip(ema, trainer.variables, strict=True):
+                    average *= t.ema_decay
+                    average += (1.0 - t.ema_decay) * variable.numpy()
+        if ema is not None:
+            # Send (and so validate) the average of the round's iterates: post-processing
+            # of the private iterates, no privacy cost; it smooths the DP noise.
+            for average, variable in zip(ema, trainer.variables, strict=True):
+                variable.assign(average.astype(variable.dtype.as_numpy_dtype))
+        if t.local_norm:
+            self._save_local_norm()  # this clinic's own, for its next round and validation
         for variable, before in frozen_before:
             # Aggregation must only move what was trained: frozen weights leave bit-exact.
             if not np.array_equal(variable.numpy(), before):
@@ -287,6 +346,11 @@ class ClinicApp:
             "trainable": t.trainable,
             "trained_parameters": count_parameters(trainer.variables),
             "augmentations_per_patient": t.augmentations_per_patient,
+            "dp_optimizer": p.dp_optimizer,
+            "proximal_mu": t.proximal_mu,
+            "local_norm": t.local_norm,
+            "optimizer_state": t.optimizer_state,
+            "ema_decay": t.ema_decay,
             "l2_norm_clip": p.l2_norm_clip,
             "batch_size": t.batch_size,
             "learning_rate": t.learning_rate,
@@ -345,11 +409,14 @@ class ClinicApp:
         result["n_val"] = float(len(per_case))
         # FEDn does not time validations; the round-time split of the report needs it.
         result["validate_seconds"] = time.perf_counter() - started
+        # 1: validated with the global model and this clinic's own GroupNorm (local_norm).
+        result["val_personalised"] = float(self.settings.training.local_norm)
         return result
 
 
 def epsilon_for_plan(n_patients: int, settings: ClinicSettings, rounds: int) -> float:
     """Epsilon the planned training (rounds x local steps) would spend: for `startup`."""
+    settings = with_local_steps(settings, n_patients)
     t, p = settings.training, settings.privacy
     if not p.enabled:
         return math.inf

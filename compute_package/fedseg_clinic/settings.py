@@ -64,6 +64,21 @@ class TrainingSettings:
             the weights a clinic sends back differ from the global ones only there.
         augmentations_per_patient: K patches per sampled patient per step; the patient's
             gradient is the mean over them, clipped once (privacy cost unchanged).
+        ema_decay: 0 (off) or in (0, 1): the clinic sends the exponential moving average
+            of its trained weights over the round's steps (starting at the global
+            model) instead of the last iterate; post-processing, no privacy cost.
+        proximal_mu: FedProx's mu (0 = off): each step adds mu * (w - w_global) to the
+            privatised gradient of the trained weights, pulling local training towards
+            the round's global model on non-iid clinics. It depends on no patient, so it
+            is added after clipping and noise and costs no privacy.
+        optimizer_state: "reset" (default: Adam's moments start at zero every round, as
+            in FedAvg's client update) or "keep" (they carry over between rounds).
+        local_epochs: 0 (off: ``local_steps`` per round) or E > 0: each round takes
+            ceil(E * N / batch_size) steps, so unbalanced clinics each see their data E
+            times per round instead of taking equal steps (:func:`with_local_steps`).
+        local_norm: FedBN-like personalisation: the clinic keeps its own GroupNorm
+            scale/offset (saved in its state folder) over the global ones, for training
+            and validation; it still sends them, so the global model averages them.
     """
 
     learning_rate: float = 1e-3
@@ -76,6 +91,11 @@ class TrainingSettings:
     seed: int = 0
     trainable: str = "all"
     augmentations_per_patient: int = 1
+    ema_decay: float = 0.0
+    proximal_mu: float = 0.0
+    optimizer_state: str = "reset"
+    local_epochs: float = 0.0
+    local_norm: bool = False
 
 
 @dataclasses.dataclass
@@ -101,6 +121,9 @@ class PrivacySettings:
             clinic's schedule (its N, batch size, local steps) end at <= target_epsilon.
             It also becomes the epsilon budget unless one is set.
         planned_rounds: the number of rounds target_epsilon must cover; required with it.
+        dp_optimizer: "fedseg" (the fast per-example loop, default) or "tf_privacy"
+            (TF Privacy's stock DPKeras{SGD,Adam}Optimizer, to cross-check a result on
+            the reference implementation; slower, see privacy/tfp_reference.py).
     """
 
     enabled: bool = True
@@ -111,6 +134,7 @@ class PrivacySettings:
     secure_randomness: bool = True
     target_epsilon: float | None = None
     planned_rounds: int | None = None
+    dp_optimizer: str = "fedseg"
 
 
 @dataclasses.dataclass
@@ -156,6 +180,10 @@ SERVER_KEYS: dict[str, tuple[str, str]] = {
     "seed": ("training", "seed"),
     "trainable": ("training", "trainable"),
     "augmentations_per_patient": ("training", "augmentations_per_patient"),
+    "ema_decay": ("training", "ema_decay"),
+    "proximal_mu": ("training", "proximal_mu"),
+    "optimizer_state": ("training", "optimizer_state"),
+    "local_epochs": ("training", "local_epochs"),
     "dp": ("privacy", "enabled"),
     "noise_multiplier": ("privacy", "noise_multiplier"),
     "l2_norm_clip": ("privacy", "l2_norm_clip"),
@@ -243,6 +271,15 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
          t.augmentations_per_patient),
         (p.target_epsilon is None or (p.target_epsilon > 0 and math.isfinite(p.target_epsilon)),
          "target_epsilon must be a finite number > 0", p.target_epsilon),
+        (0.0 <= t.ema_decay < 1.0, "ema_decay must be in [0, 1)", t.ema_decay),
+        (0.0 <= t.proximal_mu and math.isfinite(t.proximal_mu),
+         "proximal_mu must be a finite number >= 0", t.proximal_mu),
+        (t.optimizer_state in ("reset", "keep"), "optimizer_state must be reset or keep",
+         t.optimizer_state),
+        (0.0 <= t.local_epochs and math.isfinite(t.local_epochs),
+         "local_epochs must be a finite number >= 0", t.local_epochs),
+        (p.dp_optimizer in ("fedseg", "tf_privacy"),
+         "dp_optimizer must be fedseg or tf_privacy", p.dp_optimizer),
         (p.planned_rounds is None or p.planned_rounds >= 1, "planned_rounds must be >= 1",
          p.planned_rounds),
         (p.target_epsilon is None or p.planned_rounds is not None,
@@ -323,6 +360,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> ClinicSettings:
 
         settings.privacy_dir = default_privacy_dir(settings.data_dir)
     return settings
+
+
+def with_local_steps(settings: ClinicSettings, n_patients: int) -> ClinicSettings:
+    """Resolve ``training.local_epochs`` into ``local_steps`` for a clinic of N patients.
+
+    With E > 0 local epochs a round takes ceil(E * N / batch_size) steps (at least 1):
+    the expected number of patient visits is E * N. Everything downstream (training, the
+    ledger's segment, noise calibration, the budget plan) then uses that step count.
+    """
+    t = settings.training
+    if t.local_epochs <= 0:
+        return settings
+    steps = max(1, math.ceil(t.local_epochs * n_patients / t.batch_size))
+    return dataclasses.replace(settings, training=dataclasses.replace(t, local_steps=steps))
 
 
 def with_server_overrides(

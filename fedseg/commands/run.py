@@ -184,18 +184,36 @@ def clients_status(root: Path) -> None:
         click.echo(f"{h.name:<14} {h.route:<8} {state:<7} id {h.client_id or '-'}  log {h.log}")
 
 
+def demo_run_name(runs: Path, overwrite: bool) -> str:
+    """``demo``, or ``demo-<UTC time>`` when an earlier demo already fills ``runs/demo``.
+
+    A second ``fedseg demo`` therefore just works and keeps the first one; --overwrite
+    replaces ``runs/demo`` instead.
+    """
+    import datetime
+
+    first = runs / "demo"
+    if overwrite or not first.exists() or not any(first.iterdir()):
+        return "demo"
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    return f"demo-{stamp}"
+
+
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Parent folder of the demo run (default: ./runs, printed).")
-@click.option("--rounds", type=int, default=5, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace an earlier demo run.")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Rounds; each clinic's noise is calibrated to end them at epsilon <= 8.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace RUNS/demo (default: a new RUNS/demo-<time> if it exists).")
 def demo(out: Path | None, rounds: int, overwrite: bool) -> None:
-    """Three synthetic clinics, a small U-Net, a DP session on a local FEDn network."""
+    """Three synthetic clinics fine-tune a pretrained seed with DP (epsilon <= 8) on FEDn."""
     from fedseg.orchestration.runner import demo_experiment, run_experiment
 
     runs = (out or _default_runs_dir()).resolve()
-    click.echo(f"demo output goes to {runs / 'demo'}")
-    exp = demo_experiment(rounds=rounds)
+    name = demo_run_name(runs, overwrite)
+    click.echo(f"demo output goes to {runs / name}")
+    exp = demo_experiment(rounds=rounds, name=name)
     _quiet_fedn()
     _sigterm_as_interrupt()
     try:

@@ -291,6 +291,12 @@ def _is_norm_or_bias(variable: Any) -> bool:
     return leaf in ("gamma", "beta", "bias")
 
 
+def norm_variables(model: keras.Model) -> list[Any]:
+    """Every GroupNorm scale (gamma) and offset (beta) of the model, in weight order."""
+    return [v for v in model.weights
+            if v.name.split("/")[-1].split(":")[0] in ("gamma", "beta")]
+
+
 def trainable_subset(model: keras.Model, subset: str) -> list[Any]:
     """The variables a training ``subset`` updates, in ``model.trainable_variables`` order.
 

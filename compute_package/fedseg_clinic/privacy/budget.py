@@ -37,7 +37,7 @@ from fedseg_clinic.privacy.ledger import (
     ledger_path,
     ledgers_in,
 )
-from fedseg_clinic.settings import ClinicSettings, with_server_overrides
+from fedseg_clinic.settings import ClinicSettings, with_local_steps, with_server_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +195,8 @@ def plan_rounds(settings: ClinicSettings, round_settings: Sequence[Mapping[str, 
     spent = compute_epsilon_history(history, delta).epsilon
     affordable, epsilon_after, reason = 0, spent, ""
     for k, server in enumerate(round_settings, start=1):
-        s = with_server_overrides(settings, server)
-        check_privacy_floor(n, settings, s)
+        s = with_local_steps(with_server_overrides(settings, server), n)
+        check_privacy_floor(n, with_local_steps(settings, n), s)
         if not s.privacy.enabled:
             affordable += 1
             continue

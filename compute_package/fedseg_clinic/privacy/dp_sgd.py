@@ -74,6 +74,9 @@ class DPConfig:
             normaliser of the noised gradient sum.
         learning_rate: Optimiser learning rate, > 0.
         optimizer: "sgd" or "adam" (Adam on the privatised gradient).
+        proximal_mu: FedProx's mu >= 0: mu * (w - anchor) is added to the privatised
+            gradient (data-independent, so after clipping and noise; no privacy cost).
+            The anchor is the round's global model (:meth:`DPTrainer.set_anchor`).
     """
 
     l2_norm_clip: float
@@ -81,6 +84,7 @@ class DPConfig:
     expected_batch_size: int
     learning_rate: float
     optimizer: str = "sgd"
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.l2_norm_clip) and self.l2_norm_clip > 0):
@@ -102,6 +106,8 @@ class DPConfig:
         if self.optimizer not in OPTIMIZERS:
             raise FedsegError(
                 f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise FedsegError(f"proximal_mu={self.proximal_mu} must be a finite number >= 0")
 
     @property
     def private(self) -> bool:
@@ -266,6 +272,14 @@ class DPTrainer:
         self._query = sum_query(config, self._noise)
         self._global_state = self._query.initial_global_state()
         self._step_fn: Callable[..., tf.Tensor] | None = None
+        # FedProx's anchor: the round's global values of the trained weights.
+        self._anchor = [tf.Variable(v, trainable=False) for v in self.variables] \
+            if config.proximal_mu > 0 else []
+
+    def set_anchor(self) -> None:
+        """Take the trained weights' current values (the global model) as FedProx anchor."""
+        for anchor, variable in zip(self._anchor, self.variables, strict=False):
+            anchor.assign(variable)
 
     def _trace(self, images: np.ndarray, known: np.ndarray) -> Callable[..., tf.Tensor]:
         """Build the step's tf.function: any batch size and patch shape, one trace."""
@@ -307,6 +321,10 @@ class DPTrainer:
         else:
             denominator = tf.cast(tf.maximum(batch, 1), tf.float32)
         grads = [g / tf.cast(denominator, g.dtype) for g in noised_sum]
+        if self._anchor:  # FedProx: no patient in it, so outside the DP mechanism
+            mu = self.config.proximal_mu
+            grads = [g + mu * (v - a) for g, v, a in zip(grads, variables, self._anchor,
+                                                         strict=True)]
         self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         return tf.where(batch > 0, loss_sum / tf.cast(tf.maximum(batch, 1), tf.float32),
                         tf.constant(math.nan))
