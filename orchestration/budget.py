@@ -139,7 +139,13 @@ def decide(exp: Experiment, run_dir: Path, data_dirs: dict[str, Path],
         privacy_env = client_privacy_env(exp, run_dir, name)
         if "FEDSEG_PRIVACY_DIR" in privacy_env:
             environ[ENV_PRIVACY_DIR] = privacy_env["FEDSEG_PRIVACY_DIR"]
-        plans[name] = plan_rounds(load_settings(environ), round_settings)
+        say(f"privacy budget of {name}: planning {planned} rounds (calibrating noise to a "
+            "target epsilon takes a few seconds per clinic)")
+        plan = plans[name] = plan_rounds(load_settings(environ), round_settings)
+        budget = "no budget" if plan.budget is None else f"budget {plan.budget:g}"
+        say(f"privacy budget of {name}: {plan.affordable_rounds} of {planned} rounds fit, "
+            f"epsilon {plan.spent:.3g} -> {plan.epsilon_after:.3g} ({budget}, "
+            f"delta {plan.delta:.2g})")
     dropped = {}
     for name, plan in plans.items():
         if plan.affordable_rounds == 0:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.io import atomic_write_text
+from fedseg_clinic.io import atomic_write_text, read_json_object
 
 ROUNDS_NAME = "rounds.csv"
 RUN_NAME = "run.json"
@@ -125,12 +125,4 @@ def write_run_info(run_dir: Path, info: dict[str, Any]) -> Path:
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     """Read run.json; a missing or malformed file raises FedsegError naming it."""
     path = run_dir / RUN_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FedsegError(f"{path}: missing (not a run folder?)") from None
-    except (OSError, ValueError) as exc:
-        raise FedsegError(f"{path}: unreadable run info ({exc})") from None
-    if not isinstance(data, dict):
-        raise FedsegError(f"{path}: run info must be a JSON object")
-    return data
+    return read_json_object(path, "run info", missing=f"{path}: missing (not a run folder?)")

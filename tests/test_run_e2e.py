@@ -183,8 +183,15 @@ def _alive(record: dict[str, Any]) -> bool:
         return False
 
 
-def test_ctrl_c_stops_everything_and_keeps_the_log(tmp_path: Path) -> None:
-    path = _toy_experiment(tmp_path, "sigint", {"clinic-1": {}, "clinic-2": {}}, rounds=4,
+
+def _start_slow_toy_run(tmp_path: Path, name: str, rounds: int
+                        ) -> tuple[Path, subprocess.Popen]:
+    """`fedseg run` of two toy clinics that train 1.5 s per round, as a child process.
+
+    Returns:
+        (the runs folder, the process).
+    """
+    path = _toy_experiment(tmp_path, name, {"clinic-1": {}, "clinic-2": {}}, rounds=rounds,
                            network=_network_keys())
     doc = yaml.safe_load(path.read_text())
     doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "1.5"
@@ -195,6 +202,11 @@ def test_ctrl_c_stops_everything_and_keeps_the_log(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=tmp_path)
+    return runs, proc
+
+
+def test_ctrl_c_stops_everything_and_keeps_the_log(tmp_path: Path) -> None:
+    runs, proc = _start_slow_toy_run(tmp_path, "sigint", rounds=4)
     run_dir = runs / "sigint"
     records: list[dict[str, Any]] = []
     output: list[str] = []
@@ -471,17 +483,7 @@ def test_kill_9_of_the_runner_then_resume(tmp_path: Path) -> None:
     """Issue 13: kill -9 left six processes and run.json "running"; now --resume."""
     from fedseg.orchestration.runner import resume_run
 
-    path = _toy_experiment(tmp_path, "killed", {"clinic-1": {}, "clinic-2": {}}, rounds=3,
-                           network=_network_keys())
-    doc = yaml.safe_load(path.read_text())
-    doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "1.5"
-    path.write_text(yaml.safe_dump(doc))
-    runs = tmp_path / "runs"
-    env = {**os.environ, "PYTHONPATH": doc["clients"]["env"]["PYTHONPATH"]}
-    fedseg = Path(sys.executable).parent / "fedseg"
-    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
+    runs, proc = _start_slow_toy_run(tmp_path, "killed", rounds=3)
     run_dir = runs / "killed"
     output: list[str] = []
     try:

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
+from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text, read_json_object
 from fedseg_clinic.organs import ALL_ORGANS, OrganSet
 
 FORMAT_VERSION = 1
@@ -188,14 +188,8 @@ def write_case(case: Case, cases_dir: Path, overwrite: bool = False) -> Path:
 def read_case_meta(case_dir: Path) -> CaseMeta:
     """Read only the sidecar of a case folder."""
     path = case_dir / CASE_META_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FedsegError(f"{case_dir}: not a case folder (no {CASE_META_NAME})") from None
-    except (OSError, ValueError) as exc:
-        raise FedsegError(f"{path}: unreadable case sidecar ({exc})") from None
-    if not isinstance(data, dict):
-        raise FedsegError(f"{path}: case sidecar must be a JSON object")
+    data = read_json_object(path, "case sidecar",
+                            missing=f"{case_dir}: not a case folder (no {CASE_META_NAME})")
     return CaseMeta.from_json(data, str(path))
 
 

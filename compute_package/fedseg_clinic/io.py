@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedseg_clinic.errors import FedsegError
+
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 
@@ -110,6 +112,28 @@ def atomic_write_json(path: Path, data: Any, mode: int | None = None, **dump_arg
     return atomic_write_text(path, json.dumps(data, **dump_args) + "\n", mode)
 
 
+def read_json_object(path: Path, what: str, missing: str | None = None) -> dict[str, Any]:
+    """Read a JSON file that must hold an object; every problem is one line naming it.
+
+    Args:
+        path: the file.
+        what: what it is, for the messages ("case sidecar", "run info", ...).
+        missing: the message when the file does not exist (default: "<path>: missing").
+
+    Raises:
+        FedsegError: missing, unreadable, not JSON, or not a JSON object.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FedsegError(missing or f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise FedsegError(f"{path}: unreadable {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise FedsegError(f"{path}: {what} must be a JSON object")
+    return data
+
+
 __all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "atomic_output", "atomic_write_bytes",
            "atomic_write_json", "atomic_write_text", "default_dir_mode",
-           "default_file_mode"]
+           "default_file_mode", "read_json_object"]

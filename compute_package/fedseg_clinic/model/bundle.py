@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.io import read_json_object
 from fedseg_clinic.model.record import config_from_record, find_record, read_record
 from fedseg_clinic.model.unet import UNetConfig, build_unet, check_patch_size
 from fedseg_clinic.organs import OrganSet
@@ -83,14 +84,8 @@ def read_card(folder: Path) -> dict[str, Any]:
         FedsegError: naming the file when it is missing, unreadable or lacks a key.
     """
     path = folder / CARD_NAME
-    try:
-        card = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FedsegError(f"{folder}: not an exported model (no {CARD_NAME})") from None
-    except (OSError, ValueError) as exc:
-        raise FedsegError(f"{path}: unreadable model card ({exc})") from None
-    if not isinstance(card, dict):
-        raise FedsegError(f"{path}: model card must be a JSON object")
+    card = read_json_object(path, "model card",
+                            missing=f"{folder}: not an exported model (no {CARD_NAME})")
     missing = [k for k in CARD_KEYS if k not in card]
     if missing:
         raise FedsegError(f"{path}: model card lacks {', '.join(missing)}")

@@ -48,7 +48,7 @@ class BudgetPlan:
         client: The clinic's name.
         data_id: Its data set's identity (the ledger's key).
         privacy_dir: Where its ledgers are kept.
-        budget: Its epsilon budget (None: no limit).
+        budget: Its epsilon budget in force (a target epsilon is one; None: no limit).
         delta: The delta the budget is held at.
         spent: Epsilon already spent on this data (all runs so far).
         planned_rounds: Rounds the session plans.
@@ -194,6 +194,8 @@ def plan_rounds(settings: ClinicSettings, round_settings: Sequence[Mapping[str, 
         history = [s.privacy_segment() for s in ledger.history()]
     spent = compute_epsilon_history(history, delta).epsilon
     affordable, epsilon_after, reason = 0, spent, ""
+    # The budget in force: a target epsilon is one too (what the ledger will hold).
+    _, in_force = resolve_noise(n, with_local_steps(settings, n))
     for k, server in enumerate(round_settings, start=1):
         s = with_local_steps(with_server_overrides(settings, server), n)
         check_privacy_floor(n, with_local_steps(settings, n), s)
@@ -218,5 +220,5 @@ def plan_rounds(settings: ClinicSettings, round_settings: Sequence[Mapping[str, 
                       f"{privacy_dir})")
             break
         history, affordable, epsilon_after = trial, affordable + 1, epsilon
-    return BudgetPlan(settings.client_name, data_id, privacy_dir, p.epsilon_budget, delta,
+    return BudgetPlan(settings.client_name, data_id, privacy_dir, in_force, delta,
                       spent, planned, affordable, epsilon_after, reason)
