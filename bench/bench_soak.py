@@ -97,7 +97,8 @@ def slope_per_10(xs: list[int], ys: list[float]) -> float:
         return 0.0
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return 0.0 if den == 0 else 10 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    return 0.0 if den == 0 else 10 * cov / den
 
 
 def write_experiment(folder: Path, rounds: int, n_clients: int) -> dict[str, Any]:

@@ -20,24 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
-from test_run_e2e import _network_keys, _toy_experiment
+from test_run_e2e import _alive, _network_keys, _start_slow_toy_run, _toy_experiment
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.runlog import GLOBAL, pivot, read_rounds, read_run_info
 
 pytestmark = pytest.mark.slow
-
-
-def _alive(record: dict[str, Any]) -> bool:
-    try:
-        proc = psutil.Process(int(record["pid"]))
-        return (abs(proc.create_time() - float(record["create_time"])) < 1.0
-                and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _run_and_kill(tmp_path: Path, name: str, victim: str) -> tuple[int, str, Path,
@@ -123,17 +113,7 @@ def test_s3_endpoint_killed_mid_round_ends_with_a_true_record(tmp_path: Path) ->
 
 def test_sigterm_twice_still_stops_everything(tmp_path: Path) -> None:
     """Issue 13: a second SIGTERM during cleanup left the S3 process running."""
-    path = _toy_experiment(tmp_path, "sigterm", {"clinic-1": {}, "clinic-2": {}}, rounds=4,
-                           network=_network_keys())
-    doc = yaml.safe_load(path.read_text())
-    doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "1.5"
-    path.write_text(yaml.safe_dump(doc))
-    runs = tmp_path / "runs"
-    env = {**os.environ, "PYTHONPATH": doc["clients"]["env"]["PYTHONPATH"]}
-    fedseg = Path(sys.executable).parent / "fedseg"
-    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
+    runs, proc = _start_slow_toy_run(tmp_path, "sigterm", rounds=4)
     run_dir = runs / "sigterm"
     output: list[str] = []
     try:
