@@ -30,6 +30,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from fedseg.analysis import plots, summary
+from fedseg.analysis.contours import plot_contours
 from fedseg.analysis.leakage import results as leakage_report
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import atomic_write_bytes
@@ -127,6 +128,12 @@ def render_figures(
             _render(f"{slug}_round_time.png", "Where each round's time went.",
                     plots.plot_round_time(run)),
         ])
+        contours = plot_contours(run) if run.kind == "federated" else None
+        if contours is not None:
+            per_run[-1].append(_render(
+                f"{slug}_contours.png", "A validation case segmented by the last global "
+                "model: ground truth solid, prediction dashed, per organ (axial and "
+                "coronal through the organs' centre).", contours))
     return comparison, per_run
 
 

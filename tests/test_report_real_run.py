@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers import tiny_real_experiment
 
@@ -87,3 +88,18 @@ def test_summary_final_epsilon_is_finite_and_positive(
         report: tuple[Path, dict[str, Any]], client: str) -> None:
     eps = report[1]["runs"][0]["final_epsilon"][client]
     assert eps is not None and math.isfinite(eps) and eps > 0
+
+
+def test_report_shows_a_validation_case_with_contours(
+        real_run: RunResult, report: tuple[Path, dict[str, Any]]) -> None:
+    """The last global model segments a real validation case of the run's data."""
+    from fedseg.analysis.contours import predict_val_case
+    from fedseg.analysis.summary import load_run
+
+    out, _ = report
+    assert (out / "tiny-real-report_contours.png").stat().st_size > 0
+    data = predict_val_case(load_run(real_run.run_dir))
+    assert data is not None and data["round"] == 2
+    assert data["labels"].shape == data["image"].shape
+    assert set(np.unique(data["labels"])) <= set(range(data["organs"].n_classes))
+    assert data["masks"]  # ground truth to compare with
