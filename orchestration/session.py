@@ -11,7 +11,8 @@ fedn 0.33.0 specifics handled here:
   (:func:`server_functions_source`). The hooks process keeps one ServerFunctions object
   while the code is unchanged, so a per-session nonce in the code resets its round
   counter for every session.
-- A session may never finish (bug 6, a client stuck): :func:`wait_session` is bounded.
+- A session may never finish (a client stuck, a server process gone): :func:`wait_session`
+  is bounded.
 """
 
 from __future__ import annotations
