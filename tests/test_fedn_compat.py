@@ -355,6 +355,10 @@ def test_two_combiners_reporting_at_once_keep_both_reports(
     store.update(second)
     names = sorted(c.name for c in store.get("1").combiners)
     assert names == (["combiner-1", "combiner-2"] if merged else ["combiner-2"])
+    # Each kept report keeps its round config (fedn's reader refuses one without).
+    reports = store.get("1").to_dict()["combiners"]
+    assert sorted(r["config"]["_job_id"] for r in reports) == sorted(
+        f"job-{name}" for name in names)
     # A later full write (the controller setting the status) neither drops nor doubles.
     final = store.get("1")
     final.status = "Success"

@@ -750,6 +750,30 @@ def start_session(client: Any, rounds: int, *, model_id: str, name: str | None =
 
 # --- bug 10 ------------------------------------------------------------------------------
 
+def _round_combiner_model(report: dict[str, Any]) -> Any:
+    """A new fedn RoundCombinerModel row from a report dict, built as fedn builds it."""
+    from fedn.network.storage.statestore.stores.sql.shared import (
+        RoundCombinerDataModel,
+        RoundCombinerModel,
+        RoundConfigModel,
+    )
+
+    fields = dict(report)
+    config = dict(fields.pop("config", None) or {})
+    data = dict(fields.pop("data", None) or {})
+    fields["config_job_id"] = config.pop("_job_id", None)
+    row = RoundCombinerModel(**fields)
+    if config:
+        row.round_config = RoundConfigModel(**config)
+    if data:
+        timing = data.pop("aggregation_time", None) or {}
+        row.data = RoundCombinerDataModel(**data)
+        row.data.aggregation_time_nr_aggregated_models = timing.get("nr_aggregated_models")
+        row.data.aggregation_time_time_model_aggregation = timing.get("time_model_aggregation")
+        row.data.aggregation_time_time_model_load = timing.get("time_model_load")
+    return row
+
+
 def merge_round_combiners() -> None:
     """Keep every combiner's report on a round when several combiners write at once.
 
@@ -773,12 +797,16 @@ def merge_round_combiners() -> None:
                        SQLRoundStore._update_orm_model_from_dto)
 
     def update_keeping_reports(self: Any, entity: Any, item: Any) -> Any:
-        stored = list(entity.combiners or [])
+        # The stored reports as plain dicts, read before fedn clears the list: clearing
+        # deletes each report's round config (cascade delete-orphan), so re-adding the
+        # old rows would keep a report without its config, which fedn's reader refuses
+        # ("Invalid key: config_job_id") - the API's session thread dies with it.
+        stored = self._combiners_to_dict_list(list(entity.combiners or []))
         entity = original(self, entity, item)
         kept = {(c.name, c.config_job_id) for c in entity.combiners}
         for report in stored:
-            if (report.name, report.config_job_id) not in kept:
-                entity.combiners.append(report)  # back before the flush: not deleted
+            if (report.get("name"), (report.get("config") or {}).get("_job_id")) not in kept:
+                entity.combiners.append(_round_combiner_model(report))
         return entity
 
     update_keeping_reports.__wrapped__ = original  # type: ignore[attr-defined]
