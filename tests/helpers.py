@@ -59,3 +59,33 @@ def tiny_real_experiment(name: str, **client_env: str) -> dict[str, Any]:
         "clients": {"env": {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
                             "TF_CPP_MIN_LOG_LEVEL": "2", **client_env}},
     }
+
+
+def read_until(proc: Any, prefix: str, output: list[str], timeout_s: float) -> None:
+    """Read a child's output lines into ``output`` until one starts with ``prefix``.
+
+    Fails the test when the child ends first or the deadline passes.
+    """
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith(prefix):
+            return
+        assert time.monotonic() < deadline, "".join(output)
+    pytest.fail(f"run ended before {prefix!r}:\n" + "".join(output))
+
+
+def run_process_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The process records a run left: its network's and its clients'."""
+    import json
+
+    from fedseg.orchestration import clients
+
+    state = json.loads((run_dir / "network" / "network.json").read_text())
+    records = list(state["records"].values())
+    return records + [h.record.to_dict() for h in clients.load_clients(run_dir)]

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import read_until, run_process_records
 from test_run_e2e import _alive, _network_keys, _start_slow_toy_run, _toy_experiment
 
-from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.runlog import GLOBAL, pivot, read_rounds, read_run_info
 
 pytestmark = pytest.mark.slow
@@ -52,19 +52,10 @@ def _run_and_kill(tmp_path: Path, name: str, victim: str) -> tuple[int, str, Pat
     run_dir = runs / name
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 180
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("session "):
-                break
-            assert time.monotonic() < deadline, "".join(output)
-        else:
-            pytest.fail("run ended before its session:\n" + "".join(output))
+        read_until(proc, "session ", output, 180)
         time.sleep(1.5)  # the clients are inside their 3 s train call of round 1
+        records = run_process_records(run_dir)
         state = json.loads((run_dir / "network" / "network.json").read_text())
-        records = list(state["records"].values())
-        records += [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
         target = state["records"][victim]
         assert _alive(target)
         os.kill(int(target["pid"]), signal.SIGKILL)
@@ -117,18 +108,8 @@ def test_sigterm_twice_still_stops_everything(tmp_path: Path) -> None:
     run_dir = runs / "sigterm"
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 180
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("round 1/4"):
-                break
-            assert time.monotonic() < deadline, "".join(output)
-        else:
-            pytest.fail("run ended before round 1:\n" + "".join(output))
-        state = json.loads((run_dir / "network" / "network.json").read_text())
-        records = list(state["records"].values())
-        records += [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
+        read_until(proc, "round 1/4", output, 180)
+        records = run_process_records(run_dir)
         assert len(records) >= 6 and all(_alive(r) for r in records)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)  # inside the cleanup: clients and network being stopped

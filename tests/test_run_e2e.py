@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from helpers import tiny_real_experiment
+from helpers import read_until, run_process_records, tiny_real_experiment
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.experiment import load_experiment
@@ -211,18 +211,8 @@ def test_ctrl_c_stops_everything_and_keeps_the_log(tmp_path: Path) -> None:
     records: list[dict[str, Any]] = []
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("round 1/4"):
-                break
-            assert time.monotonic() < deadline, "".join(output)
-        else:
-            pytest.fail("run ended before round 1:\n" + "".join(output))
-        state = json.loads((run_dir / "network" / "network.json").read_text())
-        records = list(state["records"].values())
-        records += [h.record.to_dict() for h in clients_mod.load_clients(run_dir)]
+        read_until(proc, "round 1/4", output, 120)
+        records = run_process_records(run_dir)
         assert len(records) >= 6 and all(_alive(r) for r in records)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=90)
@@ -487,15 +477,7 @@ def test_kill_9_of_the_runner_then_resume(tmp_path: Path) -> None:
     run_dir = runs / "killed"
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("round 1/3"):
-                break
-            assert time.monotonic() < deadline, "".join(output)
-        else:
-            pytest.fail("run ended before round 1:\n" + "".join(output))
+        read_until(proc, "round 1/3", output, 120)
         proc.kill()  # SIGKILL: no cleanup runs
         proc.wait(timeout=30)
     finally:
