@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo dp-study test test-fast lint clean
 
 # Re-running pip each time is cheap when everything is satisfied, and it points the
 # editable install at *this* checkout (a shared VENV may have served another one).
@@ -17,6 +17,15 @@ install:
 
 demo: install
 	$(BIN)/fedseg demo
+
+# The DP recipe study of docs/findings.md (~1 h 10 min on a shared 2-core machine): the
+# three sweeps one after another (each resumable), then the report with the curve.
+RUNS ?= runs
+dp-study: install
+	$(BIN)/fedseg sweep experiments/sweeps/dp-study-nodp.yaml --runs-dir $(RUNS)
+	$(BIN)/fedseg sweep experiments/sweeps/dp-study-ablations.yaml --runs-dir $(RUNS)
+	$(BIN)/fedseg sweep experiments/sweeps/dp-study-curve.yaml --runs-dir $(RUNS)
+	$(BIN)/fedseg analyze $(RUNS)/dp-study-*/*-s* --out $(RUNS)/dp-study-report
 
 test: install
 	$(BIN)/python -m pytest

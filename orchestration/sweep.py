@@ -10,6 +10,11 @@ A sweep file (docs/baselines-and-sweeps.md)::
       local_steps: [4]
       learning_rate: [0.003]            # client learning rate
       server_learning_rate: [0.01]      # fedopt only (dropped for fedavg points)
+      variant: [recipe, no-seed]        # named changes of the base, from ``variants``
+      seed: [1, 2, 3]                   # the experiment seed (seed model, clinics)
+    variants:                      # optional: name -> changes deep-merged into the base
+      recipe: {}                   #   (a null value removes the key)
+      no-seed: {seed_weights: null}
     baselines: [pooled, local]     # optional, run after the federated runs
 
 Every run is a folder ``<runs_dir>/<sweep>/<point>/`` named by its grid values
@@ -23,7 +28,9 @@ keeps its own privacy ledgers (``ledgers: run``, the default for phantom experim
 otherwise the shared data's ledger would compose every point's epsilon and a later
 point would be refused for the earlier points' spending.
 
-``target_epsilon``: the noise multiplier is calibrated
+``target_epsilon``: when the base experiment sets ``clinic.privacy.target_epsilon``, each
+clinic calibrates its own noise for the point's target (every clinic ends at the target
+for its own N). Otherwise the noise multiplier is calibrated
 (:func:`fedseg_clinic.privacy.accounting.calibrate_noise`) for each clinic's planned schedule
 (its training N, the batch size, the sum of local steps over all rounds, its delta) and
 the largest is used, so that every clinic ends within the target. ``inf`` turns DP off.
@@ -61,11 +68,14 @@ logger = logging.getLogger(__name__)
 
 SWEEP_INDEX = "sweep.json"
 # Grid axes, in the order their tokens appear in run names.
-AXES = ("target_epsilon", "aggregator", "local_steps", "learning_rate", "server_learning_rate")
+AXES = ("variant", "target_epsilon", "aggregator", "local_steps", "learning_rate",
+        "server_learning_rate", "seed")
 # Axes that only change the server side: baselines do not depend on them.
 SERVER_AXES = ("aggregator", "server_learning_rate")
+# Axes whose values are names or integers rather than positive numbers.
+_VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,23}(-[A-Za-z0-9_]+)*$")
 BASELINE_KINDS = ("pooled", "local")
-_TOP_KEYS = ("name", "base", "grid", "baselines")
+_TOP_KEYS = ("name", "base", "grid", "baselines", "variants")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 Progress = Callable[[str], None]
@@ -80,6 +90,7 @@ class Sweep:
     grid: dict[str, list[Any]]
     baselines: tuple[str, ...] = ()
     source: str = "<sweep>"
+    variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +138,15 @@ def _axis_values(source: str, axis: str, values: Any) -> list[Any]:
         elif axis == "local_steps":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FedsegError(f"{source}: grid.local_steps: must be integers >= 1, "
+                                  f"got {value!r}")
+            out.append(value)
+        elif axis == "seed":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise FedsegError(f"{source}: grid.seed: must be integers >= 0, got {value!r}")
+            out.append(value)
+        elif axis == "variant":
+            if not isinstance(value, str) or not _VARIANT_RE.match(value):
+                raise FedsegError(f"{source}: grid.variant: must be names from variants, "
                                   f"got {value!r}")
             out.append(value)
         elif axis == "target_epsilon":
@@ -188,6 +208,15 @@ def parse_sweep(raw: Any, source: str, base_dir: Path) -> Sweep:
                                                   for b in baselines_raw):
         raise FedsegError(f"{source}: baselines: must be a list of pooled, local; "
                           f"got {baselines_raw!r}")
+    variants_raw = raw.get("variants") or {}
+    if not isinstance(variants_raw, dict) or any(
+            not isinstance(v, dict | None) for v in variants_raw.values()):
+        raise FedsegError(f"{source}: variants: must map names to mappings of changes")
+    variants = {str(k): dict(v or {}) for k, v in variants_raw.items()}
+    for name_ in grid.get("variant", []):
+        if name_ not in variants:
+            raise FedsegError(f"{source}: grid.variant: {name_!r} is not in variants "
+                              f"({', '.join(variants) or 'none given'})")
     if not base_path.is_file():
         raise FedsegError(f"{source}: base: experiment file {base_path} not found")
     exp = load_experiment(base_path)
@@ -198,7 +227,7 @@ def parse_sweep(raw: Any, source: str, base_dir: Path) -> Sweep:
                                   f"client_settings.{key}, which would override the "
                                   "calibrated noise")
     return Sweep(name=name, base=exp, grid=grid, baselines=tuple(dict.fromkeys(baselines_raw)),
-                 source=source)
+                 source=source, variants=variants)
 
 
 def load_sweep(path: Path) -> Sweep:
@@ -223,6 +252,10 @@ def _token(axis: str, value: Any) -> str:
         return f"ls{value}"
     if axis == "learning_rate":
         return f"lr{value:g}"
+    if axis == "variant":
+        return str(value)
+    if axis == "seed":
+        return f"s{value}"
     return f"slr{value:g}"
 
 
@@ -232,16 +265,17 @@ def point_name(params: dict[str, Any], axes: tuple[str, ...] = AXES) -> str:
 
 
 def expand_grid(sweep: Sweep) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, in file order, without duplicates.
+    """Every combination of the grid's values, in file order (seeds last), no duplicates.
 
     ``server_learning_rate`` only applies to fedopt: a point that aggregates with fedavg
     (from the grid or the base experiment) drops it, and the duplicates this makes are
     removed.
     """
-    axes = list(sweep.grid)
+    # Seeds vary slowest: an interrupted sweep has every point once before it repeats any.
+    axes = sorted(sweep.grid, key=lambda a: a != "seed")
     points: dict[str, dict[str, Any]] = {}
     for combo in itertools.product(*(sweep.grid[a] for a in axes)):
-        params = dict(zip(axes, combo, strict=True))
+        params = {a: dict(zip(axes, combo, strict=True))[a] for a in sweep.grid}
         aggregator = params.get("aggregator", sweep.base.session.aggregator)
         if aggregator != "fedopt":
             params.pop("server_learning_rate", None)
@@ -308,6 +342,17 @@ def plan_noise(exp: Experiment, n_train: dict[str, int], target_epsilon: float,
     return max(sigmas)
 
 
+def _merge_changes(doc: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Deep-merge a variant's changes into an experiment document; None removes a key."""
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        elif isinstance(value, dict) and isinstance(doc.get(key), dict):
+            _merge_changes(doc[key], value)
+        else:
+            doc[key] = copy.deepcopy(value)
+
+
 def _set_training(doc: dict[str, Any], key: str, value: Any) -> None:
     """A per-round key the base sends as client setting is replaced there, else in clinic."""
     if key in doc.get("client_settings", {}):
@@ -334,6 +379,10 @@ def point_experiment(sweep: Sweep, params: dict[str, Any], data: dict[str, Path]
         raise FedsegError(f"{sweep.source}: run name {name!r} is longer than 64 characters")
     doc = copy.deepcopy(base.raw)
     doc["name"] = name
+    if "variant" in params:
+        _merge_changes(doc, sweep.variants[params["variant"]])
+    if "seed" in params:
+        doc["seed"] = params["seed"]
     if data is not None:
         doc["data"] = {"clinics": {c: str(p) for c, p in data.items()}}
         # The shared phantom data would otherwise compose every point's epsilon: each
@@ -359,6 +408,12 @@ def point_experiment(sweep: Sweep, params: dict[str, Any], data: dict[str, Path]
         eps = params["target_epsilon"]
         if math.isinf(eps):
             privacy["enabled"] = False
+            privacy.pop("target_epsilon", None)
+            privacy.pop("planned_rounds", None)
+        elif privacy.get("target_epsilon") is not None:
+            # Per-clinic calibration (each clinic ends at the target for its own N).
+            privacy["enabled"] = True
+            privacy["target_epsilon"] = eps
         else:
             assert n_train is not None, "n_train is needed to calibrate noise"
             noise = round(plan_noise(exp, n_train, eps, cache), 6)

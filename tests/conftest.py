@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,19 @@ def head_neck_clinic(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                 val_fraction=0.4, salt="test"))
     assert report.ok, [p.line() for p in report.problems]
     return base / "clinic"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Noise calibrations are cached in a session folder, never in the user's ~/.cache
+    (the variable is inherited by the FEDn clients the tests start)."""
+    from fedseg_clinic.privacy.accounting import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("fedseg-cache")
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy import accounting
 from fedseg_clinic.privacy.accounting import (
     CALIBRATION_TOL,
     PrivacySegment,
@@ -149,3 +152,40 @@ def test_history_refuses_bad_segments(segment: tuple[float, float, int]) -> None
 def test_history_checks_delta_against_patients() -> None:
     with pytest.raises(FedsegError, match="1/N"):
         compute_epsilon_history([(0.1, 1.0, 1)], 0.05, n_patients=20)
+
+
+@pytest.mark.slow
+def test_calibration_cache_is_reused_verified_and_keyed_by_every_input(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(accounting.CACHE_ENV, str(tmp_path))
+    path = accounting.calibration_cache_path()
+    assert path is not None and path.parent == tmp_path
+    first = calibrate_noise(60, 8, 30, 8.0, 1e-3)
+    entries = json.loads(path.read_text())
+    assert list(entries.values()) == [first]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".calib-")]  # renamed
+    # A second call reads the cache (no search) and the sigma it returns meets the target.
+    calls: list[int] = []
+    real = accounting._calibrate
+    monkeypatch.setattr(accounting, "_calibrate",
+                        lambda *a: calls.append(1) or real(*a))  # type: ignore[func-returns-value]
+    assert calibrate_noise(60, 8, 30, 8.0, 1e-3) == first
+    assert calls == []
+    assert compute_epsilon(60, 8, 30, first, 1e-3).epsilon <= 8.0
+    # Any other input is another entry.
+    rdp = calibrate_noise(60, 8, 30, 8.0, 1e-3, accountant="rdp")
+    calibrate_noise(60, 8, 30, 8.0, 1e-4, accountant="rdp")
+    calibrate_noise(61, 8, 30, 8.0, 1e-3, accountant="rdp")
+    calibrate_noise(60, 8, 31, 8.0, 1e-3, accountant="rdp")
+    calibrate_noise(60, 8, 30, 7.0, 1e-3, accountant="rdp")
+    assert len(calls) == 5 and len(json.loads(path.read_text())) == 6
+    # A cached sigma that does not verify (tampered: too little noise) is recalibrated.
+    key = next(k for k, v in json.loads(path.read_text()).items() if v == rdp)
+    path.write_text(json.dumps({key: rdp / 2}))
+    assert calibrate_noise(60, 8, 30, 8.0, 1e-3, accountant="rdp") == pytest.approx(rdp)
+    assert len(calls) == 6
+    # A damaged file is ignored; "off" disables the cache.
+    path.write_text("{not json")
+    assert calibrate_noise(60, 8, 30, 8.0, 1e-3, accountant="rdp") == pytest.approx(rdp)
+    monkeypatch.setenv(accounting.CACHE_ENV, "off")
+    assert accounting.calibration_cache_path() is None

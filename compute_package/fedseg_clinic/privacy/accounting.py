@@ -14,10 +14,14 @@ sampled record), and the guarantee covers every intermediate model released.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import dp_accounting
@@ -38,6 +42,10 @@ PLD_DISCRETIZATION = 1e-3
 CALIBRATION_TOL = 1e-4
 
 Accountant = Literal["tighter", "rdp", "pld"]
+# Calibration cache: FEDSEG_CACHE_DIR, else $XDG_CACHE_HOME/fedseg, else ~/.cache/fedseg.
+# Set FEDSEG_CACHE_DIR to "off" to disable it.
+CACHE_ENV = "FEDSEG_CACHE_DIR"
+_CACHE_FILE = "noise-calibration.json"
 
 
 class PrivacySegment(NamedTuple):
@@ -237,6 +245,67 @@ def compute_epsilon(
     )
 
 
+def calibration_cache_path() -> Path | None:
+    """The on-disk calibration cache file, or None when ``FEDSEG_CACHE_DIR=off``."""
+    env = os.environ.get(CACHE_ENV)
+    if env is not None and env.strip().lower() in ("off", "0", "none", ""):
+        return None
+    if env:
+        root = Path(env).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg) if xdg else Path.home() / ".cache") / "fedseg"
+    return root / _CACHE_FILE
+
+
+def _cache_key(n_patients: int, batch_size: int, steps: int, target_epsilon: float,
+               delta: float, accountant: str) -> str:
+    """Every input of a calibration, the accounting code's version and its precision."""
+    return json.dumps({"n": n_patients, "b": batch_size, "t": steps,
+                       "eps": repr(float(target_epsilon)), "delta": repr(float(delta)),
+                       "acc": accountant, "pld": repr(PLD_DISCRETIZATION),
+                       "tol": repr(CALIBRATION_TOL),
+                       "dp_accounting": getattr(dp_accounting, "__version__", "?")},
+                      sort_keys=True)
+
+
+def _read_cache(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or damaged: recalibrate (the cache is only a speed-up)
+    return {k: float(v) for k, v in data.items()
+            if isinstance(v, int | float)} if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, key: str, sigma: float) -> None:
+    """Add one entry; written to a temporary name and renamed (atomic for readers)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache(path)
+        data[key] = sigma
+        fd, tmp = tempfile.mkstemp(prefix=".calib-", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:  # read-only home etc.: calibration still works, uncached
+        logger.debug("calibration cache %s not written: %s", path, exc)
+
+
+def _verified(n_patients: int, batch_size: int, steps: int, target_epsilon: float,
+              delta: float, accountant: str, sigma: float) -> bool:
+    """Whether dp_accounting gives epsilon <= target for ``sigma`` (a cached value is
+    never trusted blindly: RDP first, as it is cheap; PLD only if RDP alone fails)."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        return False
+    seg = [PrivacySegment(batch_size / n_patients, sigma, steps)]
+    if accountant != "pld" and _epsilon_rdp(seg, delta) <= target_epsilon:
+        return True
+    if accountant == "rdp":
+        return False
+    return _epsilon_pld(seg, delta) <= target_epsilon
+
+
 def calibrate_noise(
     n_patients: int,
     batch_size: int,
@@ -244,12 +313,15 @@ def calibrate_noise(
     target_epsilon: float,
     delta: float,
     accountant: Accountant = "tighter",
+    *,
+    use_cache: bool = True,
 ) -> float:
     """The smallest noise multiplier whose epsilon stays within ``target_epsilon``.
 
-    RDP is calibrated with ``dp_accounting.calibrate_dp_mechanism``; its answer is an
-    upper bracket for the tighter accountant, whose boundary is then found with Brent's
-    method; the returned sigma is checked to meet the budget.
+    A calibration costs tens of seconds of PLD work, and the same plan is calibrated by
+    the budget plan and again by every clinic process: results are kept in an on-disk
+    cache (:func:`calibration_cache_path`) keyed by every input, and a cached sigma is
+    re-verified with dp_accounting before it is returned.
 
     Args:
         n_patients: Number of patients N.
@@ -258,6 +330,7 @@ def calibrate_noise(
         target_epsilon: Budget, > 0.
         delta: Target delta, below 1 / N.
         accountant: "tighter" (default: min of RDP and PLD), "rdp" or "pld".
+        use_cache: read and write the on-disk cache.
 
     Returns:
         sigma, within ``CALIBRATION_TOL`` above the optimum; 0.0 for zero steps.
@@ -273,6 +346,22 @@ def calibrate_noise(
         raise FedsegError(f"accountant={accountant!r} must be one of tighter, rdp, pld")
     if steps == 0:
         return 0.0
+    path = calibration_cache_path() if use_cache else None
+    key = _cache_key(n_patients, batch_size, steps, target_epsilon, delta, accountant)
+    if path is not None:
+        cached = _read_cache(path).get(key)
+        if cached is not None and _verified(n_patients, batch_size, steps, target_epsilon,
+                                            delta, accountant, cached):
+            return cached
+    sigma = _calibrate(n_patients, batch_size, steps, target_epsilon, delta, accountant)
+    if path is not None:
+        _write_cache(path, key, sigma)
+    return sigma
+
+
+def _calibrate(n_patients: int, batch_size: int, steps: int, target_epsilon: float,
+               delta: float, accountant: str) -> float:
+    """The search behind :func:`calibrate_noise` (inputs already checked)."""
     q = batch_size / n_patients
 
     def make_event(sigma: float) -> dp_accounting.DpEvent:
