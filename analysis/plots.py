@@ -260,36 +260,56 @@ def plot_compare(runs: Sequence[summary.RunLog], target: float | None = None) ->
 
 
 def plot_privacy_utility(runs: Sequence[summary.RunLog]) -> Figure:
-    """Final client-mean Dice vs epsilon; non-DP and pooled runs as horizontal lines.
+    """Final client-mean Dice vs epsilon, one line per technique, error bars over seeds.
 
-    A run's epsilon is :func:`fedseg.analysis.summary.run_epsilon` (config
-    ``target_epsilon``, else the largest final client epsilon).
+    Lines and points come from :func:`fedseg.analysis.summary.privacy_utility` (a run's
+    epsilon: config ``target_epsilon``, else its largest final client epsilon). Each
+    point is the mean over the seeds at that epsilon with a bar of +- one standard
+    deviation (none for a single seed; the seed count is written beside the point).
+    Runs without DP sit at an extra "no DP" position right of the largest epsilon; a
+    technique measured only without DP (or a local-only or pooled baseline measured at
+    one setting) is drawn as a dashed horizontal line at its mean.
     """
     fig, (ax,) = _new_figure(1)
-    points: list[tuple[float, float, str]] = []
-    for i, run in enumerate(runs):
-        final = summary.summarize_run(run)["final_dice_mean"]
-        if final is None:
+    entries = [summary.summarize_run(run) for run in runs]
+    lines = summary.privacy_utility(runs, entries)
+    finite = sorted({p["epsilon"] for line in lines for p in line["points"]
+                     if p["epsilon"] is not None})
+    log_x = bool(finite) and finite[0] > 0 and (len(finite) > 1 and finite[-1] / finite[0] >= 4)
+    x_inf = (finite[-1] * (2.0 if log_x else 1.25) if finite else 1.0)
+    drawn = False
+    for i, line in enumerate(lines):
+        color = _COLORS[i % 10]
+        pts = line["points"]
+        means = [p["dice_mean"]["mean"] for p in pts]
+        if len(pts) == 1 and (pts[0]["epsilon"] is None or not finite):
+            n = pts[0]["dice_mean"]["n"]
+            ax.axhline(means[0], color=color, linestyle="--",
+                       label=f"{line['label']} {means[0]:.3f} (n={n}, no DP)"
+                       if pts[0]["epsilon"] is None else f"{line['label']} {means[0]:.3f}")
+            drawn = True
             continue
-        epsilon = summary.run_epsilon(run)
-        if epsilon is None or run.kind == "pooled":
-            ax.axhline(final, color=_COLORS[i % 10], linestyle="--",
-                       label=_baseline_label(run, final) + ("" if epsilon is None
-                                                            else f", eps {epsilon:g}"))
-        else:
-            points.append((epsilon, final, run.name))
-    if points:
-        points.sort()
-        xs, ys, _names = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", color="k", label="DP runs (by epsilon)")
-        for x, y, name in points:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize="small")
-        if min(xs) > 0 and max(xs) / min(xs) >= 10:
-            ax.set_xscale("log")
-    else:
-        _no_data(ax, "DP run")
-    ax.set_title("privacy-utility: final client-mean Dice vs epsilon")
+        xs = [x_inf if p["epsilon"] is None else p["epsilon"] for p in pts]
+        errs = [p["dice_mean"]["std"] or 0.0 for p in pts]
+        ax.errorbar(xs, means, yerr=errs, marker="o", markersize=4, capsize=3, color=color,
+                    label=line["label"])
+        for x, y, p in zip(xs, means, pts, strict=True):
+            ax.annotate(f"n={p['dice_mean']['n']}", (x, y), textcoords="offset points",
+                        xytext=(4, -10), fontsize="x-small", color=color)
+        drawn = True
+    if not drawn:
+        _no_data(ax, "run with a Dice")
+    if log_x:
+        ax.set_xscale("log")
+    ticks = finite + ([x_inf] if any(p["epsilon"] is None for line in lines
+                                     for p in line["points"]) and finite else [])
+    if ticks:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in finite] + (["no DP"] if len(ticks) > len(finite)
+                                                         else []))
+        ax.minorticks_off()
+    ax.set_title("privacy-utility: final client-mean Dice vs epsilon per clinic "
+                 "(mean +- sd over seeds)")
     ax.set_xlabel("epsilon")
     ax.set_ylabel("Dice")
     ax.grid(alpha=0.3)

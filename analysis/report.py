@@ -112,9 +112,13 @@ def render_figures(
                                   "pooled and local baselines as dashed lines.",
                                   plots.plot_compare(runs, target)))
         if any(summary.run_epsilon(run) is not None for run in runs):
-            comparison.append(_render("privacy_utility.png", "Final client-mean Dice vs "
-                                      "epsilon; runs without DP and pooled runs as dashed "
-                                      "lines.", plots.plot_privacy_utility(runs)))
+            comparison.append(_render("privacy_utility.png", "Privacy-utility curve: final "
+                                      "client-mean Dice vs epsilon per clinic, one line "
+                                      "per technique (run name without its epsilon and "
+                                      "seed), mean ± one standard deviation over the "
+                                      "seeds (n beside each point); no DP at the right; "
+                                      "settings measured only once as dashed lines.",
+                                      plots.plot_privacy_utility(runs)))
     per_run: list[list[FigureFile]] = []
     for run, slug in zip(runs, run_slugs(runs), strict=True):
         per_run.append([
@@ -198,6 +202,27 @@ def _groups(data: dict[str, Any]) -> str:
     ]
     return _table(("setting", "kind", "seeds", "reached target", "final Dice",
                    "rounds to target", "seconds to target", "MB to target"), rows)
+
+
+def _pu_cell(stat: dict[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "—"
+    sd = "" if stat["std"] is None else f" ± {stat['std']:.3f}"
+    return f"{stat['mean']:.3f}{sd} (n={stat['n']})"
+
+
+def _privacy_utility_table(data: dict[str, Any]) -> str:
+    """Mean Dice ± sd over seeds per technique and epsilon, then each organ."""
+    lines = data.get("privacy_utility") or []
+    organs = sorted({o for line in lines for p in line["points"] for o in p["organs"]})
+    rows = []
+    for line in lines:
+        for p in line["points"]:
+            eps = "no DP" if p["epsilon"] is None else f"{p['epsilon']:g}"
+            rows.append((line["label"], eps, _pu_cell(p["dice_mean"]),
+                         *(_pu_cell(p["organs"][o]) if o in p["organs"] else "—"
+                           for o in organs)))
+    return _table(("technique", "epsilon", "mean Dice", *organs), rows)
 
 
 def _run_section(entry: dict[str, Any], info: dict[str, Any], figures: list[FigureFile]) -> str:
@@ -380,6 +405,10 @@ def render_html(
         body.append("<h2>Comparison</h2>")
         body.extend(_img(fig) for fig in comparison)
         if any(e["epsilon"] is not None for e in data["runs"]):
+            body.append("<h3>Privacy-utility</h3><p class='note'>Final client-mean Dice "
+                        "and each organ's, mean ± sample standard deviation over the seeds "
+                        "(n runs) per technique and epsilon.</p>")
+            body.append(_privacy_utility_table(data))
             body.append(_table(("run", "kind", "epsilon (config target, else max final)",
                                 "final Dice"),
                                [(e["name"], e["kind"], e["epsilon"], e["final_dice_mean"])

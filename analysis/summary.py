@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -477,9 +478,12 @@ def _without_seeds(value: Any) -> Any:
 
 
 def setting_key(run: RunLog) -> str:
-    """What makes runs replicates of one setting: kind + config without seeds and name."""
+    """What makes runs replicates of one setting: kind + config without seeds and name
+    (a sweep's point name, which carries the seed, is left out too)."""
     config = run.info.get("config")
     config = {k: v for k, v in config.items() if k != "name"} if isinstance(config, dict) else {}
+    if isinstance(config.get("sweep"), dict):
+        config["sweep"] = {k: v for k, v in config["sweep"].items() if k != "point"}
     return json.dumps({"kind": run.kind, "config": _without_seeds(config)}, sort_keys=True,
                       default=str)
 
@@ -501,6 +505,7 @@ def mean_ci95(values: Sequence[float]) -> dict[str, float | int | None]:
 
 def _group_label(names: Sequence[str]) -> str:
     prefix = os.path.commonprefix(list(names)).rstrip("-_. ")  # noqa: RUF071 - names, not paths
+    prefix = re.sub(r"[-_.]s\d*$", "", prefix)  # a sweep's seed token: "recipe-eps8-s"
     return prefix or names[0]
 
 
@@ -539,6 +544,70 @@ def summarize_groups(runs: Sequence[RunLog], entries: Sequence[dict[str, Any]]
     return out
 
 
+_EPS_TOKEN = re.compile(r"^eps(inf|[0-9.e+-]+)$")
+_SEED_TOKEN = re.compile(r"^s[0-9]+$")
+
+
+def technique_label(run: RunLog) -> str:
+    """The line a run belongs to on the privacy-utility curve: its name without the
+    epsilon and seed tokens (``recipe-eps8-s2`` -> ``recipe``; ``k4-eps8-s1`` -> ``k4``)."""
+    sweep = run.info.get("config", {}).get("sweep") if isinstance(
+        run.info.get("config"), dict) else None
+    name = str(sweep.get("point", run.name)) if isinstance(sweep, dict) else run.name
+    tokens = [t for t in name.split("-") if not (_EPS_TOKEN.match(t) or _SEED_TOKEN.match(t))]
+    label = "-".join(tokens) or "runs"
+    if run.kind != "federated" and not label.endswith(run.kind):
+        label += f"-{run.kind}"
+    return label
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, Any]:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(finite), "mean": float(np.mean(finite)),
+            "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+            "min": min(finite), "max": max(finite)}
+
+
+def privacy_utility(runs: Sequence[RunLog], entries: Sequence[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:
+    """The privacy-utility curve: one line per technique (:func:`technique_label`), one
+    point per epsilon (``None`` = no DP), final client-mean Dice and each organ's as mean,
+    sample standard deviation, min and max over the seeds at that point.
+
+    A pooled run's epsilon is its own final one, which differs between seeds: pooled
+    points are keyed by the clinics' target (config ``clinic_target_epsilon``) instead.
+    """
+    lines: dict[str, dict[Any, list[int]]] = {}
+    for index, (run, entry) in enumerate(zip(runs, entries, strict=True)):
+        if entry["final_dice_mean"] is None:
+            continue
+        epsilon = entry["epsilon"]
+        if run.kind == "pooled":
+            target = find_key(run.info.get("config", {}), "clinic_target_epsilon")
+            if isinstance(target, int | float) and not isinstance(target, bool):
+                epsilon = _finite_or_none(float(target))
+        lines.setdefault(technique_label(run), {}).setdefault(epsilon, []).append(index)
+    out = []
+    for label, by_eps in lines.items():
+        points = []
+        for epsilon in sorted(by_eps, key=lambda e: math.inf if e is None else e):
+            chosen = [entries[i] for i in by_eps[epsilon]]
+            organs = sorted({o for e in chosen for o in e["organs"]})
+            points.append({
+                "epsilon": epsilon,
+                "runs": [e["name"] for e in chosen],
+                "seeds": [e["seed"] for e in chosen],
+                "dice_mean": _spread([e["final_dice_mean"] for e in chosen]),
+                "organs": {o: _spread([e["organs"].get(o, {}).get("final_dice")
+                                       for e in chosen]) for o in organs},
+            })
+        out.append(json_safe({"label": label, "kind": runs[next(iter(by_eps.values()))[0]].kind,
+                              "points": points}))
+    return out
+
+
 def summarize_runs(
     runs: Sequence[RunLog],
     target_dice: float | None = None,
@@ -552,4 +621,5 @@ def summarize_runs(
         "target_source": source,
         "runs": entries,
         "groups": summarize_groups(runs, entries),
+        "privacy_utility": privacy_utility(runs, entries),
     }

@@ -356,3 +356,61 @@ def test_real_study_and_audit_in_the_report(tmp_path: Path, runs: list[Path]) ->
     assert "(95 %)" in page and "<td>none</td><td>inf</td>" in page
     names = {p.name for p in out.glob("leak*.png")}
     assert {"leak1_study_batch_size.png", "leak2_montage.png", "leak3_audit.png"} <= names
+
+
+def _sweep_run(root: Path, technique: str, eps: float, seed: int, dice: float) -> Path:
+    """A finished sweep run of 2 clients whose config carries the sweep section."""
+    token = "epsinf" if math.isinf(eps) else f"eps{eps:g}"
+    name = f"{technique}-{token}-s{seed}"
+    rows = []
+    for client, off in (("c1", -0.01), ("c2", 0.01)):
+        rows += [(1, client, "val_dice_mean", dice + off), (1, client, "n_val", 2.0),
+                 (1, client, "val_dice_heart", dice + 2 * off)]
+        if math.isfinite(eps):
+            rows.append((1, client, "epsilon", eps))
+    rows.append((1, "global", "round_seconds", 5.0))
+    target = None if math.isinf(eps) else eps
+    config = {"seed": seed, "clinic": {"privacy": {"enabled": target is not None}},
+              "sweep": {"sweep": "s", "point": name, "target_epsilon": target,
+                        "params": {"variant": technique, "target_epsilon": eps,
+                                   "seed": seed}}}
+    return make_run(root / name, rows, seed=seed, config=config)
+
+
+def test_privacy_utility_curve_from_a_sweep(tmp_path: Path) -> None:
+    runs = []
+    for seed, jitter in ((1, -0.02), (2, 0.0), (3, 0.02)):
+        for eps, dice in ((1.0, 0.5), (8.0, 0.7), (math.inf, 0.8)):
+            runs.append(_sweep_run(tmp_path, "recipe", eps, seed, dice + jitter))
+    runs.append(_sweep_run(tmp_path, "k4", 8.0, 1, 0.75))
+    runs.append(_sweep_run(tmp_path, "fedavg-seed", math.inf, 1, 0.85))
+    loaded = [summary.load_run(r) for r in runs]
+    assert summary.technique_label(loaded[0]) == "recipe"
+    data = summary.summarize_runs(loaded)
+    lines = {line["label"]: line for line in data["privacy_utility"]}
+    assert set(lines) == {"recipe", "k4", "fedavg-seed"}
+    recipe = lines["recipe"]["points"]
+    assert [p["epsilon"] for p in recipe] == [1.0, 8.0, None]
+    at8 = recipe[1]
+    assert at8["dice_mean"]["n"] == 3 and at8["seeds"] == [1, 2, 3]
+    assert at8["dice_mean"]["mean"] == pytest.approx(0.7)
+    assert at8["dice_mean"]["std"] == pytest.approx(0.02)  # sample sd of -0.02, 0, 0.02
+    assert at8["organs"]["heart"]["mean"] == pytest.approx(0.7)
+    assert lines["k4"]["points"][0]["dice_mean"]["std"] is None  # one seed: no spread
+    # Seed replicates group even though each point's name carries its seed.
+    assert {g["label"] for g in data["groups"]} >= {"recipe-eps8", "recipe-eps1"}
+    # The report: the curve figure and the table with mean ± sd per technique.
+    out = tmp_path / "report"
+    files = report.write_report(runs, out)
+    assert (out / "privacy_utility.png").read_bytes().startswith(PNG_MAGIC)
+    page = files.html.read_text()
+    assert "Privacy-utility" in page
+    assert "0.700 ± 0.020 (n=3)" in page
+    assert "0.850 (n=1)" in page
+    # The figure: one error-bar line per technique with points, the no-DP-only line dashed.
+    fig = plots.plot_privacy_utility(loaded)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "recipe" in labels and "k4" in labels
+    assert any(lbl.startswith("fedavg-seed 0.850") for lbl in labels)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "8", "no DP"]

@@ -242,7 +242,7 @@ def test_seed_groups_mean_and_confidence_interval(tmp_path: Path) -> None:
     data = summary.summarize_runs(runs, target_dice=0.5)
     assert [e["bytes_to_target"] for e in data["runs"]] == [6000.0, 10000.0, None, 4000.0]
     [group] = data["groups"]  # "other" differs beyond its seed: not a replicate
-    assert group["label"] == "fedavg-s" and group["runs"] == ["fedavg-s1", "fedavg-s2",
+    assert group["label"] == "fedavg" and group["runs"] == ["fedavg-s1", "fedavg-s2",
                                                               "fedavg-s3"]
     assert group["seeds"] == [1, 2, 3] and group["reached_target"] == 2
     rounds = group["rounds_to_target"]
