@@ -165,27 +165,31 @@ def test_calibration_cache_is_reused_verified_and_keyed_by_every_input(
     assert list(entries.values()) == [first]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".calib-")]  # renamed
     # A second call reads the cache (no search) and the sigma it returns meets the target.
-    calls: list[int] = []
-    real = accounting._calibrate
-    monkeypatch.setattr(accounting, "_calibrate",
-                        lambda *a: calls.append(1) or real(*a))  # type: ignore[func-returns-value]
+    calls: list[tuple] = []
+
+    def counted(*args: object) -> float:  # every other search: a large, valid sigma
+        calls.append(args)
+        return 10.0
+
+    monkeypatch.setattr(accounting, "_calibrate", counted)
     assert calibrate_noise(60, 8, 30, 8.0, 1e-3) == first
     assert calls == []
     assert compute_epsilon(60, 8, 30, first, 1e-3).epsilon <= 8.0
     # Any other input is another entry.
-    rdp = calibrate_noise(60, 8, 30, 8.0, 1e-3, accountant="rdp")
-    calibrate_noise(60, 8, 30, 8.0, 1e-4, accountant="rdp")
-    calibrate_noise(61, 8, 30, 8.0, 1e-3, accountant="rdp")
-    calibrate_noise(60, 8, 31, 8.0, 1e-3, accountant="rdp")
-    calibrate_noise(60, 8, 30, 7.0, 1e-3, accountant="rdp")
-    assert len(calls) == 5 and len(json.loads(path.read_text())) == 6
+    for args in ((60, 8, 30, 8.0, 1e-4), (61, 8, 30, 8.0, 1e-3), (60, 9, 30, 8.0, 1e-3),
+                 (60, 8, 31, 8.0, 1e-3), (60, 8, 30, 7.0, 1e-3)):
+        assert calibrate_noise(*args) == 10.0
+    assert calibrate_noise(60, 8, 30, 8.0, 1e-3, accountant="pld") == 10.0
+    assert len(calls) == 6 and len(json.loads(path.read_text())) == 7
     # A cached sigma that does not verify (tampered: too little noise) is recalibrated.
-    key = next(k for k, v in json.loads(path.read_text()).items() if v == rdp)
-    path.write_text(json.dumps({key: rdp / 2}))
-    assert calibrate_noise(60, 8, 30, 8.0, 1e-3, accountant="rdp") == pytest.approx(rdp)
-    assert len(calls) == 6
-    # A damaged file is ignored; "off" disables the cache.
+    entries = json.loads(path.read_text())
+    key = next(k for k, v in entries.items() if v == first)
+    path.write_text(json.dumps({key: first / 2}))
+    assert calibrate_noise(60, 8, 30, 8.0, 1e-3) == 10.0
+    assert len(calls) == 7
+    # A damaged file is ignored.
     path.write_text("{not json")
-    assert calibrate_noise(60, 8, 30, 8.0, 1e-3, accountant="rdp") == pytest.approx(rdp)
+    assert calibrate_noise(60, 8, 30, 8.0, 1e-3) == 10.0
+    assert len(calls) == 8
     monkeypatch.setenv(accounting.CACHE_ENV, "off")
     assert accounting.calibration_cache_path() is None
