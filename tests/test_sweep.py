@@ -218,6 +218,9 @@ def test_dry_run_plans_only(tmp_path: Path) -> None:
     ("name: sw\nbase: base.yaml\ngrid: {learning_rate: [0]}", "grid.learning_rate"),
     ("name: sw\nbase: base.yaml\ngrid: {local_steps: [1]}\nbaselines: [central]", "baselines"),
     ("name: sw\nbase: base.yaml\ngrid: {local_steps: [1]\n", "not valid YAML"),
+    ("name: sw\nbase: base.yaml\ngrid: {seed: [-1]}", "grid.seed"),
+    ("name: sw\nbase: base.yaml\ngrid: {variant: [a]}", "grid.variant: 'a' is not in variants"),
+    ("name: sw\nbase: base.yaml\nvariants: {a: 3}\ngrid: {variant: [a]}", "variants:"),
 ])
 def test_bad_sweep_files(tmp_path: Path, doc: str, message: str) -> None:
     _base(tmp_path)
@@ -309,3 +312,48 @@ def test_shipped_rounds_sweep_loads(repo_root: Path) -> None:
     assert len(points) == 6
     # server_learning_rate applies to the fedopt points only.
     assert all(("server_learning_rate" in p) == (p["aggregator"] == "fedopt") for p in points)
+
+
+def test_variant_and_seed_axes(tmp_path: Path) -> None:
+    _base(tmp_path, clinic={"training": {"local_steps": STEPS, "batch_size": 2,
+                                         "patch_size": [16, 16, 16], "trainable": "norm_bias"},
+                            "privacy": {"enabled": True, "target_epsilon": 8.0}})
+    sweep = load_sweep(_sweep(
+        tmp_path, {"seed": [1, 2], "variant": ["base", "all"], "target_epsilon": [8, 2, "inf"]},
+        variants={"base": {}, "all": {"clinic": {"training": {"trainable": "all"}},
+                                      "session": None}}))
+    points = expand_grid(sweep)
+    names = [point_experiment(sweep, p, None, {"a": 3, "b": 6}).name for p in points]
+    # Seeds vary slowest: every setting once before any is repeated.
+    assert names[:6] == ["base-eps8-s1", "base-eps2-s1", "base-epsinf-s1", "all-eps8-s1",
+                         "all-eps2-s1", "all-epsinf-s1"]
+    assert names[6] == "base-eps8-s2" and len(names) == 12
+    runs = {n: point_experiment(sweep, p, None, {"a": 3, "b": 6})
+            for n, p in zip(names, points, strict=True)}
+    base2 = runs["base-eps2-s2"].experiment
+    assert base2.seed == 2 and base2.clinic["training"]["trainable"] == "norm_bias"
+    # A base with privacy.target_epsilon: each clinic calibrates its own noise.
+    assert base2.clinic["privacy"]["target_epsilon"] == 2.0
+    assert "noise_multiplier" not in base2.clinic["privacy"]
+    assert runs["base-eps2-s2"].noise_multiplier is None
+    assert base2.raw["sweep"]["target_epsilon"] == 2.0
+    nodp = runs["base-epsinf-s1"].experiment.clinic["privacy"]
+    assert nodp["enabled"] is False and "target_epsilon" not in nodp
+    everything = runs["all-eps8-s1"].experiment
+    assert everything.clinic["training"]["trainable"] == "all"
+    assert base2.session.rounds == ROUNDS
+    assert everything.session.rounds != ROUNDS  # "session: null" removed the base's section
+
+
+def test_shipped_dp_study_sweeps_load(repo_root: Path) -> None:
+    sweeps = repo_root / "experiments" / "sweeps"
+    curve = load_sweep(sweeps / "dp-study-curve.yaml")
+    points = expand_grid(curve)
+    assert len(points) == 15 and {p["seed"] for p in points} == {1, 2, 3}
+    assert [p["target_epsilon"] for p in points[:5]] == [8, 1, math.inf, 2, 4]
+    assert curve.base.seed_weights is not None and curve.base.seed_weights.is_file()
+    ablations = load_sweep(sweeps / "dp-study-ablations.yaml")
+    assert [p["variant"] for p in expand_grid(ablations)] == ["no-seed", "all-params", "k4",
+                                                              "ema"]
+    nodp = load_sweep(sweeps / "dp-study-nodp.yaml")
+    assert [p["target_epsilon"] for p in expand_grid(nodp)] == [math.inf, math.inf]
