@@ -1,0 +1,239 @@
+"""Real-world DICOM exports: compressed CT, localisers and several series, enhanced
+multi-frame CT, regenerated UIDs, degenerate contours and symlinked folders.
+
+Every case is built from the real scanner files in the shared data folder: a real series
+is copied to tmp_path and re-encoded or modified with pydicom (and highdicom for the
+enhanced CT); the tests skip when that folder is absent.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+
+import jpeg_lossless
+from fedseg.cli import cli
+from fedseg_clinic.cases import read_case
+from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.imaging.importer import ImportOptions, import_clinic
+from fedseg_clinic.imaging.series import read_series, scan_folder
+from fedseg_clinic.organs import AliasTable
+
+CT3 = Path("dcmqi/data/segmentations/ct-3slice")
+MOCK = Path("rt-utils/tests/mock_data")
+ALIASES = AliasTable({"heart": ["ROI-1"]})
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner(mix_stderr=False).invoke(cli, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _set_encapsulated(ds: pydicom.Dataset, frames: list[bytes], syntax: str) -> None:
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+
+
+def _j2k(ds: pydicom.Dataset, lossy: bool) -> bytes:
+    """A JPEG 2000 codestream of the slice (pydicom + pylibjpeg-openjpeg)."""
+    copy = pydicom.Dataset(ds)
+    copy.file_meta = pydicom.dataset.FileMetaDataset(ds.file_meta)
+    copy.compress(JPEG2000 if lossy else JPEG2000Lossless, **({"j2k_cr": [10]} if lossy else {}))
+    return pydicom.encaps.get_frame(copy.PixelData, 0)
+
+
+def _jpeg_8bit(ds: pydicom.Dataset, extended: bool) -> None:
+    """Window the slice to 8 bits (10 HU per level) and encode it as baseline JPEG (Pillow).
+
+    Process 2 (extended, 8-bit) has the same syntax as baseline with an SOF1 marker.
+    """
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    stored = np.clip(np.rint((hu + 1024.0) / 10.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95)
+    stream = buffer.getvalue()
+    if extended:
+        stream = stream.replace(b"\xff\xc0", b"\xff\xc1", 1)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 10, -1024
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    _set_encapsulated(ds, [stream], JPEGExtended12Bit if extended else JPEGBaseline8Bit)
+
+
+def _encode(ds: pydicom.Dataset, syntax: str) -> None:
+    """Re-encode a CT slice (in place) in a transfer syntax."""
+    stored = ds.pixel_array
+    if syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian,
+                  DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+    elif syntax == ExplicitVRBigEndian:
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+        ds.PixelData = stored.astype(stored.dtype.newbyteorder(">")).tobytes()
+    elif syntax in (RLELossless, JPEGLSLossless, JPEG2000Lossless):
+        ds.compress(syntax)
+    elif syntax == JPEGLSNearLossless:
+        ds.compress(syntax, jls_error=3)
+    elif syntax == JPEG2000:
+        ds.compress(syntax, j2k_cr=[10])
+    elif syntax in (JPEGLosslessSV1, JPEGLossless):
+        # Our own encoder (no JPEG lossless encoder exists for pydicom); the non-SV1
+        # syntax gets predictor 4 (a + b - c) so that it is not the SV1 stream relabelled.
+        bits = stored.view(np.uint16) if stored.dtype == np.int16 else stored
+        _set_encapsulated(ds, [jpeg_lossless.encode(bits, 16, 1 if syntax == JPEGLosslessSV1
+                                                    else 4)], syntax)
+    elif syntax in (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K):
+        # No HTJ2K encoder is installed: a Part 1 codestream (which HTJ2K decoders must
+        # read) under the HTJ2K UID exercises the decoder lookup for these syntaxes.
+        _set_encapsulated(ds, [_j2k(ds, lossy=syntax == HTJ2K)], syntax)
+    elif syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+        _jpeg_8bit(ds, extended=syntax == JPEGExtended12Bit)
+    else:
+        raise AssertionError(f"no encoder for {syntax}")
+
+
+def _save(ds: pydicom.Dataset, path: Path) -> None:
+    if ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian:
+        pydicom.dcmwrite(path, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+    else:
+        ds.save_as(path, enforce_file_format=True)
+
+
+def _copy_encoded(src: Path, dst: Path, names: list[str], syntax: str,
+                  change: Callable[[pydicom.Dataset], None] | None = None) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        ds = pydicom.dcmread(src / name)
+        if name.startswith(("ct", "0")):
+            _encode(ds, syntax)
+        if change is not None:
+            change(ds)
+        _save(ds, dst / name)
+    return dst
+
+
+# Lossless: identical HU. Lossy: the largest and the mean HU error allowed.
+LOSSLESS = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+            ExplicitVRBigEndian, RLELossless, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless,
+            JPEG2000Lossless, HTJ2KLossless, HTJ2KLosslessRPCL]
+LOSSY = {JPEGLSNearLossless: (3.0, 3.0), JPEG2000: (400.0, 20.0), HTJ2K: (400.0, 20.0),
+         JPEGBaseline8Bit: (100.0, 15.0), JPEGExtended12Bit: (100.0, 15.0)}
+CT3_NAMES = ["01.dcm", "02.dcm", "03.dcm"]
+
+
+def test_every_decodable_syntax_is_tested() -> None:
+    """The pinned plugins decode exactly the syntaxes below (each has a test)."""
+    available = {uid for uid in _PIXEL_DATA_DECODERS if get_decoder(uid).is_available}
+    assert available == set(LOSSLESS) | set(LOSSY)
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS, ids=lambda u: UID(u).keyword)
+def test_lossless_series_same_hu(shared_data: Path, tmp_path: Path, syntax: str) -> None:
+    plain = read_series([shared_data / CT3 / n for n in CT3_NAMES])
+    folder = _copy_encoded(shared_data / CT3, tmp_path, CT3_NAMES, syntax)
+    assert pydicom.dcmread(folder / "01.dcm").file_meta.TransferSyntaxUID == syntax
+    encoded = read_series([f.path for f in scan_folder(folder).dicom])
+    assert encoded.geometry == plain.geometry
+    assert np.array_equal(encoded.hu, plain.hu)
+    assert encoded.hu.min() == -3024 and encoded.hu.max() == 1381
+
+
+@pytest.mark.parametrize("syntax", list(LOSSY), ids=lambda u: UID(u).keyword)
+def test_lossy_slice_decodes(shared_data: Path, tmp_path: Path, syntax: str) -> None:
+    plain = read_series([shared_data / CT3 / "01.dcm"]).hu
+    folder = _copy_encoded(shared_data / CT3, tmp_path, ["01.dcm"], syntax)
+    hu = read_series([folder / "01.dcm"]).hu
+    if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+        plain = np.clip(np.rint((plain + 1024) / 10), 0, 255) * 10 - 1024  # the 8-bit window
+    error = np.abs(hu - plain)
+    assert 0 < error.max() <= LOSSY[syntax][0]
+    assert error.mean() <= LOSSY[syntax][1]
+
+
+def test_compressed_import_same_case(shared_data: Path, tmp_path: Path) -> None:
+    """CT + RTSTRUCT with JPEG lossless slices import to the same image and mask."""
+    names = ["ct_1.dcm", "ct_2.dcm", "rt.dcm"]
+    plain_src = tmp_path / "plain"
+    plain_src.mkdir()
+    for name in names:
+        shutil.copy(shared_data / MOCK / name, plain_src / name)
+    jpeg_src = _copy_encoded(shared_data / MOCK, tmp_path / "jpeg", names, JPEGLosslessSV1)
+    cases = []
+    for src in (plain_src, jpeg_src):
+        report = import_clinic(src, tmp_path / f"out-{src.name}",
+                               ImportOptions(aliases=ALIASES, salt="s"))
+        assert report.ok, [p.line() for p in report.problems]
+        cases.append(read_case(tmp_path / f"out-{src.name}" / report.cases[0]))
+    assert np.array_equal(cases[0].image, cases[1].image)
+    assert np.array_equal(cases[0].masks["heart"], cases[1].masks["heart"])
+    assert int(cases[1].masks["heart"].sum()) == pytest.approx(1443, rel=0.02)
+
+
+@pytest.mark.parametrize("syntax, label", [
+    ("1.2.840.10008.1.2.4.110", "transfer syntax 1.2.840.10008.1.2.4.110 cannot be decoded"),
+    ("1.2.840.10008.1.2.4.100", "transfer syntax MPEG2 Main Profile / Main Level "
+                                "(1.2.840.10008.1.2.4.100) cannot be decoded"),
+])
+def test_undecodable_syntax_refused(shared_data: Path, tmp_path: Path, syntax: str,
+                                    label: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in CT3_NAMES:
+        shutil.copy(shared_data / CT3 / name, src / name)
+    ds = pydicom.dcmread(src / "02.dcm")
+    _set_encapsulated(ds, [b"\xff\x0a" + bytes(64)], syntax)
+    pydicom.dcmwrite(src / "02.dcm", ds, implicit_vr=False, little_endian=True,
+                     force_encoding=True)
+    code, stdout, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"))
+    assert code == 1 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{src / '02.dcm'}: {label}" in errors[0], stderr
+    assert "imported 0 case(s)" in stdout
+
+
+def test_corrupt_compressed_slice_is_one_line(shared_data: Path, tmp_path: Path) -> None:
+    folder = _copy_encoded(shared_data / CT3, tmp_path, ["01.dcm"], JPEGLSLossless)
+    ds = pydicom.dcmread(folder / "01.dcm")
+    _set_encapsulated(ds, [b"\xff\xd8" + bytes(4000)], JPEGLSLossless)
+    ds.save_as(folder / "01.dcm")
+    with pytest.raises(FedsegError) as info:
+        read_series([folder / "01.dcm"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{folder / '01.dcm'}: cannot decode pixel data (JPEG-LS "
+                              "Lossless Image Compression (1.2.840.10008.1.2.4.80)): ")
