@@ -100,6 +100,8 @@ class DicomFile:
     rows: int = 0
     columns: int = 0
     frames: int = 1
+    pixel_spacing: tuple[float, ...] | None = None
+    frame_positions: list[tuple[float, ...]] = dataclasses.field(default_factory=list)
 
     def normal(self) -> np.ndarray | None:
         """Unit slice normal from ImageOrientationPatient (None when absent or broken)."""
@@ -185,7 +187,7 @@ def _is_dicom_candidate(path: Path) -> bool:
 
 
 def _floats(value: object, n: int) -> tuple[float, ...] | None:
-    """n finite floats from a multi-valued DICOM element, None when it is not that."""
+    """Return n finite floats of a multi-valued DICOM element, or None if it is not that."""
     try:
         values = tuple(float(v) for v in value)  # type: ignore[attr-defined]
     except (TypeError, ValueError):
@@ -212,14 +214,22 @@ def _header_geometry(ds: pydicom.Dataset, item: DicomFile) -> None:
     item.frames = int(ds.get("NumberOfFrames") or 1)
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         orient = _frame_item(ds, 0, "PlaneOrientationSequence")
-        position = _frame_item(ds, 0, "PlanePositionSequence")
+        measures = _frame_item(ds, 0, "PixelMeasuresSequence")
         item.orientation = _floats(orient.get("ImageOrientationPatient"), 6) if orient else None
-        item.position = _floats(position.get("ImagePositionPatient"), 3) if position else None
-        if not item.frame_of_reference_uid:
-            item.frame_of_reference_uid = str(ds.get("FrameOfReferenceUID", ""))
+        item.pixel_spacing = _floats(measures.get("PixelSpacing"), 2) if measures else None
+        for k in range(item.frames):
+            position = _frame_item(ds, k, "PlanePositionSequence")
+            xyz = _floats(position.get("ImagePositionPatient"), 3) if position else None
+            if xyz is None:
+                item.frame_positions = []
+                break
+            item.frame_positions.append(xyz)
+        item.position = item.frame_positions[0] if item.frame_positions else None
     else:
         item.orientation = _floats(ds.get("ImageOrientationPatient"), 6)
         item.position = _floats(ds.get("ImagePositionPatient"), 3)
+        item.pixel_spacing = _floats(ds.get("PixelSpacing"), 2)
+        item.frame_positions = [item.position] if item.position is not None else []
 
 
 def _header(path: Path) -> DicomFile | str:
