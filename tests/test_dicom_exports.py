@@ -237,3 +237,143 @@ def test_corrupt_compressed_slice_is_one_line(shared_data: Path, tmp_path: Path)
     assert "\n" not in message
     assert message.startswith(f"{folder / '01.dcm'}: cannot decode pixel data (JPEG-LS "
                               "Lossless Image Compression (1.2.840.10008.1.2.4.80)): ")
+
+
+# --- helpers for the series, UID and contour cases ------------------------------------
+
+
+def _copy_mock(shared_data: Path, dst: Path, names: tuple[str, ...] = ("ct_1.dcm", "ct_2.dcm",
+                                                                         "rt.dcm")) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(shared_data / MOCK / name, dst / name)
+    return dst
+
+
+def _rewrite(path: Path, change: Callable[[pydicom.Dataset], None],
+             dst: Path | None = None) -> None:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real rt.dcm carries an invalid UI value
+        ds.save_as(dst or path)
+
+
+def _new_instance(ds: pydicom.Dataset) -> None:
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def _import(src: Path, out: Path, **options: object) -> tuple[object, list[str]]:
+    opts = ImportOptions(aliases=ALIASES, crop=False, salt="s", **options)  # type: ignore[arg-type]
+    report = import_clinic(src, out, opts)
+    return report, [p.line() for p in report.problems]
+
+
+def _heart(out: Path, case_id: str) -> int:
+    return int(read_case(out / case_id).masks["heart"].sum())
+
+
+# --- localisers and several series ------------------------------------------------------
+
+
+def _scout(src_slice: Path, dst: Path, series_uid: str | None) -> None:
+    """A coronal projection image made from a real slice, not flagged LOCALIZER."""
+    def change(ds: pydicom.Dataset) -> None:
+        _new_instance(ds)
+        ds.SeriesInstanceUID = series_uid or generate_uid()
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    _rewrite(src_slice, change, dst)
+
+
+@pytest.mark.parametrize("same_series", [False, True])
+def test_unflagged_scout_is_left_out(shared_data: Path, tmp_path: Path,
+                                     same_series: bool) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(shared_data / CT3, src)
+    series_uid = str(pydicom.dcmread(src / "01.dcm").SeriesInstanceUID)
+    _scout(src / "02.dcm", src / "scout.dcm", series_uid if same_series else None)
+    report, lines = _import(src, tmp_path / "out")
+    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
+    case = read_case(tmp_path / "out" / report.cases[0])  # type: ignore[attr-defined]
+    assert case.meta.shape == (3, 512, 512) and case.meta.source_series_uid == series_uid
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and "(3 axial slice(s)" in notes[0]
+    assert "the largest axial stack" in notes[0] and "left out:" in notes[0]
+    assert "(1 coronal slice(s)" in notes[0]
+    assert (" part 1 " in notes[0]) == same_series
+    assert case.meta.extra["series_choice"].startswith(series_uid)
+
+
+def _second_series(src: Path, names: list[str], dst: Path, **changes: object) -> str:
+    """Copies of some slices as another series of the same study; returns its UID."""
+    series_uid = generate_uid()
+    dst.mkdir(parents=True, exist_ok=True)
+
+    def change(ds: pydicom.Dataset) -> None:
+        _new_instance(ds)
+        ds.SeriesInstanceUID = series_uid
+        for key, value in changes.items():
+            setattr(ds, key, value)
+    for name in names:
+        _rewrite(src / name, change, dst / name)
+    return series_uid
+
+
+def test_largest_axial_series_is_picked(shared_data: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(shared_data / CT3, src / "full")
+    second = _second_series(src / "full", ["01.dcm", "02.dcm"], src / "partial")
+    report, lines = _import(src, tmp_path / "out")
+    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
+    case = read_case(tmp_path / "out" / report.cases[0])  # type: ignore[attr-defined]
+    assert case.meta.shape[0] == 3 and case.meta.source_series_uid != second
+    assert any(line.startswith("note:") and f"left out: {second} (2 axial" in line
+               for line in lines)
+
+
+def test_rtstruct_series_beats_larger_series(shared_data: Path, tmp_path: Path) -> None:
+    """A 3-slice copy of the study beside the 2 labelled slices: the labelled one wins."""
+    src = _copy_mock(shared_data, tmp_path / "src" / "planning")
+    ct = pydicom.dcmread(src / "ct_1.dcm")
+    other = _second_series(src, ["ct_1.dcm", "ct_2.dcm"], tmp_path / "src" / "recon")
+    _rewrite(src / "ct_2.dcm", lambda ds: (_new_instance(ds), setattr(
+        ds, "SeriesInstanceUID", other), setattr(ds, "ImagePositionPatient", [-125, -125, 70])),
+        tmp_path / "src" / "recon" / "ct_3.dcm")
+    report, lines = _import(tmp_path / "src", tmp_path / "out")
+    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
+    case_id = report.cases[0]  # type: ignore[attr-defined]
+    assert read_case(tmp_path / "out" / case_id).meta.source_series_uid == ct.SeriesInstanceUID
+    assert _heart(tmp_path / "out", case_id) == pytest.approx(1443, rel=0.02)
+    assert any("the series its labels belong to" in line and f"left out: {other} (3 axial"
+               in line for line in lines), lines
+
+
+def test_labels_on_two_series_refused(shared_data: Path, tmp_path: Path) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src" / "a")
+    b = tmp_path / "src" / "b"
+    other = _second_series(src, ["ct_1.dcm", "ct_2.dcm"], b)
+    uids = {str(pydicom.dcmread(src / n).SOPInstanceUID): str(pydicom.dcmread(b / n)
+                                                               .SOPInstanceUID)
+            for n in ("ct_1.dcm", "ct_2.dcm")}
+
+    def point_at_b(ds: pydicom.Dataset) -> None:
+        _new_instance(ds)
+        for ref_for in ds.ReferencedFrameOfReferenceSequence:
+            for study in ref_for.RTReferencedStudySequence:
+                for ser in study.RTReferencedSeriesSequence:
+                    ser.SeriesInstanceUID = other
+                    for img in ser.ContourImageSequence:
+                        img.ReferencedSOPInstanceUID = uids[img.ReferencedSOPInstanceUID]
+        for roi in ds.ROIContourSequence:
+            for contour in roi.ContourSequence:
+                for img in contour.ContourImageSequence:
+                    img.ReferencedSOPInstanceUID = uids[img.ReferencedSOPInstanceUID]
+    _rewrite(src / "rt.dcm", point_at_b, b / "rt.dcm")
+    code, stdout, stderr = _run("data", "import", str(tmp_path / "src"), "--out",
+                                str(tmp_path / "out"), "--no-crop")
+    assert code == 1 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "label files belong to 2 different CT series" in errors[0]
+    assert "--series" in errors[0] and "imported 0 case(s)" in stdout
