@@ -377,3 +377,172 @@ def test_labels_on_two_series_refused(shared_data: Path, tmp_path: Path) -> None
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "label files belong to 2 different CT series" in errors[0]
     assert "--series" in errors[0] and "imported 0 case(s)" in stdout
+
+
+# --- enhanced multi-frame CT ------------------------------------------------------------
+
+
+def _enhanced(paths: list[Path], dst: Path, enhanced_class: bool = False) -> pydicom.Dataset:
+    """A Legacy Converted Enhanced CT (highdicom) of real slices; optionally relabelled as
+    Enhanced CT Image Storage with the rescale moved into the per-frame groups."""
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # highdicom warns about the files' patient names
+        image = LegacyConvertedEnhancedCTImage(
+            [pydicom.dcmread(p) for p in paths], series_instance_uid=generate_uid(),
+            series_number=99, sop_instance_uid=generate_uid(), instance_number=1)
+    ds = pydicom.Dataset(image)
+    ds.file_meta = image.file_meta
+    if enhanced_class:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        transform = shared.PixelValueTransformationSequence[0]
+        del shared.PixelValueTransformationSequence
+        for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            item = pydicom.Dataset()
+            item.RescaleSlope = transform.RescaleSlope
+            # Frame 2 gets its own intercept: per-frame values must win over shared ones.
+            item.RescaleIntercept = float(transform.RescaleIntercept) + (24 if k == 1 else 0)
+            item.RescaleType = "HU"
+            frame.PixelValueTransformationSequence = [item]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return ds
+
+
+@pytest.mark.parametrize("enhanced_class", [False, True])
+def test_enhanced_multiframe_ct_reads_like_its_slices(shared_data: Path, tmp_path: Path,
+                                                      enhanced_class: bool) -> None:
+    paths = [shared_data / CT3 / n for n in CT3_NAMES]
+    plain = read_series(paths)
+    ds = _enhanced(paths, tmp_path / "mf.dcm", enhanced_class)
+    assert ds.NumberOfFrames == 3
+    scan = scan_folder(tmp_path)
+    assert [(f.modality, f.frames) for f in scan.dicom] == [("CT", 3)]
+    series = read_series([tmp_path / "mf.dcm"])
+    assert series.geometry == plain.geometry
+    assert series.sop_uids == [ds.SOPInstanceUID] * 3
+    expected = plain.hu.copy()
+    if enhanced_class:
+        frame_two = [i for i, f in enumerate(series.frame_numbers) if f == 2]
+        expected[frame_two] += 24
+    assert np.array_equal(series.hu, expected)
+
+
+@pytest.mark.parametrize("reference", ["multi-frame", "old slices"])
+def test_enhanced_ct_with_rtstruct(shared_data: Path, tmp_path: Path, reference: str) -> None:
+    """The RTSTRUCT references the multi-frame object, or the slices it was made from
+    (whose UIDs no longer exist: matched by geometry)."""
+    src = tmp_path / "src"
+    _copy_mock(shared_data, src, ("rt.dcm",))
+    ds = _enhanced([shared_data / MOCK / "ct_1.dcm", shared_data / MOCK / "ct_2.dcm"],
+                   src / "enhanced.dcm")
+    if reference == "multi-frame":
+        def to_multiframe(rt: pydicom.Dataset) -> None:
+            for ref_for in rt.ReferencedFrameOfReferenceSequence:
+                for study in ref_for.RTReferencedStudySequence:
+                    for ser in study.RTReferencedSeriesSequence:
+                        ser.SeriesInstanceUID = ds.SeriesInstanceUID
+                        for img in ser.ContourImageSequence:
+                            img.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            for roi in rt.ROIContourSequence:
+                for contour in roi.ContourSequence:
+                    for img in contour.ContourImageSequence:
+                        img.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        _rewrite(src / "rt.dcm", to_multiframe)
+    report, lines = _import(src, tmp_path / "out")
+    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
+    case_id = report.cases[0]  # type: ignore[attr-defined]
+    assert _heart(tmp_path / "out", case_id) == pytest.approx(1443, rel=0.02)
+    by_geometry = any("matched to CT series" in line and "by geometry" in line
+                      for line in lines)
+    assert by_geometry == (reference == "old slices")
+
+
+# --- regenerated and blanked UIDs ---------------------------------------------------------
+
+
+def _anonymise_ct(folder: Path, names: tuple[str, ...] = ("ct_1.dcm", "ct_2.dcm"),
+                  frame_of_reference: bool = False, study: bool = False) -> None:
+    """Regenerate the CT's SOP and series UIDs (and optionally its frame of reference and
+    study UIDs) the way anonymisers do, leaving the RTSTRUCT's references stale."""
+    series_uid, for_uid, study_uid = generate_uid(), generate_uid(), generate_uid()
+
+    def change(ds: pydicom.Dataset) -> None:
+        _new_instance(ds)
+        ds.SeriesInstanceUID = series_uid
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = for_uid
+        if study:
+            ds.StudyInstanceUID = study_uid
+    for name in names:
+        _rewrite(folder / name, change)
+
+
+@pytest.mark.parametrize("regenerated, frame_note", [
+    ("sop+series", "same frame of reference"),
+    ("sop+series+for+study", "frame of reference differs too"),
+    ("blanked", "frame of reference differs too"),
+])
+def test_regenerated_uids_matched_by_geometry(shared_data: Path, tmp_path: Path,
+                                              regenerated: str, frame_note: str) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    # rt-utils' RTSTRUCT names another frame of reference than its CT: give it the CT's,
+    # so that "sop+series" is an export whose frame of reference survived.
+    frame = str(pydicom.dcmread(src / "ct_1.dcm").FrameOfReferenceUID)
+    _rewrite(src / "rt.dcm", lambda ds: setattr(
+        ds.ReferencedFrameOfReferenceSequence[0], "FrameOfReferenceUID", frame))
+    everything = regenerated != "sop+series"
+    _anonymise_ct(src, frame_of_reference=everything, study=everything)
+    if regenerated == "blanked":
+        def blank(ds: pydicom.Dataset) -> None:
+            for ref_for in ds.ReferencedFrameOfReferenceSequence:
+                del ref_for.RTReferencedStudySequence
+            for roi in ds.ROIContourSequence:
+                for contour in roi.ContourSequence:
+                    del contour.ContourImageSequence
+        _rewrite(src / "rt.dcm", blank)
+    report, lines = _import(src, tmp_path / "out")
+    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
+    case_id = report.cases[0]  # type: ignore[attr-defined]
+    assert _heart(tmp_path / "out", case_id) == pytest.approx(1443, rel=0.02)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and "rt.dcm: RTSTRUCT references" in notes[0], lines
+    assert "by geometry" in notes[0] and frame_note in notes[0]
+    assert read_case(tmp_path / "out" / case_id).meta.extra["contour_matching"] == "geometry"
+
+
+def test_geometry_fitting_two_series_refused(shared_data: Path, tmp_path: Path) -> None:
+    """Two series of the same patient on the same grid: geometry cannot choose."""
+    src = _copy_mock(shared_data, tmp_path / "src" / "a")
+    _second_series(src, ["ct_1.dcm", "ct_2.dcm"], tmp_path / "src" / "b")
+    _anonymise_ct(src)
+    code, stdout, stderr = _run("data", "import", str(tmp_path / "src"), "--out",
+                                str(tmp_path / "out"), "--no-crop")
+    assert code == 1 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert any("rt.dcm: RTSTRUCT references" in line and "fit 2 CT series equally by "
+               "geometry" in line and "cannot tell which" in line for line in errors), stderr
+
+
+@pytest.mark.parametrize("shift_mm, reason", [
+    (2.5, "halfway between two slices"),
+    (40.0, "outside the series' slices"),
+])
+def test_geometry_misfit_refused(shared_data: Path, tmp_path: Path, shift_mm: float,
+                                 reason: str) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    _anonymise_ct(src)
+
+    def shift(ds: pydicom.Dataset) -> None:
+        for roi in ds.ROIContourSequence:
+            for contour in roi.ContourSequence:
+                points = [float(v) for v in contour.ContourData]
+                points[2::3] = [z + shift_mm for z in points[2::3]]
+                contour.ContourData = [f"{v:g}" for v in points]
+    _rewrite(src / "rt.dcm", shift)
+    report, lines = _import(src, tmp_path / "out")
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "rt.dcm: RTSTRUCT points at CT series" in errors[0], lines
+    assert "fit no CT series there by geometry" in errors[0] and reason in errors[0]
