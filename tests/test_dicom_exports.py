@@ -546,3 +546,92 @@ def test_geometry_misfit_refused(shared_data: Path, tmp_path: Path, shift_mm: fl
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and "rt.dcm: RTSTRUCT points at CT series" in errors[0], lines
     assert "fit no CT series there by geometry" in errors[0] and reason in errors[0]
+
+
+# --- degenerate contours -----------------------------------------------------------------
+
+
+def _add_contours(path: Path, extra: list[list[float]]) -> None:
+    """Append CLOSED_PLANAR contours (flat x, y, z lists) to the first ROI."""
+    def change(ds: pydicom.Dataset) -> None:
+        sequence = ds.ROIContourSequence[0].ContourSequence
+        for points in extra:
+            contour = pydicom.Dataset()
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.NumberOfContourPoints = len(points) // 3
+            contour.ContourData = [f"{v:g}" for v in points]
+            sequence.append(contour)
+    _rewrite(path, change)
+
+
+def test_degenerate_contours_skipped_rest_kept(shared_data: Path, tmp_path: Path) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+    _add_contours(src / "rt.dcm", [
+        [10.0, 10.0, 65.0],  # one point (a click)
+        [10.0, 10.0, 65.0, 20.0, 20.0, 65.0],  # two points (a line)
+        [0.0, 0.0, 60.0, 5.0, 5.0, 60.0, 10.0, 10.0, 60.0],  # collinear: zero area
+        [1.0, 2.0, 65.0] * 4,  # one point repeated
+    ])
+    code, stdout, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"),
+                                "--no-crop", "--aliases", str(_aliases(tmp_path)))
+    assert code == 0 and "Traceback" not in stderr, stderr
+    warned = [line for line in stderr.splitlines() if "degenerate contour skipped" in line]
+    assert len(warned) == 4, stderr
+    assert all("rt.dcm" in line and "ROI 'ROI-1': slice " in line for line in warned)
+    assert "slice 2 of 2 (z 65.00 mm): degenerate contour skipped (1 point)" in warned[0]
+    assert "(2 distinct points)" in warned[1]
+    assert "slice 1 of 2 (z 60.00 mm)" in warned[2] and "zero area" in warned[2]
+    assert "(1 point)" in warned[3]
+    case_dir = next(p for p in (tmp_path / "out").iterdir() if p.name.startswith("case-"))
+    assert int(read_case(case_dir).masks["heart"].sum()) == pytest.approx(1443, rel=0.02)
+
+
+def _aliases(tmp_path: Path) -> Path:
+    path = tmp_path / "aliases.json"
+    path.write_text('{"heart": ["ROI-1"]}')
+    return path
+
+
+def test_only_degenerate_contours_leave_organ_unlabelled(shared_data: Path,
+                                                         tmp_path: Path) -> None:
+    src = _copy_mock(shared_data, tmp_path / "src")
+
+    def lines_only(ds: pydicom.Dataset) -> None:
+        for contour in ds.ROIContourSequence[0].ContourSequence:
+            contour.ContourData = contour.ContourData[:6]  # first two points
+            contour.NumberOfContourPoints = 2
+    _rewrite(src / "rt.dcm", lines_only)
+    report, lines = _import(src, tmp_path / "out")
+    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
+    assert sum("degenerate contour skipped" in line for line in lines) == 2
+    assert any("'ROI-1' (heart) is empty" in line for line in lines)
+    case = read_case(tmp_path / "out" / report.cases[0])  # type: ignore[attr-defined]
+    assert case.meta.labelled_organs == ()
+
+
+def test_figure_eight_is_not_degenerate() -> None:
+    from fedseg_clinic.imaging.rtstruct import degenerate_reason
+
+    bow_tie = np.array([[0, 0, 5], [4, 4, 5], [4, 0, 5], [0, 4, 5]], dtype=float)
+    assert degenerate_reason(bow_tie) is None  # signed areas cancel; even-odd fills it
+    assert degenerate_reason(np.array([[0, 0, 5], [1, 1, 5], [3, 3, 5], [0, 0, 5]],
+                                      dtype=float)) == "zero area (collinear points)"
+
+
+# --- symlinked folders ------------------------------------------------------------------
+
+
+def test_symlinked_folders_followed_once(shared_data: Path, tmp_path: Path) -> None:
+    real = _copy_mock(shared_data, tmp_path / "elsewhere" / "patient")
+    src = tmp_path / "src"
+    src.mkdir()
+    os.symlink(real, src / "patient")  # the clinic links patient folders in
+    os.symlink(real, src / "same-again")  # a second link to the same folder
+    os.symlink(src, real / "loop")  # a link loop
+    os.symlink(tmp_path / "absent.dcm", src / "dangling.dcm")
+    report, lines = _import(src, tmp_path / "out")
+    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
+    assert report.slices == 2  # type: ignore[attr-defined]
+    assert _heart(tmp_path / "out", report.cases[0]) == pytest.approx(  # type: ignore[attr-defined]
+        1443, rel=0.02)
+    assert lines == [f"warning: {src / 'dangling.dcm'}: skipped: broken symbolic link"]
