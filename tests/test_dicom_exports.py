@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import jpeg_lossless
 import numpy as np
 import pydicom
 import pytest
@@ -24,12 +25,12 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
@@ -44,7 +45,6 @@ from pydicom.uid import (
     generate_uid,
 )
 
-import jpeg_lossless
 from fedseg.cli import cli
 from fedseg_clinic.cases import read_case
 from fedseg_clinic.errors import FedsegError
@@ -518,7 +518,7 @@ def test_geometry_fitting_two_series_refused(shared_data: Path, tmp_path: Path) 
     src = _copy_mock(shared_data, tmp_path / "src" / "a")
     _second_series(src, ["ct_1.dcm", "ct_2.dcm"], tmp_path / "src" / "b")
     _anonymise_ct(src)
-    code, stdout, stderr = _run("data", "import", str(tmp_path / "src"), "--out",
+    code, _stdout, stderr = _run("data", "import", str(tmp_path / "src"), "--out",
                                 str(tmp_path / "out"), "--no-crop")
     assert code == 1 and "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -542,7 +542,7 @@ def test_geometry_misfit_refused(shared_data: Path, tmp_path: Path, shift_mm: fl
                 points[2::3] = [z + shift_mm for z in points[2::3]]
                 contour.ContourData = [f"{v:g}" for v in points]
     _rewrite(src / "rt.dcm", shift)
-    report, lines = _import(src, tmp_path / "out")
+    _report, lines = _import(src, tmp_path / "out")
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and "rt.dcm: RTSTRUCT points at CT series" in errors[0], lines
     assert "fit no CT series there by geometry" in errors[0] and reason in errors[0]
@@ -572,7 +572,7 @@ def test_degenerate_contours_skipped_rest_kept(shared_data: Path, tmp_path: Path
         [0.0, 0.0, 60.0, 5.0, 5.0, 60.0, 10.0, 10.0, 60.0],  # collinear: zero area
         [1.0, 2.0, 65.0] * 4,  # one point repeated
     ])
-    code, stdout, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"),
+    code, _stdout, stderr = _run("data", "import", str(src), "--out", str(tmp_path / "out"),
                                 "--no-crop", "--aliases", str(_aliases(tmp_path)))
     assert code == 0 and "Traceback" not in stderr, stderr
     warned = [line for line in stderr.splitlines() if "degenerate contour skipped" in line]
