@@ -48,7 +48,7 @@ from pydicom.uid import (
 from fedseg.cli import cli
 from fedseg_clinic.cases import read_case
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.imaging.importer import ImportOptions, import_clinic
+from fedseg_clinic.imaging.importer import ImportOptions, ImportReport, import_clinic
 from fedseg_clinic.imaging.series import read_series, scan_folder
 from fedseg_clinic.organs import AliasTable
 
@@ -264,8 +264,8 @@ def _new_instance(ds: pydicom.Dataset) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
 
 
-def _import(src: Path, out: Path, **options: object) -> tuple[object, list[str]]:
-    opts = ImportOptions(aliases=ALIASES, crop=False, salt="s", **options)  # type: ignore[arg-type]
+def _import(src: Path, out: Path) -> tuple[ImportReport, list[str]]:
+    opts = ImportOptions(aliases=ALIASES, crop=False, salt="s")
     report = import_clinic(src, out, opts)
     return report, [p.line() for p in report.problems]
 
@@ -295,8 +295,8 @@ def test_unflagged_scout_is_left_out(shared_data: Path, tmp_path: Path,
     series_uid = str(pydicom.dcmread(src / "01.dcm").SeriesInstanceUID)
     _scout(src / "02.dcm", src / "scout.dcm", series_uid if same_series else None)
     report, lines = _import(src, tmp_path / "out")
-    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
-    case = read_case(tmp_path / "out" / report.cases[0])  # type: ignore[attr-defined]
+    assert report.ok and len(report.cases) == 1, lines
+    case = read_case(tmp_path / "out" / report.cases[0])
     assert case.meta.shape == (3, 512, 512) and case.meta.source_series_uid == series_uid
     notes = [line for line in lines if line.startswith("note:")]
     assert len(notes) == 1 and "(3 axial slice(s)" in notes[0]
@@ -326,8 +326,8 @@ def test_largest_axial_series_is_picked(shared_data: Path, tmp_path: Path) -> No
     shutil.copytree(shared_data / CT3, src / "full")
     second = _second_series(src / "full", ["01.dcm", "02.dcm"], src / "partial")
     report, lines = _import(src, tmp_path / "out")
-    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
-    case = read_case(tmp_path / "out" / report.cases[0])  # type: ignore[attr-defined]
+    assert report.ok and len(report.cases) == 1, lines
+    case = read_case(tmp_path / "out" / report.cases[0])
     assert case.meta.shape[0] == 3 and case.meta.source_series_uid != second
     assert any(line.startswith("note:") and f"left out: {second} (2 axial" in line
                for line in lines)
@@ -342,8 +342,8 @@ def test_rtstruct_series_beats_larger_series(shared_data: Path, tmp_path: Path) 
         ds, "SeriesInstanceUID", other), setattr(ds, "ImagePositionPatient", [-125, -125, 70])),
         tmp_path / "src" / "recon" / "ct_3.dcm")
     report, lines = _import(tmp_path / "src", tmp_path / "out")
-    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
-    case_id = report.cases[0]  # type: ignore[attr-defined]
+    assert report.ok and len(report.cases) == 1, lines
+    case_id = report.cases[0]
     assert read_case(tmp_path / "out" / case_id).meta.source_series_uid == ct.SeriesInstanceUID
     assert _heart(tmp_path / "out", case_id) == pytest.approx(1443, rel=0.02)
     assert any("the series its labels belong to" in line and f"left out: {other} (3 axial"
@@ -452,8 +452,8 @@ def test_enhanced_ct_with_rtstruct(shared_data: Path, tmp_path: Path, reference:
                         img.ReferencedSOPInstanceUID = ds.SOPInstanceUID
         _rewrite(src / "rt.dcm", to_multiframe)
     report, lines = _import(src, tmp_path / "out")
-    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
-    case_id = report.cases[0]  # type: ignore[attr-defined]
+    assert report.ok and len(report.cases) == 1, lines
+    case_id = report.cases[0]
     assert _heart(tmp_path / "out", case_id) == pytest.approx(1443, rel=0.02)
     by_geometry = any("matched to CT series" in line and "by geometry" in line
                       for line in lines)
@@ -504,8 +504,8 @@ def test_regenerated_uids_matched_by_geometry(shared_data: Path, tmp_path: Path,
                     del contour.ContourImageSequence
         _rewrite(src / "rt.dcm", blank)
     report, lines = _import(src, tmp_path / "out")
-    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
-    case_id = report.cases[0]  # type: ignore[attr-defined]
+    assert report.ok and len(report.cases) == 1, lines
+    case_id = report.cases[0]
     assert _heart(tmp_path / "out", case_id) == pytest.approx(1443, rel=0.02)
     notes = [line for line in lines if line.startswith("note:")]
     assert len(notes) == 1 and "rt.dcm: RTSTRUCT references" in notes[0], lines
@@ -602,10 +602,10 @@ def test_only_degenerate_contours_leave_organ_unlabelled(shared_data: Path,
             contour.NumberOfContourPoints = 2
     _rewrite(src / "rt.dcm", lines_only)
     report, lines = _import(src, tmp_path / "out")
-    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
+    assert report.ok and len(report.cases) == 1, lines
     assert sum("degenerate contour skipped" in line for line in lines) == 2
     assert any("'ROI-1' (heart) is empty" in line for line in lines)
-    case = read_case(tmp_path / "out" / report.cases[0])  # type: ignore[attr-defined]
+    case = read_case(tmp_path / "out" / report.cases[0])
     assert case.meta.labelled_organs == ()
 
 
@@ -630,8 +630,7 @@ def test_symlinked_folders_followed_once(shared_data: Path, tmp_path: Path) -> N
     os.symlink(src, real / "loop")  # a link loop
     os.symlink(tmp_path / "absent.dcm", src / "dangling.dcm")
     report, lines = _import(src, tmp_path / "out")
-    assert report.ok and len(report.cases) == 1, lines  # type: ignore[attr-defined]
-    assert report.slices == 2  # type: ignore[attr-defined]
-    assert _heart(tmp_path / "out", report.cases[0]) == pytest.approx(  # type: ignore[attr-defined]
-        1443, rel=0.02)
+    assert report.ok and len(report.cases) == 1, lines
+    assert report.slices == 2
+    assert _heart(tmp_path / "out", report.cases[0]) == pytest.approx(1443, rel=0.02)
     assert lines == [f"warning: {src / 'dangling.dcm'}: skipped: broken symbolic link"]
