@@ -548,6 +548,18 @@ def test_geometry_misfit_refused(shared_data: Path, tmp_path: Path, shift_mm: fl
     assert "fit no CT series there by geometry" in errors[0] and reason in errors[0]
 
 
+def test_refused_rtstruct_with_regenerated_study_fails_its_patient(shared_data: Path,
+                                                                   tmp_path: Path) -> None:
+    """A malformed RTSTRUCT whose study UID matches no CT still stops its patient."""
+    src = _copy_mock(shared_data, tmp_path / "src")
+    _anonymise_ct(src, frame_of_reference=True, study=True)
+    _rewrite(src / "rt.dcm", lambda ds: delattr(ds.StructureSetROISequence[0], "ROINumber"))
+    report, lines = _import(src, tmp_path / "out")
+    assert report.cases == [] and len(report.failed) == 1, lines
+    assert any("rt.dcm: malformed RTSTRUCT" in line for line in lines)
+    assert any("not imported: its label file" in line for line in lines)
+
+
 # --- degenerate contours -----------------------------------------------------------------
 
 
