@@ -430,6 +430,26 @@ def test_enhanced_multiframe_ct_reads_like_its_slices(shared_data: Path, tmp_pat
     assert np.array_equal(series.hu, expected)
 
 
+@pytest.mark.parametrize("problem, message", [
+    ("duplicate", r"mf\.dcm frame \d: duplicated slice: same position .* as .*mf\.dcm frame \d"),
+    ("no-position", r"mf\.dcm frame 1: multi-frame CT without PlanePositionSequence"),
+])
+def test_enhanced_ct_bad_frames_refused(shared_data: Path, tmp_path: Path, problem: str,
+                                        message: str) -> None:
+    ds = _enhanced([shared_data / CT3 / n for n in CT3_NAMES], tmp_path / "mf.dcm")
+    frames = ds.PerFrameFunctionalGroupsSequence
+    if problem == "duplicate":
+        frames[2].PlanePositionSequence[0].ImagePositionPatient = (
+            frames[1].PlanePositionSequence[0].ImagePositionPatient)
+    else:
+        for frame in frames:
+            del frame.PlanePositionSequence
+    ds.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    with pytest.raises(FedsegError, match=message) as info:
+        read_series([tmp_path / "mf.dcm"])
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("reference", ["multi-frame", "old slices"])
 def test_enhanced_ct_with_rtstruct(shared_data: Path, tmp_path: Path, reference: str) -> None:
     """The RTSTRUCT references the multi-frame object, or the slices it was made from
