@@ -580,6 +580,28 @@ def test_refused_rtstruct_with_regenerated_study_fails_its_patient(shared_data: 
     assert any("not imported: its label file" in line for line in lines)
 
 
+def test_series_kept_images_regenerated(shared_data: Path, tmp_path: Path) -> None:
+    """Series UID kept, image UIDs regenerated: geometry decides on that series."""
+    src = _copy_mock(shared_data, tmp_path / "src")
+    for name in ("ct_1.dcm", "ct_2.dcm"):
+        _rewrite(src / name, _new_instance)
+    report, lines = _import(src, tmp_path / "out")
+    assert report.ok and _heart(tmp_path / "out", report.cases[0]) == pytest.approx(
+        1443, rel=0.02)
+    assert any(line.startswith("note:") and "by geometry" in line for line in lines)
+
+    def shift(ds: pydicom.Dataset) -> None:  # now the contours sit between the slices
+        for contour in ds.ROIContourSequence[0].ContourSequence:
+            points = [float(v) for v in contour.ContourData]
+            points[2::3] = [z + 2.5 for z in points[2::3]]
+            contour.ContourData = [f"{v:g}" for v in points]
+    _rewrite(src / "rt.dcm", shift)
+    _report, lines = _import(src, tmp_path / "out2")
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "image(s) none of which is in CT series" in errors[0], lines
+    assert "do not fit that series by geometry" in errors[0] and "halfway" in errors[0]
+
+
 # --- degenerate contours -----------------------------------------------------------------
 
 

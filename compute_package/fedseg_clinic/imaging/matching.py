@@ -6,7 +6,7 @@ Real exports are messy in two ways this module handles from the files' headers a
 - **Several candidate volumes.** A study folder may hold a localiser (scout) that is not
   flagged LOCALIZER, several CT series (contrast phases, a reconstruction), or a scout in
   the same series as the slices. Each series is split into *stacks* (same orientation
-  and image size; an enhanced multi-frame file is a stack of its own) and
+  and image size, single- or multi-frame files alike) and
   :func:`choose_stack` picks one: the series the labels reference, else the largest
   axial stack; a tie is refused.
 - **UIDs that cannot be trusted.** Anonymisers regenerate or blank the SOP Instance,
@@ -80,13 +80,11 @@ def split_stacks(series_uid: str, files: Sequence[DicomFile]) -> list[Stack]:
     """Split one series' files into stacks, largest first."""
     groups: dict[tuple[object, ...], list[DicomFile]] = {}
     for item in files:
-        if item.frames > 1:
-            key: tuple[object, ...] = ("multi-frame", str(item.path))
-        else:
-            orient = (None if item.orientation is None
-                      else tuple(round(v, 3) for v in item.orientation))
-            key = ("slices", orient, item.rows, item.columns)
-        groups.setdefault(key, []).append(item)
+        # Multi-frame files group like slices: a volume split over several enhanced
+        # files stays one stack (read_series refuses overlapping frames).
+        orient = (None if item.orientation is None
+                  else tuple(round(v, 3) for v in item.orientation))
+        groups.setdefault((orient, item.rows, item.columns), []).append(item)
     ordered = sorted(groups.values(), key=lambda g: -sum(max(f.frames, 1) for f in g))
     if len(ordered) == 1:
         return [Stack(series_uid, ordered[0])]
@@ -137,7 +135,8 @@ def choose_stack(case_id: str, stacks: Sequence[Stack], labelled: set[str],
         if not axial:
             raise FedsegError(f"{case_id}: {n_series} CT series for one patient study, "
                               f"expected one (pick with --series UID): none of the "
-                              f"{len(pool)} candidates is an axial stack: {listing}")
+                              f"{len(pool)} candidates is an axial stack of several "
+                              f"slices: {listing}")
         most = max(s.slices for s in axial)
         top = [s for s in axial if s.slices == most]
         if len(top) > 1:
@@ -293,6 +292,10 @@ def match_structure_set(ss: StructureSet, series_files: dict[str, list[DicomFile
             f"contours fit {len(fits)} CT series equally by geometry ({', '.join(fits)}); "
             "cannot tell which"))
     detail = f" ({'; '.join(reasons[:3])})" if reasons else ""
+    if present:
+        return Match(None, note=(f"{ss.path}: RTSTRUCT references {len(sops)} image(s) none "
+                                 f"of which is in CT series {', '.join(present)}, and its "
+                                 f"contours do not fit that series by geometry{detail}"))
     return Match(None, note=(f"{ss.path}: RTSTRUCT points at CT series "
                              f"{', '.join(ss.series_uids) or '(no series reference)'}, which is "
                              f"not in the import folder, and its contours fit no CT series "
