@@ -533,6 +533,27 @@ def test_regenerated_uids_matched_by_geometry(shared_data: Path, tmp_path: Path,
     assert read_case(tmp_path / "out" / case_id).meta.extra["contour_matching"] == "geometry"
 
 
+@pytest.mark.parametrize("rt_patient", ["OTHER-PATIENT", ""])
+def test_geometry_never_crosses_patient_ids(shared_data: Path, tmp_path: Path,
+                                            rt_patient: str) -> None:
+    """An RTSTRUCT of another PatientID in the CT's folder is not matched by geometry
+    (it would put one patient's contours on another's CT); a blank PatientID may be."""
+    src = _copy_mock(shared_data, tmp_path / "src")
+    _anonymise_ct(src, frame_of_reference=True, study=True)
+    _rewrite(src / "rt.dcm", lambda ds: setattr(ds, "PatientID", rt_patient))
+    code, _stdout, stderr = _run("data", "import", str(src), "--out",
+                                str(tmp_path / "out"), "--no-crop")
+    assert "Traceback" not in stderr
+    if rt_patient:
+        assert code == 1, stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert any("rt.dcm: RTSTRUCT" in line and "fit no CT series" in line
+                   for line in errors), stderr
+    else:
+        assert code == 0, stderr
+        assert "by geometry" in stderr + _stdout
+
+
 def test_geometry_fitting_two_series_refused(shared_data: Path, tmp_path: Path) -> None:
     """Two series of the same patient on the same grid: geometry cannot choose."""
     src = _copy_mock(shared_data, tmp_path / "src" / "a")

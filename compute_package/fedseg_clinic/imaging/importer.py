@@ -624,14 +624,17 @@ def _geometry_candidates(item: DicomFile, series_files: dict[str, list[DicomFile
     """Series an RTSTRUCT may be matched to by geometry.
 
     The same PatientID's series (any study: anonymisers regenerate study UIDs too), else
-    those in or below the RTSTRUCT's folder.
+    those in or below the RTSTRUCT's folder whose PatientID or the RTSTRUCT's is blank.
+    Two different PatientIDs are never matched by geometry: contours put on another
+    patient's CT of the same slice grid would be a silent, dangerous error.
     """
     same_patient = [uid for uid, files in series_files.items()
                     if item.patient_id and files[0].patient_id == item.patient_id]
     if same_patient:
         return same_patient
     return [uid for uid, files in series_files.items()
-            if _series_folder(files).is_relative_to(item.path.parent)]
+            if not (item.patient_id and files[0].patient_id)
+            and _series_folder(files).is_relative_to(item.path.parent)]
 
 
 def _overlaps(lm: LabelMap, uid: str, series_files: dict[str, list[DicomFile]]) -> bool:
