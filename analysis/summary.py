@@ -478,8 +478,10 @@ def _without_seeds(value: Any) -> Any:
 
 
 def setting_key(run: RunLog) -> str:
-    """What makes runs replicates of one setting: kind + config without seeds and name
-    (a sweep's point name, which carries the seed, is left out too)."""
+    """What makes runs replicates of one setting: kind + config without seeds and name.
+
+    A sweep's point name, which carries the seed, is left out too.
+    """
     config = run.info.get("config")
     config = {k: v for k, v in config.items() if k != "name"} if isinstance(config, dict) else {}
     if isinstance(config.get("sweep"), dict):
@@ -549,8 +551,11 @@ _SEED_TOKEN = re.compile(r"^s[0-9]+$")
 
 
 def technique_label(run: RunLog) -> str:
-    """The line a run belongs to on the privacy-utility curve: its name without the
-    epsilon and seed tokens (``recipe-eps8-s2`` -> ``recipe``; ``k4-eps8-s1`` -> ``k4``)."""
+    """The line a run belongs to on the privacy-utility curve.
+
+    Its (sweep point) name without the epsilon and seed tokens: ``recipe-eps8-s2`` ->
+    ``recipe``; ``k4-eps8-s1`` -> ``k4``.
+    """
     sweep = run.info.get("config", {}).get("sweep") if isinstance(
         run.info.get("config"), dict) else None
     name = str(sweep.get("point", run.name)) if isinstance(sweep, dict) else run.name
@@ -572,9 +577,11 @@ def _spread(values: Sequence[float | None]) -> dict[str, Any]:
 
 def privacy_utility(runs: Sequence[RunLog], entries: Sequence[dict[str, Any]]
                     ) -> list[dict[str, Any]]:
-    """The privacy-utility curve: one line per technique (:func:`technique_label`), one
-    point per epsilon (``None`` = no DP), final client-mean Dice and each organ's as mean,
-    sample standard deviation, min and max over the seeds at that point.
+    """The privacy-utility curve, one line per technique and one point per epsilon.
+
+    Lines: :func:`technique_label`; points: epsilon (``None`` = no DP) with the final
+    client-mean Dice and each organ's as mean, sample standard deviation, min and max
+    over the seeds at that point.
 
     A pooled run's epsilon is its own final one, which differs between seeds: pooled
     points are keyed by the clinics' target (config ``clinic_target_epsilon``) instead.

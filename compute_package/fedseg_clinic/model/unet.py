@@ -168,8 +168,10 @@ WS_EPSILON = 1e-5
 
 
 def standardise_kernel(kernel: Any) -> Any:
-    """A convolution kernel standardised per output channel (the last axis): zero mean
-    and unit variance over every other axis (taps and input channels)."""
+    """A convolution kernel standardised per output channel (the last axis).
+
+    Zero mean and unit variance over every other axis (taps and input channels).
+    """
     axes = list(range(len(kernel.shape) - 1))
     mean, var = tf.nn.moments(kernel, axes=axes, keepdims=True)
     return (kernel - mean) * tf.math.rsqrt(var + WS_EPSILON)

@@ -294,8 +294,11 @@ def _write_cache(path: Path, key: str, sigma: float) -> None:
 
 def _verified(n_patients: int, batch_size: int, steps: int, target_epsilon: float,
               delta: float, accountant: str, sigma: float) -> bool:
-    """Whether dp_accounting gives epsilon <= target for ``sigma`` (a cached value is
-    never trusted blindly: RDP first, as it is cheap; PLD only if RDP alone fails)."""
+    """Whether dp_accounting gives epsilon <= target for ``sigma``.
+
+    A cached value is never trusted blindly: RDP first, as it is cheap; PLD only if RDP
+    alone fails.
+    """
     if not (math.isfinite(sigma) and sigma > 0):
         return False
     seg = [PrivacySegment(batch_size / n_patients, sigma, steps)]
