@@ -19,7 +19,7 @@ Top-level keys::
     client_settings: {...}      # sent every round through a ServerFunctions hook;
                                 # a list value is a per-round schedule (len == rounds)
     session: {rounds, aggregator, aggregator_kwargs, round_timeout, min_clients,
-              validate}
+              validate, validation_timeout}
     clients: {route: callback|package, app: MODULE:FACTORY, env: {...}}
     network: {...}              # passed to the network layer (NetworkConfig fields)
     ledgers: data | run         # where the clinics' privacy ledgers are kept (below)
@@ -91,6 +91,9 @@ class SessionSpec:
     round_timeout: int = 600
     min_clients: int = 1
     validate: bool = True
+    # Seconds to wait, after a round is done, for its validations before the round is
+    # written without the missing ones (real CT volumes validate for minutes).
+    validation_timeout: int = 120
     # Pairwise-masked aggregation (docs/secure-aggregation.md): the server sees the sum.
     secure_aggregation: bool = False
 
@@ -233,6 +236,9 @@ def _session(check: _Checker, value: Any) -> SessionSpec:
         min_clients=check.integer(s.get("min_clients", default.min_clients),
                                   "session.min_clients", 1),
         validate=check.boolean(s.get("validate", default.validate), "session.validate"),
+        validation_timeout=check.integer(
+            s.get("validation_timeout", default.validation_timeout),
+            "session.validation_timeout", 1),
         secure_aggregation=_secure_aggregation(check, s, aggregator),
     )
 

@@ -65,9 +65,11 @@ VERSIONED = ("fedseg", "fedn", "tensorflow", "tf-keras", "tensorflow-privacy", "
              "numpy", "SQLAlchemy")
 # A session that ran, but without a clinic or with fewer rounds, for privacy budgets.
 BUDGET_LIMITED = "budget-limited"
-# After a round is done, how long to wait for its validations before reporting it anyway.
-# 120 s: on a loaded 2-core machine the demo's validation took ~85 s per clinic, and with
-# 30 s the last round was reported (and summarised) with one clinic's Dice of three.
+# After a round is done, how long to wait for its validations before reporting it anyway
+# (default of session.validation_timeout). 120 s: on a loaded 2-core machine the demo's
+# validation took ~85 s per clinic, and with 30 s the last round was reported (and
+# summarised) with one clinic's Dice of three. Real CT (OpenKBP, 16 validation patients
+# per clinic) took longer than 120 s, and every round was written without Dice.
 VALIDATION_GRACE_S = 120.0
 # The server's per-round secure-aggregation outcomes (orchestration/secure_aggregation.py).
 SECAGG_JOURNAL = "secagg.jsonl"
@@ -246,8 +248,11 @@ class RoundReporter:
                  clients: list[str], rounds: int, run_dir: Path, validate: bool,
                  progress: Progress | None,
                  dead_combiners: Callable[[], list[str]] | None = None,
-                 offset: int = 0, earlier: list[RoundRecord] | None = None) -> None:
+                 offset: int = 0, earlier: list[RoundRecord] | None = None,
+                 validation_grace_s: float = VALIDATION_GRACE_S) -> None:
         """Track one session (see :meth:`poll`).
+
+        ``validation_grace_s``: how long a done round waits for its validations.
 
         ``dead_combiners`` names the network's combiners that are not running any more,
         so that a round without a model is attributed to them, not to the clients.
@@ -255,6 +260,7 @@ class RoundReporter:
         numbered from ``offset + 1`` and written after the ``earlier`` records.
         """
         self.dead_combiners = dead_combiners or (lambda: [])
+        self.validation_grace_s = validation_grace_s
         self.offset = offset
         self.earlier = list(earlier or [])
         # Called after new rounds are written (the runner updates run.json there).
@@ -299,7 +305,7 @@ class RoundReporter:
             waited = now - self.done_since[info.index]
             ready = (not self.validate or not info.model_id or final
                      or self._validations_complete(info.index, log)
-                     or waited > VALIDATION_GRACE_S)
+                     or waited > self.validation_grace_s)
             if ready:
                 new.append(info)
         if not new and not final:
@@ -527,7 +533,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
                                  exp.session.validate, progress,
                                  dead_combiners=lambda: dead_combiners(state),
                                  offset=offset,
-                                 earlier=resume.earlier_records if resume else None)
+                                 earlier=resume.earlier_records if resume else None,
+                                 validation_grace_s=exp.session.validation_timeout)
 
         def round_reported() -> None:  # run.json follows the log: kill -9 loses nothing
             assert reporter is not None
@@ -539,7 +546,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         status = session.wait_session(api, session_id, session.session_timeout(exp.session),
                                       on_poll=reporter.poll)
         # The last round's validations arrive after the session says finished.
-        deadline = time.monotonic() + VALIDATION_GRACE_S
+        deadline = time.monotonic() + exp.session.validation_timeout
         while (len(reporter.reported) < len(reporter.log.rounds if reporter.log else [])
                and time.monotonic() < deadline):
             time.sleep(1.0)
