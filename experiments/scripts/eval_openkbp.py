@@ -90,16 +90,21 @@ def main(argv: list[str] | None = None) -> int:
             app._apply_global(get_helper("numpyhelper").load(str(npz)))
             tic = time.monotonic()
             per_organ: dict[str, list[float]] = {o: [] for o in app.organs.organs}
+            # Predicted / true voxels per organ: tells "predicts nothing" from "misplaced".
+            voxels: dict[str, list[int]] = {o: [0, 0] for o in app.organs.organs}
             for case in app.val_cases[: args.cases]:
                 pred = np.argmax(app.predict_case(case, tiling), axis=-1)
                 for index, organ in enumerate(app.organs.organs, start=1):
                     if organ in case.meta.labelled_organs:
                         per_organ[organ].append(dice(pred == index, case.masks[organ]))
+                        voxels[organ][0] += int((pred == index).sum())
+                        voxels[organ][1] += int(case.masks[organ].sum())
             means = {o: (float(np.nanmean(v)) if v else math.nan) for o, v in per_organ.items()}
             finite = [v for v in means.values() if not math.isnan(v)]
             row = {"model": label, "round": k, "dice": means,
                    "mean": float(np.mean(finite)) if finite else math.nan,
                    "n": {o: len(v) for o, v in per_organ.items()}, "per_case": per_organ,
+                   "voxels_pred_true": voxels,
                    "seconds": round(time.monotonic() - tic, 1)}
             results.append(row)
             cells = " | ".join(f"{means[o]:.2f}" for o in app.organs.organs)
