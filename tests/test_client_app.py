@@ -171,6 +171,8 @@ def test_entry_points_startup_and_bad_input(
 ) -> None:
     for key, value in _env(tmp_path, clinic_dir).items():
         monkeypatch.setenv(key, value)
+    # The in-process path (tests/test_warm_worker.py covers the warm worker).
+    monkeypatch.setenv("FEDSEG_WARM_WORKER", "0")
     with pytest.raises(SystemExit) as info:
         entrypoints.main(["startup"])
     assert info.value.code == 0

@@ -441,6 +441,7 @@ class Worker:
         if entry not in ENTRIES or not isinstance(args, list) or len(args) != 2:
             return {"code": EXIT_USER_ERROR, "message": f"bad job {entry!r} {args!r}"}
         tic = time.monotonic()
+        logger.info("%s started", entry)
         try:
             if self._settings_file_stamp() != self._settings_stamp:
                 logger.info("settings file changed: reloading the clinic app")

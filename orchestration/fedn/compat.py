@@ -537,6 +537,57 @@ def tls_on_any_port() -> None:
     handler._init_channel = _init_channel
 
 
+# --- bug 20 ------------------------------------------------------------------------------
+
+def report_train_failures() -> None:
+    """Keep fedn's package-route client alive when a train entry point fails, and say so.
+
+    Symptom (bug 20, found here): when ``python entrypoint.py train`` exits non-zero
+    (a round refused by the privacy budget, a global model of another architecture, a
+    warm worker that died), fedn's ``Client._process_training_request`` logs it and
+    returns no model; ``FednClient.update_local_model`` then uploads ``None``
+    (AttributeError), the exception leaves the task stream and ``fedn client start``
+    ends: one failed round took the clinic off the network. Here the failure is sent to
+    the combiner as a WARNING status starting with ``FEDSEG_TRAIN_FAILED`` (as the
+    callback client does, so the round log names the client and round) and the client
+    stays connected. Use in package-route client processes (the launcher does).
+    """
+    import fedn.network.grpc.fedn_pb2 as fedn_pb2
+    from fedn.network.clients.fedn_client import FednClient
+
+    from fedseg_clinic.fedn_callback import TRAIN_FAILED
+
+    update = getattr(FednClient.update_local_model, "__wrapped__",
+                     FednClient.update_local_model)
+    send = getattr(FednClient.send_model_to_combiner, "__wrapped__",
+                   FednClient.send_model_to_combiner)
+
+    def send_model_to_combiner(self: Any, model: Any, id: str) -> None:  # noqa: A002
+        if model is None:
+            raise FedsegError("the train entry point failed (its error line is in this "
+                              "client's log)")
+        send(self, model, id)
+
+    def update_local_model(self: Any, request: Any) -> None:
+        try:
+            update(self, request)
+        except Exception as exc:
+            logger.warning("train failed: %s", exc)
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            try:
+                self.send_status(f"{TRAIN_FAILED} {self.name}: {type(exc).__name__}: {text}",
+                                 log_level=fedn_pb2.LogLevel.WARNING, type=request.type,
+                                 request=request, session_id=request.session_id,
+                                 sender_name=self.name)
+            except Exception:  # best effort: staying connected matters more
+                logger.exception("could not report the failed training to the combiner")
+
+    send_model_to_combiner.__wrapped__ = send  # type: ignore[attr-defined]
+    update_local_model.__wrapped__ = update  # type: ignore[attr-defined]
+    FednClient.send_model_to_combiner = send_model_to_combiner
+    FednClient.update_local_model = update_local_model
+
+
 # --- bug 16 ------------------------------------------------------------------------------
 
 #: gRPC methods that may be called without a token: the health service only.
