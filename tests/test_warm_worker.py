@@ -47,10 +47,22 @@ def clinic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "clinic-1"
 
 
+@pytest.fixture(scope="module")
+def seed_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seed weights of SETTINGS' model (built here once: TensorFlow is imported once)."""
+    from fedseg_clinic.model.seed import write_seed_weights
+    from fedseg_clinic.settings import settings_from_mapping
+
+    path = tmp_path_factory.mktemp("seed") / "seed.npz"
+    write_seed_weights(settings_from_mapping(SETTINGS, "test").model, path, seed=1)
+    Path(f"{path}-metadata").write_text(json.dumps({"local_steps": 2}))
+    return path
+
+
 class Clinic:
     """An extracted package folder, its environment and a stand-in FEDn client."""
 
-    def __init__(self, tmp: Path, data: Path) -> None:
+    def __init__(self, tmp: Path, data: Path, seed: Path) -> None:
         self.package = tmp / "package"
         shutil.copytree(REPO / "compute_package", self.package,
                         ignore=shutil.ignore_patterns("__pycache__", "seed.npz"))
@@ -64,11 +76,7 @@ class Clinic:
                     "FEDSEG_CLIENT_NAME": "clinic-1", "TF_CPP_MIN_LOG_LEVEL": "2",
                     "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
                     warm_worker.WATCH_ENV: str(self.client.pid)}
-        self.files = warm_worker.WorkerFiles(self.package.resolve(),
-                                             warm_worker.worker_key(self.env))
-        self.seed = tmp / "seed.npz"
-        self.run("build", str(self.seed))
-        Path(f"{self.seed}-metadata").write_text(json.dumps({"local_steps": 2}))
+        self.seed = seed
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         """One entry point, as FEDn's dispatcher runs it."""
@@ -80,6 +88,12 @@ class Clinic:
         return subprocess.Popen(["bash", "-c", "python entrypoint.py " + " ".join(args)],
                                 cwd=self.package, env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+
+    @property
+    def files(self) -> warm_worker.WorkerFiles:
+        """The worker's files (the key hashes the package's own code folder too)."""
+        (lock,) = self.package.glob("warm-*.lock")
+        return warm_worker.WorkerFiles(self.package.resolve(), lock.stem[len("warm-"):])
 
     def worker_pid(self) -> int:
         return int(json.loads(self.files.pid.read_text())["pid"])
@@ -109,8 +123,8 @@ def _kill_and_wait(pid: int) -> None:
 
 
 @pytest.fixture()
-def clinic(tmp_path: Path, clinic_data: Path) -> Iterator[Clinic]:
-    c = Clinic(tmp_path, clinic_data)
+def clinic(tmp_path: Path, clinic_data: Path, seed_weights: Path) -> Iterator[Clinic]:
+    c = Clinic(tmp_path, clinic_data, seed_weights)
     try:
         yield c
     finally:
@@ -118,7 +132,7 @@ def clinic(tmp_path: Path, clinic_data: Path) -> Iterator[Clinic]:
         c.client.wait()
         for proc in _workers():  # only workers of this test's package folder
             try:
-                if Path(proc.cwd()) == c.files.folder:
+                if Path(proc.cwd()) == c.package.resolve():
                     proc.kill()
             except psutil.Error:
                 pass
@@ -203,3 +217,64 @@ def test_warm_worker_off_runs_in_process(monkeypatch: pytest.MonkeyPatch) -> Non
     assert warm_worker.startup() is None
     monkeypatch.setenv(warm_worker.WARM_ENV, "1")
     assert warm_worker.run_entry("build", ["a"]) is None  # never through the worker
+
+
+def test_fedn_package_route_session_survives_a_dead_worker(tmp_path: Path) -> None:
+    """`fedn client start` with the real compute package; the worker is killed between rounds."""
+    import threading
+
+    from helpers import tiny_real_experiment
+
+    from fedseg.orchestration.experiment import parse_experiment
+    from fedseg.orchestration.network.ports import free_port
+    from fedseg.orchestration.runlog import pivot, read_rounds
+    from fedseg.orchestration.runner import run_experiment
+
+    doc = tiny_real_experiment("warm-fedn")
+    doc["data"]["phantoms"]["clinics"] = 1
+    doc["session"].update(min_clients=1, round_timeout=240)
+    doc["clients"]["route"] = "package"
+    doc["network"] = {"api_port": free_port(), "s3_port": free_port(),
+                      "combiners": [{"name": "combiner-1", "port": free_port()}]}
+    run_dir = tmp_path / "runs" / "warm-fedn"
+    package = run_dir / "clients" / "clinic-1" / "work" / "package"
+    killed: list[int] = []
+
+    def kill_after_first_validation() -> None:
+        # Between round 1's validation and round 2's training the clinic is idle: its
+        # worker dies there, and round 2's train call has to start a new one.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for log in package.glob("warm-*.log"):
+                if "validate done" in log.read_text():
+                    (pid_file,) = package.glob("warm-*.pid")
+                    pid = int(json.loads(pid_file.read_text())["pid"])
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_after_first_validation, daemon=True)
+    watcher.start()
+    result = run_experiment(parse_experiment(doc, source="test"), tmp_path / "runs")
+    watcher.join(timeout=5)
+    assert result.status == "finished", result
+    assert killed, "the worker was never seen validating"
+    table = pivot(read_rounds(result.run_dir))
+    for k in (1, 2):
+        row = table[(k, "clinic-1")]
+        assert row["train_failed"] == 0 and row["num_examples"] >= 2
+        assert 0 <= row["val_dice_mean"] <= 1
+    assert table[(2, "clinic-1")]["epsilon"] > table[(1, "clinic-1")]["epsilon"]
+    # Round 2 ran in a second worker, and no worker outlives the run.
+    log = next(package.glob("warm-*.log")).read_text()
+    assert log.count("serving on") == 2
+    leftovers = [p.pid for p in _workers() if str(run_dir) in " ".join(_cwd(p))]
+    assert leftovers == []
+    assert not list(package.glob("warm-*.sock")) and not list(package.glob("warm-*.pid"))
+
+
+def _cwd(proc: psutil.Process) -> list[str]:
+    try:
+        return [proc.cwd()]
+    except psutil.Error:
+        return []
