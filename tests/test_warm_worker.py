@@ -138,8 +138,7 @@ def clinic(tmp_path: Path, clinic_data: Path, seed_weights: Path) -> Iterator[Cl
                 pass
 
 
-def test_worker_serves_calls_restarts_when_dead_and_ends_with_its_client(
-        clinic: Clinic) -> None:
+def test_worker_serves_calls_and_ends_with_its_client(clinic: Clinic) -> None:
     started = clinic.run("startup")
     assert started.returncode == 0, started.stderr
     summary = json.loads(started.stdout.strip().splitlines()[-1])
@@ -154,23 +153,23 @@ def test_worker_serves_calls_restarts_when_dead_and_ends_with_its_client(
     meta = json.loads(Path(f"{out}-metadata").read_text())
     assert meta["num_examples"] >= 2 and meta["epsilon"] > 0 and meta["round_index"] == 0
     assert len(load_weights_npz(out)) == len(load_weights_npz(clinic.seed))
-    # The second round runs in the same process: the trainer was kept (round 2 of the ledger).
+    # The second round runs in the same process (round 2 of the ledger).
     again = clinic.run("train", str(clinic.seed), str(out))
     assert again.returncode == 0 and clinic.worker_pid() == pid
     assert json.loads(Path(f"{out}-metadata").read_text())["round_index"] == 1
-    # A dead worker is started again by the next call, which then succeeds.
-    _kill_and_wait(pid)
     metrics = clinic.package.parent / "val.json"
     validated = clinic.run("validate", str(out), str(metrics))
     assert validated.returncode == 0, validated.stderr
     assert 0 <= json.loads(metrics.read_text())["val_dice_mean"] <= 1
-    new_pid = clinic.worker_pid()
-    assert new_pid != pid and warm_worker.process_alive(new_pid)
+    # A bad job is one line and exit 1; the worker goes on serving.
+    bad = clinic.run("validate", str(clinic.package / "fedn.yaml"), str(metrics))
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith("fedseg: error:") and clinic.worker_pid() == pid
     # Its client ends: the worker follows within seconds and removes its socket + pid file.
     clinic.client.kill()
     clinic.client.wait()
     deadline = time.monotonic() + 15
-    while warm_worker.process_alive(new_pid):
+    while warm_worker.process_alive(pid):
         assert time.monotonic() < deadline, "worker outlived its client"
         time.sleep(0.2)
     assert not sock.exists() and not clinic.files.pid.exists()
