@@ -497,7 +497,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             run_dir, specs, api_url=state.api_url, route=exp.clients.route,
             app=exp.clients.app, token=state.client_token, api_client=api,
             combiner=[c.name for c in state.combiners] if len(state.combiners) > 1 else None,
-            ready_timeout_s=ready_timeout_s))
+            ready_timeout_s=ready_timeout_s,
+            tls_ca=Path(state.tls_ca) if state.tls_ca else None))
         info["clients"] = {h.name: {"route": h.route, "client_id": h.client_id,
                                     "data_dir": str(data_dirs[h.name]),
                                     "log": str(h.log), "folder": str(h.folder)}

@@ -475,3 +475,50 @@ def test_keep_secret_lets_clinic_kits_survive_a_restart(netns: Netns, tmp_path: 
     finally:
         network_down(root)
     assert not (root / "jwt-secret").exists()
+
+
+# --- fedseg run against a TLS network -----------------------------------------------------
+
+def _toy_run(folder: Path, name: str, route: str) -> dict:
+    """A toy experiment (tests/toy_clinic_app.py or the numpy test package), 2 clinics."""
+    import json
+
+    from fedseg_clinic.cases import FORMAT_VERSION
+
+    tests = Path(__file__).resolve().parent
+    for client in ("clinic-1", "clinic-2"):
+        (folder / client).mkdir(parents=True, exist_ok=True)
+        (folder / client / "manifest.json").write_text(json.dumps(
+            {"clinic": client, "cases": [], "format_version": FORMAT_VERSION}))
+    doc: dict = {
+        "name": name, "seed": 3,
+        "data": {"clinics": {c: str(folder / c) for c in ("clinic-1", "clinic-2")}},
+        "seed_builder": "toy_clinic_app:build_seed",
+        "session": {"rounds": 2, "round_timeout": 120, "min_clients": 2},
+        "clients": {"route": route, "app": "toy_clinic_app:ToyApp.from_environment",
+                    "env": {"PYTHONPATH": str(tests)}},
+    }
+    if route == "package":
+        doc["package"] = str(tests / "fednpkg_numpy")
+    return doc
+
+
+@net
+@pytest.mark.parametrize("route", ["callback", "package"])
+def test_fedseg_run_on_a_tls_network(tls_net: NetworkState, tmp_path: Path,
+                                     route: str) -> None:
+    """`fedseg run --network` on a network with TLS: its clients get the CA (both routes)."""
+    from fedseg.orchestration.experiment import parse_experiment
+    from fedseg.orchestration.runlog import pivot, read_rounds
+    from fedseg.orchestration.runner import run_experiment
+
+    exp = parse_experiment(_toy_run(tmp_path / "exp", f"tls-{route}", route), source="test")
+    result = run_experiment(exp, tmp_path / "runs", network_root=tls_net.root)
+    assert result.status == "finished", result
+    table = pivot(read_rounds(result.run_dir))
+    for k in (1, 2):
+        for client in ("clinic-1", "clinic-2"):
+            assert table[(k, client)]["num_examples"] > 0
+    for client in ("clinic-1", "clinic-2"):
+        log = (result.run_dir / "clients" / client / "client.log").read_text()
+        assert "CERTIFICATE_VERIFY_FAILED" not in log and "UNAVAILABLE" not in log

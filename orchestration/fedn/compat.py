@@ -53,6 +53,7 @@ import grpc
 import sqlalchemy
 from sqlalchemy import event, types
 
+from fedseg_clinic import fedn_tls
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
@@ -503,7 +504,7 @@ def attach_grpc_token() -> None:
 # --- bug 19 ------------------------------------------------------------------------------
 
 #: Environment variable fedn's client reads the CA certificate of the combiners from.
-GRPC_ROOT_CERT_ENV = "FEDN_GRPC_ROOT_CERT_PATH"
+GRPC_ROOT_CERT_ENV = fedn_tls.GRPC_ROOT_CERT_ENV
 
 
 def tls_on_any_port() -> None:
@@ -513,28 +514,13 @@ def tls_on_any_port() -> None:
     only when the combiner's port is 443, so a combiner serving TLS on its own port
     (12080) gets a plain-text connection and the handshake fails; and on its TLS path
     with a private CA (FEDN_GRPC_ROOT_CERT_PATH) it leaves the token out. With the
-    variable set, the channel is TLS verified against that CA on every port; the token
-    goes in the call metadata (:func:`attach_grpc_token`, which this installs too).
+    variable set, the channel is TLS verified against that CA on every port
+    (:func:`fedseg_clinic.fedn_tls.tls_on_any_port`, shared with the callback client);
+    the token goes in the call metadata (:func:`attach_grpc_token`, installed here too).
     Without the variable fedn's behaviour is unchanged.
     """
-    from fedn.network.clients import grpc_handler
-
     attach_grpc_token()
-    handler = grpc_handler.GrpcHandler
-    original = getattr(handler._init_channel, "__wrapped__", handler._init_channel)
-
-    def _init_channel(self: Any, host: str, port: int, token: str) -> None:
-        ca_path = os.environ.get(GRPC_ROOT_CERT_ENV)
-        if not ca_path:
-            original(self, host, port, token)
-            return
-        with open(ca_path, "rb") as ca_file:
-            credentials = grpc.ssl_channel_credentials(ca_file.read())
-        self.channel = grpc.secure_channel(f"{host}:{port}", credentials,
-                                           options=grpc_handler.GRPC_OPTIONS)
-
-    _init_channel.__wrapped__ = original  # type: ignore[attr-defined]
-    handler._init_channel = _init_channel
+    fedn_tls.tls_on_any_port()
 
 
 # --- bug 20 ------------------------------------------------------------------------------
