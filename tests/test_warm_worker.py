@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
-from fedseg_clinic import warm_worker
+from fedseg_clinic import warm_client
 from fedseg_clinic.model.weights import load_weights_npz
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ class Clinic:
                     "FEDSEG_PRIVACY_DIR": str(tmp / "privacy"),
                     "FEDSEG_CLIENT_NAME": "clinic-1", "TF_CPP_MIN_LOG_LEVEL": "2",
                     "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
-                    warm_worker.WATCH_ENV: str(self.client.pid)}
+                    warm_client.WATCH_ENV: str(self.client.pid)}
         self.seed = seed
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -89,20 +89,20 @@ class Clinic:
                                 cwd=self.package, env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
-    @property
-    def files(self) -> warm_worker.WorkerFiles:
-        """The worker's files (the key hashes the package's own code folder too)."""
+    def file(self, suffix: str) -> Path:
+        """The worker's ``warm-<key>.<suffix>`` (the key hashes the package's code folder)."""
         (lock,) = self.package.glob("warm-*.lock")
-        return warm_worker.WorkerFiles(self.package.resolve(), lock.stem[len("warm-"):])
+        files = warm_client.WorkerFiles(str(self.package.resolve()), lock.stem[len("warm-"):])
+        return Path(files.path(suffix))
 
     def worker_pid(self) -> int:
-        return int(json.loads(self.files.pid.read_text())["pid"])
+        return int(json.loads(self.file("pid").read_text())["pid"])
 
     def wait_log(self, text: str, after: int, timeout_s: float = 120.0) -> None:
         """Wait until the worker log holds ``text`` beyond byte ``after``."""
         deadline = time.monotonic() + timeout_s
-        while text not in self.files.log.read_text()[after:]:
-            assert time.monotonic() < deadline, self.files.log.read_text()[-2000:]
+        while text not in self.file("log").read_text()[after:]:
+            assert time.monotonic() < deadline, self.file("log").read_text()[-2000:]
             time.sleep(0.1)
 
 
@@ -117,7 +117,7 @@ def _workers() -> list[psutil.Process]:
 def _kill_and_wait(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while warm_worker.process_alive(pid):
+    while warm_client.process_alive(pid):
         assert time.monotonic() < deadline
         time.sleep(0.1)
 
@@ -144,9 +144,9 @@ def test_worker_serves_calls_and_ends_with_its_client(clinic: Clinic) -> None:
     summary = json.loads(started.stdout.strip().splitlines()[-1])
     pid = summary["warm_worker"]
     assert summary["n_train"] >= 2 and pid == clinic.worker_pid()
-    sock = clinic.files.folder / clinic.files.socket
+    sock = clinic.file("sock")
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600 and stat.S_ISSOCK(sock.stat().st_mode)
-    assert stat.S_IMODE(clinic.files.log.stat().st_mode) == 0o600
+    assert stat.S_IMODE(clinic.file("log").stat().st_mode) == 0o600
     out = clinic.package.parent / "out.npz"
     trained = clinic.run("train", str(clinic.seed), str(out))
     assert trained.returncode == 0, trained.stderr
@@ -169,10 +169,10 @@ def test_worker_serves_calls_and_ends_with_its_client(clinic: Clinic) -> None:
     clinic.client.kill()
     clinic.client.wait()
     deadline = time.monotonic() + 15
-    while warm_worker.process_alive(pid):
+    while warm_client.process_alive(pid):
         assert time.monotonic() < deadline, "worker outlived its client"
         time.sleep(0.2)
-    assert not sock.exists() and not clinic.files.pid.exists()
+    assert not sock.exists() and not clinic.file("pid").exists()
 
 
 def test_worker_death_during_a_job(clinic: Clinic) -> None:
@@ -180,7 +180,7 @@ def test_worker_death_during_a_job(clinic: Clinic) -> None:
     pid = clinic.worker_pid()
     out = clinic.package.parent / "out.npz"
     # Killed during validate: validation costs no privacy, so it runs again in a new one.
-    mark = len(clinic.files.log.read_text())
+    mark = len(clinic.file("log").read_text())
     proc = clinic.start("validate", str(clinic.seed), str(clinic.package.parent / "v.json"))
     clinic.wait_log("validate started", mark)
     _kill_and_wait(pid)
@@ -189,7 +189,7 @@ def test_worker_death_during_a_job(clinic: Clinic) -> None:
     assert f"warm worker pid {pid} died during validate" in err
     pid = clinic.worker_pid()
     # Killed during train: one line, exit 1, no output; never trained twice (the ledger).
-    mark = len(clinic.files.log.read_text())
+    mark = len(clinic.file("log").read_text())
     proc = clinic.start("train", str(clinic.seed), str(out))
     clinic.wait_log("train started", mark)
     _kill_and_wait(pid)
@@ -198,24 +198,24 @@ def test_worker_death_during_a_job(clinic: Clinic) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"warm worker pid {pid} died during train" in lines[0]
     assert not out.exists()
-    assert not warm_worker.process_alive(pid)
+    assert not warm_client.process_alive(pid)
 
 
 def test_another_data_folder_gets_another_worker(tmp_path: Path) -> None:
     env = {"FEDSEG_DATA_DIR": "/data/a", "FEDSEG_STATE_DIR": "/s", "FEDSEG_CLIENT_NAME": "a"}
-    assert warm_worker.worker_key(env) != warm_worker.worker_key(
+    assert warm_client.worker_key(env) != warm_client.worker_key(
         {**env, "FEDSEG_DATA_DIR": "/data/b"})
-    assert warm_worker.worker_key(env) != warm_worker.worker_key(
+    assert warm_client.worker_key(env) != warm_client.worker_key(
         {**env, "FEDSEG_SETTINGS": "/other.yaml"})
-    assert warm_worker.worker_key(env) == warm_worker.worker_key(dict(env))
+    assert warm_client.worker_key(env) == warm_client.worker_key(dict(env))
 
 
 def test_warm_worker_off_runs_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(warm_worker.WARM_ENV, "0")
-    assert warm_worker.run_entry("train", ["a", "b"]) is None
-    assert warm_worker.startup() is None
-    monkeypatch.setenv(warm_worker.WARM_ENV, "1")
-    assert warm_worker.run_entry("build", ["a"]) is None  # never through the worker
+    monkeypatch.setenv(warm_client.WARM_ENV, "0")
+    assert warm_client.run_entry("train", ["a", "b"]) is None
+    assert warm_client.startup() is None
+    monkeypatch.setenv(warm_client.WARM_ENV, "1")
+    assert warm_client.run_entry("build", ["a"]) is None  # never through the worker
 
 
 def test_fedn_package_route_session_survives_a_dead_worker(tmp_path: Path) -> None:

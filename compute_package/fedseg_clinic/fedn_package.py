@@ -15,10 +15,11 @@ FEDn runs ``python entrypoint.py <entry> <args>`` in the extracted package folde
 - ``predict IN OUT_JSON``: predicted masks of the validation cases, written under
   ``<state_dir>/predictions/<case_id>/prediction.npz``; OUT_JSON lists them.
 
-``train`` / ``validate`` / ``predict`` hand their job to the warm worker and wait (the
-same files are read and written); without one (``FEDSEG_WARM_WORKER=0``, or it cannot
-start) they do the work in their own process. This module's top level imports nothing
-heavy: the thin path must not pay for numpy or TensorFlow.
+``entrypoint.py`` first tries the warm path (:mod:`fedseg_clinic.warm_client`):
+``train`` / ``validate`` / ``predict`` hand their job to the clinic's warm worker, which
+calls :func:`run_job` (the same files are read and written). Without one
+(``FEDSEG_WARM_WORKER=0``, or it cannot start) this module's :func:`main` does the work
+in the entry point's own process.
 
 A user error prints one line on stderr and exits 1; a refused round (privacy budget)
 exits 3 so that logs tell the two apart. Outputs are written atomically.
@@ -147,17 +148,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run one entry point; user errors become one line on stderr."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
-    from fedseg_clinic import warm_worker
-
-    # The fast path: the clinic's warm worker does the job (stdlib only until here).
-    if args and args[0] == "startup":
-        warm = warm_worker.startup()
-    elif args:
-        warm = warm_worker.run_entry(args[0], args[1:])
-    else:
-        warm = None
-    if warm is not None:
-        sys.exit(warm)
     from fedseg_clinic.privacy.ledger import BudgetExceededError
 
     try:

@@ -12,9 +12,11 @@ client:
   :class:`~fedseg_clinic.app.ClinicApp` (TensorFlow, data, model) and then serves jobs on
   a Unix socket ``warm-<key>.sock`` in the package folder (mode 0600, peers of another
   uid refused; never a TCP port). ``startup`` returns once it answers.
-* ``train`` / ``validate`` / ``predict`` become thin clients (stdlib only: no numpy, no
-  TensorFlow): they send ``{"entry", "args"}`` and wait for the worker's answer; the
-  worker reads and writes the same files the in-process entry point would.
+* ``train`` / ``validate`` / ``predict`` become thin clients
+  (:mod:`fedseg_clinic.warm_client`, run by ``python -S entrypoint.py``: standard
+  library only, no site-packages): they send ``{"entry", "args"}`` and wait for the
+  worker's answer; the worker reads and writes the same files the in-process entry
+  point would.
 
 Lifecycle and failure:
 
@@ -42,17 +44,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -60,320 +58,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedseg_clinic.warm_client import (
+    ENTRIES,
+    EXIT_BUDGET,
+    EXIT_USER_ERROR,
+    POLL_S,
+    WorkerFiles,
+    WorkerGone,
+    private_open,
+    proc_stat,
+    process_alive,
+    receive,
+    send,
+    worker_files,
+)
+
 logger = logging.getLogger(__name__)
 
-WARM_ENV = "FEDSEG_WARM_WORKER"
-WATCH_ENV = "FEDSEG_WARM_WATCH_PID"
-START_TIMEOUT_ENV = "FEDSEG_WARM_START_TIMEOUT_S"
-JOB_TIMEOUT_ENV = "FEDSEG_WARM_JOB_TIMEOUT_S"
-DEFAULT_START_TIMEOUT_S = 600.0
-DEFAULT_JOB_TIMEOUT_S = 6 * 3600.0
-ENTRIES = ("train", "validate", "predict")
-# The environment that decides which clinic a worker serves (see module doc: isolation).
-KEY_ENV = ("FEDSEG_DATA_DIR", "FEDSEG_SETTINGS", "FEDSEG_STATE_DIR", "FEDSEG_CLIENT_NAME")
-SHELLS = frozenset({"bash", "sh", "dash", "zsh", "ksh"})
-EXIT_USER_ERROR = 1
-EXIT_BUDGET = 3
-POLL_S = 1.0
-
-
-class WorkerGone(Exception):
-    """The worker closed the connection without an answer (it died)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerFiles:
-    """The files of one clinic's worker, relative to the package folder (the cwd).
-
-    Relative names because a Unix socket path is limited to 107 bytes and package folders
-    can be deeper than that; FEDn runs every entry point with the package folder as cwd.
-    """
-
-    folder: Path
-    key: str
-
-    @property
-    def socket(self) -> str:
-        """Socket file name (relative)."""
-        return f"warm-{self.key}.sock"
-
-    @property
-    def pid(self) -> Path:
-        """Pid file: JSON pid, start time, key."""
-        return self.folder / f"warm-{self.key}.pid"
-
-    @property
-    def lock(self) -> Path:
-        """Held (flock) by the running worker."""
-        return self.folder / f"warm-{self.key}.lock"
-
-    @property
-    def log(self) -> Path:
-        """The worker's stdout and stderr."""
-        return self.folder / f"warm-{self.key}.log"
-
-
-def worker_key(environ: dict[str, str] | os._Environ[str]) -> str:
-    """Hash of what identifies the clinic a worker serves (and the code it runs)."""
-    code = str(Path(__file__).resolve().parent)
-    parts = [f"{k}={environ.get(k, '')}" for k in KEY_ENV] + [f"code={code}"]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def worker_files(folder: Path | None = None) -> WorkerFiles:
-    """The worker files for this process's clinic, in ``folder`` (default: the cwd)."""
-    return WorkerFiles(folder=(folder or Path.cwd()).resolve(), key=worker_key(os.environ))
-
-
-def warm_enabled() -> bool:
-    """False when ``$FEDSEG_WARM_WORKER`` is 0/false/no/off."""
-    return os.environ.get(WARM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"fedseg: error: ${name}={raw!r}: not a number of seconds") from None
-    if value <= 0:
-        raise SystemExit(f"fedseg: error: ${name}={raw!r}: must be > 0")
-    return value
-
-
-# -- processes (/proc: no psutil needed in the thin client) ------------------------------
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(comm, ppid, start time in clock ticks) of a live, non-zombie process, else None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    comm = text[text.index("(") + 1:text.rindex(")")]
-    fields = text[text.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return comm, int(fields[1]), int(fields[19])
-
-
-def process_alive(pid: int, start: int | None = None) -> bool:
-    """Whether ``pid`` runs (and, given ``start``, is still the same process)."""
-    stat = _proc_stat(pid)
-    return stat is not None and (start is None or stat[2] == start)
-
-
-def client_process() -> tuple[int, int] | None:
-    """(pid, start) of the FEDn client: the nearest ancestor that is not a shell.
-
-    FEDn runs ``bash -c "python entrypoint.py ..."``; bash may or may not exec python,
-    so the shells between are skipped. ``$FEDSEG_WARM_WATCH_PID`` overrides.
-    """
-    override = os.environ.get(WATCH_ENV, "").strip()
-    if override:
-        stat = _proc_stat(int(override)) if override.isdigit() else None
-        return (int(override), stat[2]) if stat else None
-    pid = os.getppid()
-    while pid > 1:
-        stat = _proc_stat(pid)
-        if stat is None:
-            return None
-        if stat[0] not in SHELLS:
-            return pid, stat[2]
-        pid = stat[1]
-    return None
-
-
-# -- wire protocol: one JSON object per line ---------------------------------------------
-
-def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall(json.dumps(message).encode() + b"\n")
-
-
-def _receive(sock: socket.socket, timeout_s: float) -> dict[str, Any]:
-    """Read one JSON line; WorkerGone on EOF, TimeoutError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    buffer = b""
-    sock.settimeout(POLL_S)
-    while b"\n" not in buffer:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            if time.monotonic() > deadline:
-                raise
-            continue
-        if not chunk:
-            raise WorkerGone("connection closed without an answer")
-        buffer += chunk
-    answer = json.loads(buffer.split(b"\n", 1)[0])
-    if not isinstance(answer, dict):
-        raise WorkerGone(f"malformed answer {answer!r}")
-    return answer
-
-
-def _connect(files: WorkerFiles) -> socket.socket | None:
-    """A connection to the worker, or None when none listens."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with _in_folder(files.folder):
-            sock.connect(files.socket)
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            return None
-        raise
-    return sock
-
-
-@contextlib.contextmanager
-def _in_folder(folder: Path) -> Any:
-    """chdir into ``folder`` for a relative socket name (no-op when already there)."""
-    before = Path.cwd()
-    if before == folder:
-        yield
-        return
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
-def ping(files: WorkerFiles, timeout_s: float = 30.0) -> dict[str, Any] | None:
-    """The worker's hello (pid, key, data summary), or None when none answers."""
-    sock = _connect(files)
-    if sock is None:
-        return None
-    try:
-        _send(sock, {"op": "ping"})
-        return _receive(sock, timeout_s)
-    except (WorkerGone, TimeoutError, OSError, ValueError):
-        return None
-    finally:
-        sock.close()
-
-
-# -- client side: start, hand over, wait -------------------------------------------------
-
-def start_worker(files: WorkerFiles, timeout_s: float | None = None) -> dict[str, Any] | None:
-    """Start this clinic's worker (unless one answers) and wait until it answers.
-
-    Returns:
-        Its hello, or None when it could not start (its log says why).
-    """
-    hello = ping(files)
-    if hello is not None:
-        return hello
-    timeout_s = timeout_s or _env_seconds(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
-    argv = [sys.executable, "-m", "fedseg_clinic.warm_worker"]
-    watched = client_process()
-    if watched is not None:
-        argv += ["--watch", str(watched[0]), "--watch-start", str(watched[1])]
-    with _private_open(files.log) as log:
-        # Same process group as the FEDn client: stopping the client's group stops it.
-        proc = subprocess.Popen(argv, cwd=files.folder, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, close_fds=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        hello = ping(files)
-        if hello is not None:
-            return hello
-        code = proc.poll()
-        # 0: another worker holds the lock and is still starting; keep waiting for it.
-        if code not in (None, 0):
-            return None
-        time.sleep(0.2)
-    proc.kill()
-    return None
-
-
-def _private_open(path: Path) -> Any:
-    """Open for appending, created 0600 (the log names data folders and ledger lines)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
-
-
-def _stop_pid(pid: int) -> None:
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _print_error(code: int, message: str) -> None:
-    prefix = "fedseg: privacy budget" if code == EXIT_BUDGET else "fedseg: error"
-    print(f"{prefix}: {message}", file=sys.stderr)
-
-
-def run_entry(entry: str, args: Sequence[str], folder: Path | None = None) -> int | None:
-    """Hand one entry point's job to the clinic's worker.
-
-    Returns:
-        The exit code for the entry point, or None when the caller must do the job in
-        its own process (worker turned off or not startable).
-    """
-    if not warm_enabled() or entry not in ENTRIES:
-        return None
-    if len(args) != 2:
-        return None  # the in-process path prints the usage line
-    files = worker_files(folder)
-    job = {"op": "job", "entry": entry, "key": files.key,
-           "args": [str(Path(a).resolve()) for a in args]}
-    job_timeout = _env_seconds(JOB_TIMEOUT_ENV, DEFAULT_JOB_TIMEOUT_S)
-    for attempt in (1, 2):
-        hello = start_worker(files)
-        if hello is None:
-            print(f"fedseg: warm worker did not start (read {files.log}); "
-                  f"running {entry} in this process", file=sys.stderr)
-            return None
-        pid = int(hello.get("pid", 0))
-        sock = _connect(files)
-        if sock is None:
-            continue  # it just went away: start another
-        try:
-            _send(sock, job)
-            answer = _receive(sock, job_timeout)
-        except TimeoutError:
-            _stop_pid(pid)
-            _print_error(EXIT_USER_ERROR, f"warm worker pid {pid}: {entry} did not finish in "
-                         f"{job_timeout:.0f} s (${JOB_TIMEOUT_ENV}); stopped it, read {files.log}")
-            return EXIT_USER_ERROR
-        except (WorkerGone, OSError, ValueError) as exc:
-            if entry == "train" or attempt == 2:
-                # Never run a training twice: its privacy cost may be in the ledger already.
-                _print_error(EXIT_USER_ERROR, f"warm worker pid {pid} died during {entry} "
-                             f"({exc}); read {files.log}; the next call starts a new one")
-                return EXIT_USER_ERROR
-            print(f"fedseg: warm worker pid {pid} died during {entry}; "
-                  "running it again in a new one", file=sys.stderr)
-            continue
-        finally:
-            sock.close()
-        code = int(answer.get("code", EXIT_USER_ERROR))
-        if code != 0:
-            _print_error(code, str(answer.get("message", "worker failed")))
-        return code
-    return EXIT_USER_ERROR
-
-
-def startup(folder: Path | None = None) -> int | None:
-    """The ``startup`` entry point: start the worker, print its data summary.
-
-    Returns:
-        0, or None when the caller must do ``startup`` in its own process.
-    """
-    if not warm_enabled():
-        return None
-    files = worker_files(folder)
-    hello = start_worker(files)
-    if hello is None:
-        print(f"fedseg: warm worker did not start (read {files.log}); "
-              "every call will run in its own process", file=sys.stderr)
-        return None
-    print(json.dumps({**hello.get("summary", {}), "warm_worker": hello.get("pid")},
-                     default=str))
-    return 0
-
-
-# -- worker side -------------------------------------------------------------------------
 
 class Worker:
     """Serves one clinic's jobs on its socket until its client process ends."""
@@ -412,7 +113,7 @@ class Worker:
     def listen(self) -> None:
         """Bind the socket: 0600 from the start (umask), so no other user can connect."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.files.socket)  # a dead worker's; we hold the lock
+            os.unlink(self.files.socket)  # a dead worker's; we hold the lock (cwd: folder)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -455,7 +156,7 @@ class Worker:
             logger.exception("%s failed", entry)
             text = " ".join(str(exc).split()) or type(exc).__name__
             return {"code": EXIT_USER_ERROR, "message": f"{entry}: {type(exc).__name__}: "
-                                                        f"{text} (read {self.files.log})"}
+                                                        f"{text} (read {self.files.path('log')})"}
         logger.info("%s done in %.2f s", entry, time.monotonic() - tic)
         return {"code": 0}
 
@@ -469,13 +170,13 @@ class Worker:
                     if not self._peer_is_us(conn):
                         logger.warning("refused a connection from another user")
                         continue
-                    message = _receive(conn, 60.0)
+                    message = receive(conn, 60.0)
                     if message.get("op") == "ping":
-                        _send(conn, self.hello())
+                        send(conn, self.hello())
                     elif message.get("op") == "job":
-                        _send(conn, self.run_job(message))
+                        send(conn, self.run_job(message))
                     else:
-                        _send(conn, {"code": EXIT_USER_ERROR, "message": "unknown op"})
+                        send(conn, {"code": EXIT_USER_ERROR, "message": "unknown op"})
                 except (OSError, ValueError, WorkerGone, TimeoutError) as exc:
                     logger.warning("connection dropped: %s", exc)
 
@@ -492,22 +193,22 @@ class Worker:
     def cleanup(self) -> None:
         """Remove the socket and pid file if they are still ours."""
         try:
-            owner = json.loads(self.files.pid.read_text()).get("pid")
+            owner = json.loads(Path(self.files.path("pid")).read_text()).get("pid")
         except (OSError, ValueError):
             owner = None
         if owner == os.getpid():
             with contextlib.suppress(OSError):
-                os.unlink(self.files.folder / self.files.socket)
+                os.unlink(self.files.path("sock"))
             with contextlib.suppress(OSError):
-                self.files.pid.unlink()
+                os.unlink(self.files.path("pid"))
 
 
 def _write_pid_file(files: WorkerFiles) -> None:
-    stat = _proc_stat(os.getpid())
-    tmp = files.pid.with_name(files.pid.name + ".tmp")
+    stat = proc_stat(os.getpid())
+    tmp = Path(files.path("pid.tmp"))
     tmp.write_text(json.dumps({"pid": os.getpid(), "start": stat[2] if stat else None,
                                "key": files.key}))
-    os.replace(tmp, files.pid)
+    os.replace(tmp, files.path("pid"))
 
 
 def serve(watch: tuple[int, int | None] | None) -> int:
@@ -515,7 +216,7 @@ def serve(watch: tuple[int, int | None] | None) -> int:
     from fedseg_clinic.errors import FedsegError
 
     files = worker_files()
-    lock = _private_open(files.lock)  # held for the process's life
+    lock = private_open(files.path("lock"))  # held for the process's life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -539,8 +240,7 @@ def serve(watch: tuple[int, int | None] | None) -> int:
             return EXIT_USER_ERROR
         _write_pid_file(files)
         worker.listen()
-        logger.info("warm worker pid %d serving on %s/%s", os.getpid(), files.folder,
-                    files.socket)
+        logger.info("warm worker pid %d serving on %s", os.getpid(), files.path("sock"))
         worker.serve_forever()
     finally:
         worker.cleanup()
