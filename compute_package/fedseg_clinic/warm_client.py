@@ -166,17 +166,22 @@ def receive(sock: socket.socket, timeout_s: float) -> dict:
 def connect(files: WorkerFiles) -> socket.socket | None:
     """A connection to the worker, or None when none listens."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = files.path("sock")
     before = os.getcwd()
     try:
-        os.chdir(files.folder)  # the relative socket name (see WorkerFiles)
-        sock.connect(files.socket)
+        if len(path.encode()) < 100:
+            sock.connect(path)
+        else:
+            os.chdir(files.folder)  # the relative socket name (see WorkerFiles)
+            sock.connect(files.socket)
     except OSError as exc:
         sock.close()
         if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
             return None
         raise
     finally:
-        os.chdir(before)
+        if os.getcwd() != before:
+            os.chdir(before)
     return sock
 
 

@@ -574,6 +574,62 @@ def report_train_failures() -> None:
     FednClient.update_local_model = update_local_model
 
 
+# --- package route: hand train/validate to the warm worker without a new process ------
+
+def warm_dispatch() -> None:
+    """Let fedn's dispatcher give train/validate/predict jobs to the package's warm worker.
+
+    fedn runs every entry point as ``bash -c "python -S entrypoint.py train IN OUT"``;
+    with the compute package's warm worker (fedseg_clinic/warm_worker.py) that process
+    only forwards the job, but its start still costs 0.1-0.5 s per call on a loaded
+    machine. Here ``Dispatcher.run_cmd`` forwards such jobs itself, with the package's
+    own ``fedseg_clinic/warm_client.py`` (loaded from the extracted package, so the
+    worker key and protocol are the package's). Anything else, a package without
+    that file, or a worker that cannot start, goes to fedn's ``run_cmd`` unchanged (the
+    entry point then does what it would have done). A job the worker fails raises, as a
+    failing entry point does. The launcher's own pid becomes the process the workers
+    watch (``FEDSEG_WARM_WATCH_PID``, inherited by the entry points too).
+    """
+    import importlib.util
+
+    from fedn.utils.dispatcher import Dispatcher
+
+    os.environ.setdefault("FEDSEG_WARM_WATCH_PID", str(os.getpid()))
+    original = getattr(Dispatcher.run_cmd, "__wrapped__", Dispatcher.run_cmd)
+    loaded: dict[str, Any] = {}
+
+    def warm_client(project_dir: str) -> Any:
+        path = os.path.join(project_dir, "fedseg_clinic", "warm_client.py")
+        if path not in loaded:
+            module = None
+            if os.path.isfile(path):
+                spec = importlib.util.spec_from_file_location(
+                    f"_fedseg_package_warm_client_{len(loaded)}", path)
+                if spec is not None and spec.loader is not None:
+                    module = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(module)
+            loaded[path] = module
+        return loaded[path]
+
+    def run_cmd(self: Any, cmd_type: str, *args: Any, **kwargs: Any) -> Any:
+        entry, *rest = cmd_type.split(" ")
+        client = warm_client(self.project_dir) if entry in ("train", "validate",
+                                                             "predict") else None
+        if client is not None:
+            code = client.run_entry(entry, rest, folder=self.project_dir)
+            if code == 0:
+                from fedn.common.log_config import logger as fedn_logger
+
+                fedn_logger.info(f"{entry} done by the warm worker (no process started)")
+                return None
+            if code is not None:
+                raise FedsegError(f"{entry} failed in the warm worker (exit {code})")
+        return original(self, cmd_type, *args, **kwargs)
+
+    run_cmd.__wrapped__ = original  # type: ignore[attr-defined]
+    Dispatcher.run_cmd = run_cmd
+
+
 # --- bug 16 ------------------------------------------------------------------------------
 
 #: gRPC methods that may be called without a token: the health service only.
