@@ -165,6 +165,12 @@ class Worker:
         assert self._listener is not None
         while True:
             conn, _ = self._listener.accept()
+            if self.watch is not None and not process_alive(*self.watch):
+                # Its client just ended (the watchdog polls once a second): take no
+                # more jobs; the caller sees a closed connection and starts a new one.
+                conn.close()
+                self.cleanup()
+                os._exit(0)
             with conn:
                 try:
                     if not self._peer_is_us(conn):
