@@ -222,22 +222,45 @@ def start_worker(files: WorkerFiles, timeout_s: float | None = None) -> dict | N
     watched = client_process()
     if watched is not None:
         argv += ["--watch", str(watched[0]), "--watch-start", str(watched[1])]
-    with private_open(files.path("log")) as log:
-        # Same process group as the FEDn client: stopping the client's group stops it.
-        proc = subprocess.Popen(argv, cwd=files.folder, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, close_fds=True)
+
+    def spawn() -> subprocess.Popen:
+        with private_open(files.path("log")) as log:
+            # Same process group as the FEDn client: stopping the client's group stops it.
+            return subprocess.Popen(argv, cwd=files.folder, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, close_fds=True)
+
+    proc = spawn()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         hello = ping(files)
         if hello is not None:
             return hello
         code = proc.poll()
-        # 0: another worker holds the lock and is still starting; keep waiting for it.
         if code not in (None, 0):
             return None
+        if code == 0 and not lock_held(files):
+            # It found the lock taken by a worker that has ended since: try again.
+            proc = spawn()
         time.sleep(0.2)
     proc.kill()
     return None
+
+
+def lock_held(files: WorkerFiles) -> bool:
+    """Whether a worker holds this clinic's lock (is running or starting)."""
+    import fcntl
+
+    try:
+        fd = os.open(files.path("lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
 
 
 def _print_error(code: int, message: str) -> None:
