@@ -34,7 +34,7 @@ POLL_S = 1.0
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-class WorkerGone(Exception):
+class WorkerGoneError(Exception):
     """The worker closed the connection without an answer (it died)."""
 
 
@@ -143,7 +143,7 @@ def send(sock: socket.socket, message: dict) -> None:
 
 
 def receive(sock: socket.socket, timeout_s: float) -> dict:
-    """Read one JSON line; WorkerGone on EOF, TimeoutError after ``timeout_s``."""
+    """Read one JSON line; WorkerGoneError on EOF, TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     buffer = b""
     sock.settimeout(POLL_S)
@@ -155,11 +155,11 @@ def receive(sock: socket.socket, timeout_s: float) -> dict:
                 raise
             continue
         if not chunk:
-            raise WorkerGone("connection closed without an answer")
+            raise WorkerGoneError("connection closed without an answer")
         buffer += chunk
     answer = json.loads(buffer.split(b"\n", 1)[0])
     if not isinstance(answer, dict):
-        raise WorkerGone(f"malformed answer {answer!r}")
+        raise WorkerGoneError(f"malformed answer {answer!r}")
     return answer
 
 
@@ -193,7 +193,7 @@ def ping(files: WorkerFiles, timeout_s: float = 30.0) -> dict | None:
     try:
         send(sock, {"op": "ping"})
         return receive(sock, timeout_s)
-    except (WorkerGone, OSError, ValueError):
+    except (WorkerGoneError, OSError, ValueError):
         return None
     finally:
         sock.close()
@@ -303,7 +303,7 @@ def run_entry(entry: str, args: list[str], folder: str | None = None) -> int | N
             _print_error(EXIT_USER_ERROR, f"warm worker pid {pid}: {entry} did not finish in "
                          f"{job_timeout:.0f} s (${JOB_TIMEOUT_ENV}); stopped it, read {log}")
             return EXIT_USER_ERROR
-        except (WorkerGone, OSError, ValueError) as exc:
+        except (WorkerGoneError, OSError, ValueError) as exc:
             if entry == "train" or attempt == 2:
                 # Never run a training twice: its privacy cost may be in the ledger already.
                 _print_error(EXIT_USER_ERROR, f"warm worker pid {pid} died during {entry} "

@@ -64,7 +64,7 @@ from fedseg_clinic.warm_client import (
     EXIT_USER_ERROR,
     POLL_S,
     WorkerFiles,
-    WorkerGone,
+    WorkerGoneError,
     private_open,
     proc_stat,
     process_alive,
@@ -183,7 +183,7 @@ class Worker:
                         send(conn, self.run_job(message))
                     else:
                         send(conn, {"code": EXIT_USER_ERROR, "message": "unknown op"})
-                except (OSError, ValueError, WorkerGone, TimeoutError) as exc:
+                except (OSError, ValueError, WorkerGoneError, TimeoutError) as exc:
                     logger.warning("connection dropped: %s", exc)
 
     def watchdog(self) -> None:

@@ -548,7 +548,7 @@ def report_train_failures() -> None:
     send = getattr(FednClient.send_model_to_combiner, "__wrapped__",
                    FednClient.send_model_to_combiner)
 
-    def send_model_to_combiner(self: Any, model: Any, id: str) -> None:  # noqa: A002
+    def send_model_to_combiner(self: Any, model: Any, id: str) -> None:
         if model is None:
             raise FedsegError("the train entry point failed (its error line is in this "
                               "client's log)")
@@ -557,7 +557,7 @@ def report_train_failures() -> None:
     def update_local_model(self: Any, request: Any) -> None:
         try:
             update(self, request)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure: report it, stay connected
             logger.warning("train failed: %s", exc)
             text = " ".join(str(exc).split()) or type(exc).__name__
             try:
