@@ -20,7 +20,16 @@ in ``updates_received``), and one failure entry (client ``global``, task ``round
 its cause (:func:`round_failure_cause`): a combiner died, the clients failed, or no update
 came within the round timeout.
 
-Everything here except :func:`collect_session` is a pure function of those answers.
+Everything here except :func:`collect_session` and :class:`SessionCollector` is a pure
+function of those answers.
+
+Polling during a session is incremental (:class:`SessionCollector`): each list route is
+read newest first, a page at a time, only until every item the route counts is known;
+rounds not yet over are re-read by id. A poll's HTTP and JSON work is then bounded by
+what is new, not by the rounds done so far (a full re-read per poll made the runner's
+memory and round time grow with the round count; bench/bench_soak.py). The last poll of
+a session re-reads everything (:meth:`SessionCollector.collect` with ``full=True``), so
+the final round log does not depend on the incremental bookkeeping.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -284,16 +293,20 @@ def _weighted_nanmean(values: list[tuple[float, float]]) -> float:
 def round_failure_cause(info: RoundInfo, clients: list[str],
                         updates: dict[tuple[int, str], dict[str, float]],
                         failures: list[dict[str, Any]],
-                        dead_combiners: Iterable[str] = ()) -> str | None:
+                        dead_combiners: Iterable[str] = (),
+                        ended: Mapping[int, str] | None = None) -> str | None:
     """Why a round committed no global model; None when it committed one.
 
-    In order: a combiner that is not running any more (its clients' updates never reach
+    In order: the runner ended the session during this round (``ended``: round -> why,
+    e.g. a clinic refused the round for its privacy budget); a combiner that is not running any more (its clients' updates never reach
     the global model, whatever they did); every client reported a training failure; no
     update at all (some clients silent: down, crashed or slower than the round
     timeout); updates arrived but no model was committed.
     """
     if info.model_id:
         return None
+    if ended and info.index in ended:
+        return ended[info.index]
     dead = sorted(dead_combiners)
     if dead:
         return (f"combiner died ({', '.join(dead)}): no global model committed (round "
@@ -321,6 +334,7 @@ def build_records(rounds: list[RoundInfo],
                   failures: list[dict[str, Any]],
                   clients: Iterable[str],
                   dead_combiners: Iterable[str] = (),
+                  ended: Mapping[int, str] | None = None,
                   ) -> tuple[list[RoundRecord], list[dict[str, Any]], dict[int, str]]:
     """Round log rows, the full failure list and the causes of failed rounds.
 
@@ -339,6 +353,7 @@ def build_records(rounds: list[RoundInfo],
         clients: The clients that take part.
         dead_combiners: Combiners found not running: a round without a model is then
             attributed to them, not to the clients.
+        ended: Round -> why the runner ended the session during it (its cause).
 
     Returns:
         (records, failures, causes): failures adds "no update" entries for silent
@@ -353,7 +368,7 @@ def build_records(rounds: list[RoundInfo],
     reported = {(f["round"], f["client"]) for f in failures if f["task"] == "train"}
     for info in rounds:
         k = info.index
-        cause = round_failure_cause(info, clients, updates, failures, dead_combiners)
+        cause = round_failure_cause(info, clients, updates, failures, dead_combiners, ended)
         if cause is not None:
             causes[k] = cause
             all_failures.append({"round": k, "client": GLOBAL, "task": "round",
@@ -375,8 +390,12 @@ def build_records(rounds: list[RoundInfo],
             failed = meta is None
             records.append(RoundRecord(k, client, "train_failed", 1.0 if failed else 0.0))
             if failed and (k, client) not in reported:
-                why = ("the round's combiner died" if dead_combiners and cause
-                       else "client down, crashed or too slow for the round timeout")
+                if ended and k in ended and cause:
+                    why = "the session was ended during the round"
+                elif dead_combiners and cause:
+                    why = "the round's combiner died"
+                else:
+                    why = "client down, crashed or too slow for the round timeout"
                 all_failures.append({"round": k, "client": client, "task": "train",
                                      "error": f"no update ({why})"})
             vals = validations.get((k, client), {})
@@ -395,7 +414,8 @@ def build_records(rounds: list[RoundInfo],
 
 def assemble(rounds_answer: Any, models_answer: Any, statuses_answer: Any,
              validations_answer: Any, session_id: str, seed_model_id: str,
-             clients: Iterable[str], dead_combiners: Iterable[str] = ()) -> SessionLog:
+             clients: Iterable[str], dead_combiners: Iterable[str] = (),
+             ended: Mapping[int, str] | None = None) -> SessionLog:
     """All pure steps together: API answers (+ dead combiners) -> :class:`SessionLog`."""
     infos = session_rounds(rounds_answer, session_id, model_chain(models_answer, seed_model_id))
     round_index = {r.round_id: r.index for r in infos}
@@ -404,7 +424,7 @@ def assemble(rounds_answer: Any, models_answer: Any, statuses_answer: Any,
     vals = validation_metrics(validations_answer, model_round)
     failures = reported_failures(statuses_answer, round_index, model_round)
     records, failures, causes = build_records(infos, updates, vals, failures, clients,
-                                              dead_combiners)
+                                              dead_combiners, ended)
     return SessionLog(rounds=infos, records=records, failures=failures, causes=causes)
 
 
@@ -439,10 +459,170 @@ def _get(call: Any, what: str, attempts: int = 5) -> Any:
     return {"result": []}
 
 
+# Round states after which fedn changes a round no more ("Success" is followed by the
+# round's data and "Finished").
+FINAL_ROUND_STATES = ("Finished", "Failed", "Terminated")
+FIRST_PAGE = 10  # most polls find nothing or one round's worth of new items
+PAGE = 100
+HTTP_TIMEOUT_S = 30.0
+
+
+def _key(item: dict[str, Any], key: str) -> str:
+    value = item.get(key)
+    return str(value) if value else json.dumps(item, sort_keys=True, default=str)
+
+
+class NewestFirst:
+    """One fedn list route, read newest first, a page at a time.
+
+    :meth:`update` stops as soon as the items known reach the route's ``count`` (or the
+    list ends): a poll that finds nothing new costs one request for ``FIRST_PAGE``
+    items. Items inserted while paging push older ones down a page, so they are seen
+    twice (and kept once), never missed. fedn 0.33.0 never deletes these rows.
+
+    Attributes:
+        items: Kept items by key, in the order first seen.
+        requests: HTTP requests made so far.
+    """
+
+    def __init__(self, fetch: Callable[[int, int], Any], what: str, key: str,
+                 keep: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """``fetch(limit, skip)`` answers ``{"count": n, "result": [...]}``."""
+        self.fetch = fetch
+        self.what = what
+        self.key = key
+        self.keep = keep
+        self.known: set[str] = set()
+        self.items: dict[str, dict[str, Any]] = {}
+        self.requests = 0
+
+    def update(self) -> None:
+        """Read until every item the route counts is known."""
+        skip, limit = 0, FIRST_PAGE
+        while True:
+            answer = _get(lambda: self.fetch(limit, skip), self.what)
+            self.requests += 1
+            page = _result(answer)
+            for item in page:
+                k = _key(item, self.key)
+                if k in self.known:
+                    continue
+                self.known.add(k)
+                if self.keep is None or self.keep(item):
+                    self.items[k] = item
+            count = answer.get("count") if isinstance(answer, dict) else None
+            if len(page) < limit or (isinstance(count, int) and len(self.known) >= count):
+                return
+            skip += len(page)
+            limit = PAGE
+
+
+def _keeps_status(status: dict[str, Any]) -> bool:
+    """The statuses the round log reads: completed updates and our clients' failures."""
+    text = str(status.get("status", ""))
+    return (status.get("type") == "MODEL_UPDATE" and status.get("log_level") == "AUDIT"
+            and text == UPDATE_DONE_TEXT) or text.startswith((TRAIN_FAILED, VALIDATE_FAILED))
+
+
+class SessionCollector:
+    """Collects one session's log poll after poll, reading only what is new.
+
+    Rounds, models, statuses (of this session) and validations are each a
+    :class:`NewestFirst` list; this session's rounds that are not over yet (and rounds
+    whose config has not been attached yet: fedn creates a round before its config) are
+    re-read by id on every poll. The log is then assembled (:func:`assemble`) from what
+    is known, exactly as from full answers.
+    """
+
+    def __init__(self, api_client: Any, session_id: str, seed_model_id: str,
+                 clients: Iterable[str]) -> None:
+        """Collect ``session_id`` (started from ``seed_model_id``) for ``clients``."""
+        self.api = api_client
+        self.session_id = session_id
+        self.seed_model_id = seed_model_id
+        self.clients = list(clients)
+        # One connection for every poll (fedn's APIClient opens one per call).
+        self.http = requests.Session()
+        self._reset()
+
+    def _reset(self) -> None:
+        sid = self.session_id
+        self.rounds = NewestFirst(self._lister("rounds/"), "get_rounds", "round_id",
+                                  keep=self._maybe_mine)
+        self.models = NewestFirst(self._lister("models/", session_id=sid), "get_models",
+                                  "model_id")
+        self.statuses = NewestFirst(self._lister("statuses/", session_id=sid),
+                                    "get_statuses", "status_id", keep=_keeps_status)
+        # The SQL stores ignore the validations' session filter: all are read, and
+        # assemble() keeps those of this session's models.
+        self.validations = NewestFirst(self._lister("validations/"), "get_validations",
+                                       "validation_id")
+
+    def _maybe_mine(self, raw: dict[str, Any]) -> bool:
+        sid = _json(raw.get("round_config")).get("session_id")
+        return not sid or sid == self.session_id
+
+    def _request(self, path: str, headers: dict[str, str] | None = None,
+                 params: dict[str, str] | None = None) -> Any:
+        answer = self.http.get(self.api._get_url_api_v1(path), params=params,
+                               headers={**self.api.headers, **(headers or {})},
+                               verify=self.api.verify, timeout=HTTP_TIMEOUT_S)
+        return answer.json()
+
+    def _lister(self, path: str, **params: str) -> Callable[[int, int], Any]:
+        def fetch(limit: int, skip: int) -> Any:
+            return self._request(path, {"X-Limit": str(limit), "X-Skip": str(skip)}, params)
+        return fetch
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests made by the lists so far (round re-reads not counted)."""
+        return sum(lst.requests for lst in (self.rounds, self.models, self.statuses,
+                                            self.validations))
+
+    def _refresh_open_rounds(self) -> None:
+        for key, raw in list(self.rounds.items.items()):
+            if str(raw.get("status")) in FINAL_ROUND_STATES:
+                continue
+            fresh = _get(lambda key=key: self._request(f"rounds/{key}"), "get_round")
+            if not isinstance(fresh, dict) or "round_id" not in fresh:
+                continue  # not answered this time: the next poll asks again
+            if self._maybe_mine(fresh):
+                self.rounds.items[key] = fresh
+            else:  # another session's round, now that its config is attached
+                del self.rounds.items[key]
+
+    def collect(self, dead_combiners: Iterable[str] = (),
+                ended: Mapping[int, str] | None = None, full: bool = False) -> SessionLog:
+        """The session's log as of now.
+
+        Args:
+            dead_combiners: Combiners found not running (failed rounds are theirs).
+            ended: Round -> why the runner ended the session during it.
+            full: Forget what is known and read everything again (the last poll).
+        """
+        if full:
+            self._reset()
+        self.rounds.update()
+        self._refresh_open_rounds()
+        self.models.update()
+        self.statuses.update()
+        self.validations.update()
+        return assemble(list(self.rounds.items.values()), list(self.models.items.values()),
+                        list(self.statuses.items.values()),
+                        list(self.validations.items.values()),
+                        self.session_id, self.seed_model_id, self.clients, dead_combiners,
+                        ended)
+
+    def close(self) -> None:
+        """Close the HTTP connection."""
+        self.http.close()
+
+
 def collect_session(api_client: Any, session_id: str, seed_model_id: str,
                     clients: Iterable[str], dead_combiners: Iterable[str] = ()
                     ) -> SessionLog:
-    """Read this session's rounds, models, updates, failures and validations.
+    """Read this session's rounds, models, updates, failures and validations (once).
 
     Args:
         api_client: fedn APIClient.
@@ -452,9 +632,8 @@ def collect_session(api_client: Any, session_id: str, seed_model_id: str,
         dead_combiners: Combiners the caller found not running (failed rounds are
             attributed to them).
     """
-    return assemble(
-        _get(api_client.get_rounds, "get_rounds"),
-        _get(lambda: api_client.get_models(session_id=session_id), "get_models"),
-        _get(lambda: api_client.get_statuses(session_id=session_id), "get_statuses"),
-        _get(api_client.get_validations, "get_validations"),
-        session_id, seed_model_id, clients, dead_combiners)
+    collector = SessionCollector(api_client, session_id, seed_model_id, clients)
+    try:
+        return collector.collect(dead_combiners, full=True)
+    finally:
+        collector.close()

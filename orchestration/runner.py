@@ -69,6 +69,9 @@ BUDGET_LIMITED = "budget-limited"
 # 120 s: on a loaded 2-core machine the demo's validation took ~85 s per clinic, and with
 # 30 s the last round was reported (and summarised) with one clinic's Dice of three.
 VALIDATION_GRACE_S = 120.0
+# How a clinic's refusal of a round for its privacy budget reads in the round log
+# (fedseg_clinic.privacy.ledger.BudgetExceededError, reported by the callback client).
+BUDGET_REFUSAL = "BudgetExceededError"
 # The server's per-round secure-aggregation outcomes (orchestration/secure_aggregation.py).
 SECAGG_JOURNAL = "secagg.jsonl"
 
@@ -271,6 +274,10 @@ class RoundReporter:
         self.done_since: dict[int, float] = {}
         self.log: collect.SessionLog | None = None
         self.model_ids: dict[int, str] = {}
+        self.collector = collect.SessionCollector(api_client, session_id, seed_model_id,
+                                                  clients)
+        # Session round -> why the runner ended the session during it (budget refusals).
+        self.ended: dict[int, str] = {}
 
     def _validations_complete(self, k: int, log: collect.SessionLog) -> bool:
         table: dict[str, set[str]] = {}
@@ -286,9 +293,10 @@ class RoundReporter:
         Args:
             final: The session is over: report everything that is done.
         """
-        log = collect.shift_log(
-            collect.collect_session(self.api, self.session_id, self.seed_model_id,
-                                    self.clients, self.dead_combiners()), self.offset)
+        own = self.collector.collect(self.dead_combiners(), self.ended, full=final)
+        if not final:
+            self._end_on_budget_refusal(own)
+        log = collect.shift_log(own, self.offset)
         self.log = log
         now = time.monotonic()
         new = []
@@ -317,6 +325,31 @@ class RoundReporter:
         for info in sorted(new, key=lambda r: r.index):
             if self.progress is not None:
                 self.progress(self.round_line(info, log))
+
+    def _end_on_budget_refusal(self, log: collect.SessionLog) -> None:
+        """End the session when a clinic refuses the running round for its budget.
+
+        Its ledger cannot afford the round (e.g. another training on the same data spent
+        budget after the run's plan): it will send no update, and fedn would wait out the
+        round timeout, then ask again next round. The round is ended now, as a failed
+        round whose cause names the clinic and its refusal.
+        """
+        running = {r.index for r in log.rounds if r.status not in session.DONE_ROUND_STATES}
+        refused = [f for f in log.failures
+                   if f["task"] == "train" and f["round"] in running
+                   and f["round"] not in self.ended
+                   and str(f["error"]).startswith(BUDGET_REFUSAL)]
+        if not refused:
+            return
+        k = refused[0]["round"]
+        detail = "; ".join(f"{f['client']}: {f['error']}" for f in refused if f["round"] == k)
+        self.ended[k] = (f"budget: refused for the privacy budget ({detail}); the runner "
+                         "ended the session instead of waiting out the round timeout")
+        logger.warning("round %d: %s", k + self.offset, self.ended[k])
+        if self.progress is not None:
+            self.progress(f"round {k + self.offset}: a clinic refused it for its privacy "
+                          f"budget ({detail}); ending the session")
+        session.terminate_session(self.api, self.session_id)
 
     def round_line(self, info: collect.RoundInfo, log: collect.SessionLog) -> str:
         """"round 2/5  clinic-1 dice 0.41 eps 1.20  clinic-2 FAILED  12.3 s"."""
@@ -554,6 +587,12 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             info["status"] = "failed: no round committed a global model" + (
                 " (" + "; ".join(f"round {k}: {c}" for k, c in sorted(causes.items())) + ")"
                 if causes else "")
+        elif reporter.ended:
+            # A clinic refused a round mid-session for its budget: the run is limited by
+            # budgets, and says which round and why (exit code 3).
+            info["status"] = BUDGET_LIMITED
+            info["budget_stop"] = [{"round": k + offset, "cause": c}
+                                   for k, c in sorted(reporter.ended.items())]
         elif info["status"] == "finished" and decision.limited:
             info["status"] = BUDGET_LIMITED
     except KeyboardInterrupt:
@@ -747,6 +786,7 @@ def _cleanup(reporter: RoundReporter | None, info: dict[str, Any], run_dir: Path
     """
     if reporter is not None:
         record_progress(reporter, info, earlier)
+        reporter.collector.close()
     if clients_started:
         clients_mod.stop_clients(run_dir)
     if own_network_root is not None:

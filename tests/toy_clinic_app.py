@@ -6,7 +6,9 @@ of a second per round. Knobs (environment variables, for failure tests):
 
 - TOY_TRAIN_SLEEP_S: seconds each train call sleeps (to be killed or interrupted mid-round);
 - TOY_FAIL_ON_CALL: 1-based train call numbers (comma separated) that raise;
-- TOY_FAIL_AT_START: any value makes from_environment raise (app start failure).
+- TOY_FAIL_AT_START: any value makes from_environment raise (app start failure);
+- TOY_BUDGET_REFUSE_ON_CALL: 1-based train call numbers that raise the clinic's
+  BudgetExceededError (a ledger that cannot afford the round).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class ToyApp:
         self.sleep_s = float(os.environ.get("TOY_TRAIN_SLEEP_S", "0"))
         fail = os.environ.get("TOY_FAIL_ON_CALL", "")
         self.fail_on = {int(v) for v in fail.split(",") if v.strip()}
+        refuse = os.environ.get("TOY_BUDGET_REFUSE_ON_CALL", "")
+        self.refuse_on = {int(v) for v in refuse.split(",") if v.strip()}
 
     @classmethod
     def from_environment(cls) -> ToyApp:
@@ -57,6 +61,11 @@ class ToyApp:
         self.calls += 1
         if self.calls in self.fail_on:
             raise FedsegError(f"toy app {self.name}: asked to fail on train call {self.calls}")
+        if self.calls in self.refuse_on:
+            from fedseg_clinic.privacy.ledger import BudgetExceededError
+
+            raise BudgetExceededError(f"toy app {self.name}: epsilon 9.0 > budget 8.0 "
+                                      f"(train call {self.calls})")
         tic = time.monotonic()
         if self.sleep_s:
             time.sleep(self.sleep_s)
