@@ -38,6 +38,7 @@ any way: finished, failed, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -64,6 +65,8 @@ class Series:
     rss_mb: list[float] = field(default_factory=list)
     fds: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # since the session's first round
+    heap_used_mb: list[float] = field(default_factory=list)  # runner only (glibc)
+    heap_free_mb: list[float] = field(default_factory=list)
 
     def half(self, last_round: int, second: bool) -> tuple[list[int], list[float], list[float]]:
         """(rounds, RSS, fds) of the samples in the first or second half of the rounds."""
@@ -89,6 +92,30 @@ def tree_usage(pid: int, create_time: float | None = None) -> tuple[float, int] 
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return rss / 2**20, fds
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def malloc_mb(trim: bool = False) -> tuple[float, float] | None:
+    """glibc's view of this process's heap: (MB in use, MB free but kept); None off glibc.
+
+    In use growing = memory really held (a leak, or data kept on purpose); only the free
+    part growing = fragmentation / high water that ``malloc_trim`` could give back.
+    ``trim`` calls ``malloc_trim(0)`` first.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    if trim:
+        libc.malloc_trim(0)
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20, info.fordblks / 2**20
 
 
 def sample(run_dir: Path) -> dict[str, tuple[float, int]]:
@@ -147,7 +174,7 @@ def write_experiment(folder: Path, rounds: int, n_clients: int) -> dict[str, Any
     }
 
 
-def soak(workdir: Path, rounds: int, every: int, n_clients: int
+def soak(workdir: Path, rounds: int, every: int, n_clients: int, trim: bool = False
          ) -> tuple[dict[str, Series], Any, float]:
     """Run the soak; (series per role, run result, wall seconds)."""
     from fedseg.orchestration.experiment import parse_experiment
@@ -175,12 +202,16 @@ def soak(workdir: Path, rounds: int, every: int, n_clients: int
         if k == 1 or k % every == 0 or k == rounds:
             now = time.monotonic()
             started.setdefault("t", now)
+            heap = malloc_mb(trim)  # before sample(): with trim, RSS is measured trimmed
             for role, (rss, fds) in sample(run_dir).items():
                 s = series.setdefault(role, Series(role))
                 s.rounds.append(k)
                 s.rss_mb.append(rss)
                 s.fds.append(fds)
                 s.seconds.append(now - started["t"])
+                if role == "runner" and heap is not None:
+                    s.heap_used_mb.append(heap[0])
+                    s.heap_free_mb.append(heap[1])
             print(f"  sampled round {k} ({time.strftime('%H:%M:%S')})", flush=True)
 
     tic = time.monotonic()
@@ -239,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="allowed RSS growth per 100 rounds per role (MB)")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temp)")
     parser.add_argument("--json", type=Path, help="write the samples here")
+    parser.add_argument("--malloc-trim", action="store_true",
+                        help="malloc_trim(0) in the runner before each sample (diagnosis: "
+                             "is its RSS growth memory glibc could give back?)")
     args = parser.parse_args(argv)
 
     def interrupt(_signum: int, _frame: object) -> None:
@@ -249,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fedseg-soak-") as tmp:
             workdir = (args.keep or Path(tmp)).resolve()
             workdir.mkdir(parents=True, exist_ok=True)
-            series, result, wall = soak(workdir, args.rounds, args.every, args.clients)
+            series, result, wall = soak(workdir, args.rounds, args.every, args.clients,
+                                        args.malloc_trim)
     except KeyboardInterrupt:
         print("interrupted; the network and clients were stopped", file=sys.stderr)
         return 130
@@ -272,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
                                         for i in (0, mid, -1))
         print(f"seconds per round: rounds {r0}-{rm} {(tm - t0) / max(rm - r0, 1):.2f}, "
               f"rounds {rm}-{r1} {(t1 - tm) / max(r1 - rm, 1):.2f}")
+    if runner is not None and len(runner.heap_used_mb) >= 3:
+        xs = runner.rounds[:len(runner.heap_used_mb)]
+        x2 = [x for x in xs if x > args.rounds / 2]
+        used2 = runner.heap_used_mb[len(xs) - len(x2):]
+        print(f"runner heap (glibc malloc{', trimmed' if args.malloc_trim else ''}): in use "
+              f"{runner.heap_used_mb[0]:.1f} -> {runner.heap_used_mb[-1]:.1f} MB "
+              f"(2nd half {slope_per_10(x2, used2):+.2f} MB/10 rounds), free but kept "
+              f"{runner.heap_free_mb[0]:.1f} -> {runner.heap_free_mb[-1]:.1f} MB")
     if args.json:
         args.json.write_text(json.dumps({k: vars(v) for k, v in series.items()}, indent=1))
     if result.status != "finished":
