@@ -217,6 +217,26 @@ def session_rounds(rounds: Any, session_id: str, chain: list[str] | None = None
     return infos
 
 
+def update_of(status: dict[str, Any]) -> tuple[str, str, dict[str, float]] | None:
+    """(fedn round id, client, training metadata) of a completed-update status, else None."""
+    if status.get("type") != "MODEL_UPDATE" or status.get("log_level") != "AUDIT":
+        return None
+    if status.get("status") != UPDATE_DONE_TEXT:
+        return None
+    update = _json(status.get("data"))
+    meta = _json(update.get("meta"))
+    round_id = str(_json(meta.get("config")).get("round_id", ""))
+    client = (status.get("sender") or {}).get("name") or \
+        (update.get("sender") or {}).get("name")
+    if not round_id or not client:
+        return None
+    values = {k: _float(v) for k, v in _json(meta.get("training_metadata")).items()
+              if k not in _SKIP_META}
+    # fedn's own timing of the callback, as seen by the client process.
+    values["client_processing_seconds"] = _float(meta.get("processing_time"))
+    return round_id, str(client), values
+
+
 def training_updates(statuses: Any, round_index: dict[str, int]
                      ) -> dict[tuple[int, str], dict[str, float]]:
     """(round, client) -> training metadata, from AUDIT MODEL_UPDATE statuses.
@@ -227,46 +247,55 @@ def training_updates(statuses: Any, round_index: dict[str, int]
     """
     out: dict[tuple[int, str], dict[str, float]] = {}
     for status in _result(statuses):
-        if status.get("type") != "MODEL_UPDATE" or status.get("log_level") != "AUDIT":
+        parsed = update_of(status)
+        if parsed is None or parsed[0] not in round_index:
             continue
-        if status.get("status") != UPDATE_DONE_TEXT:
-            continue
-        update = _json(status.get("data"))
-        meta = _json(update.get("meta"))
-        round_id = str(_json(meta.get("config")).get("round_id", ""))
-        client = (status.get("sender") or {}).get("name") or \
-            (update.get("sender") or {}).get("name")
-        if round_id not in round_index or not client:
-            continue
-        values = {k: _float(v) for k, v in _json(meta.get("training_metadata")).items()
-                  if k not in _SKIP_META}
-        # fedn's own timing of the callback, as seen by the client process.
-        values["client_processing_seconds"] = _float(meta.get("processing_time"))
-        out[(round_index[round_id], str(client))] = values
+        out[(round_index[parsed[0]], parsed[1])] = parsed[2]
+    return out
+
+
+def failure_of(status: dict[str, Any]) -> tuple[str, str, str, str] | None:
+    """(task, fedn round id or model id, client, error) of a reported failure, else None.
+
+    The key is the round id for a training failure, the model id for a validation one.
+    """
+    text = str(status.get("status", ""))
+    if not text.startswith((TRAIN_FAILED, VALIDATE_FAILED)):
+        return None
+    request = _json(status.get("data"))
+    client = (status.get("sender") or {}).get("name")
+    if not client:
+        return None
+    error = text.split(": ", 1)[1] if ": " in text else text
+    if text.startswith(TRAIN_FAILED):
+        return "train", str(_json(request.get("data")).get("round_id", "")), str(client), error
+    return "validate", str(request.get("modelId", "")), str(client), error
+
+
+def _failure_rows(parsed: Iterable[tuple[str, str, str, str]], round_index: dict[str, int],
+                  model_round: dict[str, int]) -> list[dict[str, Any]]:
+    out = []
+    for task, key, client, error in parsed:
+        k = (round_index if task == "train" else model_round).get(key)
+        if k is not None:
+            out.append({"round": k, "client": client, "task": task, "error": error})
     return out
 
 
 def reported_failures(statuses: Any, round_index: dict[str, int],
                       model_round: dict[str, int]) -> list[dict[str, Any]]:
     """Failures our clients reported: [{round, client, task, error}]."""
-    out = []
-    for status in _result(statuses):
-        text = str(status.get("status", ""))
-        if not text.startswith((TRAIN_FAILED, VALIDATE_FAILED)):
-            continue
-        request = _json(status.get("data"))
-        client = (status.get("sender") or {}).get("name")
-        if text.startswith(TRAIN_FAILED):
-            task = "train"
-            k = round_index.get(str(_json(request.get("data")).get("round_id", "")))
-        else:
-            task = "validate"
-            k = model_round.get(str(request.get("modelId", "")))
-        if k is None or not client:
-            continue
-        error = text.split(": ", 1)[1] if ": " in text else text
-        out.append({"round": k, "client": str(client), "task": task, "error": error})
-    return out
+    parsed = (failure_of(s) for s in _result(statuses))
+    return _failure_rows((f for f in parsed if f is not None), round_index, model_round)
+
+
+def validation_of(item: dict[str, Any]) -> tuple[str, str, dict[str, float]] | None:
+    """(model id, client, metrics) of a validation, else None."""
+    client = (item.get("sender") or {}).get("name")
+    if not client:
+        return None
+    return (str(item.get("model_id", "")), str(client),
+            {key: _float(v) for key, v in _json(item.get("data")).items()})
 
 
 def validation_metrics(validations: Any, model_round: dict[str, int]
@@ -274,11 +303,10 @@ def validation_metrics(validations: Any, model_round: dict[str, int]
     """(round, client) -> validation metrics of that round's global model."""
     out: dict[tuple[int, str], dict[str, float]] = {}
     for item in _result(validations):
-        k = model_round.get(str(item.get("model_id", "")))
-        client = (item.get("sender") or {}).get("name")
-        if k is None or not client:
+        parsed = validation_of(item)
+        if parsed is None or parsed[0] not in model_round:
             continue
-        out[(k, str(client))] = {key: _float(v) for key, v in _json(item.get("data")).items()}
+        out[(model_round[parsed[0]], parsed[1])] = parsed[2]
     return out
 
 
@@ -481,17 +509,23 @@ class NewestFirst:
     twice (and kept once), never missed. fedn 0.33.0 never deletes these rows.
 
     Attributes:
-        items: Kept items by key, in the order first seen.
+        items: Kept items by key, in the order first seen (those ``keep`` accepts and
+            ``on_new`` does not consume).
         requests: HTTP requests made so far.
     """
 
     def __init__(self, fetch: Callable[[int, int], Any], what: str, key: str,
-                 keep: Callable[[dict[str, Any]], bool] | None = None) -> None:
-        """``fetch(limit, skip)`` answers ``{"count": n, "result": [...]}``."""
+                 keep: Callable[[dict[str, Any]], bool] | None = None,
+                 on_new: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``fetch(limit, skip)`` answers ``{"count": n, "result": [...]}``.
+
+        ``on_new`` (instead of keeping) is handed every new item ``keep`` accepts.
+        """
         self.fetch = fetch
         self.what = what
         self.key = key
         self.keep = keep
+        self.on_new = on_new
         self.known: set[str] = set()
         self.items: dict[str, dict[str, Any]] = {}
         self.requests = 0
@@ -509,7 +543,10 @@ class NewestFirst:
                     continue
                 self.known.add(k)
                 if self.keep is None or self.keep(item):
-                    self.items[k] = item
+                    if self.on_new is not None:
+                        self.on_new(item)
+                    else:
+                        self.items[k] = item
             count = answer.get("count") if isinstance(answer, dict) else None
             if len(page) < limit or (isinstance(count, int) and len(self.known) >= count):
                 return
@@ -525,38 +562,85 @@ def _keeps_status(status: dict[str, Any]) -> bool:
 
 
 class SessionCollector:
-    """Collects one session's log poll after poll, reading only what is new.
+    """Collects one session's log poll after poll, reading and assembling only what is new.
 
-    Rounds, models, statuses (of this session) and validations are each a
+    Reading: rounds, models, statuses (of this session) and validations are each a
     :class:`NewestFirst` list; this session's rounds that are not over yet (and rounds
     whose config has not been attached yet: fedn creates a round before its config) are
-    re-read by id on every poll. The log is then assembled (:func:`assemble`) from what
-    is known, exactly as from full answers.
+    re-read by id on every poll. Statuses and validations are parsed once, when first
+    seen, and kept by fedn round id / model id.
+
+    Assembling: a round is *settled* once its status is final and every client's update
+    (or reported failure) and, for a round with a model, validation (or reported
+    failure) is in, or ``settle_after_s`` after it became final. A settled round's rows,
+    failures and cause are kept and not rebuilt; only open rounds are assembled
+    (:func:`build_records`) on each poll. So a poll's work and its transient memory
+    depend on what is new, not on the rounds done (rebuilding the whole log each poll
+    grew the runner's memory with the round count; bench/bench_soak.py).
+
+    ``collect(full=True)`` forgets all of it and assembles the whole session from full
+    answers with :func:`assemble` (the last poll): the final round log is exactly what
+    a one-shot collection gives, e.g. a validation that came after its round settled,
+    or a combiner that died after an earlier failed round settled.
     """
 
     def __init__(self, api_client: Any, session_id: str, seed_model_id: str,
-                 clients: Iterable[str]) -> None:
-        """Collect ``session_id`` (started from ``seed_model_id``) for ``clients``."""
+                 clients: Iterable[str], validate: bool = True,
+                 settle_after_s: float = 120.0) -> None:
+        """Collect ``session_id`` (started from ``seed_model_id``) for ``clients``.
+
+        ``validate``: the session validates each global model (else rounds settle
+        without validations).
+        """
         self.api = api_client
         self.session_id = session_id
         self.seed_model_id = seed_model_id
         self.clients = list(clients)
+        self.validate = validate
+        self.settle_after_s = settle_after_s
         # One connection for every poll (fedn's APIClient opens one per call).
         self.http = requests.Session()
-        self._reset()
+        self._reset(parsed=True)
 
-    def _reset(self) -> None:
+    def _reset(self, parsed: bool) -> None:
         sid = self.session_id
+        # fedn round id -> client -> training metadata; failures by round id / model id;
+        # model id -> client -> validation metrics.
+        self._updates: dict[str, dict[str, dict[str, float]]] = {}
+        self._train_failures: dict[str, list[tuple[str, str, str, str]]] = {}
+        self._val_failures: dict[str, list[tuple[str, str, str, str]]] = {}
+        self._validations: dict[str, dict[str, dict[str, float]]] = {}
+        # fedn round id -> (index, records, failures, cause) of a settled round.
+        self._settled: dict[str, tuple[int, list[RoundRecord], list[dict[str, Any]],
+                                       str | None]] = {}
+        self._final_since: dict[str, float] = {}
         self.rounds = NewestFirst(self._lister("rounds/"), "get_rounds", "round_id",
                                   keep=self._maybe_mine)
         self.models = NewestFirst(self._lister("models/", session_id=sid), "get_models",
                                   "model_id")
         self.statuses = NewestFirst(self._lister("statuses/", session_id=sid),
-                                    "get_statuses", "status_id", keep=_keeps_status)
+                                    "get_statuses", "status_id", keep=_keeps_status,
+                                    on_new=self._add_status if parsed else None)
         # The SQL stores ignore the validations' session filter: all are read, and
-        # assemble() keeps those of this session's models.
+        # only those of this session's models are used.
         self.validations = NewestFirst(self._lister("validations/"), "get_validations",
-                                       "validation_id")
+                                       "validation_id",
+                                       on_new=self._add_validation if parsed else None)
+
+    def _add_status(self, status: dict[str, Any]) -> None:
+        update = update_of(status)
+        if update is not None:
+            self._updates.setdefault(update[0], {})[update[1]] = update[2]
+            return
+        failure = failure_of(status)
+        if failure is not None:
+            into = self._train_failures if failure[0] == "train" else self._val_failures
+            into.setdefault(failure[1], []).append(failure)
+
+    def _add_validation(self, item: dict[str, Any]) -> None:
+        parsed = validation_of(item)
+        if parsed is not None:
+            self._validations.setdefault(parsed[0], {})[parsed[1]] = parsed[2]
 
     def _maybe_mine(self, raw: dict[str, Any]) -> bool:
         sid = _json(raw.get("round_config")).get("session_id")
@@ -592,6 +676,68 @@ class SessionCollector:
             else:  # another session's round, now that its config is attached
                 del self.rounds.items[key]
 
+    def _complete(self, info: RoundInfo) -> bool:
+        """Every client's update or failure is in, and its validation or failure."""
+        updates = self._updates.get(info.round_id, {})
+        failed = {f[2] for f in self._train_failures.get(info.round_id, [])}
+        if not all(c in updates or c in failed for c in self.clients):
+            return False
+        if not info.model_id or not self.validate:
+            return True
+        validated = set(self._validations.get(info.model_id, {}))
+        validated |= {f[2] for f in self._val_failures.get(info.model_id, [])}
+        return all(c in validated for c in self.clients)
+
+    def _assemble_incrementally(self, dead_combiners: list[str],
+                                ended: Mapping[int, str] | None) -> SessionLog:
+        infos = session_rounds(list(self.rounds.items.values()), self.session_id,
+                               model_chain(list(self.models.items.values()),
+                                           self.seed_model_id))
+        now = time.monotonic()
+        open_infos = []
+        for info in infos:
+            kept = self._settled.get(info.round_id)
+            if kept is None or kept[0] != info.index:
+                open_infos.append(info)
+        round_index = {r.round_id: r.index for r in open_infos}
+        model_round = {r.model_id: r.index for r in open_infos if r.model_id}
+        updates = {(r.index, c): v for r in open_infos
+                   for c, v in self._updates.get(r.round_id, {}).items()}
+        vals = {(r.index, c): v for r in open_infos if r.model_id
+                for c, v in self._validations.get(r.model_id, {}).items()}
+        reported = _failure_rows(
+            [f for r in open_infos for f in self._train_failures.get(r.round_id, [])]
+            + [f for r in open_infos if r.model_id
+               for f in self._val_failures.get(r.model_id, [])], round_index, model_round)
+        records, failures, causes = build_records(open_infos, updates, vals, reported,
+                                                  self.clients, dead_combiners, ended)
+        fresh: dict[int, tuple[list[RoundRecord], list[dict[str, Any]]]] = {
+            r.index: ([], []) for r in open_infos}
+        for rec in records:
+            fresh[rec.round][0].append(rec)
+        for failure in failures:
+            fresh[failure["round"]][1].append(failure)
+        all_records: list[RoundRecord] = []
+        all_failures: list[dict[str, Any]] = []
+        all_causes: dict[int, str] = {}
+        for info in infos:
+            if info.index in fresh:
+                recs, fails = fresh[info.index]
+                cause = causes.get(info.index)
+                if info.status in FINAL_ROUND_STATES:
+                    since = self._final_since.setdefault(info.round_id, now)
+                    if self._complete(info) or now - since > self.settle_after_s:
+                        self._settled[info.round_id] = (info.index, recs, fails, cause)
+            else:
+                _, recs, fails, cause = self._settled[info.round_id]
+            all_records.extend(recs)
+            all_failures.extend(fails)
+            if cause is not None:
+                all_causes[info.index] = cause
+        all_failures.sort(key=lambda f: (f["round"], f["client"], f["task"]))
+        return SessionLog(rounds=infos, records=all_records, failures=all_failures,
+                          causes=all_causes)
+
     def collect(self, dead_combiners: Iterable[str] = (),
                 ended: Mapping[int, str] | None = None, full: bool = False) -> SessionLog:
         """The session's log as of now.
@@ -599,20 +745,25 @@ class SessionCollector:
         Args:
             dead_combiners: Combiners found not running (failed rounds are theirs).
             ended: Round -> why the runner ended the session during it.
-            full: Forget what is known and read everything again (the last poll).
+            full: Forget what is known, read everything again and assemble the whole
+                session from the full answers (:func:`assemble`; the last poll).
         """
         if full:
-            self._reset()
+            self._reset(parsed=False)
         self.rounds.update()
         self._refresh_open_rounds()
         self.models.update()
         self.statuses.update()
         self.validations.update()
-        return assemble(list(self.rounds.items.values()), list(self.models.items.values()),
-                        list(self.statuses.items.values()),
-                        list(self.validations.items.values()),
-                        self.session_id, self.seed_model_id, self.clients, dead_combiners,
-                        ended)
+        if not full:
+            return self._assemble_incrementally(list(dead_combiners), ended)
+        log = assemble(list(self.rounds.items.values()), list(self.models.items.values()),
+                       list(self.statuses.items.values()),
+                       list(self.validations.items.values()),
+                       self.session_id, self.seed_model_id, self.clients, dead_combiners,
+                       ended)
+        self._reset(parsed=True)  # a later incremental poll starts afresh
+        return log
 
     def close(self) -> None:
         """Close the HTTP connection."""

@@ -275,7 +275,8 @@ class RoundReporter:
         self.log: collect.SessionLog | None = None
         self.model_ids: dict[int, str] = {}
         self.collector = collect.SessionCollector(api_client, session_id, seed_model_id,
-                                                  clients)
+                                                  clients, validate=validate,
+                                                  settle_after_s=VALIDATION_GRACE_S)
         # Session round -> why the runner ended the session during it (budget refusals).
         self.ended: dict[int, str] = {}
 

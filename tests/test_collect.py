@@ -242,5 +242,24 @@ def test_incremental_collection_equals_a_full_read_after_every_poll() -> None:
         check()
     log = collector.collect()
     assert len(log.rounds) == 50 and all(r.model_id for r in log.rounds)
+    # Only the last round is still assembled on each poll (waiting for c2's validation).
+    assert len(collector._settled) == 49
     assert {(f["round"], f["client"]) for f in log.failures} == {(7, "c2")}
     assert collector.collect(full=True).records == log.records
+
+
+def test_a_validation_after_its_round_settled_is_in_the_full_read() -> None:
+    """Settled rounds are not rebuilt between polls; the last (full) poll has everything."""
+    from fedseg.orchestration.collect import SessionCollector
+
+    fake = _FakeLists()
+    collector = SessionCollector(None, SID, SEED, ["c1", "c2"], settle_after_s=0.0)
+    collector._request = fake.request  # type: ignore[method-assign]
+    fake.rows["rounds/"].append(_round("3", SID))
+    fake.rows["models/"].append({"model_id": "g1", "parent_model": SEED})
+    fake.rows["statuses/"] += [{**_update(c, "3"), "status_id": c} for c in ("c1", "c2")]
+    collector.collect()  # final status: starts the settle clock
+    assert "val_loss" not in pivot(collector.collect().records)[(1, "c1")]  # settled
+    fake.rows["validations/"].append({**_validation("c1", "g1", 0.7), "validation_id": "v"})
+    assert "val_dice_mean" not in pivot(collector.collect().records)[(1, "c1")]
+    assert pivot(collector.collect(full=True).records)[(1, "c1")]["val_dice_mean"] == 0.7
