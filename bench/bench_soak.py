@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import signal
 import sys
@@ -67,6 +68,8 @@ class Series:
     seconds: list[float] = field(default_factory=list)  # since the session's first round
     heap_used_mb: list[float] = field(default_factory=list)  # runner only (glibc)
     heap_free_mb: list[float] = field(default_factory=list)
+    pymalloc_arenas_mb: list[float] = field(default_factory=list)  # runner only
+    pymalloc_live_mb: list[float] = field(default_factory=list)
 
     def half(self, last_round: int, second: bool) -> tuple[list[int], list[float], list[float]]:
         """(rounds, RSS, fds) of the samples in the first or second half of the rounds."""
@@ -116,6 +119,34 @@ def malloc_mb(trim: bool = False) -> tuple[float, float] | None:
         libc.malloc_trim(0)
     info = libc.mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20, info.fordblks / 2**20
+
+
+def pymalloc_mb() -> tuple[float, float]:
+    """Python's small-object allocator: (MB of arenas, MB of live blocks in them).
+
+    pymalloc's arenas are mmapped, outside glibc's heap: Python objects that leave
+    arenas partly used (fragmentation) grow the RSS but neither tracemalloc's count of
+    live objects nor glibc's heap.
+    """
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)  # sys._debugmallocstats writes to the C stderr
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+
+    def number(label: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(label):
+                return float(line.split("=")[-1].replace(",", "").strip())
+        return math.nan
+
+    return (number("# arenas allocated current"),  # 1 MiB each (CPython 3.10+)
+            number("# bytes in allocated blocks") / 2**20)
 
 
 def sample(run_dir: Path) -> dict[str, tuple[float, int]]:
@@ -203,6 +234,7 @@ def soak(workdir: Path, rounds: int, every: int, n_clients: int, trim: bool = Fa
             now = time.monotonic()
             started.setdefault("t", now)
             heap = malloc_mb(trim)  # before sample(): with trim, RSS is measured trimmed
+            arenas = pymalloc_mb()
             for role, (rss, fds) in sample(run_dir).items():
                 s = series.setdefault(role, Series(role))
                 s.rounds.append(k)
@@ -212,6 +244,9 @@ def soak(workdir: Path, rounds: int, every: int, n_clients: int, trim: bool = Fa
                 if role == "runner" and heap is not None:
                     s.heap_used_mb.append(heap[0])
                     s.heap_free_mb.append(heap[1])
+                if role == "runner":
+                    s.pymalloc_arenas_mb.append(arenas[0])
+                    s.pymalloc_live_mb.append(arenas[1])
             print(f"  sampled round {k} ({time.strftime('%H:%M:%S')})", flush=True)
 
     tic = time.monotonic()
@@ -315,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{runner.heap_used_mb[0]:.1f} -> {runner.heap_used_mb[-1]:.1f} MB "
               f"(2nd half {slope_per_10(x2, used2):+.2f} MB/10 rounds), free but kept "
               f"{runner.heap_free_mb[0]:.1f} -> {runner.heap_free_mb[-1]:.1f} MB")
+    if runner is not None and len(runner.pymalloc_arenas_mb) >= 3:
+        print(f"runner pymalloc: arenas {runner.pymalloc_arenas_mb[0]:.0f} -> "
+              f"{runner.pymalloc_arenas_mb[-1]:.0f} MB, live blocks "
+              f"{runner.pymalloc_live_mb[0]:.1f} -> {runner.pymalloc_live_mb[-1]:.1f} MB")
     if args.json:
         args.json.write_text(json.dumps({k: vars(v) for k, v in series.items()}, indent=1))
     if result.status != "finished":
