@@ -326,8 +326,9 @@ def round_failure_cause(info: RoundInfo, clients: list[str],
     """Why a round committed no global model; None when it committed one.
 
     In order: the runner ended the session during this round (``ended``: round -> why,
-    e.g. a clinic refused the round for its privacy budget); a combiner that is not running any more (its clients' updates never reach
-    the global model, whatever they did); every client reported a training failure; no
+    e.g. a clinic refused the round for its privacy budget); a combiner that is not
+    running any more (its clients' updates never reach the global model, whatever they
+    did); every client reported a training failure; no
     update at all (some clients silent: down, crashed or slower than the round
     timeout); updates arrived but no model was committed.
     """
@@ -534,7 +535,7 @@ class NewestFirst:
         """Read until every item the route counts is known."""
         skip, limit = 0, FIRST_PAGE
         while True:
-            answer = _get(lambda: self.fetch(limit, skip), self.what)
+            answer = _get(lambda limit=limit, skip=skip: self.fetch(limit, skip), self.what)
             self.requests += 1
             page = _result(answer)
             for item in page:
