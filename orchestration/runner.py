@@ -582,6 +582,9 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         timings["session_seconds"] = round(time.monotonic() - tic, 3)
         info["status"] = "finished" if status.lower() == "finished" else status.lower()
         earlier_models = (resume.earlier_info.get("model_ids") or {}) if resume else {}
+        if reporter.ended:  # a clinic refused a round mid-session for its budget
+            info["budget_stop"] = [{"round": k + offset, "cause": c}
+                                   for k, c in sorted(reporter.ended.items())]
         if not reporter.model_ids and not earlier_models:
             # A session that "finished" without any global model is a failed run.
             causes = reporter.log.causes if reporter.log else {}
@@ -589,11 +592,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
                 " (" + "; ".join(f"round {k}: {c}" for k, c in sorted(causes.items())) + ")"
                 if causes else "")
         elif reporter.ended:
-            # A clinic refused a round mid-session for its budget: the run is limited by
-            # budgets, and says which round and why (exit code 3).
+            # Limited by budgets; budget_stop says which round and why (exit code 3).
             info["status"] = BUDGET_LIMITED
-            info["budget_stop"] = [{"round": k + offset, "cause": c}
-                                   for k, c in sorted(reporter.ended.items())]
         elif info["status"] == "finished" and decision.limited:
             info["status"] = BUDGET_LIMITED
     except KeyboardInterrupt:
