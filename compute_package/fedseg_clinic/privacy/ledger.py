@@ -61,7 +61,7 @@ from typing import Any
 
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
-from fedseg_clinic.privacy import skellam
+from fedseg_clinic.privacy import skellam as skellam_mech
 from fedseg_clinic.privacy.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
 from fedseg_clinic.privacy.skellam import SkellamSegment
 
@@ -139,7 +139,7 @@ class LedgerSegment:
         if self.mechanism == "gaussian" and self.skellam is None:
             return
         params = self.skellam if isinstance(self.skellam, dict) else {}
-        if self.mechanism != skellam.MECHANISM or set(params) != set(_SKELLAM_KEYS) or not all(
+        if self.mechanism != skellam_mech.MECHANISM or set(params) != set(_SKELLAM_KEYS) or not all(
                 isinstance(params[k], int | float) and math.isfinite(params[k])
                 and params[k] > 0 for k in _SKELLAM_KEYS) or self.sampling_probability != 1.0:
             raise FedsegError(f"ledger segment {self.round_id}: mechanism={self.mechanism!r} "
@@ -149,7 +149,7 @@ class LedgerSegment:
     @classmethod
     def for_distributed(cls, round_id: str, n_patients: int, noise_multiplier: float,
                         l2_norm_clip: float, honest_shares: int, clinics: int,
-                        clip_units: int = skellam.CLIP_UNITS) -> LedgerSegment:
+                        clip_units: int = skellam_mech.CLIP_UNITS) -> LedgerSegment:
         """One distributed-DP round: the full-batch Skellam release of this clinic's sum.
 
         Args:
@@ -161,13 +161,13 @@ class LedgerSegment:
             clinics: The clinics keyed for the round (n).
             clip_units: s * C.
         """
-        seg = skellam.segment_for(noise_multiplier, 1, clip_units)
+        seg = skellam_mech.segment_for(noise_multiplier, 1, clip_units)
         params = {"variance": seg.variance, "share_variance": seg.variance / honest_shares,
                   "l2_sensitivity": seg.l2_sensitivity, "l1_sensitivity": seg.l1_sensitivity,
                   "honest_shares": int(honest_shares), "clinics": int(clinics),
                   "clip_units": int(clip_units)}
         return cls(round_id, 1, 1.0, float(noise_multiplier), float(l2_norm_clip),
-                   n_patients, skellam.MECHANISM, params)
+                   n_patients, skellam_mech.MECHANISM, params)
 
     @classmethod
     def for_schedule(cls, round_id: str, n_patients: int, batch_size: int, steps: int,

@@ -184,10 +184,11 @@ def honest_shares(n_clinics: int, setting: int | None = None) -> int:
 def trust_statement(eps: float, eps_alone: float, m: int, n_clinics: int, delta: float
                     ) -> str:
     """One line written next to the epsilon: what it assumes and what is left without."""
-    return (f"epsilon {eps:.3g} (delta {delta:.3g}) holds if at least {m} of the {n_clinics} "
-            f"clinics in each round's sum added their noise share and do not collude with the "
-            f"server; k colluders leave mu*(h)/{m} with h = contributors - k honest shares; "
-            f"with this clinic the only honest one: epsilon {eps_alone:.3g}")
+    return (f"epsilon {eps:.3g} (delta {delta:.3g}) assumes at least {m} honest noise shares "
+            f"in each round's sum of {n_clinics} clinics (clinics that added their share and "
+            f"do not collude with the server; the server unmasks no fewer than the threshold);"
+            f" with this clinic's share the only honest one (all others colluding with the "
+            f"server): epsilon {eps_alone:.3g}")
 
 
 # ------------------------------------------------------------------ sampling
@@ -238,3 +239,47 @@ def _norm_sq(values: np.ndarray) -> int:
     if values.size < 2 ** 22 and (values.size == 0 or int(np.max(np.abs(values))) <= 2 ** 20):
         return int(np.dot(values, values))
     return sum(int(x) * int(x) for x in values.tolist())
+
+
+def epsilon_for(noise_multiplier: float, rounds: int, delta: float, honest: float = 1.0,
+                clip_units: int = CLIP_UNITS) -> float:
+    """Epsilon of ``rounds`` releases whose noise is ``honest`` times the guaranteed one.
+
+    ``honest`` = h / m: h honest shares in the sum where the guarantee assumes m (1/m:
+    this clinic alone; n/m: every clinic of the round honest and present).
+    """
+    seg = segment_for(noise_multiplier, rounds, clip_units)
+    return epsilon([seg._replace(variance=seg.variance * honest)], delta)
+
+
+def compare_with_local(rounds: int, target_epsilon: float, delta: float, clinics: int,
+                       honest: int | None = None) -> dict[str, float]:
+    """Noise in the aggregate at equal epsilon per clinic: distributed vs local DP-GD.
+
+    Both run ``rounds`` full-batch steps (q = 1). Local DP: each clinic adds Gaussian
+    noise of multiplier z_local (calibrated by dp_accounting, tighter of RDP and PLD)
+    to its own sum, so the sum over n clinics carries std z_local * sqrt(n) (in units of
+    the clip C). Distributed: each adds z^2 / m of Skellam variance; all n present and
+    honest, the sum carries z * sqrt(n / m); at worst (m honest shares) z.
+
+    Returns:
+        The multipliers and aggregate stds (units of C) and the epsilons.
+    """
+    from fedseg_clinic.privacy.accounting import calibrate_noise
+
+    m = honest_shares(clinics, honest)
+    z = calibrate(rounds, target_epsilon, delta)
+    z_local = calibrate_noise(1, 1, rounds, target_epsilon, delta)
+    return {
+        "clinics": clinics, "honest_shares": m, "rounds": rounds,
+        "target_epsilon": target_epsilon, "delta": delta,
+        "local_noise_multiplier": z_local,
+        "local_aggregate_std": z_local * math.sqrt(clinics),
+        "distributed_noise_multiplier": z,
+        "distributed_share_std": z / math.sqrt(m),
+        "distributed_aggregate_std": z * math.sqrt(clinics / m),
+        "distributed_aggregate_std_min": z,
+        "epsilon": epsilon_for(z, rounds, delta),
+        "epsilon_all_honest": epsilon_for(z, rounds, delta, clinics / m),
+        "epsilon_if_alone": epsilon_for(z, rounds, delta, 1.0 / m),
+    }
