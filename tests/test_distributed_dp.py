@@ -172,7 +172,7 @@ def test_distributed_settings_resolve_to_one_full_batch_step() -> None:
                                       "training": {"local_steps": 9}}, "test")
     t = with_local_steps(settings, 20).training
     assert (t.local_steps, t.batch_size) == (1, 20)
-    with pytest.raises(FedsegError, match="distributed needs privacy.enabled"):
+    with pytest.raises(FedsegError, match=r"distributed needs privacy\.enabled"):
         settings_from_mapping({"privacy": {"distributed": True, "enabled": False}}, "f.yaml")
 
 
@@ -343,7 +343,7 @@ def test_experiment_refuses_distributed_dp_without_secure_aggregation(tmp_path: 
            "clinic": {"privacy": {"distributed": True}}}
     path = tmp_path / "x.yaml"
     path.write_text(yaml.safe_dump(doc))
-    with pytest.raises(FedsegError, match="needs session.secure_aggregation: true") as info:
+    with pytest.raises(FedsegError, match=r"needs session\.secure_aggregation: true") as info:
         load_experiment(path)
     assert "\n" not in str(info.value)
     doc["session"] = {"secure_aggregation": True, "rounds": 4}

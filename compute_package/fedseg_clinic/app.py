@@ -42,9 +42,9 @@ from fedseg_clinic.model.unet import (
 )
 from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
+from fedseg_clinic.privacy import skellam
 from fedseg_clinic.privacy.accounting import compute_epsilon, default_delta
 from fedseg_clinic.privacy.budget import check_privacy_floor, resolve_noise
-from fedseg_clinic.privacy import skellam
 from fedseg_clinic.privacy.distributed import noised_sum, reserve_round
 from fedseg_clinic.privacy.dp_sgd import (
     DPConfig,

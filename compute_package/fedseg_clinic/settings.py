@@ -387,8 +387,9 @@ def with_local_steps(settings: ClinicSettings, n_patients: int) -> ClinicSetting
 
     With E > 0 local epochs a round takes ceil(E * N / batch_size) steps (at least 1):
     the expected number of patient visits is E * N. ``training.full_batch`` sets the
-    batch size to N first (DP-GD); ``privacy.distributed`` means one step over all N. Everything downstream (training, the
-    ledger's segment, noise calibration, the budget plan) then uses that step count.
+    batch size to N first (DP-GD); ``privacy.distributed`` means one step over all N.
+    Everything downstream (training, the ledger's segment, noise calibration, the budget
+    plan) then uses that step count.
     """
     t = settings.training
     if settings.privacy.enabled and settings.privacy.distributed:

@@ -234,8 +234,10 @@ def truncate_to_units(clipped: np.ndarray, l2_norm_clip: float,
 
 
 def _norm_sq(values: np.ndarray) -> int:
-    """Exact squared l2 norm of an int64 vector (int64 dot cannot wrap below 2^22 terms
-    of magnitude <= 2^20)."""
+    """Exact squared l2 norm of an int64 vector.
+
+    The int64 dot product cannot wrap for fewer than 2^22 terms of magnitude <= 2^20.
+    """
     if values.size < 2 ** 22 and (values.size == 0 or int(np.max(np.abs(values))) <= 2 ** 20):
         return int(np.dot(values, values))
     return sum(int(x) * int(x) for x in values.tolist())
