@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             weights = SecAggServer._apply(weights, total, sum(m_["num_examples"] for m_ in metas),
                                           ddp)
             eps = [float(m_["epsilon"]) for m_ in metas]
+            print(f"m={m} round {k}: {time.monotonic() - tic:.0f} s", file=sys.stderr)
         z = metas[0]["noise_multiplier"]
         result["arms"][f"m={m}"] = {  # type: ignore[index]
             "honest_shares": metas[0]["honest_shares"], "noise_multiplier": z,
