@@ -520,5 +520,7 @@ def epsilon_for_plan(n_patients: int, settings: ClinicSettings, rounds: int) -> 
         return math.inf
     delta = p.delta if p.delta is not None else default_delta(n_patients)
     sigma, _ = resolve_noise(n_patients, settings)
+    if p.distributed:  # one Skellam release per round (privacy/skellam.py)
+        return skellam.epsilon([skellam.segment_for(sigma, rounds)], delta)
     return compute_epsilon(n_patients, t.batch_size, rounds * t.local_steps,
                            sigma, delta).epsilon
