@@ -9,6 +9,9 @@ clinics are keyed for round k (their round-k public keys) and the phase:
 - ``train``: a keyed clinic trains, quantises ``n * (new - global)``, adds its pair
   masks and answers with the masked ring elements (uint64); a clinic that is not keyed
   (its first round, or it lost its keys in a restart) answers with keys only.
+  With distributed DP (``privacy.distributed``) the clinic masks its noised integer
+  gradient sum instead (privacy/skellam.py) and its answer says so (``ddp``: the scale
+  and learning rate the server's step needs).
 - ``recover``: some clinic dropped after the others masked in an earlier round; the
   survivors decrypt the shares of the dropped clinics' round keys addressed to them and
   reveal them, so the server can remove the dropped clinics' masks. Nobody trains.
