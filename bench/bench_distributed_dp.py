@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     from fedseg.orchestration.secure_aggregation import SecAggServer
     from fedseg_clinic.app import ClinicApp
     from fedseg_clinic.model.weights import load_weights_npz
-    from fedseg_clinic.privacy import skellam
     from fedseg_clinic.settings import settings_from_mapping
 
     exp = demo_experiment()
