@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 UPDATE_DONE_TEXT = "Model update completed."
 # Training metadata keys that are bookkeeping, not metrics.
-_SKIP_META = frozenset({"config", "trainable", "dp_optimizer"})  # non-numeric
+_SKIP_META = frozenset({"config", "trainable", "dp_optimizer",  # non-numeric
+                        "dp_mode", "dp_mechanism", "trust"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,7 @@ from fedseg.orchestration.runlog import (
     MODELS_DIR,
     ROUNDS_NAME,
     RoundRecord,
+    pivot,
     read_rounds,
     read_run_info,
     write_rounds,
@@ -383,6 +384,30 @@ def secagg_summary(journal: Path) -> dict[str, Any]:
             "failed_rounds": [r["fedn_round"] for r in rounds if r.get("status") == "failed"]}
 
 
+def distributed_dp_summary(run_dir: Path) -> dict[str, Any]:
+    """run.json's record of a distributed-DP session: each clinic's last epsilon and trust.
+
+    Built from rounds.csv (the clinics' metadata): the epsilon under the trust
+    assumption, the epsilon if the clinic's noise share were the only honest one, and
+    the trust line (the same text the clinic logs, privacy/skellam.trust_statement).
+    """
+    from fedseg_clinic.privacy import skellam
+
+    rows = pivot(read_rounds(run_dir)) if (run_dir / ROUNDS_NAME).is_file() else {}
+    clients: dict[str, Any] = {}
+    for (k, client), values in sorted(rows.items()):
+        if client == GLOBAL or values.get("dp_distributed") != 1.0:
+            continue
+        m, n = int(values["honest_shares"]), int(values["secagg_clinics"])
+        eps, alone, delta = values["epsilon"], values["epsilon_if_alone"], values["delta"]
+        clients[client] = {"round": k, "epsilon": eps, "epsilon_if_alone": alone,
+                           "delta": delta, "honest_shares": m, "clinics": n,
+                           "noise_multiplier": values.get("noise_multiplier"),
+                           "trust": skellam.trust_statement(eps, alone, m, n, delta)}
+    return {"mechanism": skellam.MECHANISM, "clients": clients,
+            "doc": "docs/secure-aggregation.md#distributed-dp"}
+
+
 def format_metric(value: float | None, digits: int = 2) -> str:
     """A metric for a progress line: fixed digits, "-" when missing or NaN."""
     if value is None or math.isnan(value):
@@ -554,6 +579,11 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             secagg_journal=run_dir / SECAGG_JOURNAL if exp.session.secure_aggregation else None)
         info["session_id"] = session_id
         info["aggregation"] = "secure" if exp.session.secure_aggregation else "plain"
+        # Where the DP noise is added: by each clinic in full at every local step
+        # ("local"), or shared among the clinics under secure aggregation ("distributed").
+        privacy = exp.clinic.get("privacy") if isinstance(exp.clinic.get("privacy"), dict) \
+            else {}
+        info["privacy_mode"] = "distributed" if privacy.get("distributed") is True else "local"
         info["status"] = "running"
         write_run_info(run_dir, info)
         say(f"session {session_id}: {exp.session.rounds} rounds, {exp.session.aggregator}")
@@ -616,6 +646,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             timings["total_seconds"] = round(time.monotonic() - t_start, 3)
             if exp.session.secure_aggregation:
                 info["secure_aggregation"] = secagg_summary(run_dir / SECAGG_JOURNAL)
+            if info.get("privacy_mode") == "distributed":
+                info["distributed_dp"] = distributed_dp_summary(run_dir)
             info["finished_at"] = utc_now_iso()
             write_run_info(run_dir, info)
             _restore_sigint(previous)
