@@ -185,8 +185,13 @@ class CallbackAdapter:
             if not self.client_id:
                 raise FedsegError("secure aggregation: this client's id is not known yet")
             self.secagg = SecAggClinic(self.client_id)
+        contribute = None
+        if callable(getattr(self.app, "distributed_dp", None)) and \
+                self.app.distributed_dp(settings):
+            def contribute(clinics: int) -> tuple[list[np.ndarray], dict[str, Any]]:
+                return self.app.contribute(weights, settings, clinics)  # type: ignore[attr-defined]
         return self.secagg.handle(str(payload), weights,
-                                  lambda: self.app.train(weights, settings))
+                                  lambda: self.app.train(weights, settings), contribute)
 
     def _keep(self, update: bytes, metadata: dict[str, Any], settings: dict[str, Any]) -> None:
         """Write this call's update and its metadata atomically into keep_updates."""
