@@ -367,10 +367,18 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     model = dict(check.mapping(top.get("model"), "model"))
     clinic = dict(check.mapping(top.get("clinic"), "clinic"))
     privacy = clinic.get("privacy")
+    distributed = isinstance(privacy, dict) and privacy.get("distributed") is True
+    if distributed and not session.secure_aggregation:
+        # Each clinic adds only a share of the noise: the server must see only the sum.
+        raise check.fail("clinic.privacy.distributed",
+                         "needs session.secure_aggregation: true (each clinic adds only a "
+                         "share of the noise, so only the masked sum may leave it)")
     if isinstance(privacy, dict) and privacy.get("target_epsilon") is not None \
             and privacy.get("planned_rounds") is None:
-        # A target epsilon covers this session's rounds unless the file says otherwise.
-        clinic["privacy"] = {**privacy, "planned_rounds": session.rounds}
+        # A target epsilon covers this session's rounds unless the file says otherwise;
+        # a distributed-DP session trains in all but its first (key exchange) round.
+        planned = max(1, session.rounds - 1) if distributed else session.rounds
+        clinic["privacy"] = {**privacy, "planned_rounds": planned}
     client_settings = _client_settings(check, top.get("client_settings"), session.rounds)
     if clients.app == DEFAULT_APP and top.get("package") is None:
         _check_clinic_settings(check, model, clinic, client_settings, session.rounds)
