@@ -283,7 +283,7 @@ class RoundReporter:
         self.model_ids: dict[int, str] = {}
         self.collector = collect.SessionCollector(api_client, session_id, seed_model_id,
                                                   clients, validate=validate,
-                                                  settle_after_s=VALIDATION_GRACE_S)
+                                                  settle_after_s=validation_grace_s)
         # Session round -> why the runner ended the session during it (budget refusals).
         self.ended: dict[int, str] = {}
 

@@ -132,3 +132,11 @@ def test_a_round_without_validations_is_written_after_the_grace(
     clock[0] = 31.0
     reporter.poll()
     assert reporter.reported == {1}
+
+
+def test_the_collector_settles_rounds_after_the_same_grace(tmp_path: Path) -> None:
+    # A collector that froze a round's rows after 120 s would drop validations that the
+    # reporter (validation_timeout 900) still waits for.
+    reporter = RoundReporter(None, "s", "seed", ["c1"], 2, tmp_path, True, None,
+                             validation_grace_s=900.0)
+    assert reporter.collector.settle_after_s == 900.0
