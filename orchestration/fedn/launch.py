@@ -97,6 +97,8 @@ def run_client(init: str) -> None:
     fedn_compat.check_fedn_version()
     fedn_compat.attach_grpc_token()
     fedn_compat.tls_on_any_port()  # bug 19
+    fedn_compat.report_train_failures()  # bug 20
+    fedn_compat.warm_dispatch()  # jobs to the package's warm worker, no process per call
     from fedn.cli import main as fedn_main
 
     fedn_main(args=["client", "start", "--init", init], prog_name="fedn", standalone_mode=True)
