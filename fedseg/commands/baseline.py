@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-
-def _default_runs_dir() -> Path:
-    # The one place a default follows the shell's folder; it is printed before use.
-    return Path(os.getcwd()) / "runs"
+from fedseg.commands.common import default_runs_dir, sigterm_as_interrupt
 
 
 @click.command("baseline")
@@ -30,7 +26,8 @@ def baseline(kind: str, experiment: Path, runs_dir: Path | None, overwrite: bool
     from fedseg.orchestration.experiment import load_experiment
 
     exp = load_experiment(experiment)
-    runs = (runs_dir or _default_runs_dir()).resolve()
+    runs = (runs_dir or default_runs_dir()).resolve()
+    sigterm_as_interrupt()
     try:
         result = run_baseline(exp, kind, runs, progress=click.echo, overwrite=overwrite)
     except KeyboardInterrupt:

@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
+from fedseg.commands.common import default_runs_dir, quiet_fedn, sigterm_as_interrupt
 from fedseg_clinic.errors import FedsegError
-
-
-def _default_runs_dir() -> Path:
-    # The one place a default follows the shell's folder; it is printed before use.
-    return Path(os.getcwd()) / "runs"
 
 
 def _echo_progress(line: str) -> None:
     click.echo(line)
-
-
-def _sigterm_as_interrupt() -> None:
-    """Treat SIGTERM like Ctrl-C, so `kill` also stops the clients and network we started."""
-    import signal
-
-    def _raise(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _raise)
-
-
-def _quiet_fedn() -> None:
-    """Keep only warnings of fedn (it logs DEBUG to stdout by itself) unless -v was given."""
-    import logging
-
-    import fedn.common.log_config  # noqa: F401 - it configures the "fedn" logger on import
-
-    if logging.getLogger().level >= logging.WARNING:
-        logging.getLogger("fedn").setLevel(logging.WARNING)
 
 
 @click.command("run")
@@ -65,9 +40,9 @@ def run(experiment: Path | None, runs_dir: Path | None, network_root: Path | Non
         raise FedsegError("--resume takes no --overwrite, --network or --runs-dir "
                           "(the run folder's run.json has them)")
     exp = load_experiment(experiment) if experiment is not None else None
-    _quiet_fedn()
-    _sigterm_as_interrupt()
-    runs = (runs_dir or _default_runs_dir()).resolve()
+    quiet_fedn()
+    sigterm_as_interrupt()
+    runs = (runs_dir or default_runs_dir()).resolve()
     where = resume_dir.resolve() if resume_dir is not None else runs / exp.name
     try:
         if resume_dir is not None:
@@ -211,12 +186,12 @@ def demo(out: Path | None, rounds: int, overwrite: bool) -> None:
     """Three synthetic clinics fine-tune a pretrained seed with DP (epsilon <= 8) on FEDn."""
     from fedseg.orchestration.runner import demo_experiment, run_experiment
 
-    runs = (out or _default_runs_dir()).resolve()
+    runs = (out or default_runs_dir()).resolve()
     name = demo_run_name(runs, overwrite)
     click.echo(f"demo output goes to {runs / name}")
     exp = demo_experiment(rounds=rounds, name=name)
-    _quiet_fedn()
-    _sigterm_as_interrupt()
+    quiet_fedn()
+    sigterm_as_interrupt()
     try:
         result = run_experiment(exp, runs, progress=_echo_progress, overwrite=overwrite)
     except KeyboardInterrupt:

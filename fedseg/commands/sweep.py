@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import click
 
-
-def _default_runs_dir() -> Path:
-    # The one place a default follows the shell's folder; it is printed before use.
-    return Path(os.getcwd()) / "runs"
-
-
-def _quiet_fedn() -> None:
-    """Keep only fedn's warnings (it logs DEBUG to stdout by itself) unless -v was given."""
-    import fedn.common.log_config  # noqa: F401 - it configures the "fedn" logger on import
-
-    if logging.getLogger().level >= logging.WARNING:
-        logging.getLogger("fedn").setLevel(logging.WARNING)
+from fedseg.commands.common import default_runs_dir, quiet_fedn, sigterm_as_interrupt
 
 
 @click.command("sweep")
@@ -37,9 +24,10 @@ def sweep(sweep_file: Path, runs_dir: Path | None, dry_run: bool) -> None:
     from fedseg.orchestration.sweep import load_sweep, run_sweep
 
     spec = load_sweep(sweep_file)
-    runs = (runs_dir or _default_runs_dir()).resolve()
+    runs = (runs_dir or default_runs_dir()).resolve()
     if not dry_run:
-        _quiet_fedn()
+        quiet_fedn()
+        sigterm_as_interrupt()
     try:
         result = run_sweep(spec, runs, progress=click.echo, dry_run=dry_run)
     except KeyboardInterrupt:
