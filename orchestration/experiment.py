@@ -40,9 +40,12 @@ import yaml
 
 from fedseg_clinic.errors import FedsegError
 
-AGGREGATORS = ("fedavg", "fedopt")
+AGGREGATORS = ("fedavg", "fedopt", "fedavgm")
 FEDOPT_KWARGS = {"serveropt": str, "learning_rate": float, "beta1": float, "beta2": float,
                  "tau": float}
+# fedavgm: FedAvg with server momentum, run in a ServerFunctions hook
+# (orchestration/server_momentum.py): server learning rate and momentum in [0, 1).
+FEDAVGM_KWARGS = {"learning_rate": float, "momentum": float}
 SERVEROPTS = ("adam", "yogi", "adagrad")
 ROUTES = ("callback", "package")
 DEFAULT_APP = "fedseg_clinic.app:ClinicApp.from_environment"
@@ -93,6 +96,11 @@ class SessionSpec:
     validate: bool = True
     # Pairwise-masked aggregation (docs/secure-aggregation.md): the server sees the sum.
     secure_aggregation: bool = False
+
+    @property
+    def server_hook(self) -> bool:
+        """Whether the server side runs in a ServerFunctions hook (needs the hooks service)."""
+        return self.secure_aggregation or self.aggregator == "fedavgm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,18 +220,24 @@ def _session(check: _Checker, value: Any) -> SessionSpec:
     aggregator = check.choice(s.get("aggregator", default.aggregator), "session.aggregator",
                               AGGREGATORS)
     kwargs = dict(check.mapping(s.get("aggregator_kwargs"), "session.aggregator_kwargs"))
-    if kwargs and aggregator != "fedopt":
+    if kwargs and aggregator == "fedavg":
         raise check.fail("session.aggregator_kwargs", f"{aggregator} takes no kwargs")
+    allowed = FEDAVGM_KWARGS if aggregator == "fedavgm" else FEDOPT_KWARGS
     for key, val in kwargs.items():
         full = f"session.aggregator_kwargs.{key}"
-        if key not in FEDOPT_KWARGS:
-            raise check.fail(full, f"unknown fedopt kwarg (allowed: {', '.join(FEDOPT_KWARGS)})")
-        if FEDOPT_KWARGS[key] is str:
+        if key not in allowed:
+            raise check.fail(full, f"unknown {aggregator} kwarg "
+                                   f"(allowed: {', '.join(allowed)})")
+        if allowed[key] is str:
             check.choice(val, full, SERVEROPTS)
-        elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
-            raise check.fail(full, f"must be a non-negative number, got {val!r}")
+        elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0 \
+                or val != val or val == float("inf"):
+            raise check.fail(full, f"must be a finite non-negative number, got {val!r}")
         else:
             kwargs[key] = float(val)
+    if aggregator == "fedavgm" and kwargs.get("momentum", 0.0) >= 1.0:
+        raise check.fail("session.aggregator_kwargs.momentum",
+                         f"must be below 1, got {kwargs['momentum']!r}")
     return SessionSpec(
         rounds=check.integer(s.get("rounds", default.rounds), "session.rounds", 1),
         aggregator=aggregator,

@@ -233,8 +233,8 @@ def network_config(exp: Experiment, run_dir: Path) -> Any:
 
     data = dict(exp.network)
     data.setdefault("root", str(run_dir / "network"))
-    if exp.client_settings or exp.session.secure_aggregation:
-        data["hooks"] = True  # settings and secure aggregation run in ServerFunctions
+    if exp.client_settings or exp.session.server_hook:
+        data["hooks"] = True  # settings, secure aggregation, fedavgm run in ServerFunctions
     source = f"{exp.source or exp.name}: network"
     return NetworkConfig.from_dict(data, source=source, base=run_dir)
 
@@ -471,11 +471,11 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             state = step("network_up", lambda: network_mod.network_up(config))
         else:
             state = network_mod.load_network_state(network_root)
-            if (exp.client_settings or exp.session.secure_aggregation) \
+            if (exp.client_settings or exp.session.server_hook) \
                     and not state.hooks_host:
-                raise FedsegError(f"{network_root}: the experiment sets client_settings or "
-                                  "secure_aggregation but this network has no hooks service "
-                                  "(network up with hooks)")
+                raise FedsegError(f"{network_root}: the experiment sets client_settings, "
+                                  "secure_aggregation or fedavgm but this network has no "
+                                  "hooks service (network up with hooks)")
         info["network"] = {"root": str(state.root), "api_url": state.api_url,
                            "owned": network_root is None}
         api = state.api_client()
@@ -505,7 +505,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         if exp.client_settings:
             settings_by_round = [exp.settings_for_round(k)
                                  for k in range(1, exp.session.rounds + 1)]
-        elif state.hooks_host:
+        elif state.hooks_host or exp.session.server_hook:
             # A hooks service keeps the last session's ServerFunctions and the combiner
             # asks it every round: without a fresh, empty one, this session's clients
             # would get the previous session's settings.

@@ -9,7 +9,9 @@ A sweep file (docs/baselines-and-sweeps.md)::
       aggregator: [fedavg, fedopt]
       local_steps: [4]
       learning_rate: [0.003]            # client learning rate
-      server_learning_rate: [0.01]      # fedopt only (dropped for fedavg points)
+      server_learning_rate: [0.01]      # fedopt/fedavgm only (dropped for fedavg points)
+      seed: [1, 2, 3]                   # the experiment's seed (model init, sampling);
+                                        # the shared phantom data keep the base's seed
     baselines: [pooled, local]     # optional, run after the federated runs
 
 Every run is a folder ``<runs_dir>/<sweep>/<point>/`` named by its grid values
@@ -61,7 +63,8 @@ logger = logging.getLogger(__name__)
 
 SWEEP_INDEX = "sweep.json"
 # Grid axes, in the order their tokens appear in run names.
-AXES = ("target_epsilon", "aggregator", "local_steps", "learning_rate", "server_learning_rate")
+AXES = ("target_epsilon", "aggregator", "local_steps", "learning_rate", "server_learning_rate",
+        "seed")
 # Axes that only change the server side: baselines do not depend on them.
 SERVER_AXES = ("aggregator", "server_learning_rate")
 BASELINE_KINDS = ("pooled", "local")
@@ -128,6 +131,10 @@ def _axis_values(source: str, axis: str, values: Any) -> list[Any]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FedsegError(f"{source}: grid.local_steps: must be integers >= 1, "
                                   f"got {value!r}")
+            out.append(value)
+        elif axis == "seed":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise FedsegError(f"{source}: grid.seed: must be integers >= 0, got {value!r}")
             out.append(value)
         elif axis == "target_epsilon":
             if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "infinity"):
@@ -223,6 +230,8 @@ def _token(axis: str, value: Any) -> str:
         return f"ls{value}"
     if axis == "learning_rate":
         return f"lr{value:g}"
+    if axis == "seed":
+        return f"s{value}"
     return f"slr{value:g}"
 
 
@@ -234,7 +243,7 @@ def point_name(params: dict[str, Any], axes: tuple[str, ...] = AXES) -> str:
 def expand_grid(sweep: Sweep) -> list[dict[str, Any]]:
     """Every combination of the grid's values, in file order, without duplicates.
 
-    ``server_learning_rate`` only applies to fedopt: a point that aggregates with fedavg
+    ``server_learning_rate`` only applies to fedopt and fedavgm: a point that aggregates with fedavg
     (from the grid or the base experiment) drops it, and the duplicates this makes are
     removed.
     """
@@ -243,7 +252,7 @@ def expand_grid(sweep: Sweep) -> list[dict[str, Any]]:
     for combo in itertools.product(*(sweep.grid[a] for a in axes)):
         params = dict(zip(axes, combo, strict=True))
         aggregator = params.get("aggregator", sweep.base.session.aggregator)
-        if aggregator != "fedopt":
+        if aggregator not in ("fedopt", "fedavgm"):
             params.pop("server_learning_rate", None)
         points.setdefault(point_name(params), params)
     return list(points.values())
@@ -334,6 +343,10 @@ def point_experiment(sweep: Sweep, params: dict[str, Any], data: dict[str, Path]
         raise FedsegError(f"{sweep.source}: run name {name!r} is longer than 64 characters")
     doc = copy.deepcopy(base.raw)
     doc["name"] = name
+    if "seed" in params:
+        # Seeds model init and every clinic's sampling; the shared data were generated
+        # from the base's seed before (all seeds see the same patients).
+        doc["seed"] = params["seed"]
     if data is not None:
         doc["data"] = {"clinics": {c: str(p) for c, p in data.items()}}
         # The shared phantom data would otherwise compose every point's epsilon: each
