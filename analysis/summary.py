@@ -442,7 +442,7 @@ def resolve_target(
 
     Raises:
         FedsegError: both or an out-of-range value given; a fraction without exactly one
-            pooled run, or with a pooled run that has no final Dice.
+            pooled setting (one run or seeds of one), or a pooled run without final Dice.
     """
     if target_dice is not None and target_fraction is not None:
         raise FedsegError("give either a target Dice or a target fraction, not both")
