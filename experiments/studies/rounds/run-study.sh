@@ -12,8 +12,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 runs="$(mkdir -p "${1:?usage: run-study.sh RUNS_DIR [SWEEP_NAME ...]}" && cd "$1" && pwd)"
 shift
-order=(fedavg pooled warm fedavgm keep fedprox localnorm epochs fedadam fedyogi combo
-       dp-fedavg dp-combo)
+order=(fedavg pooled warm fedavgm keep combo dp-fedavg dp-combo fedprox localnorm epochs
+       fedadam fedyogi)
 if [ "$#" -gt 0 ]; then order=("$@"); fi
 net="$runs/rounds-network"
 mkdir -p "$net"
