@@ -24,8 +24,12 @@ Top-level keys::
     network: {...}              # passed to the network layer (NetworkConfig fields)
     ledgers: data | run         # where the clinics' privacy ledgers are kept (below)
     seed_builder: MODULE:FUNC   # builds the seed npz: FUNC(model, out, seed=seed)
-    seed_weights: path          # or: a pretrained seed npz (fedseg seed pretrain) whose
-                                # sidecar JSON (what it was trained on) goes to run.json
+    seed_weights: path|random   # a pretrained seed npz (fedseg seed pretrain) whose
+                                # sidecar JSON (what it was trained on) goes to run.json;
+                                # "random": seed_builder's random model. Unset (and no
+                                # seed_builder): the shipped pretrained seed when its model
+                                # config equals `model` (the recommended scheme,
+                                # docs/findings.md), else a random one
     package: path               # compute package folder (default: the project's)
 """
 
@@ -50,6 +54,7 @@ SERVEROPTS = ("adam", "yogi", "adagrad")
 ROUTES = ("callback", "package")
 DEFAULT_APP = "fedseg_clinic.app:ClinicApp.from_environment"
 DEFAULT_SEED_BUILDER = "fedseg.seed.build:build_seed"
+RANDOM_SEED = "random"  # seed_weights: random = a random seed model, explicitly
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _APP_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _TOP_KEYS = ("name", "seed", "data", "model", "clinic", "client_settings", "session",
@@ -129,6 +134,9 @@ class Experiment:
     package: Path | None = None
     ledgers: str = "data"
     seed_weights: Path | None = None
+    # No seed_weights, no seed_builder, not "random": fedseg run starts from the shipped
+    # pretrained seed when its model config matches (runner.prepare_seed).
+    pretrained_default: bool = False
     source: Path | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -358,8 +366,10 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     if not isinstance(seed_builder, str) or not _APP_RE.match(seed_builder):
         raise check.fail("seed_builder", f"must be MODULE:FUNC, got {seed_builder!r}")
     package = _path(check, top, "package", base)
-    seed_weights = _path(check, top, "seed_weights", base)
-    if seed_weights is not None and "seed_builder" in top:
+    # "random": a random seed model (seed_builder), never the shipped pretrained seed.
+    random_seed = top.get("seed_weights") == RANDOM_SEED
+    seed_weights = None if random_seed else _path(check, top, "seed_weights", base)
+    if (seed_weights is not None or random_seed) and "seed_builder" in top:
         raise check.fail("seed_weights", "give seed_weights or seed_builder, not both")
     clients = _clients(check, top.get("clients"))
     if session.secure_aggregation and clients.route != "callback":
@@ -396,6 +406,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
         package=package,
         ledgers=ledgers,
         seed_weights=seed_weights,
+        pretrained_default=not random_seed and "seed_builder" not in top,
         source=None if base is None else Path(source),
         raw=raw,
     )
