@@ -246,3 +246,33 @@ def test_prediction_at_the_model_spacing_lands_back_on_the_ct_grid() -> None:
     assert dice(heart, hu > 0) >= 0.85
     assert np.allclose(np.argwhere(heart).mean(0), np.argwhere(hu > 0).mean(0), atol=1.0)
     assert set(np.unique(labels)) <= {0, THORAX.class_index("heart")}
+
+
+def test_scout_in_series_and_enhanced_ct(tmp_path: Path, dicom_patients: Path) -> None:
+    """A scout saved inside the series is left out; an enhanced multi-frame CT gives a
+    NIfTI label map and refuses RTSTRUCT/SEG (frame references) in one line."""
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+    from pydicom.uid import generate_uid
+
+    model = _fake_run(tmp_path / "run", THORAX_MODEL, rounds=1) / "models" / "round-1.npz"
+    series_dir = _series_folders(dicom_patients)[0]
+    files = sorted(series_dir.iterdir())
+    with_scout = tmp_path / "with-scout"
+    shutil.copytree(series_dir, with_scout)
+    scout = pydicom.dcmread(files[0])
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal, same series UID
+    scout.save_as(with_scout / "scout.dcm")
+    result = predict_path(model, with_scout, tmp_path / "p1", "nifti")[0]
+    assert read_volume(result.outputs[0]).hu.shape[0] == len(files)
+
+    image = LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(f) for f in files], series_instance_uid=generate_uid(),
+        series_number=9, sop_instance_uid=generate_uid(), instance_number=1)
+    (tmp_path / "enhanced").mkdir()
+    image.save_as(tmp_path / "enhanced" / "ct.dcm")
+    result = predict_path(model, tmp_path / "enhanced", tmp_path / "p2", "nifti")[0]
+    assert read_volume(result.outputs[0]).hu.shape[0] == len(files)
+    with pytest.raises(FedsegError, match=r"ct\.dcm: --format rtstruct on an enhanced "
+                                          "multi-frame CT is not supported"):
+        predict_path(model, tmp_path / "enhanced", tmp_path / "p3", "rtstruct")

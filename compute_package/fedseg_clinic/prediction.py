@@ -33,6 +33,7 @@ import numpy as np
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.imaging import preprocess
 from fedseg_clinic.imaging.labelmap import LabelMap, labelmap_to_grid
+from fedseg_clinic.imaging.matching import split_stacks
 from fedseg_clinic.imaging.series import CtSeries, Geometry, read_series, scan_folder
 from fedseg_clinic.imaging.volumes import find_volume_cases, is_volume_file, read_volume
 from fedseg_clinic.model.bundle import LoadedModel, load_model
@@ -141,7 +142,8 @@ def find_ct_inputs(ct_path: Path) -> list[tuple[str, Callable[[], CtInput]]]:
         names = [""]
     inputs: list[tuple[str, Callable[[], CtInput]]] = []
     for name, folder, fs in zip(names, folders, groups, strict=True):
-        paths = [f.path for f in fs]
+        # The series' largest stack: a scout saved inside the series is left out.
+        paths = [f.path for f in split_stacks(fs[0].series_uid, fs)[0].files]
         inputs.append((name, lambda n=name, d=folder, p=paths: _series_input(n, d, p)))
     return inputs
 
@@ -194,8 +196,13 @@ def _write_outputs(fmt: str, item: CtInput, labels: np.ndarray, loaded: LoadedMo
     if item.series is None:
         raise FedsegError(f"{item.source}: --format {fmt} needs a DICOM CT series to "
                           "reference; this CT is NIfTI/NRRD (use --format nifti)")
-    masks = {o: m for o, m in masks_from_labels(labels, organs).items() if m.any()}
     series = item.series
+    if any(frame is not None for frame in series.frame_numbers):
+        # Referencing frames (ReferencedFrameNumber, a multi-frame SEG source) is not
+        # written yet: refuse rather than write references a planning system misreads.
+        raise FedsegError(f"{series.files[0]}: --format {fmt} on an enhanced multi-frame CT "
+                          "is not supported (use --format nifti)")
+    masks = {o: m for o, m in masks_from_labels(labels, organs).items() if m.any()}
     if fmt == "rtstruct":
         from fedseg_clinic.imaging.rtstruct_writer import build_rtstruct, write_dicom
 

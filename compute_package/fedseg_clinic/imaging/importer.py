@@ -52,7 +52,14 @@ from fedseg_clinic.imaging.labelmap import (
     read_dicom_seg,
     read_labelmap,
 )
+from fedseg_clinic.imaging.matching import (
+    Stack,
+    choose_stack,
+    match_structure_set,
+    split_stacks,
+)
 from fedseg_clinic.imaging.rtstruct import (
+    PLANE_TOLERANCE,
     StructureSet,
     check_reference,
     rasterise_roi,
@@ -112,7 +119,11 @@ class ImportOptions:
 
 @dataclasses.dataclass
 class Problem:
-    """One line about the input: ``severity`` is "warning" or "error"."""
+    """One line about the input: ``severity`` is "note", "warning" or "error".
+
+    Notes say what the importer decided on the user's behalf (which CT series of
+    several, contours matched by geometry); they do not make the import fail.
+    """
 
     severity: str
     text: str
@@ -144,6 +155,11 @@ class ImportReport:
     def ok(self) -> bool:
         """True when no error was reported."""
         return not any(p.severity == "error" for p in self.problems)
+
+    def note(self, text: str) -> None:
+        """Record a decision the importer made (which series, how contours matched)."""
+        logger.info("note: %s", text)
+        self.problems.append(Problem("note", text))
 
     def warn(self, text: str) -> None:
         """Record a warning."""
@@ -216,21 +232,13 @@ def _group_patients(scan: ScanResult, salt: str) -> dict[tuple[str, str], _Patie
     return patients
 
 
-def _match_structure_set(ss: StructureSet, series: dict[str, list[DicomFile]]) -> str | None:
-    """The series UID a structure set belongs to, from header facts only."""
-    for uid in ss.series_uids:
-        if uid in series:
-            return uid
-    if ss.image_sop_uids:
-        best = max(series, key=lambda u: len(ss.image_sop_uids
-                                             & {f.sop_instance_uid for f in series[u]}),
-                   default=None)
-        if best is not None and ss.image_sop_uids & {f.sop_instance_uid for f in series[best]}:
-            return best
-    for uid, files in series.items():
-        if files[0].frame_of_reference_uid in ss.frame_of_reference_uids:
-            return uid
-    return None
+def _slice_name(geometry: Geometry, centre: np.ndarray) -> str:
+    """"slice 3 of 98 (z -120.44 mm)" for a point, or its z when off the volume."""
+    k = round(float(geometry.lps_to_index(np.asarray(centre)[None, :])[0, 0]))
+    z = f"z {float(centre[2]):.2f} mm"
+    if 0 <= k < geometry.shape[0]:
+        return f"slice {k + 1} of {geometry.shape[0]} ({z})"
+    return f"contour at {z} (off the CT volume)"
 
 
 def _series_folder(files: list[DicomFile]) -> Path:
@@ -284,9 +292,17 @@ def _organ_masks(
             masks[organ] = mask
 
     for ss in structure_sets:
-        check_reference(ss, series)
+        if not ss.matched_by_geometry:
+            check_reference(ss, series)
+        # Matched by geometry: each contour goes to the slice within half a spacing
+        # (matching refused contours halfway between slices).
+        tolerance = 0.5 if ss.matched_by_geometry else PLANE_TOLERANCE
         for roi in ss.rois:
-            result = rasterise_roi(roi, series.geometry)
+            for centre, why in roi.degenerate:
+                report.warn(f"{ss.path}: {case_id}: ROI {roi.name!r}: "
+                            f"{_slice_name(series.geometry, centre)}: degenerate contour "
+                            f"skipped ({why}); the ROI's other contours are kept")
+            result = rasterise_roi(roi, series.geometry, tolerance)
             for line in result.warnings(roi.name):
                 if line.endswith("empty mask"):
                     continue  # reported by add() together with the organ
@@ -307,7 +323,7 @@ def _organ_masks(
 
 def _import_patient(
     patient: _Patient,
-    files: list[DicomFile],
+    stack: Stack,
     structure_sets: list[StructureSet],
     segs: list[DicomSeg],
     labelmap_paths: list[Path],
@@ -316,7 +332,7 @@ def _import_patient(
     report: ImportReport,
 ) -> str:
     """Import one patient study; raises FedsegError, writes nothing on failure."""
-    series = read_series([f.path for f in files])
+    series = read_series([f.path for f in stack.files])
     for line in series.warnings:
         report.warn(f"{patient.case_id}: {line}")
     labelmaps = []
@@ -339,7 +355,13 @@ def _import_patient(
         "label_sources": {"rtstruct": len(structure_sets), "seg": len(segs),
                           "labelmap": len(labelmap_paths)},
         "crop": options.crop,
+        # How the labels were tied to this CT: anonymised UIDs force geometry.
+        "contour_matching": "geometry" if any(ss.matched_by_geometry
+                                              for ss in structure_sets) else "uid",
     }
+    if stack.part or len(series.files) != len(stack.files) or patient.series != [
+            stack.series_uid]:
+        extra["series_choice"] = stack.describe()
     image, masks, geometry = preprocess_case(hu, masks, geometry, options, report,
                                              patient.case_id, extra)
     meta = CaseMeta(
@@ -485,18 +507,15 @@ def _import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport
             report.error(str(exc))
             broken.setdefault((item.patient_id, item.study_uid), item.path)
             continue
-        uid = _match_structure_set(ss, series_files)
-        if uid is None:
-            same_study = [p for p in patients.values() if p.key == (item.patient_id,
-                                                                    item.study_uid)]
-            if len(same_study) == 1 and len(same_study[0].series) == 1:
-                uid = same_study[0].series[0]  # check_reference will say what is wrong
-            else:
-                refs = ", ".join(ss.series_uids) or "(no series reference)"
-                report.error(f"{item.path}: RTSTRUCT points at CT series {refs}, which is not "
-                             f"in {src}")
-                continue
-        structure_sets.setdefault(uid, []).append(ss)
+        match = match_structure_set(ss, series_files,
+                                    _geometry_candidates(item, series_files))
+        if match.series_uid is None:
+            report.error(match.note)
+            continue
+        if match.by_geometry:
+            ss.matched_by_geometry = True
+            report.note(match.note)
+        structure_sets.setdefault(match.series_uid, []).append(ss)
     for item in scan.dicom:
         if item.modality not in ("CT", "RTSTRUCT", "SEG"):
             report.warn(f"{item.path}: skipped: modality {item.modality or '(none)'} is not "
@@ -545,27 +564,35 @@ def _import_clinic(src: Path, out: Path, options: ImportOptions) -> ImportReport
                         f"(patterns {', '.join(options.labelmap_globs)})")
 
     for patient in patients.values():
-        if patient.key in broken:
-            report.error(f"{patient.case_id}: not imported: its label file {broken[patient.key]} "
+        refused = broken.get(patient.key) or next(
+            # A refused label file whose study UID matches no CT (regenerated by an
+            # anonymiser) fails every study of its PatientID: none may lose its labels.
+            (path for (pid, study), path in broken.items()
+             if pid == patient.key[0] and (pid, study) not in patients), None)
+        if refused is not None:
+            report.error(f"{patient.case_id}: not imported: its label file {refused} "
                          "was refused (error above)")
             report.failed.append(patient.case_id)
             continue
-        chosen = patient.series
-        if len(chosen) > 1 and options.series_uids:
-            chosen = [uid for uid in chosen if uid in options.series_uids]
-        if len(chosen) != 1:
-            listing = "; ".join(
-                f"{uid} ({len(series_files[uid])} slices in {folders[uid]})"
-                for uid in patient.series
-            )
-            report.error(f"{patient.case_id}: {len(patient.series)} CT series for one patient "
-                         f"study, expected one (pick with --series UID): {listing}")
+        stacks = [stack for uid in patient.series
+                  for stack in split_stacks(uid, series_files[uid])]
+        labelled = {uid for uid in patient.series
+                    if uid in structure_sets or uid in segs or uid in labelmaps}
+        try:
+            stack, note = choose_stack(patient.case_id, stacks, labelled, options.series_uids)
+        except FedsegError as exc:
+            report.error(str(exc))
             report.failed.append(patient.case_id)
             continue
-        uid = chosen[0]
+        if note is not None:
+            report.note(note)
+        uid = stack.series_uid
+        for other in sorted(labelled - {uid}):
+            report.warn(f"{patient.case_id}: label files of CT series {other} not imported "
+                        f"(series {uid} was chosen)")
         try:
             case_id = _import_patient(
-                patient, series_files[uid], structure_sets.get(uid, []), segs.get(uid, []),
+                patient, stack, structure_sets.get(uid, []), segs.get(uid, []),
                 labelmaps.get(uid, []), out, options, report,
             )
         except FedsegError as exc:
@@ -592,10 +619,28 @@ def _skipped_summary(skipped: list[tuple[Path, str]]) -> str:
     return f", {len(skipped)} skipped: " + "; ".join(parts)
 
 
+def _geometry_candidates(item: DicomFile, series_files: dict[str, list[DicomFile]]
+                         ) -> list[str]:
+    """Series an RTSTRUCT may be matched to by geometry.
+
+    The same PatientID's series (any study: anonymisers regenerate study UIDs too), else
+    those in or below the RTSTRUCT's folder whose PatientID or the RTSTRUCT's is blank.
+    Two different PatientIDs are never matched by geometry: contours put on another
+    patient's CT of the same slice grid would be a silent, dangerous error.
+    """
+    same_patient = [uid for uid, files in series_files.items()
+                    if item.patient_id and files[0].patient_id == item.patient_id]
+    if same_patient:
+        return same_patient
+    return [uid for uid, files in series_files.items()
+            if not (item.patient_id and files[0].patient_id)
+            and _series_folder(files).is_relative_to(item.path.parent)]
+
+
 def _overlaps(lm: LabelMap, uid: str, series_files: dict[str, list[DicomFile]]) -> bool:
-    """Overlap test of a label map with a series (reads the series)."""
+    """Overlap test of a label map with a series (reads its largest stack)."""
     try:
-        series = read_series([f.path for f in series_files[uid]])
+        series = read_series([f.path for f in split_stacks(uid, series_files[uid])[0].files])
     except FedsegError:
         return False
     return bounds_overlap(lm, series.geometry)

@@ -40,12 +40,15 @@ class Roi:
         name: ROIName as written by the clinic.
         contours: (n, 3) LPS point arrays of the CLOSED_PLANAR contours.
         other_contours: number of contours of other types (points, open lines).
+        degenerate: (LPS centre of the contour, why) of each CLOSED_PLANAR contour
+            skipped as degenerate: fewer than three distinct points or zero area.
     """
 
     number: int
     name: str
     contours: list[np.ndarray]
     other_contours: int = 0
+    degenerate: list[tuple[np.ndarray, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -59,6 +62,8 @@ class StructureSet:
         image_sop_uids: SOPInstanceUIDs referenced by ContourImageSequence items, both in
             the referenced-series block and on individual contours.
         rois: the ROIs in StructureSetROISequence order.
+        matched_by_geometry: set by the importer when the UIDs named no CT here and the
+            contours were matched to a series by geometry (see ``imaging.matching``).
     """
 
     path: Path
@@ -66,6 +71,7 @@ class StructureSet:
     series_uids: list[str]
     image_sop_uids: set[str]
     rois: list[Roi]
+    matched_by_geometry: bool = False
 
 
 def _contour_points(contour: pydicom.Dataset) -> np.ndarray:
@@ -80,6 +86,31 @@ def _contour_points(contour: pydicom.Dataset) -> np.ndarray:
     if isinstance(raw.value, bytes):
         return np.array(raw.value.replace(b"\\", b" ").split(), dtype=np.float64)
     return np.asarray([float(v) for v in contour.ContourData], dtype=np.float64)
+
+
+# Points closer than this (mm) to one line enclose nothing.
+COLLINEAR_TOLERANCE_MM = 1e-4
+
+
+def degenerate_reason(points: np.ndarray) -> str | None:
+    """Why a closed planar contour encloses nothing, or None for a real one.
+
+    Args:
+        points: (n, 3) LPS points of the contour.
+
+    Returns:
+        "1 point", "2 distinct points", "zero area (collinear points)" or None.
+    """
+    n = len(np.unique(points, axis=0))
+    if n < 3:
+        return f"{n} point" if n == 1 else f"{n} distinct points"
+    # All points on one line (the second singular value of the centred points is the
+    # spread across the best line): zero area. A self-crossing figure eight, whose signed
+    # areas cancel, is not degenerate: the even-odd fill still gives it voxels.
+    centred = points - points.mean(axis=0)
+    if np.linalg.svd(centred, compute_uv=False)[1] < COLLINEAR_TOLERANCE_MM:
+        return "zero area (collinear points)"
+    return None
 
 
 def read_rtstruct(path: Path) -> StructureSet:
@@ -135,10 +166,10 @@ def _parse_rtstruct(ds: pydicom.Dataset, path: Path) -> StructureSet:
                 raise FedsegError(
                     f"{path}: ROI {roi.name!r} has a contour with malformed ContourData"
                 ) from None
-            if points.size % 3 or points.size < 9:
+            if points.size % 3 or points.size == 0:
                 raise FedsegError(
                     f"{path}: ROI {roi.name!r} has a contour with {points.size} coordinates "
-                    "(need 3 per point, at least 3 points)"
+                    "(need 3 per point)"
                 )
             bad = np.flatnonzero(~np.isfinite(points))
             if bad.size:
@@ -147,7 +178,14 @@ def _parse_rtstruct(ds: pydicom.Dataset, path: Path) -> StructureSet:
                     f"{path}: ROI {roi.name!r} has ContourData value {points[bad[0]]!r} at "
                     f"point {bad[0] // 3 + 1} (coordinates must be finite)"
                 )
-            roi.contours.append(points.reshape(-1, 3))
+            points = points.reshape(-1, 3)
+            why = degenerate_reason(points)
+            if why is not None:
+                # Planning systems write these beside the real contours (a click, a
+                # line); they enclose nothing, so skipping one loses no voxel.
+                roi.degenerate.append((points.mean(axis=0), why))
+                continue
+            roi.contours.append(points)
     return StructureSet(path=path, frame_of_reference_uids=fors, series_uids=series,
                         image_sop_uids=sops, rois=list(rois.values()))
 
@@ -292,16 +330,20 @@ class RasterResult:
         return lines
 
 
-def rasterise_contours(contours: Sequence[np.ndarray], geometry: Geometry) -> RasterResult:
+def rasterise_contours(contours: Sequence[np.ndarray], geometry: Geometry,
+                       plane_tolerance: float = PLANE_TOLERANCE) -> RasterResult:
     """Rasterise closed planar contours (LPS mm) onto an explicitly given grid.
 
-    Each contour goes to the slice whose centre it lies on (within PLANE_TOLERANCE of a
-    slice spacing); all contours of one slice are filled together by the even-odd rule.
+    Each contour goes to the slice whose centre it lies on (within ``plane_tolerance``
+    of a slice spacing); all contours of one slice are filled together by the even-odd
+    rule.
 
     Args:
         contours: (n, 3) LPS point arrays.
         geometry: the target grid (any orientation; contours must be parallel to its
             slices).
+        plane_tolerance: how far (in slice spacings) a contour may lie from a slice
+            centre; 0.5 for structure sets matched by geometry (half a slice).
 
     Returns:
         The mask and counts of contours outside the volume or off the slice planes.
@@ -313,7 +355,7 @@ def rasterise_contours(contours: Sequence[np.ndarray], geometry: Geometry) -> Ra
         zyx = geometry.lps_to_index(points)
         k_float = float(np.mean(zyx[:, 0]))
         k = round(k_float)
-        if np.max(np.abs(zyx[:, 0] - k)) > PLANE_TOLERANCE:
+        if np.max(np.abs(zyx[:, 0] - k)) > plane_tolerance:
             result.off_plane += 1
             continue
         if not 0 <= k < nz:
@@ -329,8 +371,9 @@ def rasterise_contours(contours: Sequence[np.ndarray], geometry: Geometry) -> Ra
     return result
 
 
-def rasterise_roi(roi: Roi, geometry: Geometry) -> RasterResult:
+def rasterise_roi(roi: Roi, geometry: Geometry,
+                  plane_tolerance: float = PLANE_TOLERANCE) -> RasterResult:
     """Rasterise one ROI onto a grid; point/line contours are counted, not filled."""
-    result = rasterise_contours(roi.contours, geometry)
+    result = rasterise_contours(roi.contours, geometry, plane_tolerance)
     result.other_contours = roi.other_contours
     return result
