@@ -209,6 +209,13 @@ def _run_section(entry: dict[str, Any], info: dict[str, Any], figures: list[Figu
                      " (docs/secure-aggregation.md); FEDn round 1 exchanged keys only"
                      + (f"; rounds failed: {html.escape(', '.join(map(str, failed)))}"
                         if failed else "") + ".</p>")
+    ddp = info.get("distributed_dp") or {}
+    if ddp.get("clients"):
+        lines = "".join(f"<li>{html.escape(name)}: {html.escape(str(c.get('trust', '')))}</li>"
+                        for name, c in sorted(ddp["clients"].items()))
+        parts.append("<p>Distributed DP (Skellam noise shared among the clinics under secure "
+                     "aggregation, docs/secure-aggregation.md): each clinic's epsilon and the "
+                     f"trust it rests on:</p><ul>{lines}</ul>")
     parts.append(f"<p>seed {html.escape(_fmt(entry['seed']))}; rounds "
                  f"{entry['first_round']}..{entry['last_round']}; final round "
                  f"{html.escape(_fmt(entry['final_round']))}; clients "

@@ -38,6 +38,7 @@ import requests
 from fedseg.orchestration.network import ports
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.fedn_callback import TOKEN_ENV, new_client_id
+from fedseg_clinic.fedn_tls import GRPC_ROOT_CERT_ENV
 from fedseg_clinic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def client_folder(root: Path, name: str) -> Path:
 
 
 def client_env(spec: ClientSpec, folder: Path, token: str | None,
-               base: dict[str, str] | None = None) -> dict[str, str]:
+               base: dict[str, str] | None = None, tls_ca: Path | None = None
+               ) -> dict[str, str]:
     """The complete environment of one client process.
 
     Args:
@@ -111,6 +113,9 @@ def client_env(spec: ClientSpec, folder: Path, token: str | None,
         folder: Its client folder (state/ lives there).
         token: The client JWT, or None without auth.
         base: Environment to start from (default: ours, minus server-only settings).
+        tls_ca: The network's CA certificate (a TLS network: ``https://`` API, gRPC over
+            TLS); both routes verify the server with it (REQUESTS_CA_BUNDLE for HTTPS,
+            FEDN_GRPC_ROOT_CERT_PATH for gRPC, as a clinic kit's run-client.sh does).
 
     Returns:
         The environment (FEDSEG_* set, server secrets removed).
@@ -134,6 +139,11 @@ def client_env(spec: ClientSpec, folder: Path, token: str | None,
         env[TOKEN_ENV] = token
     else:
         env.pop(TOKEN_ENV, None)
+    if tls_ca is not None:
+        env["REQUESTS_CA_BUNDLE"] = str(tls_ca)
+        env[GRPC_ROOT_CERT_ENV] = str(tls_ca)
+    else:
+        env.pop(GRPC_ROOT_CERT_ENV, None)  # plain gRPC on a loopback network
     env.update(spec.env)
     return env
 
@@ -221,8 +231,8 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 
 def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "callback",
-                 app: str, token: str | None = None, combiner: str | None = None
-                 ) -> ClientHandle:
+                 app: str, token: str | None = None, combiner: str | None = None,
+                 tls_ca: Path | None = None) -> ClientHandle:
     """Start one client process (does not wait for it to connect).
 
     Args:
@@ -233,6 +243,7 @@ def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "ca
         app: MODULE:FACTORY (callback route).
         token: Client JWT, or None without auth.
         combiner: Preferred combiner, or None.
+        tls_ca: The network's CA certificate on a TLS network (see :func:`client_env`).
 
     Returns:
         Its handle (also added to ``clients.json``).
@@ -251,7 +262,7 @@ def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "ca
     record = ports.spawn(spec.name, client_argv(route, spec, api_url, app, folder, token,
                                                 combiner, client_id),
                          cwd=folder / "work", log=folder / "client.log",
-                         env=client_env(spec, folder, token))
+                         env=client_env(spec, folder, token, tls_ca=tls_ca))
     handle = ClientHandle(name=spec.name, route=route, folder=folder, record=record,
                           client_id=client_id)
     others = [h for h in load_clients(root) if h.name != spec.name]
@@ -262,13 +273,14 @@ def start_client(root: Path, spec: ClientSpec, *, api_url: str, route: str = "ca
 def clients_up(root: Path, specs: list[ClientSpec], *, api_url: str,
                route: str = "callback", app: str, token: str | None = None,
                combiner: str | Sequence[str] | None = None, ready_timeout_s: float = 120.0,
-               api_client: Any = None) -> list[ClientHandle]:
+               api_client: Any = None, tls_ca: Path | None = None) -> list[ClientHandle]:
     """Start all clients, then wait until each is connected.
 
     "Connected" is the client's ready file (callback route) and, when ``api_client``
     is given, the API listing the client as online (both routes). ``combiner`` is one
     preferred combiner for all, or a list that the clients are split across in turn
-    (client i prefers ``combiner[i % len(combiner)]``: hierarchical FEDn).
+    (client i prefers ``combiner[i % len(combiner)]``: hierarchical FEDn). ``tls_ca``:
+    the network's CA certificate on a TLS network (see :func:`client_env`).
 
     Raises:
         FedsegError: a name twice, a client that exits while starting (the message holds
@@ -289,7 +301,7 @@ def clients_up(root: Path, specs: list[ClientSpec], *, api_url: str,
             preferred = (combiner if combiner is None or isinstance(combiner, str)
                          else combiner[i % len(combiner)])
             handles.append(start_client(root, spec, api_url=api_url, route=route, app=app,
-                                        token=token, combiner=preferred))
+                                        token=token, combiner=preferred, tls_ca=tls_ca))
         wait_connected(handles, ready_timeout_s, api_client)
     except BaseException:
         stop_clients(root, [h.name for h in handles])

@@ -19,7 +19,7 @@ Top-level keys::
     client_settings: {...}      # sent every round through a ServerFunctions hook;
                                 # a list value is a per-round schedule (len == rounds)
     session: {rounds, aggregator, aggregator_kwargs, round_timeout, min_clients,
-              validate}
+              validate, validation_timeout}
     clients: {route: callback|package, app: MODULE:FACTORY, env: {...}}
     network: {...}              # passed to the network layer (NetworkConfig fields)
     ledgers: data | run         # where the clinics' privacy ledgers are kept (below)
@@ -99,6 +99,9 @@ class SessionSpec:
     round_timeout: int = 600
     min_clients: int = 1
     validate: bool = True
+    # Seconds to wait, after a round is done, for its validations before the round is
+    # written without the missing ones (real CT volumes validate for minutes).
+    validation_timeout: int = 120
     # Pairwise-masked aggregation (docs/secure-aggregation.md): the server sees the sum.
     secure_aggregation: bool = False
 
@@ -255,6 +258,9 @@ def _session(check: _Checker, value: Any) -> SessionSpec:
         min_clients=check.integer(s.get("min_clients", default.min_clients),
                                   "session.min_clients", 1),
         validate=check.boolean(s.get("validate", default.validate), "session.validate"),
+        validation_timeout=check.integer(
+            s.get("validation_timeout", default.validation_timeout),
+            "session.validation_timeout", 1),
         secure_aggregation=_secure_aggregation(check, s, aggregator),
     )
 
@@ -385,10 +391,18 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     model = dict(check.mapping(top.get("model"), "model"))
     clinic = dict(check.mapping(top.get("clinic"), "clinic"))
     privacy = clinic.get("privacy")
+    distributed = isinstance(privacy, dict) and privacy.get("distributed") is True
+    if distributed and not session.secure_aggregation:
+        # Each clinic adds only a share of the noise: the server must see only the sum.
+        raise check.fail("clinic.privacy.distributed",
+                         "needs session.secure_aggregation: true (each clinic adds only a "
+                         "share of the noise, so only the masked sum may leave it)")
     if isinstance(privacy, dict) and privacy.get("target_epsilon") is not None \
             and privacy.get("planned_rounds") is None:
-        # A target epsilon covers this session's rounds unless the file says otherwise.
-        clinic["privacy"] = {**privacy, "planned_rounds": session.rounds}
+        # A target epsilon covers this session's rounds unless the file says otherwise;
+        # a distributed-DP session trains in all but its first (key exchange) round.
+        planned = max(1, session.rounds - 1) if distributed else session.rounds
+        clinic["privacy"] = {**privacy, "planned_rounds": planned}
     client_settings = _client_settings(check, top.get("client_settings"), session.rounds)
     if clients.app == DEFAULT_APP and top.get("package") is None:
         _check_clinic_settings(check, model, clinic, client_settings, session.rounds)

@@ -49,6 +49,7 @@ from fedseg.orchestration.runlog import (
     MODELS_DIR,
     ROUNDS_NAME,
     RoundRecord,
+    pivot,
     read_rounds,
     read_run_info,
     write_rounds,
@@ -65,10 +66,15 @@ VERSIONED = ("fedseg", "fedn", "tensorflow", "tf-keras", "tensorflow-privacy", "
              "numpy", "SQLAlchemy")
 # A session that ran, but without a clinic or with fewer rounds, for privacy budgets.
 BUDGET_LIMITED = "budget-limited"
-# After a round is done, how long to wait for its validations before reporting it anyway.
-# 120 s: on a loaded 2-core machine the demo's validation took ~85 s per clinic, and with
-# 30 s the last round was reported (and summarised) with one clinic's Dice of three.
+# After a round is done, how long to wait for its validations before reporting it anyway
+# (default of session.validation_timeout). 120 s: on a loaded 2-core machine the demo's
+# validation took ~85 s per clinic, and with 30 s the last round was reported (and
+# summarised) with one clinic's Dice of three. Real CT (OpenKBP, 16 validation patients
+# per clinic) took longer than 120 s, and every round was written without Dice.
 VALIDATION_GRACE_S = 120.0
+# How a clinic's refusal of a round for its privacy budget reads in the round log
+# (fedseg_clinic.privacy.ledger.BudgetExceededError, reported by the callback client).
+BUDGET_REFUSAL = "BudgetExceededError"
 # The server's per-round secure-aggregation outcomes (orchestration/secure_aggregation.py).
 SECAGG_JOURNAL = "secagg.jsonl"
 
@@ -267,8 +273,11 @@ class RoundReporter:
                  clients: list[str], rounds: int, run_dir: Path, validate: bool,
                  progress: Progress | None,
                  dead_combiners: Callable[[], list[str]] | None = None,
-                 offset: int = 0, earlier: list[RoundRecord] | None = None) -> None:
+                 offset: int = 0, earlier: list[RoundRecord] | None = None,
+                 validation_grace_s: float = VALIDATION_GRACE_S) -> None:
         """Track one session (see :meth:`poll`).
+
+        ``validation_grace_s``: how long a done round waits for its validations.
 
         ``dead_combiners`` names the network's combiners that are not running any more,
         so that a round without a model is attributed to them, not to the clients.
@@ -276,6 +285,7 @@ class RoundReporter:
         numbered from ``offset + 1`` and written after the ``earlier`` records.
         """
         self.dead_combiners = dead_combiners or (lambda: [])
+        self.validation_grace_s = validation_grace_s
         self.offset = offset
         self.earlier = list(earlier or [])
         # Called after new rounds are written (the runner updates run.json there).
@@ -292,6 +302,11 @@ class RoundReporter:
         self.done_since: dict[int, float] = {}
         self.log: collect.SessionLog | None = None
         self.model_ids: dict[int, str] = {}
+        self.collector = collect.SessionCollector(api_client, session_id, seed_model_id,
+                                                  clients, validate=validate,
+                                                  settle_after_s=validation_grace_s)
+        # Session round -> why the runner ended the session during it (budget refusals).
+        self.ended: dict[int, str] = {}
 
     def _validations_complete(self, k: int, log: collect.SessionLog) -> bool:
         table: dict[str, set[str]] = {}
@@ -307,9 +322,10 @@ class RoundReporter:
         Args:
             final: The session is over: report everything that is done.
         """
-        log = collect.shift_log(
-            collect.collect_session(self.api, self.session_id, self.seed_model_id,
-                                    self.clients, self.dead_combiners()), self.offset)
+        own = self.collector.collect(self.dead_combiners(), self.ended, full=final)
+        if not final:
+            self._end_on_budget_refusal(own)
+        log = collect.shift_log(own, self.offset)
         self.log = log
         now = time.monotonic()
         new = []
@@ -320,7 +336,7 @@ class RoundReporter:
             waited = now - self.done_since[info.index]
             ready = (not self.validate or not info.model_id or final
                      or self._validations_complete(info.index, log)
-                     or waited > VALIDATION_GRACE_S)
+                     or waited > self.validation_grace_s)
             if ready:
                 new.append(info)
         if not new and not final:
@@ -338,6 +354,31 @@ class RoundReporter:
         for info in sorted(new, key=lambda r: r.index):
             if self.progress is not None:
                 self.progress(self.round_line(info, log))
+
+    def _end_on_budget_refusal(self, log: collect.SessionLog) -> None:
+        """End the session when a clinic refuses the running round for its budget.
+
+        Its ledger cannot afford the round (e.g. another training on the same data spent
+        budget after the run's plan): it will send no update, and fedn would wait out the
+        round timeout, then ask again next round. The round is ended now, as a failed
+        round whose cause names the clinic and its refusal.
+        """
+        running = {r.index for r in log.rounds if r.status not in session.DONE_ROUND_STATES}
+        refused = [f for f in log.failures
+                   if f["task"] == "train" and f["round"] in running
+                   and f["round"] not in self.ended
+                   and str(f["error"]).startswith(BUDGET_REFUSAL)]
+        if not refused:
+            return
+        k = refused[0]["round"]
+        detail = "; ".join(f"{f['client']}: {f['error']}" for f in refused if f["round"] == k)
+        self.ended[k] = (f"budget: refused for the privacy budget ({detail}); the runner "
+                         "ended the session instead of waiting out the round timeout")
+        logger.warning("round %d: %s", k + self.offset, self.ended[k])
+        if self.progress is not None:
+            self.progress(f"round {k + self.offset}: a clinic refused it for its privacy "
+                          f"budget ({detail}); ending the session")
+        session.terminate_session(self.api, self.session_id)
 
     def round_line(self, info: collect.RoundInfo, log: collect.SessionLog) -> str:
         """"round 2/5  clinic-1 dice 0.41 eps 1.20  clinic-2 FAILED  12.3 s"."""
@@ -368,6 +409,30 @@ def secagg_summary(journal: Path) -> dict[str, Any]:
     rounds = read_journal(journal)
     return {"journal": journal.name, "rounds": rounds,
             "failed_rounds": [r["fedn_round"] for r in rounds if r.get("status") == "failed"]}
+
+
+def distributed_dp_summary(run_dir: Path) -> dict[str, Any]:
+    """run.json's record of a distributed-DP session: each clinic's last epsilon and trust.
+
+    Built from rounds.csv (the clinics' metadata): the epsilon under the trust
+    assumption, the epsilon if the clinic's noise share were the only honest one, and
+    the trust line (the same text the clinic logs, privacy/skellam.trust_statement).
+    """
+    from fedseg_clinic.privacy import skellam
+
+    rows = pivot(read_rounds(run_dir)) if (run_dir / ROUNDS_NAME).is_file() else {}
+    clients: dict[str, Any] = {}
+    for (k, client), values in sorted(rows.items()):
+        if client == GLOBAL or values.get("dp_distributed") != 1.0:
+            continue
+        m, n = int(values["honest_shares"]), int(values["secagg_clinics"])
+        eps, alone, delta = values["epsilon"], values["epsilon_if_alone"], values["delta"]
+        clients[client] = {"round": k, "epsilon": eps, "epsilon_if_alone": alone,
+                           "delta": delta, "honest_shares": m, "clinics": n,
+                           "noise_multiplier": values.get("noise_multiplier"),
+                           "trust": skellam.trust_statement(eps, alone, m, n, delta)}
+    return {"mechanism": skellam.MECHANISM, "clients": clients,
+            "doc": "docs/secure-aggregation.md#distributed-dp"}
 
 
 def format_metric(value: float | None, digits: int = 2) -> str:
@@ -518,7 +583,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             run_dir, specs, api_url=state.api_url, route=exp.clients.route,
             app=exp.clients.app, token=state.client_token, api_client=api,
             combiner=[c.name for c in state.combiners] if len(state.combiners) > 1 else None,
-            ready_timeout_s=ready_timeout_s))
+            ready_timeout_s=ready_timeout_s,
+            tls_ca=Path(state.tls_ca) if state.tls_ca else None))
         info["clients"] = {h.name: {"route": h.route, "client_id": h.client_id,
                                     "data_dir": str(data_dirs[h.name]),
                                     "log": str(h.log), "folder": str(h.folder)}
@@ -541,6 +607,11 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             secagg_journal=run_dir / SECAGG_JOURNAL if exp.session.secure_aggregation else None)
         info["session_id"] = session_id
         info["aggregation"] = "secure" if exp.session.secure_aggregation else "plain"
+        # Where the DP noise is added: by each clinic in full at every local step
+        # ("local"), or shared among the clinics under secure aggregation ("distributed").
+        privacy = exp.clinic.get("privacy") if isinstance(exp.clinic.get("privacy"), dict) \
+            else {}
+        info["privacy_mode"] = "distributed" if privacy.get("distributed") is True else "local"
         info["status"] = "running"
         write_run_info(run_dir, info)
         say(f"session {session_id}: {exp.session.rounds} rounds, {exp.session.aggregator}")
@@ -548,7 +619,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
                                  exp.session.validate, progress,
                                  dead_combiners=lambda: dead_combiners(state),
                                  offset=offset,
-                                 earlier=resume.earlier_records if resume else None)
+                                 earlier=resume.earlier_records if resume else None,
+                                 validation_grace_s=exp.session.validation_timeout)
 
         def round_reported() -> None:  # run.json follows the log: kill -9 loses nothing
             assert reporter is not None
@@ -560,7 +632,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         status = session.wait_session(api, session_id, session.session_timeout(exp.session),
                                       on_poll=reporter.poll)
         # The last round's validations arrive after the session says finished.
-        deadline = time.monotonic() + VALIDATION_GRACE_S
+        deadline = time.monotonic() + exp.session.validation_timeout
         while (len(reporter.reported) < len(reporter.log.rounds if reporter.log else [])
                and time.monotonic() < deadline):
             time.sleep(1.0)
@@ -569,12 +641,18 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         timings["session_seconds"] = round(time.monotonic() - tic, 3)
         info["status"] = "finished" if status.lower() == "finished" else status.lower()
         earlier_models = (resume.earlier_info.get("model_ids") or {}) if resume else {}
+        if reporter.ended:  # a clinic refused a round mid-session for its budget
+            info["budget_stop"] = [{"round": k + offset, "cause": c}
+                                   for k, c in sorted(reporter.ended.items())]
         if not reporter.model_ids and not earlier_models:
             # A session that "finished" without any global model is a failed run.
             causes = reporter.log.causes if reporter.log else {}
             info["status"] = "failed: no round committed a global model" + (
                 " (" + "; ".join(f"round {k}: {c}" for k, c in sorted(causes.items())) + ")"
                 if causes else "")
+        elif reporter.ended:
+            # Limited by budgets; budget_stop says which round and why (exit code 3).
+            info["status"] = BUDGET_LIMITED
         elif info["status"] == "finished" and decision.limited:
             info["status"] = BUDGET_LIMITED
     except KeyboardInterrupt:
@@ -597,6 +675,8 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             timings["total_seconds"] = round(time.monotonic() - t_start, 3)
             if exp.session.secure_aggregation:
                 info["secure_aggregation"] = secagg_summary(run_dir / SECAGG_JOURNAL)
+            if info.get("privacy_mode") == "distributed":
+                info["distributed_dp"] = distributed_dp_summary(run_dir)
             info["finished_at"] = utc_now_iso()
             write_run_info(run_dir, info)
             _restore_sigint(previous)
@@ -768,6 +848,7 @@ def _cleanup(reporter: RoundReporter | None, info: dict[str, Any], run_dir: Path
     """
     if reporter is not None:
         record_progress(reporter, info, earlier)
+        reporter.collector.close()
     if clients_started:
         clients_mod.stop_clients(run_dir)
     if own_network_root is not None:

@@ -138,6 +138,12 @@ class SecAggServer:
         if not masked:
             record["status"] = "keys"
             return record, previous_global
+        try:
+            ddp = self._ddp_mode(answers, masked)
+        except ValueError as exc:
+            return self._fail(record, str(exc)), previous_global
+        if ddp is not None:
+            record["dp_mode"] = "distributed"
         total = secagg.ring_zeros([np.shape(g) for g in previous_global])
         weight = 0
         try:
@@ -149,7 +155,7 @@ class SecAggServer:
         threshold = secagg.threshold_for(len(keyed))
         if not dropped:
             record["status"] = "ok"
-            return record, self._apply(previous_global, total, weight)
+            return record, self._apply(previous_global, total, weight, ddp)
         if len(masked) < threshold:
             return self._fail(record, f"{len(masked)} of {len(keyed)} clinics answered, "
                                       f"{threshold} needed to unmask"), previous_global
@@ -166,7 +172,7 @@ class SecAggServer:
         self.pending = {"round": k, "dropped": dropped, "survivors": masked,
                         "threshold": max(owners[d]["threshold"] for d in dropped),
                         "keys": {c: self.keys[k][c] for c in keyed}, "total": total,
-                        "weight": weight}
+                        "weight": weight, "ddp": ddp}
         record["status"] = "pending"
         record["reason"] = "masks of dropped clinics are recovered in the next round"
         return record, previous_global
@@ -202,13 +208,55 @@ class SecAggServer:
                                                         f"{self.session}|{r}"), shapes)
                 secagg.ring_add(total, mask, -secagg.pair_sign(s, d))
         record["status"] = "recovered"
-        return record, self._apply(previous_global, total, p["weight"])
+        if p.get("ddp") is not None:
+            record["dp_mode"] = "distributed"
+        return record, self._apply(previous_global, total, p["weight"], p.get("ddp"))
 
     # -------------------------------------------------------------- helpers
     @staticmethod
-    def _apply(previous_global: list[np.ndarray], total: list[np.ndarray], weight: int
-               ) -> list[np.ndarray]:
-        mean = secagg.dequantise(total, weight)
+    def _ddp_mode(answers: dict[str, dict[str, Any]], masked: list[str]
+                  ) -> dict[str, float] | None:
+        """The distributed-DP step parameters all masked answers agree on, or None.
+
+        Raises:
+            ValueError: some clinics sent distributed-DP sums and others model updates,
+                or they disagree on the scale or learning rate (the sum would be garbage).
+        """
+        modes = {c: answers[c].get("ddp") for c in masked}
+        if all(m is None for m in modes.values()):
+            return None
+        if any(m is None for m in modes.values()):
+            plain = sorted(c for c, m in modes.items() if m is None)
+            raise ValueError(f"clinics {', '.join(plain)} sent model updates, the others "
+                             "distributed-DP gradient sums: every clinic needs the same "
+                             "privacy.distributed")
+        values = {(float(m["scale"]), float(m["learning_rate"])) for m in modes.values()}
+        if len(values) != 1:
+            raise ValueError(f"clinics disagree on the distributed-DP scale / learning rate "
+                             f"{sorted(values)}: every clinic needs the same l2_norm_clip "
+                             "and learning_rate")
+        scale, lr = values.pop()
+        if not (scale > 0 and lr > 0):
+            raise ValueError(f"distributed DP: scale {scale} and learning rate {lr} must be > 0")
+        return {"scale": scale, "learning_rate": lr}
+
+    @staticmethod
+    def _apply(previous_global: list[np.ndarray], total: list[np.ndarray], weight: int,
+               ddp: dict[str, float] | None = None) -> list[np.ndarray]:
+        """The new global model from the unmasked sum.
+
+        FedAvg: the sum is of fixed-point weighted deltas. Distributed DP: it is the
+        noised integer sum Z of clipped patient gradients; the step is one of DP-GD on
+        the federation, ``w - lr * Z / (scale * total patients)`` (post-processing).
+        """
+        if ddp is None:
+            mean = secagg.dequantise(total, weight)
+        else:
+            if weight <= 0:
+                raise secagg.SecAggError(f"total weight {weight}: nothing to average")
+            step = ddp["learning_rate"] / (ddp["scale"] * float(weight))
+            mean = [-step * np.asarray(t, np.uint64).view(np.int64).astype(np.float64)
+                    for t in total]
         return [(np.asarray(g, np.float64) + m).astype(np.asarray(g).dtype)
                 for g, m in zip(previous_global, mean, strict=True)]
 

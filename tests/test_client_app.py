@@ -171,6 +171,8 @@ def test_entry_points_startup_and_bad_input(
 ) -> None:
     for key, value in _env(tmp_path, clinic_dir).items():
         monkeypatch.setenv(key, value)
+    # The in-process path (tests/test_warm_worker.py covers the warm worker).
+    monkeypatch.setenv("FEDSEG_WARM_WORKER", "0")
     with pytest.raises(SystemExit) as info:
         entrypoints.main(["startup"])
     assert info.value.code == 0
@@ -309,6 +311,56 @@ def test_local_norm_keeps_the_clinics_groupnorm_over_the_global_one(
     for now, s, n in zip(app.model.get_weights(), seed, is_norm, strict=True):
         # GroupNorm: the clinic's own; everything else: the global model's.
         np.testing.assert_array_equal(now, own.pop(0) if n else s)
+
+
+def test_distributed_round_sends_integer_sums_and_a_noise_share(tmp_path: Path,
+                                                                clinic_dir: Path) -> None:
+    """privacy.distributed: ClinicApp refuses plain training, and contribute() returns the
+    integer sum of clipped patient gradients (frozen coordinates exactly 0) plus a Skellam
+    share of variance mu / m, reserved in the ledger as a skellam round."""
+    from fedseg_clinic.privacy import skellam
+    from fedseg_clinic.privacy.ledger import PrivacyLedger, ledger_path
+
+    def app_with(noise: float, where: str) -> ClinicApp:
+        env = _env(tmp_path / where, clinic_dir, distributed=True, noise_multiplier=noise)
+        settings = load_settings(env)
+        settings.training.trainable = "norm_bias"
+        return ClinicApp(settings)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    quiet, noisy = app_with(1e-6, "a"), app_with(1.0, "b")
+    seed = [np.asarray(w) for w in quiet.model.get_weights()]
+    with pytest.raises(FedsegError, match="needs secure aggregation"):
+        quiet.train(seed, {})
+    clean, meta = quiet.contribute(seed, {}, 3)
+    noised, meta_b = noisy.contribute(seed, {}, 3)
+    n = len(quiet.train_cases)
+    assert all(a.dtype == np.int64 and a.shape == s.shape
+               for a, s in zip(clean, seed, strict=True))
+    from fedseg_clinic.model.unet import trainable_subset
+
+    trained = {id(v) for v in trainable_subset(quiet.model, "norm_bias")}
+    frozen = [a for v, a in zip(quiet.model.weights, clean, strict=True) if id(v) not in trained]
+    assert frozen and not any(a.any() for a in frozen)  # frozen: no gradient, no noise
+    flat_clean = np.concatenate([a.ravel() for a in clean]).astype(np.float64)
+    assert 0 < np.linalg.norm(flat_clean) <= n * skellam.CLIP_UNITS + 10
+    # Same patches (seeded sampling, round 0 of each ledger): the difference is noise of
+    # variance mu / m = 2^40 / 2 on each trained coordinate.
+    diff = np.concatenate([(b - a).ravel() for a, b in zip(clean, noised, strict=True)])
+    d = meta["trained_parameters"]
+    assert np.count_nonzero(diff) > 0.9 * d
+    assert diff[diff != 0].var() == pytest.approx(2.0 ** 40 / 2, rel=0.3)
+    assert meta_b["honest_shares"] == 2 and meta_b["secagg_clinics"] == 3
+    assert meta_b["epsilon"] == pytest.approx(
+        skellam.epsilon([skellam.segment_for(1.0, 1)], 1e-3), rel=1e-9)
+    assert meta_b["epsilon_if_alone"] > meta_b["epsilon"]
+    assert "at least 2 honest noise shares" in meta_b["trust"]
+    assert meta_b["ddp_scale"] == skellam.CLIP_UNITS / 1.0 and meta_b["num_examples"] == n
+    ledger = PrivacyLedger(ledger_path(tmp_path / "b" / "privacy", noisy.data_id),
+                           noisy.data_id, 1e-3, None)
+    (entry,) = ledger.entries()
+    assert entry["mechanism"] == "skellam" and entry["sampling_probability"] == 1.0
 
 
 def test_equal_time_stops_at_the_budget_and_dp_reserves_the_cap(tmp_path: Path,

@@ -174,3 +174,92 @@ def test_failed_round_causes_clients_failed_or_timeout() -> None:
     _, log = _two_rounds_second_failed(statuses, aggregated=0)
     assert log.causes[2] == ("timeout: no update arrived within the round timeout "
                              "(silent: c2; failed: c1)")
+
+
+class _FakeLists:
+    """fedn 0.33.0's list routes over in-memory rows: newest first, X-Limit/X-Skip, count."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[dict]] = {"rounds/": [], "models/": [], "statuses/": [],
+                                            "validations/": []}
+        self.calls = 0
+
+    def request(self, path: str, headers: dict | None = None, params: dict | None = None
+                ) -> dict:
+        self.calls += 1
+        if path.startswith("rounds/") and path != "rounds/":
+            rid = path.split("/", 1)[1]
+            return next(dict(r) for r in self.rows["rounds/"] if r["round_id"] == rid)
+        rows = list(reversed(self.rows[path]))
+        limit, skip = int(headers["X-Limit"]), int(headers["X-Skip"])
+        return {"count": len(rows), "result": [dict(r) for r in rows[skip:skip + limit]]}
+
+
+def test_incremental_collection_equals_a_full_read_after_every_poll() -> None:
+    """50 rounds arrive bit by bit (rounds before their config, late validations)."""
+    from fedseg.orchestration.collect import SessionCollector
+
+    fake = _FakeLists()
+    collector = SessionCollector(None, SID, SEED, ["c1", "c2"])
+    collector._request = fake.request  # type: ignore[method-assign]
+    rows = fake.rows
+    n_status = n_val = 0
+
+    def check() -> None:
+        before = fake.calls
+        log = collector.collect()
+        full = assemble(*(list(reversed(rows[k])) for k in rows), SID, SEED, ["c1", "c2"])
+        assert log.records == full.records and log.failures == full.failures
+        assert log.rounds == full.rounds
+        assert fake.calls - before <= 8  # bounded by what is new, not by the rounds done
+
+    parent = SEED
+    for k in range(1, 51):
+        rid = str(100 + k)
+        rows["rounds/"].append({"round_id": rid, "status": "Pending"})  # no config yet
+        rows["rounds/"].append({**_round(str(900 + k), OTHER), "round_id": str(900 + k)})
+        check()
+        rows["rounds/"][-2].update(_round(rid, SID, status="Pending"))
+        for client in ("c1", "c2"):
+            n_status += 1
+            status = (_failure(client, rid) if (k, client) == (7, "c2")
+                      else _update(client, rid, epsilon=float(k)))
+            rows["statuses/"].append({**status, "status_id": f"s{n_status}"})
+        check()
+        rows["models/"].append({"model_id": f"g{k}", "parent_model": parent,
+                                "committed_at": "Thu, 26 Nov 2026 16:11:05 GMT"})
+        parent = f"g{k}"
+        rows["rounds/"][-2]["status"] = "Success"
+        check()
+        rows["rounds/"][-2].update(_round(rid, SID, status="Finished", end="09"))
+        if k > 1:  # the previous round's second validation comes late
+            n_val += 1
+            rows["validations/"].append({**_validation("c2", f"g{k - 1}", 0.5),
+                                         "validation_id": f"v{n_val}"})
+        n_val += 1
+        rows["validations/"].append({**_validation("c1", f"g{k}", 0.4 + k / 100),
+                                     "validation_id": f"v{n_val}"})
+        check()
+    log = collector.collect()
+    assert len(log.rounds) == 50 and all(r.model_id for r in log.rounds)
+    # Only the last round is still assembled on each poll (waiting for c2's validation).
+    assert len(collector._settled) == 49
+    assert {(f["round"], f["client"]) for f in log.failures} == {(7, "c2")}
+    assert collector.collect(full=True).records == log.records
+
+
+def test_a_validation_after_its_round_settled_is_in_the_full_read() -> None:
+    """Settled rounds are not rebuilt between polls; the last (full) poll has everything."""
+    from fedseg.orchestration.collect import SessionCollector
+
+    fake = _FakeLists()
+    collector = SessionCollector(None, SID, SEED, ["c1", "c2"], settle_after_s=0.0)
+    collector._request = fake.request  # type: ignore[method-assign]
+    fake.rows["rounds/"].append(_round("3", SID))
+    fake.rows["models/"].append({"model_id": "g1", "parent_model": SEED})
+    fake.rows["statuses/"] += [{**_update(c, "3"), "status_id": c} for c in ("c1", "c2")]
+    collector.collect()  # final status: starts the settle clock
+    assert "val_loss" not in pivot(collector.collect().records)[(1, "c1")]  # settled
+    fake.rows["validations/"].append({**_validation("c1", "g1", 0.7), "validation_id": "v"})
+    assert "val_dice_mean" not in pivot(collector.collect().records)[(1, "c1")]
+    assert pivot(collector.collect(full=True).records)[(1, "c1")]["val_dice_mean"] == 0.7

@@ -296,11 +296,12 @@ def test_clinic_kit_token_works_until_revoked(tls_net: NetworkState, tmp_path: P
 
 # --- a clinic in its own namespace --------------------------------------------------------
 
-def _start_kit_client(namespace: str, kit: Path, data: Path) -> subprocess.Popen:
+def _start_kit_client(namespace: str, kit: Path, data: Path, **extra: str
+                      ) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDN_", "FEDSEG_"))}
     env.update({"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                 "FEDSEG_PYTHON": sys.executable, "FEDSEG_DATA_DIR": str(data),
-                "FEDN_HOME_DIR": str(kit)})
+                "FEDN_HOME_DIR": str(kit), **extra})
     log = open(kit / "client.log", "wb")
     try:
         return subprocess.Popen(["ip", "netns", "exec", namespace, "sh",
@@ -475,3 +476,129 @@ def test_keep_secret_lets_clinic_kits_survive_a_restart(netns: Netns, tmp_path: 
     finally:
         network_down(root)
     assert not (root / "jwt-secret").exists()
+
+
+# --- fedseg run against a TLS network -----------------------------------------------------
+
+def _toy_run(folder: Path, name: str, route: str) -> dict:
+    """A toy experiment (tests/toy_clinic_app.py or the numpy test package), 2 clinics."""
+    import json
+
+    from fedseg_clinic.cases import FORMAT_VERSION
+
+    tests = Path(__file__).resolve().parent
+    for client in ("clinic-1", "clinic-2"):
+        (folder / client).mkdir(parents=True, exist_ok=True)
+        (folder / client / "manifest.json").write_text(json.dumps(
+            {"clinic": client, "cases": [], "format_version": FORMAT_VERSION}))
+    doc: dict = {
+        "name": name, "seed": 3,
+        "data": {"clinics": {c: str(folder / c) for c in ("clinic-1", "clinic-2")}},
+        "seed_builder": "toy_clinic_app:build_seed",
+        "session": {"rounds": 2, "round_timeout": 120, "min_clients": 2},
+        "clients": {"route": route, "app": "toy_clinic_app:ToyApp.from_environment",
+                    "env": {"PYTHONPATH": str(tests)}},
+    }
+    if route == "package":
+        doc["package"] = str(tests / "fednpkg_numpy")
+    return doc
+
+
+@net
+@pytest.mark.parametrize("route", ["callback", "package"])
+def test_fedseg_run_on_a_tls_network(tls_net: NetworkState, tmp_path: Path,
+                                     route: str) -> None:
+    """`fedseg run --network` on a network with TLS: its clients get the CA (both routes)."""
+    from fedseg.orchestration.experiment import parse_experiment
+    from fedseg.orchestration.runlog import pivot, read_rounds
+    from fedseg.orchestration.runner import run_experiment
+
+    exp = parse_experiment(_toy_run(tmp_path / "exp", f"tls-{route}", route), source="test")
+    result = run_experiment(exp, tmp_path / "runs", network_root=tls_net.root)
+    assert result.status == "finished", result
+    table = pivot(read_rounds(result.run_dir))
+    for k in (1, 2):
+        for client in ("clinic-1", "clinic-2"):
+            assert table[(k, client)]["num_examples"] > 0
+    for client in ("clinic-1", "clinic-2"):
+        log = (result.run_dir / "clients" / client / "client.log").read_text()
+        assert "CERTIFICATE_VERIFY_FAILED" not in log and "UNAVAILABLE" not in log
+
+
+# --- the real compute package through clinic kits ----------------------------------------
+
+DP_SETTINGS = {
+    "model": {"levels": 2, "base_filters": 4, "groups": 2},
+    "training": {"learning_rate": 0.003, "local_steps": 2, "batch_size": 2,
+                 "patch_size": [16, 16, 16]},
+    "privacy": {"enabled": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0},
+    "validation": {"patch_size": [16, 16, 16], "overlap": 0.0, "batch_size": 4},
+}
+
+
+@net
+def test_dp_session_of_three_clinic_kits_with_the_compute_package(
+        tls_net: NetworkState, netns: Netns, tmp_path: Path) -> None:
+    """3 clinics, each in its namespace with its kit and its own phantom data, train the
+    tiny U-Net with DP through `fedn client start` (warm workers) over TLS; the round
+    log read back from the server has every client's training and validation."""
+    from fedseg.orchestration import collect
+    from fedseg.orchestration.fedn import compat as fedn_compat
+    from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
+    from fedseg.orchestration.runner import default_package_dir
+    from fedseg.orchestration.session import build_package
+    from fedseg_clinic.model.seed import write_seed_weights
+    from fedseg_clinic.settings import settings_from_mapping
+
+    state = tls_net
+    names = [f"clinic-{i + 1}" for i in range(len(netns.names))]
+    generate_benchmark(preset_spec("non-iid", clinics=len(names), patients=3, size=32,
+                                   seed=5), tmp_path / "data")
+    settings_file = tmp_path / "clinic-settings.yaml"
+    settings_file.write_text(yaml.safe_dump(DP_SETTINGS))
+    seed = write_seed_weights(settings_from_mapping(DP_SETTINGS, "test").model,
+                              tmp_path / "seed.npz", seed=1)
+    api = state.api_client()
+    answer = api.set_active_package(str(build_package(default_package_dir(),
+                                                      tmp_path / "package.tgz")),
+                                    helper="numpyhelper", name="fedseg")
+    assert answer.get("success", True) is not False, answer
+    assert api.set_active_model(str(seed)).get("success", True) is not False
+    seed_id = api.get_active_model()["model_id"]
+    kits = [add_clinic(state.root, name, tmp_path / f"kit-{name}") for name in names]
+    env = {"FEDSEG_SETTINGS": str(settings_file), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    procs = [_start_kit_client(ns, kit, tmp_path / "data" / name, **env)
+             for ns, kit, name in zip(netns.names, kits, names, strict=True)]
+    try:
+        deadline = time.monotonic() + 180
+        while set(names) - _online(state) and time.monotonic() < deadline:
+            for proc, kit in zip(procs, kits, strict=True):
+                assert proc.poll() is None, (kit / "client.log").read_text()[-2000:]
+            time.sleep(0.5)
+        assert set(names) <= _online(state)
+        session_id = fedn_compat.start_session(api, 1, model_id=seed_id,
+                                               min_clients=len(names), round_timeout=300)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            log = collect.collect_session(api, session_id, seed_id, names)
+            rows = {(r.round, r.client, r.metric): r.value for r in log.records}
+            if all((1, n, "val_dice_mean") in rows for n in names):
+                break
+            time.sleep(2)
+        for name in names:  # the round log: training (with DP) and validation per clinic
+            assert rows[(1, name, "num_examples")] >= 2
+            assert 0 < rows[(1, name, "epsilon")] < float("inf")
+            assert rows[(1, name, "noise_multiplier")] == 1.0
+            assert 0 <= rows[(1, name, "val_dice_mean")] <= 1
+        for kit in kits:  # each clinic trained in its warm worker, over HTTPS/TLS
+            log_text = (kit / "client.log").read_text()
+            assert f"https://{netns.host_ip}:" in log_text
+            assert "warm_worker" in log_text  # startup's summary names the worker
+            (worker_log,) = (kit / "package").rglob("warm-*.log")
+            assert "train done" in worker_log.read_text()
+    finally:
+        for proc in procs:
+            _stop(proc)
+    for kit in kits:  # the workers stopped with their clients
+        assert not list((kit / "package").rglob("warm-*.pid"))

@@ -137,3 +137,19 @@ def test_clinic_settings_are_checked_for_the_default_app(extra: dict, fragment: 
         parse_experiment(doc, "x.yaml")
     # A custom app has its own settings: not checked against ClinicSettings.
     parse_experiment({**doc, "clients": {"app": "toy_clinic_app:ToyApp.from_environment"}})
+
+
+def test_validation_timeout_defaults_to_120_s_and_is_checked(tmp_path: Path) -> None:
+    base = {"name": "vt", "data": {"phantoms": {"clinics": 1}}}
+    assert parse_experiment(base).session.validation_timeout == 120
+    exp = parse_experiment({**base, "session": {"validation_timeout": 900}})
+    assert exp.session.validation_timeout == 900
+    with pytest.raises(FedsegError, match="session.validation_timeout"):
+        load_experiment(_write(tmp_path, {**base, "session": {"validation_timeout": 0}}))
+
+
+def test_the_openkbp_study_experiment_loads() -> None:
+    exp = load_experiment(REPO / "experiments" / "studies" / "openkbp-fedavg.yaml")
+    assert exp.model["organ_set"] == "head_neck"
+    assert exp.data.clinic_names() == ["clinic-a", "clinic-b", "clinic-c", "clinic-d"]
+    assert exp.session.validate is False

@@ -125,3 +125,41 @@ def test_sigterm_twice_still_stops_everything(tmp_path: Path) -> None:
     assert not [r["name"] for r in records if _alive(r)], text
     assert read_run_info(run_dir)["status"] == "interrupted"
     assert {r.round for r in read_rounds(run_dir)} >= {1}
+
+
+def test_sigterm_during_the_budget_step_stops_the_run(tmp_path: Path) -> None:
+    """Issue 13: a SIGTERM while noise was calibrated to a target epsilon was reported
+    not to stop the demo (SIGINT did). Nothing but the runner runs at that point."""
+    from helpers import tiny_real_experiment
+
+    doc = tiny_real_experiment("sigterm-budget")
+    doc["clinic"]["privacy"] = {"enabled": True, "target_epsilon": 4.0, "l2_norm_clip": 1.0}
+    doc["session"]["rounds"] = 40  # a longer schedule: calibration takes seconds
+    doc["clinic"]["training"]["local_steps"] = 10
+    doc["network"] = _network_keys()
+    path = tmp_path / "sigterm-budget.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    runs = tmp_path / "runs"
+    fedseg = Path(sys.executable).parent / "fedseg"
+    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    output: list[str] = []
+    try:
+        read_until(proc, "privacy budget of clinic-1: planning", output, 180)
+        tic = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        output.append(rest)
+        stopped_s = time.monotonic() - tic
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(output)
+    assert proc.returncode == 130, text
+    assert "interrupted" in text
+    info = read_run_info(runs / "sigterm-budget")
+    assert info["status"] == "interrupted"
+    assert "privacy_budget" not in info and "network" not in info  # stopped in the step
+    assert stopped_s < 30, stopped_s

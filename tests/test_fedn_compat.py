@@ -631,7 +631,8 @@ def test_bug18_controller_methods_open_without_a_token(monkeypatch: pytest.Monke
         server.stop(0)
 
 
-def test_bug20_latest_round_id_is_numeric(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bug21_latest_round_id_is_numeric(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """fedn sorts round ids as strings ('9' > '10'); the patch takes the numeric maximum."""
     from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
     from fedn.network.storage.statestore.stores.sql.shared import RoundModel

@@ -174,6 +174,41 @@ def test_failed_and_killed_clients_are_named_in_the_log(tmp_path: Path,
     assert read_run_info(result.run_dir)["failures"] == result.failures
 
 
+def test_a_round_refused_for_budget_mid_session_ends_the_run_promptly(tmp_path: Path) -> None:
+    """clinic-2's ledger cannot afford round 2 (budget spent elsewhere since the plan).
+
+    A run-owned network: fedn's combiner itself keeps waiting for the refused update
+    until its round timeout (docs/reliability.md), so a shared one would stay busy.
+    """
+    path = _toy_experiment(tmp_path, "budget-stop", {"clinic-1": {}, "clinic-2": {}}, rounds=4,
+                           session={"rounds": 4, "round_timeout": 300, "min_clients": 1},
+                           network=_network_keys())
+    exp = load_experiment(path)
+    session_started: list[float] = []
+
+    def progress(line: str) -> None:
+        if line.startswith("session "):
+            session_started.append(time.monotonic())
+
+    result = run_experiment(exp, tmp_path / "runs", progress=progress,
+                            client_env={"clinic-2": {"TOY_BUDGET_REFUSE_ON_CALL": "2"}})
+    elapsed = time.monotonic() - session_started[0]
+    assert elapsed < 60, elapsed  # not the 300 s round timeout
+    assert result.status == "budget-limited"
+    info = read_run_info(result.run_dir)
+    assert info["rounds_done"] == 2 and info["rounds_failed"] == 1
+    assert info["rounds"][1]["failed"] and info["rounds"][1]["status"] == "Terminated"
+    cause = info["rounds"][1]["cause"]
+    assert cause.startswith("budget: refused for the privacy budget (clinic-2: "
+                            "BudgetExceededError: toy app clinic-2: epsilon 9.0"), cause
+    assert info["budget_stop"] == [{"round": 2, "cause": cause}]
+    table = _client_rows(result.run_dir)
+    assert table[(1, GLOBAL)]["round_failed"] == 0
+    assert table[(2, GLOBAL)]["round_failed"] == 1
+    assert table[(2, "clinic-2")]["train_failed"] == 1
+    assert sorted(info["model_ids"]) == ["1"]
+
+
 def _alive(record: dict[str, Any]) -> bool:
     try:
         proc = psutil.Process(int(record["pid"]))

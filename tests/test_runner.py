@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+
+import pytest
 from pathlib import Path
 
 from fedseg.orchestration.collect import RoundInfo
@@ -73,3 +75,68 @@ def test_clinic_settings_file_carries_model_and_seed(tmp_path: Path) -> None:
     assert data["model"] == exp.model
     assert data["training"]["seed"] == exp.seed + 1
     assert data["privacy"] == exp.clinic["privacy"]
+
+
+class _Collector:
+    def __init__(self, log: object) -> None:
+        self.log = log
+
+    def collect(self, *args: object, **kwargs: object) -> object:
+        return self.log
+
+
+def _serve(reporter: RoundReporter, log: object) -> None:
+    """The reporter collects ``log`` (no API) and has no budget refusals to act on."""
+    reporter.collector = _Collector(log)  # type: ignore[assignment]
+    reporter._end_on_budget_refusal = lambda own: None  # type: ignore[method-assign]
+
+
+def test_a_done_round_waits_validation_grace_for_its_validations(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real CT validates for minutes: with the old fixed 120 s every OpenKBP round was
+    # written without Dice. The grace is now the experiment's session.validation_timeout.
+    from fedseg.orchestration import collect, runner, session
+
+    clock = [1000.0]
+    records = [RoundRecord(1, "c1", "num_examples", 10.0)]
+    log = collect.SessionLog([RoundInfo(1, "7", "Finished", "m", 5.0, 1.0, 0.1, 1, 1)],
+                             records, [], {})
+    monkeypatch.setattr(session, "download_model", lambda *a, **k: None)
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    reporter = RoundReporter(None, "s", "seed", ["c1"], 2, tmp_path, True, None,
+                             validation_grace_s=300.0)
+    _serve(reporter, log)
+    reporter.poll()
+    clock[0] += 200.0  # past the old fixed 120 s, within this experiment's 300 s
+    reporter.poll()
+    assert reporter.reported == set()
+    records.append(RoundRecord(1, "c1", "val_dice_mean", 0.5))
+    reporter.poll()
+    assert reporter.reported == {1}
+    assert "0.5" in (tmp_path / "rounds.csv").read_text()
+
+
+def test_a_round_without_validations_is_written_after_the_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedseg.orchestration import collect, runner, session
+
+    clock = [0.0]
+    log = collect.SessionLog([RoundInfo(1, "7", "Finished", "m", 5.0, 1.0, 0.1, 1, 1)],
+                             [RoundRecord(1, "c1", "num_examples", 10.0)], [], {})
+    monkeypatch.setattr(session, "download_model", lambda *a, **k: None)
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    reporter = RoundReporter(None, "s", "seed", ["c1"], 2, tmp_path, True, None,
+                             validation_grace_s=30.0)
+    _serve(reporter, log)
+    reporter.poll()
+    clock[0] = 31.0
+    reporter.poll()
+    assert reporter.reported == {1}
+
+
+def test_the_collector_settles_rounds_after_the_same_grace(tmp_path: Path) -> None:
+    # A collector that froze a round's rows after 120 s would drop validations that the
+    # reporter (validation_timeout 900) still waits for.
+    reporter = RoundReporter(None, "s", "seed", ["c1"], 2, tmp_path, True, None,
+                             validation_grace_s=900.0)
+    assert reporter.collector.settle_after_s == 900.0

@@ -8,6 +8,7 @@ masked session produced.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,67 @@ def test_a_clinic_dropping_mid_session_is_recovered_from_shares(
     np.testing.assert_allclose(_model(result.run_dir, 4), _fedavg(r2, NAMES[:2]), atol=1e-6)
     np.testing.assert_allclose(_model(result.run_dir, 5),
                                _fedavg(_model(result.run_dir, 4), NAMES), atol=1e-6)
+
+
+DDP_PRIVACY = {"distributed": True, "noise_multiplier": 1.0, "l2_norm_clip": 1.0,
+               "delta": 1e-3, "secure_randomness": False}
+
+
+def _replayed_sum(name: str, weights: np.ndarray, index: int) -> np.ndarray:
+    """What clinic ``name`` contributed in its ``index``-th distributed round (0-based)."""
+    from fedseg_clinic.privacy import skellam
+    from fedseg_clinic.privacy.distributed import noised_sum
+
+    toy = ToyApp(name)
+    share = (DDP_PRIVACY["noise_multiplier"] * skellam.CLIP_UNITS) ** 2 / 2  # m = 2 of 3
+    seed = zlib.crc32(name.encode()) * 1000 + index
+    return noised_sum(toy.clipped_gradients(weights, 1.0), 4, 1.0, share,
+                      skellam.noise_rng(seed))
+
+
+def test_distributed_dp_session_takes_noised_dp_gd_steps_and_logs_the_trust(
+        tmp_path: Path, network_root: Path) -> None:
+    from fedseg_clinic.privacy import skellam
+
+    path = _toy_experiment(tmp_path, "ddp", {n: {} for n in NAMES}, rounds=3,
+                           session={"rounds": 3, "round_timeout": 6, "min_clients": 1,
+                                    "secure_aggregation": True},
+                           clinic={"privacy": DDP_PRIVACY})
+    result = run_experiment(load_experiment(path), tmp_path / "runs",
+                            network_root=network_root,
+                            client_env={n: {"FEDSEG_KEEP_UPDATES": "1"} for n in NAMES})
+    assert result.status == "finished"
+    info = read_run_info(result.run_dir)
+    assert info["aggregation"] == "secure" and info["privacy_mode"] == "distributed"
+    journal = info["secure_aggregation"]["rounds"]
+    assert [r["status"] for r in journal] == ["keys", "ok", "ok"]
+    assert [r.get("dp_mode") for r in journal[1:]] == ["distributed", "distributed"]
+    # Each round is one DP-GD step on the federation: w - lr * Z / (s * N_total), with Z
+    # the exact sum of the three clinics' noised integer sums (replayed here).
+    model = _model(result.run_dir, 1)
+    for k, index in ((2, 0), (3, 1)):
+        z = sum(_replayed_sum(n, model, index) for n in NAMES)
+        expected = model - 0.05 * z.astype(np.float64) / (skellam.CLIP_UNITS * 120)
+        np.testing.assert_allclose(_model(result.run_dir, k), expected, rtol=1e-12)
+        model = _model(result.run_dir, k)
+    # What left a clinic is masked ring noise, not its sum.
+    kept = sorted((Path(info["clients"]["clinic-1"]["folder"]) / "state" / "updates")
+                  .glob("update-*.npz"))
+    with np.load(kept[1]) as f:
+        sent = f["0"]
+    own = _replayed_sum("clinic-1", _model(result.run_dir, 1), 0)
+    assert sent.dtype == np.uint64 and not np.array_equal(sent.view(np.int64), own)
+    # Epsilon per clinic, the epsilon without the other clinics' shares, and the trust.
+    eps = skellam.epsilon([skellam.segment_for(1.0, 2)], 1e-3)
+    alone = skellam.epsilon([skellam.segment_for(1.0 / np.sqrt(2), 2)], 1e-3)
+    ddp = info["distributed_dp"]["clients"]
+    assert sorted(ddp) == NAMES
+    for name in NAMES:
+        assert ddp[name]["epsilon"] == pytest.approx(eps, rel=1e-9)
+        assert ddp[name]["epsilon_if_alone"] == pytest.approx(alone, rel=1e-9)
+        assert ddp[name]["honest_shares"] == 2 and ddp[name]["clinics"] == 3
+        assert "at least 2 honest noise shares" in ddp[name]["trust"]
+    rows = (result.run_dir / "rounds.csv").read_text()
+    assert "epsilon_if_alone" in rows and "dp_distributed" in rows
+    section = _run_section(summarize_run(load_run(result.run_dir)), info, [])
+    assert "Distributed DP" in section and "honest noise shares" in section

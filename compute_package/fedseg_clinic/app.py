@@ -42,9 +42,16 @@ from fedseg_clinic.model.unet import (
 )
 from fedseg_clinic.model.weights import apply_weights
 from fedseg_clinic.patches import PatchSampler, load_cases, normalise_hu
+from fedseg_clinic.privacy import skellam
 from fedseg_clinic.privacy.accounting import compute_epsilon, default_delta
 from fedseg_clinic.privacy.budget import check_privacy_floor, resolve_noise
-from fedseg_clinic.privacy.dp_sgd import DPConfig, DPTrainer, poisson_sample
+from fedseg_clinic.privacy.distributed import noised_sum, reserve_round
+from fedseg_clinic.privacy.dp_sgd import (
+    DPConfig,
+    DPTrainer,
+    patient_gradient_fn,
+    poisson_sample,
+)
 from fedseg_clinic.privacy.ledger import (
     LedgerSegment,
     PrivacyLedger,
@@ -91,6 +98,7 @@ class ClinicApp:
         self._trainer: DPTrainer | None = None
         self._trainer_key: tuple[Any, ...] | None = None
         self._rounds_without_ledger = 0
+        self._gradient_fns: dict[tuple[Any, ...], Any] = {}
         self._per_example_loss = loss_for(self.organs)
         self._loss_fn = tf.function(self._per_example_loss)
 
@@ -264,6 +272,10 @@ class ClinicApp:
         n = len(self.train_cases)
         settings = with_local_steps(with_server_overrides(self.settings, server_settings), n)
         t, p = settings.training, settings.privacy
+        if p.enabled and p.distributed:
+            raise FedsegError(f"{settings.client_name}: privacy.distributed adds only a share "
+                              "of the noise and needs secure aggregation (session."
+                              "secure_aggregation: true); refusing to send a plain update")
         patch = check_patch_size(self.model_config, t.patch_size)
         if t.batch_size > n:
             raise FedsegError(
@@ -370,6 +382,92 @@ class ClinicApp:
                     metadata["train_loss"], epsilon)
         return [np.asarray(w) for w in self.model.get_weights()], metadata
 
+    # -- distributed DP (privacy/skellam.py) ---------------------------------------------
+
+    def distributed_dp(self, server_settings: dict[str, Any]) -> bool:
+        """True when this clinic contributes distributed-DP rounds (privacy.distributed)."""
+        p = with_server_overrides(self.settings, server_settings).privacy
+        return bool(p.enabled and p.distributed)
+
+    def contribute(self, weights: list[np.ndarray], server_settings: dict[str, Any],
+                   clinics: int) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """One distributed-DP round: integer sum of clipped patient gradients + noise share.
+
+        Every training patient contributes (full batch, q = 1): the gradient of the mean
+        loss over its K patches at the global weights, clipped to C by TF Privacy, scaled
+        by s = CLIP_UNITS / C and truncated toward zero (l2 norm <= CLIP_UNITS exactly).
+        The clinic adds Skellam noise of variance mu / m on the trained coordinates (m
+        honest shares assumed, :func:`skellam.honest_shares`); frozen coordinates stay 0.
+        The round is reserved in the ledger first, as in :meth:`train`.
+
+        Args:
+            weights: The global model.
+            server_settings: The round's server settings.
+            clinics: n, the clinics keyed for this round's secure aggregation.
+
+        Returns:
+            int64 arrays shaped like the weights (to be masked) and the metadata:
+            ``ddp_scale`` (s) and ``learning_rate`` tell the server how to take the step.
+
+        Raises:
+            BudgetExceededError: the round would exceed the budget (nothing is sent).
+        """
+        started = time.perf_counter()
+        self.check_server_organ_set(server_settings)
+        n = len(self.train_cases)
+        settings = with_local_steps(with_server_overrides(self.settings, server_settings), n)
+        t, p = settings.training, settings.privacy
+        if not (p.enabled and p.distributed):
+            raise FedsegError(f"{settings.client_name}: contribute() needs privacy.distributed")
+        patch = check_patch_size(self.model_config, t.patch_size)
+        check_privacy_floor(n, with_local_steps(self.settings, n), settings)
+        round_index = len(self.ledger(p.delta or default_delta(n), None).entries())
+        reserved = reserve_round(
+            settings, self.ledger, n, clinics,
+            str(server_settings.get("round_id", f"local-{round_index + 1}")),
+            client=settings.client_name, run=settings.run_name)
+        self._apply_global(weights)
+        variables = trainable_subset(self.model, t.trainable)
+        key = (t.trainable, p.l2_norm_clip)
+        if key not in self._gradient_fns:  # its traced function is the costly part
+            self._gradient_fns[key] = patient_gradient_fn(
+                self.model, self._per_example_loss, variables, p.l2_norm_clip)
+        gradient = self._gradient_fns[key]
+        noise_seed, sampling_seed = self._round_seeds(settings, round_index)
+        rng = np.random.default_rng(sampling_seed)
+        sampler = PatchSampler(patch, foreground_fraction=t.foreground_fraction,
+                               hu_clip=t.hu_window, organs=self.organs)
+        sizes = [int(np.prod(v.shape)) for v in variables]
+        per_patient = (np.concatenate([g.ravel() for g in gradient(*self._batch(
+            [case] * t.augmentations_per_patient, sampler, rng, patch))])
+            for case in self.train_cases)
+        total = noised_sum(per_patient, sum(sizes), p.l2_norm_clip, reserved.share_variance,
+                           skellam.noise_rng(noise_seed))
+        by_id = {}
+        start = 0
+        for variable, size in zip(variables, sizes, strict=True):
+            by_id[id(variable)] = total[start:start + size].reshape(tuple(variable.shape))
+            start += size
+        out = [by_id.get(id(v), np.zeros(tuple(v.shape), np.int64)) for v in self.model.weights]
+        metadata = {
+            "num_examples": n,
+            "train_loss": math.nan,
+            "local_steps": 1,
+            "train_seconds": time.perf_counter() - started,
+            "target_epsilon": p.target_epsilon,
+            "trainable": t.trainable,
+            "trained_parameters": int(sum(sizes)),
+            "augmentations_per_patient": t.augmentations_per_patient,
+            "batch_size": n,
+            "learning_rate": t.learning_rate,
+            "dp": True,
+            "round_index": round_index,
+            **reserved.metadata(),
+        }
+        logger.info("distributed DP round: %d patients, share 1/%d of the noise; %s", n,
+                    reserved.honest_shares, reserved.trust)
+        return out, metadata
+
     def _batch(
         self, cases: list[Case], sampler: PatchSampler, rng: np.random.Generator,
         patch: tuple[int, int, int],
@@ -431,5 +529,7 @@ def epsilon_for_plan(n_patients: int, settings: ClinicSettings, rounds: int) -> 
         return math.inf
     delta = p.delta if p.delta is not None else default_delta(n_patients)
     sigma, _ = resolve_noise(n_patients, settings)
+    if p.distributed:  # one Skellam release per round (privacy/skellam.py)
+        return skellam.epsilon([skellam.segment_for(sigma, rounds)], delta)
     return compute_epsilon(n_patients, t.batch_size, rounds * t.local_steps,
                            sigma, delta).epsilon

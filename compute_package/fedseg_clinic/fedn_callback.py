@@ -17,7 +17,9 @@ failure is caught and reported instead, as a WARNING status whose text starts wi
 :data:`TRAIN_FAILED` / :data:`VALIDATE_FAILED` and whose data carries the round config,
 so the round log can say which client failed in which round; the client stays
 connected for the next round. The token (when auth is on) comes from
-``$FEDSEG_CLIENT_TOKEN`` so it never shows in the process list.
+``$FEDSEG_CLIENT_TOKEN`` so it never shows in the process list. On a TLS network
+(``https://`` API URL) the client verifies the server with the CA certificate named by
+``$REQUESTS_CA_BUNDLE`` (HTTPS) and ``$FEDN_GRPC_ROOT_CERT_PATH`` (gRPC).
 
 Exit codes: 0 stopped, 1 bad arguments or app start failed (one line on stderr),
 2 could not register with the API.
@@ -183,8 +185,13 @@ class CallbackAdapter:
             if not self.client_id:
                 raise FedsegError("secure aggregation: this client's id is not known yet")
             self.secagg = SecAggClinic(self.client_id)
+        contribute = None
+        if callable(getattr(self.app, "distributed_dp", None)) and \
+                self.app.distributed_dp(settings):
+            def contribute(clinics: int) -> tuple[list[np.ndarray], dict[str, Any]]:
+                return self.app.contribute(weights, settings, clinics)  # type: ignore[attr-defined]
         return self.secagg.handle(str(payload), weights,
-                                  lambda: self.app.train(weights, settings))
+                                  lambda: self.app.train(weights, settings), contribute)
 
     def _keep(self, update: bytes, metadata: dict[str, Any], settings: dict[str, Any]) -> None:
         """Write this call's update and its metadata atomically into keep_updates."""
@@ -313,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = os.environ.get(TOKEN_ENV) or None
+    # A network on a reachable address: gRPC over TLS on the combiner's own port, verified
+    # with $FEDN_GRPC_ROOT_CERT_PATH (HTTPS to the API verifies with $REQUESTS_CA_BUNDLE).
+    from fedseg_clinic.fedn_tls import tls_on_any_port
+
+    tls_on_any_port()
     try:
         api_url = normalise_api_url(args.api_url)
         factory = resolve_factory(args.app)

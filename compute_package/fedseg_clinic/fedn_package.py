@@ -4,7 +4,9 @@ FEDn runs ``python entrypoint.py <entry> <args>`` in the extracted package folde
 
 - ``build [OUT]``: write seed weights (numpyhelper npz) built from the model settings;
   OUT defaults to ``seed.npz`` beside entrypoint.py.
-- ``startup``: check the clinic's data folder and print a summary.
+- ``startup``: start the clinic's warm worker (:mod:`fedseg_clinic.warm_worker`: it
+  keeps TensorFlow and the traced model for the calls below), which checks the data
+  folder; print a summary.
 - ``train IN OUT``: read global weights IN and the server's settings from
   ``IN-metadata``; write the new weights OUT and ``OUT-metadata`` (JSON with
   num_examples, train_loss, local_steps, train_seconds, epsilon, delta,
@@ -12,6 +14,12 @@ FEDn runs ``python entrypoint.py <entry> <args>`` in the extracted package folde
 - ``validate IN OUT_JSON``: metrics of the weights on the clinic's validation cases.
 - ``predict IN OUT_JSON``: predicted masks of the validation cases, written under
   ``<state_dir>/predictions/<case_id>/prediction.npz``; OUT_JSON lists them.
+
+``entrypoint.py`` first tries the warm path (:mod:`fedseg_clinic.warm_client`):
+``train`` / ``validate`` / ``predict`` hand their job to the clinic's warm worker, which
+calls :func:`run_job` (the same files are read and written). Without one
+(``FEDSEG_WARM_WORKER=0``, or it cannot start) this module's :func:`main` does the work
+in the entry point's own process.
 
 A user error prints one line on stderr and exits 1; a refused round (privacy budget)
 exits 3 so that logs tell the two apart. Outputs are written atomically.
@@ -27,10 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedseg_clinic.errors import FedsegError
-from fedseg_clinic.io import atomic_output
 
 EXIT_USER_ERROR = 1
 EXIT_BUDGET = 3
@@ -91,24 +96,39 @@ def _run(argv: Sequence[str]) -> int:
         return 0
     if entry not in ("train", "validate", "predict") or len(args) != 2:
         raise FedsegError(USAGE)
+    run_job(ClinicApp.from_environment(), entry, args[0], args[1])
+    return 0
+
+
+def run_job(app: Any, entry: str, in_path: Path, out_path: Path) -> None:
+    """Do one train / validate / predict job of ``app`` (here or in the warm worker).
+
+    Args:
+        app: The clinic app (:class:`fedseg_clinic.app.ClinicApp`).
+        entry: "train", "validate" or "predict".
+        in_path: The global weights (numpyhelper npz; ``IN-metadata`` for train).
+        out_path: Where the result goes (atomically).
+    """
     from fedseg_clinic.model.weights import load_weights_npz, save_weights_npz
 
-    in_path, out_path = args
     weights = load_weights_npz(in_path)
-    app = ClinicApp.from_environment()
     if entry == "train":
         new_weights, metadata = app.train(weights, _read_server_settings(in_path))
         save_weights_npz(new_weights, out_path)
         _atomic_write_json(Path(f"{out_path}-metadata"), metadata)
     elif entry == "validate":
         _atomic_write_json(out_path, app.validate(weights))
-    else:
+    elif entry == "predict":
         _atomic_write_json(out_path, predict_cases(app, weights))
-    return 0
+    else:
+        raise FedsegError(USAGE)
 
 
-def predict_cases(app: Any, weights: list[np.ndarray]) -> dict[str, Any]:
+def predict_cases(app: Any, weights: list[Any]) -> dict[str, Any]:
     """Predict every validation case; write label maps under the state folder."""
+    import numpy as np
+
+    from fedseg_clinic.io import atomic_output
     from fedseg_clinic.model.weights import apply_weights
 
     apply_weights(app.model, weights, "global model")
@@ -127,10 +147,11 @@ def predict_cases(app: Any, weights: list[np.ndarray]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one entry point; user errors become one line on stderr."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
     from fedseg_clinic.privacy.ledger import BudgetExceededError
 
     try:
-        code = _run(list(sys.argv[1:] if argv is None else argv))
+        code = _run(args)
     except BudgetExceededError as exc:
         print(f"fedseg: privacy budget: {exc}", file=sys.stderr)
         code = EXIT_BUDGET

@@ -85,6 +85,10 @@ class TrainingSettings:
             records the steps actually taken. With DP the ledger reserves (and the
             round's epsilon is that of) the maximum ``local_steps`` before training: an
             upper bound on what the steps taken spend.
+        full_batch: full-batch DP-GD: every step uses all N training patients (the batch
+            size becomes N, so q = 1: no subsampling, no amplification by sampling; the
+            accountant sees PoissonSampledDpEvent(1, Gaussian), i.e. the Gaussian
+            mechanism composed over the steps).
     """
 
     learning_rate: float = 1e-3
@@ -103,6 +107,7 @@ class TrainingSettings:
     local_epochs: float = 0.0
     local_norm: bool = False
     local_seconds: float = 0.0
+    full_batch: bool = False
 
 
 @dataclasses.dataclass
@@ -131,6 +136,14 @@ class PrivacySettings:
         dp_optimizer: "fedseg" (the fast per-example loop, default) or "tf_privacy"
             (TF Privacy's stock DPKeras{SGD,Adam}Optimizer, to cross-check a result on
             the reference implementation; slower, see privacy/tfp_reference.py).
+        distributed: distributed DP under secure aggregation (privacy/skellam.py): each
+            round is one full-batch DP gradient step of the federation; the clinic sends
+            its integer sum of clipped patient gradients plus its share of Skellam noise,
+            masked, and the noise multiplier (or the one target_epsilon calibrates) is
+            that of the *aggregate*. Needs ``session.secure_aggregation``.
+        distributed_honest: the honest noise shares the reported epsilon assumes (each
+            clinic adds 1 / m of the variance); None = the secure-aggregation threshold
+            (a strict majority of the round's clinics). 1 = every clinic adds all of it.
     """
 
     enabled: bool = True
@@ -142,6 +155,8 @@ class PrivacySettings:
     target_epsilon: float | None = None
     planned_rounds: int | None = None
     dp_optimizer: str = "fedseg"
+    distributed: bool = False
+    distributed_honest: int | None = None
 
 
 @dataclasses.dataclass
@@ -192,6 +207,7 @@ SERVER_KEYS: dict[str, tuple[str, str]] = {
     "optimizer_state": ("training", "optimizer_state"),
     "local_epochs": ("training", "local_epochs"),
     "local_seconds": ("training", "local_seconds"),
+    "full_batch": ("training", "full_batch"),
     "dp": ("privacy", "enabled"),
     "noise_multiplier": ("privacy", "noise_multiplier"),
     "l2_norm_clip": ("privacy", "l2_norm_clip"),
@@ -292,6 +308,10 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
          "dp_optimizer must be fedseg or tf_privacy", p.dp_optimizer),
         (p.planned_rounds is None or p.planned_rounds >= 1, "planned_rounds must be >= 1",
          p.planned_rounds),
+        (not p.distributed or p.enabled, "privacy.distributed needs privacy.enabled",
+         p.distributed),
+        (p.distributed_honest is None or p.distributed_honest >= 1,
+         "distributed_honest must be >= 1", p.distributed_honest),
         (p.target_epsilon is None or p.planned_rounds is not None,
          "target_epsilon needs planned_rounds (the rounds it must cover)", p.planned_rounds),
         (0.0 <= v.overlap < 1.0, "validation overlap must be in [0, 1)", v.overlap),
@@ -376,10 +396,19 @@ def with_local_steps(settings: ClinicSettings, n_patients: int) -> ClinicSetting
     """Resolve ``training.local_epochs`` into ``local_steps`` for a clinic of N patients.
 
     With E > 0 local epochs a round takes ceil(E * N / batch_size) steps (at least 1):
-    the expected number of patient visits is E * N. Everything downstream (training, the
-    ledger's segment, noise calibration, the budget plan) then uses that step count.
+    the expected number of patient visits is E * N. ``training.full_batch`` sets the
+    batch size to N first (DP-GD); ``privacy.distributed`` means one step over all N.
+    Everything downstream (training, the ledger's segment, noise calibration, the budget
+    plan) then uses that step count.
     """
     t = settings.training
+    if settings.privacy.enabled and settings.privacy.distributed:
+        # One federation-level DP-GD step per round, over every patient.
+        return dataclasses.replace(settings, training=dataclasses.replace(
+            t, local_steps=1, batch_size=n_patients, local_epochs=0.0))
+    if t.full_batch:
+        t = dataclasses.replace(t, batch_size=n_patients)
+        settings = dataclasses.replace(settings, training=t)
     if t.local_epochs <= 0:
         return settings
     steps = max(1, math.ceil(t.local_epochs * n_patients / t.batch_size))

@@ -5,7 +5,9 @@
 a data set's accounting over, and it is logged (docs/privacy-model.md).
 
 ``epsilon`` and ``calibrate`` assume patient-level Poisson sampling (q = batch / patients)
-per step, as the DP trainer does; ``steps`` counts every local step of every round.
+per step, as the DP trainer does (``--full-batch``: q = 1); ``steps`` counts every local
+step of every round. ``calibrate --distributed`` covers distributed DP under secure
+aggregation (privacy/skellam.py): one Skellam release per round.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ def _total_steps(steps: int | None, rounds: int | None, local_steps: int | None)
     return rounds * local_steps
 
 
+def _batch(batch_size: int | None, n_patients: int, full_batch: bool) -> int:
+    """--batch, or N with --full-batch (exactly one of the two)."""
+    if full_batch:
+        if batch_size is not None:
+            raise FedsegError("give --batch or --full-batch, not both")
+        return n_patients
+    if batch_size is None:
+        raise FedsegError("give --batch (or --full-batch)")
+    return batch_size
+
+
 def _echo(report: dict[str, float | int | None], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
@@ -46,8 +59,11 @@ def _echo(report: dict[str, float | int | None], as_json: bool) -> None:
 _schedule_options = [
     click.option("--patients", "n_patients", type=int, required=True,
                  help="Number of patients N at the clinic (the unit of privacy)."),
-    click.option("--batch", "batch_size", type=int, required=True,
-                 help="Expected batch size B (Poisson sampling, q = B/N)."),
+    click.option("--batch", "batch_size", type=int, default=None,
+                 help="Expected batch size B (Poisson sampling, q = B/N); required "
+                      "unless --full-batch or --distributed."),
+    click.option("--full-batch", is_flag=True,
+                 help="Full-batch DP-GD (training.full_batch): B = N, q = 1."),
     click.option("--steps", type=int, default=None,
                  help="Total DP-SGD steps (all rounds)."),
     click.option("--rounds", type=int, default=None, help="Rounds (with --local-steps)."),
@@ -72,14 +88,15 @@ def privacy() -> None:
 @_with_schedule
 @click.option("--noise", "noise_multiplier", type=float, required=True,
               help="Noise multiplier sigma (noise std / clip norm).")
-def epsilon(n_patients: int, batch_size: int, steps: int | None, rounds: int | None,
-            local_steps: int | None, delta: float, as_json: bool,
+def epsilon(n_patients: int, batch_size: int | None, full_batch: bool, steps: int | None,
+            rounds: int | None, local_steps: int | None, delta: float, as_json: bool,
             noise_multiplier: float) -> None:
     """Epsilon (RDP and PLD) spent by a DP-SGD schedule."""
     from fedseg_clinic.privacy.accounting import compute_epsilon
 
     total = _total_steps(steps, rounds, local_steps)
-    report = compute_epsilon(n_patients, batch_size, total, noise_multiplier, delta)
+    report = compute_epsilon(n_patients, _batch(batch_size, n_patients, full_batch), total,
+                             noise_multiplier, delta)
     _echo(report.to_dict(), as_json)
 
 
@@ -87,16 +104,62 @@ def epsilon(n_patients: int, batch_size: int, steps: int | None, rounds: int | N
 @_with_schedule
 @click.option("--epsilon", "target_epsilon", type=float, required=True,
               help="Privacy budget for the whole planned training.")
-def calibrate(n_patients: int, batch_size: int, steps: int | None, rounds: int | None,
-              local_steps: int | None, delta: float, as_json: bool,
-              target_epsilon: float) -> None:
+@click.option("--distributed", is_flag=True,
+              help="Distributed DP under secure aggregation (privacy.distributed): one "
+                   "Skellam release per round (--rounds), noise shared among --clinics.")
+@click.option("--clinics", type=int, default=3, show_default=True,
+              help="With --distributed: clinics per round (n).")
+@click.option("--honest", type=int, default=None,
+              help="With --distributed: honest shares assumed (m; default the secure-"
+                   "aggregation threshold).")
+def calibrate(n_patients: int, batch_size: int | None, full_batch: bool, steps: int | None,
+              rounds: int | None, local_steps: int | None, delta: float, as_json: bool,
+              target_epsilon: float, distributed: bool, clinics: int,
+              honest: int | None) -> None:
     """The smallest noise multiplier that keeps the whole training within --epsilon."""
     from fedseg_clinic.privacy.accounting import calibrate_noise, compute_epsilon
 
+    if distributed:
+        _calibrate_distributed(n_patients, steps, rounds, local_steps, delta, as_json,
+                               target_epsilon, clinics, honest)
+        return
+    batch = _batch(batch_size, n_patients, full_batch)
     total = _total_steps(steps, rounds, local_steps)
-    sigma = calibrate_noise(n_patients, batch_size, total, target_epsilon, delta)
-    report = compute_epsilon(n_patients, batch_size, total, sigma, delta)
+    sigma = calibrate_noise(n_patients, batch, total, target_epsilon, delta)
+    report = compute_epsilon(n_patients, batch, total, sigma, delta)
     _echo(report.to_dict(), as_json)
+
+
+def _calibrate_distributed(n_patients: int, steps: int | None, rounds: int | None,
+                           local_steps: int | None, delta: float, as_json: bool,
+                           target_epsilon: float, clinics: int, honest: int | None) -> None:
+    """``calibrate --distributed``: the aggregate's Skellam multiplier and the trust line."""
+    from fedseg_clinic.privacy import skellam
+    from fedseg_clinic.privacy.accounting import _check_delta
+
+    if local_steps not in (None, 1):
+        raise FedsegError("--distributed: one step per round (--local-steps 1 or none)")
+    total = steps if steps is not None else rounds
+    if total is None or (steps is not None and rounds is not None) or total < 1:
+        raise FedsegError("--distributed: give --rounds (the training rounds), >= 1")
+    if clinics < 1:
+        raise FedsegError(f"--clinics={clinics} must be >= 1")
+    _check_delta(delta, n_patients)
+    report = skellam.compare_with_local(total, target_epsilon, delta, clinics, honest)
+    report["trust"] = skellam.trust_statement(report["epsilon"], report["epsilon_if_alone"],
+                                              report["honest_shares"], clinics, delta)
+    if as_json:
+        click.echo(json.dumps(report, sort_keys=True))
+        return
+    click.echo(f"{total} distributed-DP rounds (Skellam, full batch), delta {delta:g}, "
+               f"{clinics} clinics, {report['honest_shares']} honest shares assumed")
+    click.echo(f"noise multiplier of the aggregate {report['distributed_noise_multiplier']:.6g}"
+               f" (each clinic adds std {report['distributed_share_std']:.4g} x C)")
+    click.echo(f"epsilon (RDP) {report['epsilon']:.4f}")
+    click.echo(report["trust"])
+    click.echo(f"aggregate noise std (x C): {report['distributed_aggregate_std']:.4g} "
+               f"(at least {report['distributed_aggregate_std_min']:.4g}) vs "
+               f"{report['local_aggregate_std']:.4g} with local DP-GD at the same epsilon")
 
 
 def _privacy_dir(data_dir: Path, privacy_dir: Path | None) -> Path:

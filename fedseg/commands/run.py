@@ -153,7 +153,8 @@ def clients_up(network_root: Path, clinic_items: tuple[str, ...], root: Path | N
     handles = clients_mod.clients_up((root or network_root).resolve(), specs,
                                      api_url=state.api_url, route=route, app=app,
                                      token=state.client_token, api_client=state.api_client(),
-                                     ready_timeout_s=timeout)
+                                     ready_timeout_s=timeout,
+                                     tls_ca=Path(state.tls_ca) if state.tls_ca else None)
     for handle in handles:
         click.echo(f"{handle.name}: pid {handle.record.pid} ({handle.route}), log {handle.log}")
 

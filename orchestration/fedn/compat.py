@@ -53,6 +53,7 @@ import grpc
 import sqlalchemy
 from sqlalchemy import event, types
 
+from fedseg_clinic import fedn_tls
 from fedseg_clinic.errors import FedsegError
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ BUGS: tuple[FednBug, ...] = (
             "sign_controller_calls() (API) and close_controller_whitelist() (combiners)"),
     FednBug(19, "clients use TLS only on port 443; a private CA (FEDN_GRPC_ROOT_CERT_PATH) "
             "drops the token", "tls_on_any_port() in client processes"),
-    FednBug(20, "SQL stores sort round ids as strings: after round 10 the next id is '10' "
+    FednBug(21, "SQL stores sort round ids as strings: after round 10 the next id is '10' "
             "again (UNIQUE constraint) and the session never starts",
             "numeric_round_ids() in the API process"),
 )
@@ -506,7 +507,7 @@ def attach_grpc_token() -> None:
 # --- bug 19 ------------------------------------------------------------------------------
 
 #: Environment variable fedn's client reads the CA certificate of the combiners from.
-GRPC_ROOT_CERT_ENV = "FEDN_GRPC_ROOT_CERT_PATH"
+GRPC_ROOT_CERT_ENV = fedn_tls.GRPC_ROOT_CERT_ENV
 
 
 def tls_on_any_port() -> None:
@@ -516,28 +517,120 @@ def tls_on_any_port() -> None:
     only when the combiner's port is 443, so a combiner serving TLS on its own port
     (12080) gets a plain-text connection and the handshake fails; and on its TLS path
     with a private CA (FEDN_GRPC_ROOT_CERT_PATH) it leaves the token out. With the
-    variable set, the channel is TLS verified against that CA on every port; the token
-    goes in the call metadata (:func:`attach_grpc_token`, which this installs too).
+    variable set, the channel is TLS verified against that CA on every port
+    (:func:`fedseg_clinic.fedn_tls.tls_on_any_port`, shared with the callback client);
+    the token goes in the call metadata (:func:`attach_grpc_token`, installed here too).
     Without the variable fedn's behaviour is unchanged.
     """
-    from fedn.network.clients import grpc_handler
-
     attach_grpc_token()
-    handler = grpc_handler.GrpcHandler
-    original = getattr(handler._init_channel, "__wrapped__", handler._init_channel)
+    fedn_tls.tls_on_any_port()
 
-    def _init_channel(self: Any, host: str, port: int, token: str) -> None:
-        ca_path = os.environ.get(GRPC_ROOT_CERT_ENV)
-        if not ca_path:
-            original(self, host, port, token)
-            return
-        with open(ca_path, "rb") as ca_file:
-            credentials = grpc.ssl_channel_credentials(ca_file.read())
-        self.channel = grpc.secure_channel(f"{host}:{port}", credentials,
-                                           options=grpc_handler.GRPC_OPTIONS)
 
-    _init_channel.__wrapped__ = original  # type: ignore[attr-defined]
-    handler._init_channel = _init_channel
+# --- bug 20 ------------------------------------------------------------------------------
+
+def report_train_failures() -> None:
+    """Keep fedn's package-route client alive when a train entry point fails, and say so.
+
+    Symptom (bug 20, found here): when ``python entrypoint.py train`` exits non-zero
+    (a round refused by the privacy budget, a global model of another architecture, a
+    warm worker that died), fedn's ``Client._process_training_request`` logs it and
+    returns no model; ``FednClient.update_local_model`` then uploads ``None``
+    (AttributeError), the exception leaves the task stream and ``fedn client start``
+    ends: one failed round took the clinic off the network. Here the failure is sent to
+    the combiner as a WARNING status starting with ``FEDSEG_TRAIN_FAILED`` (as the
+    callback client does, so the round log names the client and round) and the client
+    stays connected. Use in package-route client processes (the launcher does).
+    """
+    import fedn.network.grpc.fedn_pb2 as fedn_pb2
+    from fedn.network.clients.fedn_client import FednClient
+
+    from fedseg_clinic.fedn_callback import TRAIN_FAILED
+
+    update = getattr(FednClient.update_local_model, "__wrapped__",
+                     FednClient.update_local_model)
+    send = getattr(FednClient.send_model_to_combiner, "__wrapped__",
+                   FednClient.send_model_to_combiner)
+
+    def send_model_to_combiner(self: Any, model: Any, id: str) -> None:
+        if model is None:
+            raise FedsegError("the train entry point failed (its error line is in this "
+                              "client's log)")
+        send(self, model, id)
+
+    def update_local_model(self: Any, request: Any) -> None:
+        try:
+            update(self, request)
+        except Exception as exc:  # noqa: BLE001 - any failure: report it, stay connected
+            logger.warning("train failed: %s", exc)
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            try:
+                self.send_status(f"{TRAIN_FAILED} {self.name}: {type(exc).__name__}: {text}",
+                                 log_level=fedn_pb2.LogLevel.WARNING, type=request.type,
+                                 request=request, session_id=request.session_id,
+                                 sender_name=self.name)
+            except Exception:  # best effort: staying connected matters more
+                logger.exception("could not report the failed training to the combiner")
+
+    send_model_to_combiner.__wrapped__ = send  # type: ignore[attr-defined]
+    update_local_model.__wrapped__ = update  # type: ignore[attr-defined]
+    FednClient.send_model_to_combiner = send_model_to_combiner
+    FednClient.update_local_model = update_local_model
+
+
+# --- package route: hand train/validate to the warm worker without a new process ------
+
+def warm_dispatch() -> None:
+    """Let fedn's dispatcher give train/validate/predict jobs to the package's warm worker.
+
+    fedn runs every entry point as ``bash -c "python -S entrypoint.py train IN OUT"``;
+    with the compute package's warm worker (fedseg_clinic/warm_worker.py) that process
+    only forwards the job, but its start still costs 0.1-0.5 s per call on a loaded
+    machine. Here ``Dispatcher.run_cmd`` forwards such jobs itself, with the package's
+    own ``fedseg_clinic/warm_client.py`` (loaded from the extracted package, so the
+    worker key and protocol are the package's). Anything else, a package without
+    that file, or a worker that cannot start, goes to fedn's ``run_cmd`` unchanged (the
+    entry point then does what it would have done). A job the worker fails raises, as a
+    failing entry point does. The launcher's own pid becomes the process the workers
+    watch (``FEDSEG_WARM_WATCH_PID``, inherited by the entry points too).
+    """
+    import importlib.util
+
+    from fedn.utils.dispatcher import Dispatcher
+
+    os.environ.setdefault("FEDSEG_WARM_WATCH_PID", str(os.getpid()))
+    original = getattr(Dispatcher.run_cmd, "__wrapped__", Dispatcher.run_cmd)
+    loaded: dict[str, Any] = {}
+
+    def warm_client(project_dir: str) -> Any:
+        path = os.path.join(project_dir, "fedseg_clinic", "warm_client.py")
+        if path not in loaded:
+            module = None
+            if os.path.isfile(path):
+                spec = importlib.util.spec_from_file_location(
+                    f"_fedseg_package_warm_client_{len(loaded)}", path)
+                if spec is not None and spec.loader is not None:
+                    module = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(module)
+            loaded[path] = module
+        return loaded[path]
+
+    def run_cmd(self: Any, cmd_type: str, *args: Any, **kwargs: Any) -> Any:
+        entry, *rest = cmd_type.split(" ")
+        client = warm_client(self.project_dir) if entry in ("train", "validate",
+                                                             "predict") else None
+        if client is not None:
+            code = client.run_entry(entry, rest, folder=self.project_dir)
+            if code == 0:
+                from fedn.common.log_config import logger as fedn_logger
+
+                fedn_logger.info(f"{entry} done by the warm worker (no process started)")
+                return None
+            if code is not None:
+                raise FedsegError(f"{entry} failed in the warm worker (exit {code})")
+        return original(self, cmd_type, *args, **kwargs)
+
+    run_cmd.__wrapped__ = original  # type: ignore[attr-defined]
+    Dispatcher.run_cmd = run_cmd
 
 
 # --- bug 16 ------------------------------------------------------------------------------
@@ -1015,7 +1108,7 @@ def shorten_round_polling(scale: float = POLL_SCALE) -> None:
 
 
 def numeric_round_ids() -> None:
-    """Bug 20: the latest round id is the numerically largest, not the string-largest.
+    """Bug 21: the latest round id is the numerically largest, not the string-largest.
 
     fedn's SQLRoundStore sorts the VARCHAR round ids in SQL, so '9' sorts above '10':
     on a network that ran 10 rounds (several sessions of one sweep, say) the next round

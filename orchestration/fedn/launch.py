@@ -50,7 +50,7 @@ def run_api(workers: int, host: str = HOST, certfile: str | None = None,
     fedn_compat.merge_round_combiners()
     fedn_compat.bound_report_wait()
     fedn_compat.skip_unavailable_combiners()
-    fedn_compat.numeric_round_ids()  # bug 20
+    fedn_compat.numeric_round_ids()  # bug 21
     fedn_compat.bind_api_server(host, workers, certfile, keyfile)
     fedn_compat.sign_controller_calls()  # bug 18
     install_revocation_check()  # fedseg clinic revoke
@@ -98,6 +98,8 @@ def run_client(init: str) -> None:
     fedn_compat.check_fedn_version()
     fedn_compat.attach_grpc_token()
     fedn_compat.tls_on_any_port()  # bug 19
+    fedn_compat.report_train_failures()  # bug 20
+    fedn_compat.warm_dispatch()  # jobs to the package's warm worker, no process per call
     from fedn.cli import main as fedn_main
 
     fedn_main(args=["client", "start", "--init", init], prog_name="fedn", standalone_mode=True)

@@ -209,6 +209,9 @@ This folder lets the clinic "{name}" join the federation at {api_url}.
    Python with fedseg if it is not `python3`). The client keeps its own state in
    `state/` next to this file (FEDSEG_STATE_DIR overrides). It downloads the compute
    package from the server and waits for training requests.
+   At start it launches one helper process, the warm worker, that keeps TensorFlow
+   and the model loaded between rounds; it listens only on a Unix socket (mode 0600)
+   in `package/`, never on a network port, and stops when the client stops.
 
 ## Network
 

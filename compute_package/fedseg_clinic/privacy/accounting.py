@@ -8,6 +8,12 @@ compose. dp_accounting answers epsilon at a given delta with two accountants: RD
 classic, looser bound) and PLD (privacy loss distributions, tighter). Both are valid
 upper bounds, so the reported ``epsilon`` is the smaller one.
 
+Distributed DP rounds (:mod:`fedseg_clinic.privacy.skellam`) enter a history as
+:class:`~fedseg_clinic.privacy.skellam.SkellamSegment`: a history with any of them is
+accounted by RDP alone (Agarwal et al.'s Skellam bound added to dp_accounting's RDP of
+the Gaussian segments on the same integer orders); PLD does not cover the Skellam
+mechanism, so ``epsilon_pld`` is then inf (not computed) and ``epsilon`` is the RDP one.
+
 Adjacency is add-or-remove-one *patient* (every patch of a patient comes from the same
 sampled record), and the guarantee covers every intermediate model released.
 """
@@ -26,6 +32,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import optimize
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy import skellam
+from fedseg_clinic.privacy.skellam import SkellamSegment
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +173,20 @@ def default_delta(n_patients: int) -> float:
     return 1.0 / (10.0 * n_patients)
 
 
+def _skellam_history(gaussian: Sequence[PrivacySegment], distributed: Sequence[SkellamSegment],
+                     delta: float) -> float:
+    """RDP epsilon of Gaussian and Skellam segments composed, on the Skellam orders."""
+    merged = _merge(gaussian)
+    if any(sigma == 0.0 for _, sigma, _ in merged):
+        return math.inf
+    accountant = rdp_privacy_accountant.RdpAccountant(orders=skellam.ORDERS)
+    if merged:
+        accountant.compose(_event(merged))
+    return skellam.epsilon(distributed, delta, extra_rdp=accountant.rdp)
+
+
 def compute_epsilon_history(
-    segments: Sequence[PrivacySegment | tuple[float, float, int]],
+    segments: Sequence[PrivacySegment | SkellamSegment | tuple[float, float, int]],
     delta: float,
     n_patients: int | None = None,
 ) -> EpsilonReport:
@@ -174,6 +194,8 @@ def compute_epsilon_history(
 
     Args:
         segments: (q, sigma, steps) runs, e.g. one per federated round; they may differ.
+            :class:`SkellamSegment` items (distributed DP rounds) compose too (RDP only,
+            module doc).
         delta: Target delta, in (0, 1).
         n_patients: If given, delta must also be below 1 / n_patients.
 
@@ -185,11 +207,19 @@ def compute_epsilon_history(
         FedsegError: A value is out of range.
     """
     _check_delta(delta, n_patients)
-    typed = [PrivacySegment(float(q), float(sigma), int(steps)) for q, sigma, steps in segments]
+    distributed = [s for s in segments if isinstance(s, SkellamSegment)]
+    typed = [PrivacySegment(float(q), float(sigma), int(steps))
+             for q, sigma, steps in (s for s in segments if not isinstance(s, SkellamSegment))]
     for segment in typed:
         _check_segment(segment)
-    eps_rdp, eps_pld = _epsilons(typed, delta)
     used = [s for s in typed if s.steps > 0]
+    if any(s.steps > 0 for s in distributed):
+        eps_rdp, eps_pld = _skellam_history(typed, distributed, delta), math.inf
+        return EpsilonReport(epsilon_rdp=eps_rdp, epsilon_pld=eps_pld, epsilon=eps_rdp,
+                             delta=delta, sampling_probability=None,
+                             steps=sum(s.steps for s in typed) + sum(s.steps for s in distributed),
+                             noise_multiplier=None)
+    eps_rdp, eps_pld = _epsilons(typed, delta)
     return EpsilonReport(
         epsilon_rdp=eps_rdp,
         epsilon_pld=eps_pld,

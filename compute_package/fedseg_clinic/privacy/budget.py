@@ -23,6 +23,7 @@ from typing import Any
 
 from fedseg_clinic.cases import read_case_meta, read_manifest
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.privacy import skellam
 from fedseg_clinic.privacy.accounting import (
     calibrate_noise,
     compute_epsilon_history,
@@ -78,7 +79,7 @@ class BudgetPlan:
         return data
 
 
-_CALIBRATED: dict[tuple[int, int, int, float, float], float] = {}
+_CALIBRATED: dict[tuple[Any, ...], float] = {}
 
 
 def resolve_noise(n_patients: int, settings: ClinicSettings) -> tuple[float, float | None]:
@@ -89,7 +90,9 @@ def resolve_noise(n_patients: int, settings: ClinicSettings) -> tuple[float, flo
     below the target, and the target becomes the budget unless a smaller one is set; the
     ledger then enforces it. Otherwise ``noise_multiplier`` and ``epsilon_budget`` as set.
     Neither frozen weights nor K patches per patient change the analysis: one patient
-    still contributes one clipped gradient per step.
+    still contributes one clipped gradient per step. With ``privacy.distributed`` the
+    noise multiplier is the aggregate's Skellam one (privacy/skellam.py), calibrated for
+    ``planned_rounds`` full-batch releases; it does not depend on N.
     """
     t, p = settings.training, settings.privacy
     if p.target_epsilon is None:
@@ -97,10 +100,16 @@ def resolve_noise(n_patients: int, settings: ClinicSettings) -> tuple[float, flo
     if p.planned_rounds is None:
         raise FedsegError("privacy.target_epsilon needs privacy.planned_rounds")
     delta = p.delta if p.delta is not None else default_delta(n_patients)
-    key = (n_patients, t.batch_size, p.planned_rounds * t.local_steps, p.target_epsilon, delta)
-    if key not in _CALIBRATED:  # a few seconds of PLD work: once per schedule
-        _CALIBRATED[key] = calibrate_noise(n_patients, t.batch_size, key[2],
-                                           p.target_epsilon, delta)
+    if p.distributed:
+        key: tuple[Any, ...] = (skellam.MECHANISM, p.planned_rounds, p.target_epsilon, delta)
+        if key not in _CALIBRATED:
+            _CALIBRATED[key] = skellam.calibrate(p.planned_rounds, p.target_epsilon, delta)
+    else:
+        key = (n_patients, t.batch_size, p.planned_rounds * t.local_steps, p.target_epsilon,
+               delta)
+        if key not in _CALIBRATED:  # a few seconds of PLD work: once per schedule
+            _CALIBRATED[key] = calibrate_noise(n_patients, t.batch_size, key[2],
+                                               p.target_epsilon, delta)
     budget = p.target_epsilon if p.epsilon_budget is None else min(p.epsilon_budget,
                                                                    p.target_epsilon)
     return _CALIBRATED[key], budget
@@ -209,8 +218,14 @@ def plan_rounds(settings: ClinicSettings, round_settings: Sequence[Mapping[str, 
         # The same noise and budget the clinic's training will use (target_epsilon
         # calibrates them), so the plan predicts what ClinicApp.train reserves.
         sigma, budget = resolve_noise(n, s)
-        segment = LedgerSegment.for_schedule(f"planned-{k}", n, t.batch_size, t.local_steps,
-                                             sigma, rp.l2_norm_clip)
+        if rp.distributed:
+            # The recorded variance does not depend on the round's clinics or m (only the
+            # share does), so one clinic and one share predict the ledger exactly.
+            segment = LedgerSegment.for_distributed(f"planned-{k}", n, sigma,
+                                                    rp.l2_norm_clip, 1, 1)
+        else:
+            segment = LedgerSegment.for_schedule(f"planned-{k}", n, t.batch_size,
+                                                 t.local_steps, sigma, rp.l2_norm_clip)
         trial = [*history, segment.privacy_segment()]
         epsilon = compute_epsilon_history(trial, delta, n_patients=n).epsilon
         if budget is not None and epsilon > budget:

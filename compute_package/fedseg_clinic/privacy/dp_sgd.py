@@ -371,3 +371,37 @@ class DPTrainer:
         loss = float(self._step_fn(images, labels, known))
         self.steps_taken += 1
         return loss
+
+
+def patient_gradient_fn(model: keras.Model, loss_fn: PerExampleLoss,
+                        variables: Sequence[tf.Variable], l2_norm_clip: float
+                        ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], list[np.ndarray]]:
+    """One patient's clipped gradient, for distributed DP (privacy/skellam.py).
+
+    The patient's K patches form one record: the gradient of their mean loss, clipped to
+    ``l2_norm_clip`` by TF Privacy's query (as :class:`DPTrainer` clips), returned
+    without noise: the caller turns it into integers and the noise is added to the sum.
+
+    Returns:
+        f(images (K,z,y,x,ch), labels (K,z,y,x), known (K,C)) -> clipped gradient arrays
+        in ``variables`` order.
+    """
+    query = gaussian_query.GaussianSumQuery(l2_norm_clip=float(l2_norm_clip), stddev=0.0)
+    params = query.derive_sample_params(query.initial_global_state())
+    variables = list(variables)
+
+    @tf.function(reduce_retracing=True)
+    def clipped(images: tf.Tensor, labels: tf.Tensor, known: tf.Tensor) -> list[tf.Tensor]:
+        with tf.GradientTape() as tape:
+            probs = model(images, training=True)
+            loss = tf.reduce_mean(loss_fn(labels, probs, known))
+        grads = tape.gradient(loss, variables,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return query.preprocess_record(params, grads)
+
+    def run(images: np.ndarray, labels: np.ndarray, known: np.ndarray) -> list[np.ndarray]:
+        out = clipped(np.asarray(images, np.float32), np.asarray(labels, np.int32),
+                      np.asarray(known, np.float32))
+        return [np.asarray(g) for g in out]
+
+    return run

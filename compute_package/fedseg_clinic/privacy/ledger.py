@@ -61,7 +61,9 @@ from typing import Any
 
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import PRIVATE_DIR, PRIVATE_FILE, atomic_write_text
+from fedseg_clinic.privacy import skellam as skellam_mech
 from fedseg_clinic.privacy.accounting import EpsilonReport, PrivacySegment, compute_epsilon_history
+from fedseg_clinic.privacy.skellam import SkellamSegment
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,10 @@ RESET_ARCHIVE = "reset-archive"
 _LEDGER_RE = re.compile(r"^ledger-([0-9a-f]{16,64})\.json$")
 _SEGMENT_FIELDS = ("round_id", "steps", "sampling_probability", "noise_multiplier",
                    "l2_norm_clip", "n_patients")
+# Only distributed-DP entries carry these (Gaussian entries keep the version-2 layout).
+_DISTRIBUTED_FIELDS = ("mechanism", "skellam")
+_SKELLAM_KEYS = ("variance", "share_variance", "l2_sensitivity", "l1_sensitivity",
+                 "honest_shares", "clinics", "clip_units")
 
 
 class BudgetExceededError(FedsegError):
@@ -92,6 +98,11 @@ class LedgerSegment:
         noise_multiplier: sigma (>= 0; 0 means no privacy: epsilon becomes inf).
         l2_norm_clip: Per-patient clip norm (> 0); recorded for audits.
         n_patients: N, if known; lets the budget check refuse delta >= 1/N.
+        mechanism: "gaussian" (DP-SGD steps) or "skellam" (distributed DP rounds under
+            secure aggregation: q = 1, one release per step; ``skellam`` holds the
+            aggregate variance the guarantee assumes, the clinic's own share, the integer
+            sensitivities, the honest shares assumed and the clinics of the round).
+        skellam: The Skellam parameters (mechanism "skellam" only).
     """
 
     round_id: str
@@ -100,6 +111,8 @@ class LedgerSegment:
     noise_multiplier: float
     l2_norm_clip: float
     n_patients: int | None = None
+    mechanism: str = "gaussian"
+    skellam: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, str) or not self.round_id:
@@ -123,6 +136,38 @@ class LedgerSegment:
                                             or self.n_patients < 1):
             raise FedsegError(f"ledger segment {self.round_id}: n_patients="
                               f"{self.n_patients!r} must be an integer >= 1")
+        if self.mechanism == "gaussian" and self.skellam is None:
+            return
+        params = self.skellam if isinstance(self.skellam, dict) else {}
+        if self.mechanism != skellam_mech.MECHANISM or set(params) != set(_SKELLAM_KEYS) or not all(
+                isinstance(params[k], int | float) and math.isfinite(params[k])
+                and params[k] > 0 for k in _SKELLAM_KEYS) or self.sampling_probability != 1.0:
+            raise FedsegError(f"ledger segment {self.round_id}: mechanism={self.mechanism!r} "
+                              f"with skellam={self.skellam!r} is not a valid distributed-DP "
+                              "round")
+
+    @classmethod
+    def for_distributed(cls, round_id: str, n_patients: int, noise_multiplier: float,
+                        l2_norm_clip: float, honest_shares: int, clinics: int,
+                        clip_units: int = skellam_mech.CLIP_UNITS) -> LedgerSegment:
+        """One distributed-DP round: the full-batch Skellam release of this clinic's sum.
+
+        Args:
+            round_id: The round's id.
+            n_patients: N (all of them contribute: q = 1).
+            noise_multiplier: z: the aggregate's Skellam std is z * clip_units.
+            l2_norm_clip: C (float units), for the record.
+            honest_shares: m, the honest shares the guarantee assumes.
+            clinics: The clinics keyed for the round (n).
+            clip_units: s * C.
+        """
+        seg = skellam_mech.segment_for(noise_multiplier, 1, clip_units)
+        params = {"variance": seg.variance, "share_variance": seg.variance / honest_shares,
+                  "l2_sensitivity": seg.l2_sensitivity, "l1_sensitivity": seg.l1_sensitivity,
+                  "honest_shares": int(honest_shares), "clinics": int(clinics),
+                  "clip_units": int(clip_units)}
+        return cls(round_id, 1, 1.0, float(noise_multiplier), float(l2_norm_clip),
+                   n_patients, skellam_mech.MECHANISM, params)
 
     @classmethod
     def for_schedule(cls, round_id: str, n_patients: int, batch_size: int, steps: int,
@@ -134,8 +179,17 @@ class LedgerSegment:
         return cls(round_id, steps, batch_size / n_patients, float(noise_multiplier),
                    float(l2_norm_clip), n_patients)
 
-    def privacy_segment(self) -> PrivacySegment:
-        """The (q, sigma, steps) triple the accountant composes."""
+    def privacy_segment(self, alone: bool = False) -> PrivacySegment | SkellamSegment:
+        """What the accountant composes: (q, sigma, steps), or the Skellam release.
+
+        Args:
+            alone: For a distributed round, the release as protected by this clinic's own
+                share only (every other clinic colluding with the server).
+        """
+        if self.skellam is not None:
+            p = self.skellam
+            return SkellamSegment(p["share_variance"] if alone else p["variance"],
+                                  p["l2_sensitivity"], p["l1_sensitivity"], self.steps)
         return PrivacySegment(self.sampling_probability, self.noise_multiplier, self.steps)
 
 
@@ -365,7 +419,9 @@ class PrivacyLedger:
         out = []
         for entry in entries:
             try:
-                out.append(LedgerSegment(**{k: entry.get(k) for k in _SEGMENT_FIELDS}))
+                fields = {k: entry.get(k) for k in _SEGMENT_FIELDS}
+                fields.update({k: entry[k] for k in _DISTRIBUTED_FIELDS if k in entry})
+                out.append(LedgerSegment(**fields))
             except (TypeError, FedsegError) as exc:
                 raise self._refuse(f"was modified (entry {entry.get('round_id')!r} holds "
                                    f"invalid values: {exc})") from exc
@@ -405,6 +461,16 @@ class PrivacyLedger:
         return compute_epsilon_history([s.privacy_segment() for s in segments], self.delta,
                                        n_patients=n_patients)
 
+    def spent_alone(self) -> EpsilonReport:
+        """Epsilon of the history if every distributed round had only this clinic's share.
+
+        Equal to :meth:`spent` without distributed rounds: the worst case of the trust
+        assumption (all other clinics collude with the server).
+        """
+        with folder_lock(self.folder):
+            return compute_epsilon_history([s.privacy_segment(alone=True)
+                                            for s in self._history()], self.delta)
+
     def spent(self) -> EpsilonReport:
         """Epsilon of the whole recorded history (siblings included) at this delta."""
         with folder_lock(self.folder):
@@ -437,13 +503,17 @@ class PrivacyLedger:
     def _append(self, entries: list[dict[str, Any]], segment: LedgerSegment,
                 client: str, run: str) -> None:
         body: dict[str, Any] = asdict(segment)
+        if segment.skellam is None:
+            for key in _DISTRIBUTED_FIELDS:  # DP-SGD entries: the version-2 layout as before
+                del body[key]
         body.update({"client": client, "run": run, "delta": self.delta, "time": _now()})
         previous = entries[-1]["hash"] if entries else self._genesis
         entries.append({**body, "hash": _chain(previous, body)})
         self._write(entries)
-        logger.info("privacy ledger %s: recorded round %s of %s (%d steps, q=%.4g, "
-                    "sigma=%.4g)", self.path, segment.round_id, client or "?", segment.steps,
-                    segment.sampling_probability, segment.noise_multiplier)
+        logger.info("privacy ledger %s: recorded round %s of %s (%s, %d steps, q=%.4g, "
+                    "sigma=%.4g)", self.path, segment.round_id, client or "?",
+                    segment.mechanism, segment.steps, segment.sampling_probability,
+                    segment.noise_multiplier)
 
     def reserve(self, segment: LedgerSegment, client: str = "", run: str = ""
                 ) -> EpsilonReport:

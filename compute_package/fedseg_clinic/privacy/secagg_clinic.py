@@ -9,6 +9,9 @@ clinics are keyed for round k (their round-k public keys) and the phase:
 - ``train``: a keyed clinic trains, quantises ``n * (new - global)``, adds its pair
   masks and answers with the masked ring elements (uint64); a clinic that is not keyed
   (its first round, or it lost its keys in a restart) answers with keys only.
+  With distributed DP (``privacy.distributed``) the clinic masks its noised integer
+  gradient sum instead (privacy/skellam.py) and its answer says so (``ddp``: the scale
+  and learning rate the server's step needs).
 - ``recover``: some clinic dropped after the others masked in an earlier round; the
   survivors decrypt the shares of the dropped clinics' round keys addressed to them and
   reveal them, so the server can remove the dropped clinics' masks. Nobody trains.
@@ -35,6 +38,9 @@ MIN_KEYED = 3
 
 Weights = list[np.ndarray]
 TrainFn = Callable[[], tuple[Sequence[np.ndarray], dict[str, Any]]]
+# Distributed DP: clinics keyed for the round -> (int64 noised sums shaped like the
+# weights, metadata with ddp_scale and learning_rate).
+ContributeFn = Callable[[int], tuple[Sequence[np.ndarray], dict[str, Any]]]
 
 
 class SecAggClinic:
@@ -53,14 +59,16 @@ class SecAggClinic:
             self.c_key = secagg.new_private_key()
             self.round_keys = {}
 
-    def handle(self, raw_payload: str, global_weights: Weights, train: TrainFn
-               ) -> tuple[Weights, dict[str, Any]]:
+    def handle(self, raw_payload: str, global_weights: Weights, train: TrainFn,
+               contribute: ContributeFn | None = None) -> tuple[Weights, dict[str, Any]]:
         """Answer one round's request.
 
         Args:
             raw_payload: The ``secagg`` client setting (JSON).
             global_weights: The global model of this round.
             train: Runs the clinic's local training, returning (weights, metadata).
+            contribute: Distributed DP instead of training (privacy/skellam.py): given
+                the number of keyed clinics, the clinic's noised integer gradient sum.
 
         Returns:
             The weights to send (masked uint64 ring elements after training, else the
@@ -85,7 +93,13 @@ class SecAggClinic:
         if phase == "train":
             own_key = self.round_keys.get(k)
             if self.client_id in keyed and own_key is not None and len(keyed) >= MIN_KEYED:
-                out, meta = self._masked_update(k, own_key, keyed, global_weights, train)
+                if contribute is not None:
+                    out, meta = self._masked_contribution(k, own_key, keyed, global_weights,
+                                                          contribute)
+                    answer["ddp"] = {"scale": float(meta["ddp_scale"]),
+                                     "learning_rate": float(meta["learning_rate"])}
+                else:
+                    out, meta = self._masked_update(k, own_key, keyed, global_weights, train)
                 answer.update(masked=True, weight=int(meta["num_examples"]))
             else:
                 answer["masked"] = False
@@ -128,6 +142,25 @@ class SecAggClinic:
         values = secagg.quantise(deltas, weight)
         # Why the masks with *every* keyed clinic: the server only learns the sum over
         # the clinics that answer, and recovers the masks of those that do not.
+        secagg.apply_pair_masks(values, self.client_id, own_key, keyed, f"{self.session}|{k}")
+        return values, meta
+
+    def _masked_contribution(self, k: int, own_key: Any, keyed: dict[str, bytes],
+                             global_weights: Weights, contribute: ContributeFn
+                             ) -> tuple[Weights, dict[str, Any]]:
+        sums, meta = contribute(len(keyed))
+        if len(sums) != len(global_weights):
+            raise secagg.SecAggError(f"contribution has {len(sums)} tensors, "
+                                     f"the global model {len(global_weights)}")
+        values = []
+        for i, (arr, g) in enumerate(zip(sums, global_weights, strict=True)):
+            arr = np.asarray(arr)
+            if arr.dtype != np.int64 or arr.shape != np.shape(g):
+                raise secagg.SecAggError(f"contribution tensor {i}: {arr.dtype}{arr.shape}, "
+                                         f"expected int64{np.shape(g)}")
+            if arr.size and int(np.max(np.abs(arr))) >= 2 ** secagg.MAX_ABS_BITS:
+                raise secagg.SecAggError(f"contribution tensor {i}: too large for the ring")
+            values.append(arr.view(np.uint64).copy())
         secagg.apply_pair_masks(values, self.client_id, own_key, keyed, f"{self.session}|{k}")
         return values, meta
 

@@ -31,7 +31,7 @@ for name in "${order[@]}"; do
     fi
   elif [ -f "$here/sweep-$name.yaml" ]; then
     # A fresh network (and state store) per sweep: fedn 0.33 numbers rounds by the
-    # string-largest id in its store, so a network that ran 10 rounds repeats "10".
+    # string-largest id in its store (bug 21, patched in the API process too).
     down; rm -rf "$net"; mkdir -p "$net"; cp "$here/network.yaml" "$net/network.yaml"
     fedseg network up --config "$net/network.yaml"
     fedseg sweep "$here/sweep-$name.yaml" --runs-dir "$runs" --network "$net" || true
