@@ -115,6 +115,8 @@ BUGS: tuple[FednBug, ...] = (
             "sign_controller_calls() (API) and close_controller_whitelist() (combiners)"),
     FednBug(19, "clients use TLS only on port 443; a private CA (FEDN_GRPC_ROOT_CERT_PATH) "
             "drops the token", "tls_on_any_port() in client processes"),
+    FednBug(20, "a package-route train that exits non-zero uploads None and ends "
+            "`fedn client start`", "report_train_failures() in the launcher's client"),
     FednBug(21, "SQL stores sort round ids as strings: after round 10 the next id is '10' "
             "again (UNIQUE constraint) and the session never starts",
             "numeric_round_ids() in the API process"),
