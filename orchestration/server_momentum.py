@@ -66,7 +66,9 @@ class FedAvgMServer:
 
     def __init__(self, settings_by_round: list[dict[str, Any]], learning_rate: float,
                  momentum: float) -> None:
-        """Args:
+        """Start a session with no momentum yet.
+
+        Args:
             settings_by_round: client settings of rounds 1..N (the last one repeats).
             learning_rate: server learning rate (1 = FedAvg's step size).
             momentum: momentum coefficient in [0, 1).
