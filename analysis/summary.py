@@ -443,7 +443,7 @@ def resolve_target(
 
     Raises:
         FedsegError: both or an out-of-range value given; a fraction without exactly one
-            pooled run, or with a pooled run that has no final Dice.
+            pooled setting (one run or seeds of one), or a pooled run without final Dice.
     """
     if target_dice is not None and target_fraction is not None:
         raise FedsegError("give either a target Dice or a target fraction, not both")
@@ -456,17 +456,25 @@ def resolve_target(
     if not 0.0 < target_fraction <= 1.0:
         raise FedsegError(f"target fraction {target_fraction} is not in (0, 1]")
     pooled = [run for run in runs if run.kind == "pooled"]
-    if len(pooled) != 1:
+    if not pooled or len({setting_key(run) for run in pooled}) != 1:
         found = ", ".join(str(run.run_dir) for run in pooled) or "none"
         raise FedsegError(
-            f"target fraction needs exactly one run of kind 'pooled' among the inputs "
-            f"(found {found})"
+            f"target fraction needs exactly one pooled setting among the inputs (one "
+            f"pooled run, or seeds of one) (found {found})"
         )
-    final = summarize_run(pooled[0])["final_dice_mean"]
-    if final is None:
-        raise FedsegError(f"{pooled[0].run_dir}: pooled run has no val_dice_mean to scale")
+    finals = []
+    for run in pooled:
+        final = summarize_run(run)["final_dice_mean"]
+        if final is None:
+            raise FedsegError(f"{run.run_dir}: pooled run has no val_dice_mean to scale")
+        finals.append(final)
+    final = float(np.mean(finals))
     target = target_fraction * final
-    return target, f"{target_fraction:g} x final Dice {final:.4f} of pooled run {pooled[0].name}"
+    if len(pooled) == 1:
+        return target, (f"{target_fraction:g} x final Dice {final:.4f} of pooled run "
+                        f"{pooled[0].name}")
+    return target, (f"{target_fraction:g} x mean final Dice {final:.4f} of {len(pooled)} "
+                    f"pooled seeds ({', '.join(run.name for run in pooled)})")
 
 
 def _without_seeds(value: Any) -> Any:
@@ -485,6 +493,7 @@ def setting_key(run: RunLog) -> str:
     config = run.info.get("config")
     config = {k: v for k, v in config.items() if k != "name"} if isinstance(config, dict) else {}
     if isinstance(config.get("sweep"), dict):
+        # A sweep's seed axis puts the seed into the point's name as well.
         config["sweep"] = {k: v for k, v in config["sweep"].items() if k != "point"}
     return json.dumps({"kind": run.kind, "config": _without_seeds(config)}, sort_keys=True,
                       default=str)

@@ -55,7 +55,7 @@ from fedseg.orchestration.runner import (
     format_metric,
     package_versions,
     prepare_data,
-    resolve_callable,
+    prepare_seed,
     utc_now_iso,
     write_clinic_settings,
 )
@@ -244,8 +244,8 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
         say(f"{kind} baseline of {exp.name}: {len(names)} clinics ({', '.join(names)}), "
             f"{rounds} blocks, run folder {run_dir}")
         tic = time.monotonic()
-        builder = resolve_callable(exp.seed_builder, "seed_builder")
-        builder(dict(exp.model), run_dir / "seed.npz", seed=exp.seed)
+        # The same seed model as the federated run (a pretrained one included).
+        info["seed_model"] = prepare_seed(exp, run_dir / "seed.npz")
         from fedseg_clinic.model.weights import load_weights_npz
 
         seed_weights = load_weights_npz(run_dir / "seed.npz")

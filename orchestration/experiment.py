@@ -24,8 +24,12 @@ Top-level keys::
     network: {...}              # passed to the network layer (NetworkConfig fields)
     ledgers: data | run         # where the clinics' privacy ledgers are kept (below)
     seed_builder: MODULE:FUNC   # builds the seed npz: FUNC(model, out, seed=seed)
-    seed_weights: path          # or: a pretrained seed npz (fedseg seed pretrain) whose
-                                # sidecar JSON (what it was trained on) goes to run.json
+    seed_weights: path|random   # a pretrained seed npz (fedseg seed pretrain) whose
+                                # sidecar JSON (what it was trained on) goes to run.json;
+                                # "random": seed_builder's random model. Unset (and no
+                                # seed_builder): the shipped pretrained seed when its model
+                                # config equals `model` (the recommended scheme,
+                                # docs/findings.md), else a random one
     package: path               # compute package folder (default: the project's)
 """
 
@@ -40,13 +44,17 @@ import yaml
 
 from fedseg_clinic.errors import FedsegError
 
-AGGREGATORS = ("fedavg", "fedopt")
+AGGREGATORS = ("fedavg", "fedopt", "fedavgm")
 FEDOPT_KWARGS = {"serveropt": str, "learning_rate": float, "beta1": float, "beta2": float,
                  "tau": float}
+# fedavgm: FedAvg with server momentum, run in a ServerFunctions hook
+# (orchestration/server_momentum.py): server learning rate and momentum in [0, 1).
+FEDAVGM_KWARGS = {"learning_rate": float, "momentum": float}
 SERVEROPTS = ("adam", "yogi", "adagrad")
 ROUTES = ("callback", "package")
 DEFAULT_APP = "fedseg_clinic.app:ClinicApp.from_environment"
 DEFAULT_SEED_BUILDER = "fedseg.seed.build:build_seed"
+RANDOM_SEED = "random"  # seed_weights: random = a random seed model, explicitly
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _APP_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _TOP_KEYS = ("name", "seed", "data", "model", "clinic", "client_settings", "session",
@@ -97,6 +105,11 @@ class SessionSpec:
     # Pairwise-masked aggregation (docs/secure-aggregation.md): the server sees the sum.
     secure_aggregation: bool = False
 
+    @property
+    def server_hook(self) -> bool:
+        """Whether the server side runs in a ServerFunctions hook (needs the hooks service)."""
+        return self.secure_aggregation or self.aggregator == "fedavgm"
+
 
 @dataclasses.dataclass(frozen=True)
 class ClientsSpec:
@@ -124,6 +137,9 @@ class Experiment:
     package: Path | None = None
     ledgers: str = "data"
     seed_weights: Path | None = None
+    # No seed_weights, no seed_builder, not "random": fedseg run starts from the shipped
+    # pretrained seed when its model config matches (runner.prepare_seed).
+    pretrained_default: bool = False
     source: Path | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -215,18 +231,24 @@ def _session(check: _Checker, value: Any) -> SessionSpec:
     aggregator = check.choice(s.get("aggregator", default.aggregator), "session.aggregator",
                               AGGREGATORS)
     kwargs = dict(check.mapping(s.get("aggregator_kwargs"), "session.aggregator_kwargs"))
-    if kwargs and aggregator != "fedopt":
+    if kwargs and aggregator == "fedavg":
         raise check.fail("session.aggregator_kwargs", f"{aggregator} takes no kwargs")
+    allowed = FEDAVGM_KWARGS if aggregator == "fedavgm" else FEDOPT_KWARGS
     for key, val in kwargs.items():
         full = f"session.aggregator_kwargs.{key}"
-        if key not in FEDOPT_KWARGS:
-            raise check.fail(full, f"unknown fedopt kwarg (allowed: {', '.join(FEDOPT_KWARGS)})")
-        if FEDOPT_KWARGS[key] is str:
+        if key not in allowed:
+            raise check.fail(full, f"unknown {aggregator} kwarg "
+                                   f"(allowed: {', '.join(allowed)})")
+        if allowed[key] is str:
             check.choice(val, full, SERVEROPTS)
-        elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
-            raise check.fail(full, f"must be a non-negative number, got {val!r}")
+        elif isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0 \
+                or val != val or val == float("inf"):
+            raise check.fail(full, f"must be a finite non-negative number, got {val!r}")
         else:
             kwargs[key] = float(val)
+    if aggregator == "fedavgm" and kwargs.get("momentum", 0.0) >= 1.0:
+        raise check.fail("session.aggregator_kwargs.momentum",
+                         f"must be below 1, got {kwargs['momentum']!r}")
     return SessionSpec(
         rounds=check.integer(s.get("rounds", default.rounds), "session.rounds", 1),
         aggregator=aggregator,
@@ -350,8 +372,10 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
     if not isinstance(seed_builder, str) or not _APP_RE.match(seed_builder):
         raise check.fail("seed_builder", f"must be MODULE:FUNC, got {seed_builder!r}")
     package = _path(check, top, "package", base)
-    seed_weights = _path(check, top, "seed_weights", base)
-    if seed_weights is not None and "seed_builder" in top:
+    # "random": a random seed model (seed_builder), never the shipped pretrained seed.
+    random_seed = top.get("seed_weights") == RANDOM_SEED
+    seed_weights = None if random_seed else _path(check, top, "seed_weights", base)
+    if (seed_weights is not None or random_seed) and "seed_builder" in top:
         raise check.fail("seed_weights", "give seed_weights or seed_builder, not both")
     clients = _clients(check, top.get("clients"))
     if session.secure_aggregation and clients.route != "callback":
@@ -396,6 +420,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>", base: Path | None =
         package=package,
         ledgers=ledgers,
         seed_weights=seed_weights,
+        pretrained_default=not random_seed and "seed_builder" not in top,
         source=None if base is None else Path(source),
         raw=raw,
     )

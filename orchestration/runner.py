@@ -215,19 +215,40 @@ def write_clinic_settings(exp: Experiment, run_dir: Path, name: str, index: int)
     return path
 
 
+def default_seed_weights(model: dict[str, Any]) -> Path | None:
+    """The shipped pretrained seed when it was trained for exactly ``model``, else None.
+
+    Why a default: a warm start from it reached 95% of pooled Dice in 1 round where
+    FedAvg from a random model took more than 5 (docs/findings.md, rounds study).
+    """
+    from fedseg.seed.pretrain import DEMO_SEED, read_seed_info
+
+    try:
+        read_seed_info(DEMO_SEED, model)
+    except FedsegError:
+        return None  # another model (or organ set): a random seed model
+    return Path(DEMO_SEED)
+
+
 def prepare_seed(exp: Experiment, seed_path: Path) -> dict[str, Any]:
     """Write the run's seed npz; return what run.json records about it.
 
     A pretrained ``seed_weights`` file is copied with its checked sidecar (what it was
-    trained on, steps, its Dice); otherwise ``seed_builder`` builds a random one.
+    trained on, steps, its Dice); so is the shipped pretrained seed when the experiment
+    names neither ``seed_weights`` nor ``seed_builder`` and the seed fits its model
+    (``default: true`` in the record); otherwise ``seed_builder`` builds a random one.
     """
-    if exp.seed_weights is not None:
+    weights = exp.seed_weights
+    if weights is None and exp.pretrained_default:
+        weights = default_seed_weights(exp.model)
+    if weights is not None:
         from fedseg.seed.pretrain import read_seed_info, sidecar_path
 
-        seed_info = read_seed_info(exp.seed_weights, exp.model)
-        atomic_write_bytes(seed_path, exp.seed_weights.read_bytes())
+        seed_info = read_seed_info(weights, exp.model)
+        atomic_write_bytes(seed_path, weights.read_bytes())
         atomic_write_text(sidecar_path(seed_path), json.dumps(seed_info, indent=2))
-        return {**seed_info, "path": str(exp.seed_weights)}
+        return {**seed_info, "path": str(weights),
+                **({} if exp.seed_weights else {"default": True})}
     builder = resolve_callable(exp.seed_builder, "seed_builder")
     builder(dict(exp.model), seed_path, seed=exp.seed)
     return {"kind": "random_init", "builder": exp.seed_builder, "seed": exp.seed}
@@ -239,8 +260,8 @@ def network_config(exp: Experiment, run_dir: Path) -> Any:
 
     data = dict(exp.network)
     data.setdefault("root", str(run_dir / "network"))
-    if exp.client_settings or exp.session.secure_aggregation:
-        data["hooks"] = True  # settings and secure aggregation run in ServerFunctions
+    if exp.client_settings or exp.session.server_hook:
+        data["hooks"] = True  # settings, secure aggregation, fedavgm run in ServerFunctions
     source = f"{exp.source or exp.name}: network"
     return NetworkConfig.from_dict(data, source=source, base=run_dir)
 
@@ -536,11 +557,11 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
             state = step("network_up", lambda: network_mod.network_up(config))
         else:
             state = network_mod.load_network_state(network_root)
-            if (exp.client_settings or exp.session.secure_aggregation) \
+            if (exp.client_settings or exp.session.server_hook) \
                     and not state.hooks_host:
-                raise FedsegError(f"{network_root}: the experiment sets client_settings or "
-                                  "secure_aggregation but this network has no hooks service "
-                                  "(network up with hooks)")
+                raise FedsegError(f"{network_root}: the experiment sets client_settings, "
+                                  "secure_aggregation or fedavgm but this network has no "
+                                  "hooks service (network up with hooks)")
         info["network"] = {"root": str(state.root), "api_url": state.api_url,
                            "owned": network_root is None}
         api = state.api_client()
@@ -571,7 +592,7 @@ def run_experiment(exp: Experiment, runs_dir: Path, *, progress: Progress | None
         if exp.client_settings:
             settings_by_round = [exp.settings_for_round(k)
                                  for k in range(1, exp.session.rounds + 1)]
-        elif state.hooks_host:
+        elif state.hooks_host or exp.session.server_hook:
             # A hooks service keeps the last session's ServerFunctions and the combiner
             # asks it every round: without a fresh, empty one, this session's clients
             # would get the previous session's settings.

@@ -138,9 +138,9 @@ def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: 
         secagg_journal: With ``spec.secure_aggregation``: the file the server appends
             each round's secure-aggregation outcome to.
     """
-    if spec.secure_aggregation and not settings_by_round:
-        raise FedsegError("session.secure_aggregation needs the hooks service "
-                          "(network up with hooks)")
+    if spec.server_hook and not settings_by_round:
+        what = "secure_aggregation" if spec.secure_aggregation else "aggregator: fedavgm"
+        raise FedsegError(f"session.{what} needs the hooks service (network up with hooks)")
     deadline = time.monotonic() + available_wait_s
     while True:
         nonce = uuid.uuid4().hex[:8]
@@ -149,13 +149,24 @@ def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: 
 
             source = secure_aggregation.server_functions_source(settings_by_round, nonce,
                                                                 secagg_journal)
+        elif spec.aggregator == "fedavgm":
+            from fedseg.orchestration import server_momentum
+
+            kw = spec.aggregator_kwargs
+            source = server_momentum.server_functions_source(
+                settings_by_round, nonce,
+                kw.get("learning_rate", server_momentum.DEFAULT_LEARNING_RATE),
+                kw.get("momentum", server_momentum.DEFAULT_MOMENTUM))
         else:
             source = (server_functions_source(settings_by_round, nonce)
                       if settings_by_round else None)
         try:
             session_id = fedn_compat.start_session(
                 api_client, spec.rounds, model_id=seed_model_id, name=f"{name}-{nonce}",
-                aggregator=spec.aggregator, aggregator_kwargs=spec.aggregator_kwargs or None,
+                # fedavgm is FEDn's fedavg with the aggregate hook above.
+                aggregator="fedavg" if spec.aggregator == "fedavgm" else spec.aggregator,
+                aggregator_kwargs=(None if spec.aggregator == "fedavgm"
+                                   else spec.aggregator_kwargs or None),
                 round_timeout=spec.round_timeout, min_clients=spec.min_clients,
                 requested_clients=n_clients, validate=spec.validate, server_functions=source,
                 client_ids=client_ids)

@@ -9,7 +9,7 @@ A sweep file (docs/baselines-and-sweeps.md)::
       aggregator: [fedavg, fedopt]
       local_steps: [4]
       learning_rate: [0.003]            # client learning rate
-      server_learning_rate: [0.01]      # fedopt only (dropped for fedavg points)
+      server_learning_rate: [0.01]      # fedopt/fedavgm only (dropped for fedavg)
       variant: [recipe, no-seed]        # named changes of the base, from ``variants``
       seed: [1, 2, 3]                   # the experiment seed (seed model, clinics)
     variants:                      # optional: name -> changes deep-merged into the base
@@ -267,7 +267,7 @@ def point_name(params: dict[str, Any], axes: tuple[str, ...] = AXES) -> str:
 def expand_grid(sweep: Sweep) -> list[dict[str, Any]]:
     """Every combination of the grid's values, in file order (seeds last), no duplicates.
 
-    ``server_learning_rate`` only applies to fedopt: a point that aggregates with fedavg
+    ``server_learning_rate`` only applies to fedopt and fedavgm: a point that aggregates with fedavg
     (from the grid or the base experiment) drops it, and the duplicates this makes are
     removed.
     """
@@ -277,7 +277,7 @@ def expand_grid(sweep: Sweep) -> list[dict[str, Any]]:
     for combo in itertools.product(*(sweep.grid[a] for a in axes)):
         params = {a: dict(zip(axes, combo, strict=True))[a] for a in sweep.grid}
         aggregator = params.get("aggregator", sweep.base.session.aggregator)
-        if aggregator != "fedopt":
+        if aggregator not in ("fedopt", "fedavgm"):
             params.pop("server_learning_rate", None)
         points.setdefault(point_name(params), params)
     return list(points.values())
@@ -522,7 +522,7 @@ def _write_index(sweep: Sweep, sweep_dir: Path, runs: list[SweepRun],
 def run_sweep(sweep: Sweep, runs_dir: Path, *, progress: Progress | None = None,
               run_federated: Callable[..., Any] | None = None,
               run_baseline: Callable[..., Any] | None = None,
-              dry_run: bool = False) -> SweepResult:
+              dry_run: bool = False, network_root: Path | None = None) -> SweepResult:
     """Run every run of the sweep that has not finished yet, one after another.
 
     Args:
@@ -534,6 +534,9 @@ def run_sweep(sweep: Sweep, runs_dir: Path, *, progress: Progress | None = None,
         run_baseline: ``f(exp, kind, runs_dir, progress=..., overwrite=True)``; default
             :func:`fedseg.orchestration.baselines.run_baseline` (runs ``<name>-<kind>``).
         dry_run: plan (data, noise calibration, sweep.json) but run nothing.
+        network_root: run every federated point on the network already up there
+            (``fedseg network up``) instead of starting one per run: on a loaded
+            machine the start costs about a minute per run.
 
     Returns:
         Each run's status: finished, skipped (finished before), failed: ..., or planned.
@@ -572,8 +575,9 @@ def run_sweep(sweep: Sweep, runs_dir: Path, *, progress: Progress | None = None,
         _write_index(sweep, sweep_dir, runs, statuses)
         try:
             if run.kind == "federated":
+                extra = {"network_root": network_root} if network_root is not None else {}
                 result = run_federated(run.experiment, sweep_dir, progress=progress,
-                                       overwrite=True)
+                                       overwrite=True, **extra)
             else:
                 result = run_baseline(run.experiment, run.kind, sweep_dir, progress=progress,
                                       overwrite=True)

@@ -361,3 +361,28 @@ def test_distributed_round_sends_integer_sums_and_a_noise_share(tmp_path: Path,
                            noisy.data_id, 1e-3, None)
     (entry,) = ledger.entries()
     assert entry["mechanism"] == "skellam" and entry["sampling_probability"] == 1.0
+
+
+def test_equal_time_stops_at_the_budget_and_dp_reserves_the_cap(tmp_path: Path,
+                                                                 clinic_dir: Path) -> None:
+    """local_seconds: the round stops when its time is spent; the ledger holds the cap."""
+    app = ClinicApp(load_settings(_env(tmp_path, clinic_dir)))
+    seed = [np.asarray(w) for w in app.model.get_weights()]
+    n = len(app.train_cases)
+    # A budget far below one step's time: exactly one step, the cap of 6 reserved.
+    new, meta = app.train(seed, {"local_steps": 6, "local_seconds": 1e-6})
+    assert meta["local_steps"] == 1 and meta["local_steps_reserved"] == 6
+    assert meta["local_seconds"] == 1e-6
+    assert not all(np.array_equal(a, b) for a, b in zip(seed, new, strict=True))
+    (entry,) = app.ledger(1e-3, None).segments()
+    assert entry.steps == 6
+    # The round's epsilon is that of the reserved cap, an upper bound on the one step.
+    assert meta["epsilon"] == pytest.approx(compute_epsilon(n, 2, 6, 1.0, 1e-3).epsilon,
+                                            rel=1e-6)
+    assert meta["epsilon"] > compute_epsilon(n, 2, 1, 1.0, 1e-3).epsilon
+    # A budget no round of 3 steps uses up: the cap is reached, as with equal steps.
+    _, meta = app.train(new, {"local_steps": 3, "local_seconds": 600.0})
+    assert meta["local_steps"] == 3 and meta["local_steps_reserved"] == 3
+    assert [s.steps for s in app.ledger(1e-3, None).segments()] == [6, 3]
+    with pytest.raises(FedsegError, match="local_seconds must be a finite number >= 0"):
+        app.train(new, {"local_seconds": -1.0})

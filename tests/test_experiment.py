@@ -144,7 +144,7 @@ def test_validation_timeout_defaults_to_120_s_and_is_checked(tmp_path: Path) -> 
     assert parse_experiment(base).session.validation_timeout == 120
     exp = parse_experiment({**base, "session": {"validation_timeout": 900}})
     assert exp.session.validation_timeout == 900
-    with pytest.raises(FedsegError, match="session.validation_timeout"):
+    with pytest.raises(FedsegError, match=r"session\.validation_timeout"):
         load_experiment(_write(tmp_path, {**base, "session": {"validation_timeout": 0}}))
 
 

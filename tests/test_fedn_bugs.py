@@ -29,6 +29,7 @@ UPSTREAM_TESTS_ELSEWHERE = {
     14: "test_fedn_compat.py::test_bugs14_17_graphql_metrics_list_and_bare_bearer",
     15: "test_fedn_compat.py::test_bug15_grpc_token_only_sent_on_tls",
     16: "test_fedn_compat.py::test_bug16_health_probe_user_agent_skips_fedn_grpc_auth",
+    21: "test_fedn_compat.py::test_bug21_latest_round_id_is_numeric",
     17: "test_fedn_compat.py::test_bugs14_17_graphql_metrics_list_and_bare_bearer",
     18: "test_fedn_compat.py::test_bug18_controller_methods_open_without_a_token",
 }

@@ -629,3 +629,23 @@ def test_bug18_controller_methods_open_without_a_token(monkeypatch: pytest.Monke
         assert _call(port, [], method=start, channel=signed) == "OK"
     finally:
         server.stop(0)
+
+
+def test_bug21_latest_round_id_is_numeric(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedn sorts round ids as strings ('9' > '10'); the patch takes the numeric maximum."""
+    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+    from fedn.network.storage.statestore.stores.sql.shared import RoundModel
+
+    session_factory = _sqlite_session(tmp_path / "rounds.sqlite")
+    with session_factory() as session:
+        for i in range(1, 11):
+            session.add(RoundModel(id=str(i), status="Finished"))
+        session.commit()
+    store = SQLRoundStore(session_factory)
+    assert store.get_latest_round_id() == 9  # fedn as shipped: the next id repeats 10
+    monkeypatch.setattr(SQLRoundStore, "get_latest_round_id",
+                        SQLRoundStore.get_latest_round_id)  # undone after the test
+    fedn_compat.numeric_round_ids()
+    assert store.get_latest_round_id() == 10
+    assert SQLRoundStore(_sqlite_session(tmp_path / "empty.sqlite")).get_latest_round_id() == 0

@@ -146,7 +146,7 @@ def test_cli_analyze(tmp_path: Path, runs: list[Path]) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--target-fraction", "0.5"], "exactly one run of kind 'pooled'"),
+    (["--target-fraction", "0.5"], "exactly one pooled setting"),
     (["--target-dice", "0.5", "--target-fraction", "0.5"], "not both"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, runs: list[Path], args: list[str],

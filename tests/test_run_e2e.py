@@ -543,3 +543,32 @@ def test_kill_9_of_the_runner_then_resume(tmp_path: Path) -> None:
     assert not [r["name"] for r in now if _alive(r)]
     with pytest.raises(Exception, match="nothing to resume"):
         resume_run(run_dir)
+
+
+def test_fedavgm_global_models_follow_server_momentum(tmp_path: Path,
+                                                      network_root: Path) -> None:
+    """Through FEDn's hooks process, each global model is the FedAvgM step of the updates."""
+    from fedn.utils.helpers.helpers import get_helper
+    from toy_clinic_app import ToyApp
+
+    clinics = {"clinic-1": {}, "clinic-2": {}}
+    session = {"rounds": 3, "round_timeout": 20, "min_clients": 1, "aggregator": "fedavgm",
+               "aggregator_kwargs": {"learning_rate": 0.5, "momentum": 0.9}}
+    path = _toy_experiment(tmp_path, "fedavgm", clinics, rounds=3, session=session)
+    result = run_experiment(load_experiment(path), tmp_path / "runs", network_root=network_root)
+    assert result.status == "finished" and result.failures == []
+    # The toy clinics are deterministic: replay the rounds here.
+    apps = [ToyApp(name) for name in clinics]
+    glob, velocity = np.zeros(4), np.zeros(4)
+    helper = get_helper("numpyhelper")
+    for k in (1, 2, 3):
+        fedavg = np.mean([app.train([glob], {"learning_rate": 0.05, "local_steps": 3})[0][0]
+                          for app in apps], axis=0)  # equal num_examples
+        velocity = 0.9 * velocity + (fedavg - glob)
+        glob = glob + 0.5 * velocity
+        got = helper.load(str(result.run_dir / "models" / f"round-{k}.npz"))[0]
+        assert np.allclose(got, glob, atol=1e-6), (k, got, glob)
+        if k > 1:
+            assert not np.allclose(got, fedavg, atol=1e-3)  # not plain FedAvg
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["config"]["session"]["aggregator"] == "fedavgm"

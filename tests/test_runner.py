@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from fedseg.orchestration.collect import RoundInfo
 from fedseg.orchestration.runlog import RoundRecord

@@ -160,9 +160,26 @@ def test_target_fraction_of_pooled_run(tmp_path: Path, fed_run: summary.RunLog) 
     assert "pooled" in data["target_source"]
 
 
+def test_target_fraction_of_pooled_seeds_is_their_mean(tmp_path: Path,
+                                                       fed_run: summary.RunLog) -> None:
+    pooled = [summary.load_run(make_run(tmp_path / f"pooled-s{s}",
+                                        [(1, "pooled", "val_dice_mean", dice)],
+                                        kind="pooled", seed=s,
+                                        config={"seed": s, "clinic": {"x": 1}}))
+              for s, dice in ((1, 0.6), (2, 0.8))]
+    data = summary.summarize_runs([fed_run, *pooled], target_fraction=0.5)
+    assert data["target_dice"] == pytest.approx(0.35)
+    assert "2 pooled seeds" in data["target_source"]
+    other = summary.load_run(make_run(tmp_path / "pooled-other",
+                                      [(1, "pooled", "val_dice_mean", 0.9)], kind="pooled",
+                                      config={"clinic": {"x": 2}}))
+    with pytest.raises(FedsegError, match="exactly one pooled setting"):
+        summary.resolve_target([*pooled, other], None, 0.5)
+
+
 @pytest.mark.parametrize(("dice", "fraction", "message"), [
     (0.5, 0.5, "not both"), (1.5, None, "not in [0, 1]"), (None, 0.0, "not in (0, 1]"),
-    (None, 0.9, "exactly one run of kind 'pooled'"),
+    (None, 0.9, "exactly one pooled setting"),
 ])
 def test_bad_targets(fed_run: summary.RunLog, dice: float | None, fraction: float | None,
                      message: str) -> None:

@@ -72,6 +72,8 @@ def _sweep(tmp_path: Path, grid: dict[str, Any], **extra: Any) -> Path:
      ["eps1-ls2", "eps1-ls3", "epsinf-ls2", "epsinf-ls3"]),
     ({"learning_rate": 0.003}, ["lr0.003"]),
     ({"server_learning_rate": [0.1, 0.2]}, [""]),  # base aggregates with fedavg: dropped
+    ({"aggregator": ["fedavgm"], "server_learning_rate": [1.0], "seed": [1, 2]},
+     ["fedavgm-slr1-s1", "fedavgm-slr1-s2"]),
 ])
 def test_expand_grid(tmp_path: Path, grid: dict[str, Any], names: list[str]) -> None:
     from fedseg.orchestration.sweep import point_name
@@ -94,6 +96,26 @@ def test_point_experiment_applies_values(tmp_path: Path) -> None:
     assert exp.data.clinic_dirs["a"] == (tmp_path / "cases" / "a").resolve()
     assert exp.raw["sweep"]["params"]["server_learning_rate"] == 0.1
     assert exp.ledgers == "data"  # existing clinic folders: the data's own ledgers
+
+
+def test_seed_axis_sets_the_seed_and_analyze_groups_the_seeds(tmp_path: Path) -> None:
+    from fedseg.analysis.summary import setting_key
+
+    sweep = load_sweep(_sweep(tmp_path, {"aggregator": ["fedavgm"],
+                                         "server_learning_rate": [0.5], "seed": [4, 5]}))
+    runs = [point_experiment(sweep, p, None, None) for p in expand_grid(sweep)]
+    assert [r.experiment.seed for r in runs] == [4, 5]
+    assert runs[0].experiment.session.aggregator_kwargs == {"learning_rate": 0.5}
+    keys = []
+    for run in runs:
+        folder = tmp_path / "runs" / run.name
+        write_run_info(folder, {"name": run.name, "kind": "federated", "status": "finished",
+                                "seed": run.experiment.seed, "config": run.experiment.raw})
+        write_rounds(folder, [RoundRecord(1, "a", "val_dice_mean", 0.5)])
+        keys.append(setting_key(load_run(folder)))
+    assert keys[0] == keys[1]  # seeds of one point: one setting
+    with pytest.raises(FedsegError, match=r"grid\.seed: must be integers >= 0"):
+        load_sweep(_sweep(tmp_path, {"seed": [1.5]}))
 
 
 def test_points_on_shared_phantoms_keep_their_own_ledgers(tmp_path: Path) -> None:

@@ -317,7 +317,14 @@ class ClinicApp:
         losses: list[float] = []
         ema = ([v.numpy().astype(np.float64) for v in trainer.variables]
                if t.ema_decay > 0 else None)
+        # Equal time (local_seconds > 0): stop once the budget is spent; local_steps is
+        # the cap the ledger reserved above, so DP never spends more than recorded.
+        deadline = (time.perf_counter() + t.local_seconds) if t.local_seconds > 0 else None
+        steps_taken = 0
         for _ in range(t.local_steps):
+            if deadline is not None and steps_taken >= 1 and time.perf_counter() >= deadline:
+                break
+            steps_taken += 1
             chosen = poisson_sample(n, t.batch_size, rng)
             # K patches per sampled patient, consecutive rows (see DPTrainer).
             picked = [self.train_cases[i] for i in chosen
@@ -349,7 +356,9 @@ class ClinicApp:
         metadata = {
             "num_examples": n,
             "train_loss": float(np.mean(losses)) if losses else math.nan,
-            "local_steps": t.local_steps,
+            "local_steps": steps_taken,  # taken; below the cap only with local_seconds
+            "local_steps_reserved": t.local_steps,
+            "local_seconds": t.local_seconds,
             "train_seconds": time.perf_counter() - started,
             "epsilon": epsilon,
             "delta": delta,
@@ -369,7 +378,7 @@ class ClinicApp:
             "dp": p.enabled,
             "round_index": round_index,
         }
-        logger.info("trained %d steps, loss %.4f, epsilon %.3f", t.local_steps,
+        logger.info("trained %d steps, loss %.4f, epsilon %.3f", steps_taken,
                     metadata["train_loss"], epsilon)
         return [np.asarray(w) for w in self.model.get_weights()], metadata
 

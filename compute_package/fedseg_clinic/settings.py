@@ -79,6 +79,12 @@ class TrainingSettings:
         local_norm: FedBN-like personalisation: the clinic keeps its own GroupNorm
             scale/offset (saved in its state folder) over the global ones, for training
             and validation; it still sends them, so the global model averages them.
+        local_seconds: 0 (off) or S > 0: equal time instead of equal steps. Each round
+            trains until S seconds of its step loop are spent (at least one step), at
+            most ``local_steps`` steps, so a faster clinic takes more steps. The metadata
+            records the steps actually taken. With DP the ledger reserves (and the
+            round's epsilon is that of) the maximum ``local_steps`` before training: an
+            upper bound on what the steps taken spend.
         full_batch: full-batch DP-GD: every step uses all N training patients (the batch
             size becomes N, so q = 1: no subsampling, no amplification by sampling; the
             accountant sees PoissonSampledDpEvent(1, Gaussian), i.e. the Gaussian
@@ -100,6 +106,7 @@ class TrainingSettings:
     optimizer_state: str = "reset"
     local_epochs: float = 0.0
     local_norm: bool = False
+    local_seconds: float = 0.0
     full_batch: bool = False
 
 
@@ -199,6 +206,7 @@ SERVER_KEYS: dict[str, tuple[str, str]] = {
     "proximal_mu": ("training", "proximal_mu"),
     "optimizer_state": ("training", "optimizer_state"),
     "local_epochs": ("training", "local_epochs"),
+    "local_seconds": ("training", "local_seconds"),
     "full_batch": ("training", "full_batch"),
     "dp": ("privacy", "enabled"),
     "noise_multiplier": ("privacy", "noise_multiplier"),
@@ -294,6 +302,8 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
          t.optimizer_state),
         (0.0 <= t.local_epochs and math.isfinite(t.local_epochs),
          "local_epochs must be a finite number >= 0", t.local_epochs),
+        (0.0 <= t.local_seconds and math.isfinite(t.local_seconds),
+         "local_seconds must be a finite number >= 0", t.local_seconds),
         (p.dp_optimizer in ("fedseg", "tf_privacy"),
          "dp_optimizer must be fedseg or tf_privacy", p.dp_optimizer),
         (p.planned_rounds is None or p.planned_rounds >= 1, "planned_rounds must be >= 1",

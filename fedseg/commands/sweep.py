@@ -15,7 +15,11 @@ from fedseg.commands.common import default_runs_dir, quiet_fedn, sigterm_as_inte
               help="Parent of the sweep folder <name>/ (default: ./runs, printed).")
 @click.option("--dry-run", is_flag=True,
               help="Plan only: data, noise calibration and sweep.json; run nothing.")
-def sweep(sweep_file: Path, runs_dir: Path | None, dry_run: bool) -> None:
+@click.option("--network", "network_root", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Run the federated points on the network already up in "
+                                 "this folder (fedseg network up) instead of one per run.")
+def sweep(sweep_file: Path, runs_dir: Path | None, dry_run: bool,
+          network_root: Path | None) -> None:
     """Run every point of SWEEP (YAML: base experiment + grid) one after another.
 
     Each run gets RUNS_DIR/<sweep>/<point>/; sweep.json indexes them. Runs that
@@ -29,7 +33,8 @@ def sweep(sweep_file: Path, runs_dir: Path | None, dry_run: bool) -> None:
         quiet_fedn()
         sigterm_as_interrupt()
     try:
-        result = run_sweep(spec, runs, progress=click.echo, dry_run=dry_run)
+        result = run_sweep(spec, runs, progress=click.echo, dry_run=dry_run,
+                           network_root=network_root.resolve() if network_root else None)
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again to resume ({runs / spec.name})",
                    err=True)

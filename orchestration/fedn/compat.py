@@ -115,6 +115,11 @@ BUGS: tuple[FednBug, ...] = (
             "sign_controller_calls() (API) and close_controller_whitelist() (combiners)"),
     FednBug(19, "clients use TLS only on port 443; a private CA (FEDN_GRPC_ROOT_CERT_PATH) "
             "drops the token", "tls_on_any_port() in client processes"),
+    FednBug(20, "a package-route train that exits non-zero uploads None and ends "
+            "`fedn client start`", "report_train_failures() in the launcher's client"),
+    FednBug(21, "SQL stores sort round ids as strings: after round 10 the next id is '10' "
+            "again (UNIQUE constraint) and the session never starts",
+            "numeric_round_ids() in the API process"),
 )
 
 
@@ -1102,3 +1107,20 @@ def shorten_round_polling(scale: float = POLL_SCALE) -> None:
         return tenacity.wait_random(min=min * scale, max=max * scale)
 
     control.wait_random = fast_wait_random
+
+
+def numeric_round_ids() -> None:
+    """Bug 21: the latest round id is the numerically largest, not the string-largest.
+
+    fedn's SQLRoundStore sorts the VARCHAR round ids in SQL, so '9' sorts above '10':
+    on a network that ran 10 rounds (several sessions of one sweep, say) the next round
+    gets id 10 again, the insert fails on the primary key and the session hangs.
+    """
+    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+
+    def get_latest_round_id(self: Any) -> int:
+        ids = [int(r.round_id) for r in self.list(limit=0, skip=0)
+               if str(r.round_id).isdigit()]
+        return max(ids, default=0)
+
+    SQLRoundStore.get_latest_round_id = get_latest_round_id

@@ -50,6 +50,7 @@ def run_api(workers: int, host: str = HOST, certfile: str | None = None,
     fedn_compat.merge_round_combiners()
     fedn_compat.bound_report_wait()
     fedn_compat.skip_unavailable_combiners()
+    fedn_compat.numeric_round_ids()  # bug 21
     fedn_compat.bind_api_server(host, workers, certfile, keyfile)
     fedn_compat.sign_controller_calls()  # bug 18
     install_revocation_check()  # fedseg clinic revoke
