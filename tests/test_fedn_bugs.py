@@ -159,3 +159,22 @@ def test_bug_19_client_tls_only_on_port_443_and_private_ca_drops_token() -> None
     secure = inspect.getsource(grpc_handler.GrpcHandler._init_secure_channel)
     root_branch = secure[secure.index("FEDN_GRPC_ROOT_CERT_PATH"):secure.index("return")]
     assert "GrpcAuth" not in root_branch  # the private-CA branch attaches no token
+
+
+def test_bug_20_a_failed_package_train_uploads_none() -> None:
+    """Upstream: the package client turns a failing train entry point into ``None``,
+    ``update_local_model`` uploads it unchecked, and the upload raises (AttributeError),
+    which leaves fedn's task stream."""
+    from fedn.network.clients.client_v2 import Client
+    from fedn.network.clients.fedn_client import FednClient
+    from fedn.network.clients.grpc_handler import GrpcHandler
+
+    process = inspect.getsource(Client._process_training_request)
+    assert "out_model = None" in process  # a failed entry point yields no model
+    update = inspect.getsource(getattr(FednClient.update_local_model, "__wrapped__",
+                                       FednClient.update_local_model))
+    upload = update.index("self.send_model_to_combiner(model=out_model")
+    assert "out_model is None" not in update[:upload]  # nothing checks it before upload
+    send = inspect.unwrap(GrpcHandler.send_model_to_combiner)
+    with pytest.raises(AttributeError):
+        send(object.__new__(GrpcHandler), None, "update-id")  # None.stream(...)

@@ -1,4 +1,4 @@
-"""Score the OpenKBP study's models on the held-out patients: Dice per organ per round.
+r"""Score the OpenKBP study's models on the held-out patients: Dice per organ per round.
 
 The federated run validates nothing in its session (``session.validate: false`` in
 experiments/studies/openkbp-fedavg.yaml): every clinic would score the same global model
