@@ -343,6 +343,24 @@ def _online(state: NetworkState) -> set[str]:
     return {c["name"] for c in clients if c.get("status") == "online"}
 
 
+def _client_ids(state: NetworkState) -> set[str]:
+    """Every client id the API has seen (online or not)."""
+    return {str(c["client_id"]) for c in state.api_client().get_clients().get("result", [])}
+
+
+def _new_online_ids(state: NetworkState, names: list[str], before: set[str]) -> list[str]:
+    """Ids of the clients named ``names`` that came online after ``before`` was taken.
+
+    The module's network is shared: an earlier test's clients of the same names stay
+    "online" for a few seconds after they stop, and a session that selects them waits for
+    their updates until its round timeout.
+    """
+    clients = state.api_client().get_clients().get("result", [])
+    return sorted(str(c["client_id"]) for c in clients
+                  if c.get("name") in names and c.get("status") == "online"
+                  and str(c["client_id"]) not in before)
+
+
 @net
 def test_three_clinics_in_their_own_namespaces_train_a_round_over_tls(
         tls_net: NetworkState, netns: Netns, tmp_path: Path) -> None:
@@ -566,19 +584,23 @@ def test_dp_session_of_three_clinic_kits_with_the_compute_package(
     assert api.set_active_model(str(seed)).get("success", True) is not False
     seed_id = api.get_active_model()["model_id"]
     kits = [add_clinic(state.root, name, tmp_path / f"kit-{name}") for name in names]
+    seen_before = _client_ids(state)
     env = {"FEDSEG_SETTINGS": str(settings_file), "TF_CPP_MIN_LOG_LEVEL": "2",
            "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
     procs = [_start_kit_client(ns, kit, tmp_path / "data" / name, **env)
              for ns, kit, name in zip(netns.names, kits, names, strict=True)]
     try:
         deadline = time.monotonic() + 180
-        while set(names) - _online(state) and time.monotonic() < deadline:
+        while len(_new_online_ids(state, names, seen_before)) < len(names) \
+                and time.monotonic() < deadline:
             for proc, kit in zip(procs, kits, strict=True):
                 assert proc.poll() is None, (kit / "client.log").read_text()[-2000:]
             time.sleep(0.5)
-        assert set(names) <= _online(state)
+        client_ids = _new_online_ids(state, names, seen_before)
+        assert len(client_ids) == len(names)
         session_id = fedn_compat.start_session(api, 1, model_id=seed_id,
-                                               min_clients=len(names), round_timeout=300)
+                                               min_clients=len(names), round_timeout=300,
+                                               client_ids=client_ids)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             log = collect.collect_session(api, session_id, seed_id, names)
