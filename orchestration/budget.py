@@ -17,6 +17,9 @@ planned rounds fit its budget (:func:`fedseg_clinic.privacy.budget.plan_rounds`)
   (:class:`BudgetRefusedError`, exit code 3);
 - the session is shortened to the rounds every remaining clinic can afford, so that no
   round is refused mid-session (a refused round would wait out the round timeout).
+
+A secure session's FEDn round 1 only exchanges keys (docs/secure-aggregation.md): the plan
+covers its rounds 2..N and the session affords one round more than its training rounds.
 """
 
 from __future__ import annotations
@@ -131,7 +134,10 @@ def decide(exp: Experiment, run_dir: Path, data_dirs: dict[str, Path],
         load_settings,
     )
 
-    round_settings = [exp.settings_for_round(k) for k in range(1, planned + 1)]
+    # FEDn round 1 of a secure session only exchanges keys: it trains and spends nothing,
+    # so the plan covers rounds 2..planned and every clinic affords one round more.
+    key_rounds = 1 if exp.session.secure_aggregation else 0
+    round_settings = [exp.settings_for_round(k) for k in range(1 + key_rounds, planned + 1)]
     plans = {}
     for name in names:
         environ = {ENV_SETTINGS: str(settings_files[name]), ENV_DATA_DIR: str(data_dirs[name]),
@@ -139,16 +145,18 @@ def decide(exp: Experiment, run_dir: Path, data_dirs: dict[str, Path],
         privacy_env = client_privacy_env(exp, run_dir, name)
         if "FEDSEG_PRIVACY_DIR" in privacy_env:
             environ[ENV_PRIVACY_DIR] = privacy_env["FEDSEG_PRIVACY_DIR"]
-        say(f"privacy budget of {name}: planning {planned} rounds (calibrating noise to a "
-            "target epsilon takes a few seconds per clinic)")
+        keys = " after the key-exchange round" if key_rounds else ""
+        say(f"privacy budget of {name}: planning {len(round_settings)} training rounds{keys} "
+            "(calibrating noise to a target epsilon takes a few seconds per clinic)")
         plan = plans[name] = plan_rounds(load_settings(environ), round_settings)
         budget = "no budget" if plan.budget is None else f"budget {plan.budget:g}"
-        say(f"privacy budget of {name}: {plan.affordable_rounds} of {planned} rounds fit, "
+        say(f"privacy budget of {name}: {plan.affordable_rounds} of {len(round_settings)} "
+            "training rounds fit, "
             f"epsilon {plan.spent:.3g} -> {plan.epsilon_after:.3g} ({budget}, "
             f"delta {plan.delta:.2g})")
     dropped = {}
     for name, plan in plans.items():
-        if plan.affordable_rounds == 0:
+        if plan.affordable_rounds == 0 and round_settings:
             dropped[name] = plan.reason
             say(f"{name} dropped from the session: privacy budget: {plan.reason}")
             logger.warning("%s dropped: privacy budget: %s", name, plan.reason)
@@ -160,9 +168,9 @@ def decide(exp: Experiment, run_dir: Path, data_dirs: dict[str, Path],
             f"privacy budget: {len(kept)} of {len(names)} clinics can afford round 1, the "
             f"session needs {exp.session.min_clients}; "
             + "; ".join(f"{n}: {r}" for n, r in dropped.items()), record)
-    rounds = min(plans[n].affordable_rounds for n in kept)
+    rounds = min(plans[n].affordable_rounds for n in kept) + key_rounds
     if rounds < planned:
-        short = [n for n in kept if plans[n].affordable_rounds == rounds]
+        short = [n for n in kept if plans[n].affordable_rounds + key_rounds == rounds]
         say(f"session shortened to {rounds} of {planned} rounds: privacy budget of "
             f"{', '.join(short)}: {plans[short[0]].reason}")
         logger.warning("session shortened to %d of %d rounds (privacy budget of %s)",

@@ -297,3 +297,24 @@ def test_plan_spends_the_steps_local_epochs_give(clinics: dict[str, Path]) -> No
     plan = plan_rounds(settings, [{}])
     expected = compute_epsilon(n, BATCH, steps, SIGMA, default_delta(n)).epsilon
     assert steps > 1 and plan.epsilon_after == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.slow  # three noise calibrations
+def test_secure_session_plans_its_training_rounds_after_the_key_round(
+        tmp_path: Path, clinics: dict[str, Path], phantom_root: Path) -> None:
+    """FEDn round 1 of a secure session only exchanges keys: a distributed-DP target
+    epsilon over rounds 2..N must not shorten the session by one round (it did: the
+    plan counted N spending rounds against noise calibrated for N - 1)."""
+    clinics = {**clinics, "clinic-3": tmp_path / "data" / "clinic-3"}
+    shutil.copytree(phantom_root / "clinic-1", clinics["clinic-3"])
+    path = _experiment(tmp_path, clinics, 100.0,
+                       session={"rounds": 4, "min_clients": 3, "secure_aggregation": True})
+    doc = yaml.safe_load(path.read_text())
+    doc["clinic"]["privacy"] = {"target_epsilon": 3.0, "distributed": True}
+    path.write_text(yaml.safe_dump(doc))
+    lines: list[str] = []
+    decision = _decide(tmp_path, path, lines)
+    assert decision.rounds == 4 and not decision.limited, lines
+    assert sum("3 of 3 training rounds fit" in line for line in lines) == 3, lines
+    for plan in decision.plans.values():
+        assert 2.8 < plan["epsilon_after"] <= 3.0
