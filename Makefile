@@ -18,13 +18,14 @@ install:
 demo: install
 	$(BIN)/fedseg demo
 
-# The DP recipe study of docs/findings.md (~1 h 10 min on a shared 2-core machine): the
-# three sweeps one after another (each resumable), then the report with the curve.
+# The DP recipe study of docs/findings.md (~1 h 30 min on a shared 2-core machine): the
+# four sweeps one after another (each resumable), then the report with the curve.
 RUNS ?= runs
 dp-study: install
 	$(BIN)/fedseg sweep experiments/sweeps/dp-study-nodp.yaml --runs-dir $(RUNS)
 	$(BIN)/fedseg sweep experiments/sweeps/dp-study-ablations.yaml --runs-dir $(RUNS)
 	$(BIN)/fedseg sweep experiments/sweeps/dp-study-curve.yaml --runs-dir $(RUNS)
+	$(BIN)/fedseg sweep experiments/sweeps/dp-study-baselines.yaml --runs-dir $(RUNS)
 	$(BIN)/fedseg analyze $(RUNS)/dp-study-*/*-s* --out $(RUNS)/dp-study-report
 
 test: install

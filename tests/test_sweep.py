@@ -378,4 +378,15 @@ def test_shipped_dp_study_sweeps_load(repo_root: Path) -> None:
     assert [p["variant"] for p in expand_grid(ablations)] == ["no-seed", "all-params", "k4",
                                                               "ema"]
     nodp = load_sweep(sweeps / "dp-study-nodp.yaml")
-    assert [p["target_epsilon"] for p in expand_grid(nodp)] == [math.inf, math.inf]
+    nodp_points = expand_grid(nodp)
+    assert [p["target_epsilon"] for p in nodp_points] == [math.inf] * 6
+    assert [p["seed"] for p in nodp_points] == [1, 1, 2, 2, 3, 3]
+    # Local-only and pooled baselines of the recipe at epsilon 8 and without DP, 3 seeds.
+    baselines = load_sweep(sweeps / "dp-study-baselines.yaml")
+    assert baselines.baselines == ("pooled", "local")
+    runs = {r.name: r for r in plan_runs(baselines, None)}
+    assert {n for n, r in runs.items() if r.kind != "federated"} == {
+        f"recipe-eps{e}-s{s}-{k}" for e in ("8", "inf") for s in (1, 2, 3)
+        for k in ("pooled", "local")}
+    assert runs["recipe-eps8-s2-local"].experiment.clinic["training"]["trainable"] == "norm_bias"
+    assert runs["recipe-eps8-s2-local"].experiment.seed == 2

@@ -6,14 +6,15 @@
 # the pooled baselines (fedseg baseline; from a random and from the pretrained seed), takes the network down and writes the report
 #   RUNS_DIR/rounds-report/ (fedseg analyze --target-fraction 0.95: rounds to 95% of
 #   the pooled run's final Dice; groups of seeds get a 95% t-interval).
-# With SWEEP_NAMEs (e.g. fedavg warm) only those sweeps run. Needs `fedseg` on PATH
+# With SWEEP_NAMEs (e.g. fedavg warm) only those sweeps run. ROUNDS_NETWORK=FILE uses
+# another network file (other ports) when network.yaml's ports are taken. Needs `fedseg` on PATH
 # (the project's virtual environment).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 runs="$(mkdir -p "${1:?usage: run-study.sh RUNS_DIR [SWEEP_NAME ...]}" && cd "$1" && pwd)"
 shift
 order=(fedavg pooled warm pooled-warm fedavgm keep combo dp-fedavg dp-warm fedprox localnorm
-       epochs fedadam fedyogi)
+       epochs fedadam fedyogi warm6 pooled-warm6)
 if [ "$#" -gt 0 ]; then order=("$@"); fi
 net="$runs/rounds-network"
 down() { if [ -f "$net/network.json" ]; then fedseg network down --root "$net" || true; fi; }
@@ -29,10 +30,15 @@ for name in "${order[@]}"; do
     if ! grep -q '"status": "finished"' "$runs/rounds-warm-pooled/run.json" 2>/dev/null; then
       fedseg baseline pooled "$here/warm.yaml" --runs-dir "$runs" --overwrite
     fi
+  elif [ "$name" = pooled-warm6 ]; then
+    # Pooled from the same seed with warm6's 6 blocks: the bound for the 6-round warm start.
+    if ! grep -q '"status": "finished"' "$runs/rounds-warm6-pooled/run.json" 2>/dev/null; then
+      fedseg baseline pooled "$here/warm6.yaml" --runs-dir "$runs" --overwrite
+    fi
   elif [ -f "$here/sweep-$name.yaml" ]; then
     # A fresh network (and state store) per sweep: fedn 0.33 numbers rounds by the
     # string-largest id in its store (bug 21, patched in the API process too).
-    down; rm -rf "$net"; mkdir -p "$net"; cp "$here/network.yaml" "$net/network.yaml"
+    down; rm -rf "$net"; mkdir -p "$net"; cp "${ROUNDS_NETWORK:-$here/network.yaml}" "$net/network.yaml"
     fedseg network up --config "$net/network.yaml"
     fedseg sweep "$here/sweep-$name.yaml" --runs-dir "$runs" --network "$net" || true
     down
