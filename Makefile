@@ -19,14 +19,17 @@ demo: install
 	$(BIN)/fedseg demo
 
 # The DP recipe study of docs/findings.md (~1 h 30 min on a shared 2-core machine): the
-# four sweeps one after another (each resumable), then the report with the curve.
+# four sweeps one after another (each resumable), then the report with the curve (the
+# baselines sweep's own federated points replicate the curve's and are left out of it).
 RUNS ?= runs
 dp-study: install
 	$(BIN)/fedseg sweep experiments/sweeps/dp-study-nodp.yaml --runs-dir $(RUNS)
 	$(BIN)/fedseg sweep experiments/sweeps/dp-study-ablations.yaml --runs-dir $(RUNS)
 	$(BIN)/fedseg sweep experiments/sweeps/dp-study-curve.yaml --runs-dir $(RUNS)
 	$(BIN)/fedseg sweep experiments/sweeps/dp-study-baselines.yaml --runs-dir $(RUNS)
-	$(BIN)/fedseg analyze $(RUNS)/dp-study-*/*-s* --out $(RUNS)/dp-study-report
+	$(BIN)/fedseg analyze $(RUNS)/dp-study-nodp/*-s* $(RUNS)/dp-study-ablations/*-s* \
+	  $(RUNS)/dp-study-curve/*-s* $(RUNS)/dp-study-baselines/*-pooled \
+	  $(RUNS)/dp-study-baselines/*-local --out $(RUNS)/dp-study-report
 
 test: install
 	$(BIN)/python -m pytest
