@@ -381,6 +381,14 @@ def test_shipped_dp_study_sweeps_load(repo_root: Path) -> None:
     nodp_points = expand_grid(nodp)
     assert [p["target_epsilon"] for p in nodp_points] == [math.inf] * 6
     assert [p["seed"] for p in nodp_points] == [1, 1, 2, 2, 3, 3]
+    # "From scratch" must mean a random seed model: a removed seed_weights key would now
+    # fall back to the shipped pretrained seed (the default when the model matches).
+    for sweep, variant in ((nodp, "fedavg-scratch"), (ablations, "no-seed")):
+        point = next(p for p in expand_grid(sweep) if p["variant"] == variant)
+        exp = point_experiment(sweep, point, None, None, {}).experiment
+        assert exp.seed_weights is None and not exp.pretrained_default, variant
+    seeded = point_experiment(nodp, nodp_points[0], None, None, {}).experiment
+    assert seeded.seed_weights == curve.base.seed_weights
     # Local-only and pooled baselines of the recipe at epsilon 8 and without DP, 3 seeds.
     baselines = load_sweep(sweeps / "dp-study-baselines.yaml")
     assert baselines.baselines == ("pooled", "local")
