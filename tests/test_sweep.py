@@ -375,8 +375,9 @@ def test_shipped_dp_study_sweeps_load(repo_root: Path) -> None:
     assert [p["target_epsilon"] for p in points[:5]] == [8, 1, math.inf, 2, 4]
     assert curve.base.seed_weights is not None and curve.base.seed_weights.is_file()
     ablations = load_sweep(sweeps / "dp-study-ablations.yaml")
-    assert [p["variant"] for p in expand_grid(ablations)] == ["no-seed", "all-params", "k4",
-                                                              "ema"]
+    ablation_points = expand_grid(ablations)
+    assert [p["variant"] for p in ablation_points[:4]] == ["no-seed", "all-params", "k4", "ema"]
+    assert len(ablation_points) == 12 and {p["seed"] for p in ablation_points} == {1, 2, 3}
     nodp = load_sweep(sweeps / "dp-study-nodp.yaml")
     nodp_points = expand_grid(nodp)
     assert [p["target_epsilon"] for p in nodp_points] == [math.inf] * 6
