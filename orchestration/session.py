@@ -68,16 +68,29 @@ def build_package(src: Path, out: Path) -> Path:
     return out
 
 
+def _no_answer(path: Path, what: str) -> str:
+    size_mb = path.stat().st_size / 2**20 if path.exists() else float("nan")
+    return (f"{path}: {what} upload ({size_mb:.0f} MB) got no answer from the API server: "
+            "its worker was stopped mid-request (see the network's logs/api.log; a large "
+            "model needs a longer api_request_timeout_s)")
+
+
 def upload_package_and_seed(api_client: Any, package: Path, seed: Path, name: str) -> str:
     """Upload the package, then the seed model; returns the seed's model id.
 
     Raises:
         FedsegError: the API refused either upload (its answer in the message).
     """
-    answer = api_client.set_active_package(str(package), helper="numpyhelper", name=name)
+    try:
+        answer = api_client.set_active_package(str(package), helper="numpyhelper", name=name)
+    except ValueError:  # no JSON: the API worker was killed mid-request (bug 22)
+        raise FedsegError(_no_answer(package, "package")) from None
     if "uploaded" not in str(answer.get("message", "")).lower() and not answer.get("success"):
         raise FedsegError(f"{package}: package upload refused: {answer}")
-    answer = api_client.set_active_model(str(seed))
+    try:
+        answer = api_client.set_active_model(str(seed))
+    except ValueError:
+        raise FedsegError(_no_answer(seed, "seed model")) from None
     if not answer.get("success"):
         raise FedsegError(f"{seed}: seed model upload refused: {answer}")
     active = api_client.get_active_model()

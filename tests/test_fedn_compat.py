@@ -264,6 +264,25 @@ print(calls[0], app.cfg.control_socket_disable, app.cfg.graceful_timeout)
     assert result.stdout.strip().splitlines()[-1] == "('127.0.0.1', 8092, 2) True 3"
 
 
+@pytest.mark.parametrize("timeout_s", [None, 45])
+def test_bind_api_server_lengthens_gunicorns_request_timeout(timeout_s: int | None) -> None:
+    """Bug 22: gunicorn kills a worker whose request lasts 30 s (a large model upload)."""
+    args = "" if timeout_s is None else f", request_timeout_s={timeout_s}"
+    code = f"""
+from fedseg.orchestration.fedn import compat as fedn_compat
+from fedn.network.api import gunicorn_app
+plain = gunicorn_app.GunicornApp(object(), {{"bind": "127.0.0.1:1", "workers": 1}})
+fedn_compat.bind_api_server("127.0.0.1", 1{args})
+app = gunicorn_app.GunicornApp(object(), {{"bind": "127.0.0.1:1", "workers": 1}})
+print(plain.cfg.timeout, app.cfg.timeout)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    expected = timeout_s or fedn_compat.API_REQUEST_TIMEOUT_S
+    assert result.stdout.strip().splitlines()[-1] == f"30 {expected}"
+
+
 def test_check_sqlalchemy_accepts_the_pinned_version() -> None:
     fedn_compat.check_sqlalchemy()  # SQLAlchemy 2.0.x is pinned
 

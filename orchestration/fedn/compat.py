@@ -120,6 +120,9 @@ BUGS: tuple[FednBug, ...] = (
     FednBug(21, "SQL stores sort round ids as strings: after round 10 the next id is '10' "
             "again (UNIQUE constraint) and the session never starts",
             "numeric_round_ids() in the API process"),
+    FednBug(22, "gunicorn kills an API worker after 30 s of one request: a large model's "
+            "upload or download ends in an empty answer (WORKER TIMEOUT)",
+            "bind_api_server(request_timeout_s); network key api_request_timeout_s"),
 )
 
 
@@ -144,6 +147,9 @@ def check_fedn_version(installed: str | None = None) -> str:
 
 
 GRACEFUL_TIMEOUT_S = 3  # gunicorn workers' grace on stop (default 30 s)
+# gunicorn kills a sync worker whose request runs longer than its `timeout` (default 30 s):
+# a seed upload of 370 MB took 33 s here and died with WORKER TIMEOUT (bench/RESULTS.md).
+API_REQUEST_TIMEOUT_S = 600
 _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
 _FALSE_STRINGS = frozenset({"false", "0", "no", "off", "f", "n", ""})
 
@@ -990,7 +996,8 @@ def skip_unavailable_combiners() -> None:
 # --- binding -----------------------------------------------------------------------------
 
 def bind_api_server(host: str, workers: int, certfile: str | None = None,
-                    keyfile: str | None = None) -> None:
+                    keyfile: str | None = None,
+                    request_timeout_s: int = API_REQUEST_TIMEOUT_S) -> None:
     """Make fedn's API server listen on ``host`` with ``workers`` gunicorn workers.
 
     Symptom: fedn.network.api.server.start_server_api hard-codes host "0.0.0.0" and
@@ -998,6 +1005,11 @@ def bind_api_server(host: str, workers: int, certfile: str | None = None,
     module, so replacing that attribute changes both before gunicorn binds.
     With ``certfile``/``keyfile`` gunicorn serves HTTPS only (plain HTTP gets no
     answer: the TLS handshake fails).
+
+    Symptom (bug 22): gunicorn's sync workers are killed when one request lasts longer
+    than 30 s (WORKER TIMEOUT); fedn's model upload (POST /api/v1/models/: read, load,
+    save, put to S3) and download of a large model over a slow link take longer, and the
+    client gets an empty answer. ``request_timeout_s`` replaces gunicorn's 30 s.
     """
     from fedn.network.api import gunicorn_app
 
@@ -1021,6 +1033,7 @@ def bind_api_server(host: str, workers: int, certfile: str | None = None,
         # A worker running a session thread (non-daemon) holds a graceful stop for the
         # default 30 s; the network stops the API quickly instead.
         self.cfg.set("graceful_timeout", GRACEFUL_TIMEOUT_S)
+        self.cfg.set("timeout", int(request_timeout_s))  # bug 22
         if certfile and keyfile:
             self.cfg.set("certfile", certfile)
             self.cfg.set("keyfile", keyfile)
