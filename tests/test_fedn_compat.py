@@ -330,6 +330,12 @@ def test_shorten_round_polling_scales_fedn_waits(monkeypatch: pytest.MonkeyPatch
     assert all(0.1 <= w <= 0.2 for w in waits)
 
 
+def _unwrapped(owner: type, name: str) -> object:
+    """fedn's own method (an earlier test in this process may have patched it)."""
+    method = getattr(owner, name)
+    return getattr(method, "__wrapped__", method)
+
+
 def _round_report(name: str) -> dict:
     """What a combiner's RoundHandler appends to a round's ``combiners``."""
     config = {"aggregator": "fedavg", "round_timeout": 60, "buffer_size": -1,
@@ -355,8 +361,8 @@ def test_two_combiners_reporting_at_once_keep_both_reports(
     from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
     from fedn.network.storage.statestore.stores.sql.shared import ModelModel
 
-    monkeypatch.setattr(SQLRoundStore, "_update_orm_model_from_dto",
-                        SQLRoundStore._update_orm_model_from_dto)
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list"):
+        monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
     if merged:
         fedn_compat.merge_round_combiners()
     session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
@@ -668,3 +674,44 @@ def test_bug21_latest_round_id_is_numeric(tmp_path: Path,
     fedn_compat.numeric_round_ids()
     assert store.get_latest_round_id() == 10
     assert SQLRoundStore(_sqlite_session(tmp_path / "empty.sqlite")).get_latest_round_id() == 0
+
+
+def test_a_report_stored_twice_is_read_once(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug 10, second symptom: overlapping rewrites by two combiners left one combiner's
+    report in the store twice (seen with 3 combiners); the controller, which waits for
+    exactly one report per combiner, failed the round. Read back, each report is once."""
+    import datetime
+
+    from fedn.network.storage.statestore.stores.dto.round import RoundDTO
+    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+    from fedn.network.storage.statestore.stores.sql.shared import ModelModel, RoundModel
+
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list"):
+        monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
+    session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
+    with session_factory() as session:
+        session.add(ModelModel(id="m1", name="m", active=True,
+                               committed_at=datetime.datetime.now()))
+        session.commit()
+    store = SQLRoundStore(session_factory)
+    store.add(RoundDTO(round_id="1", status="Pending"))
+    for name in ("combiner-1", "combiner-2", "combiner-3"):
+        current = store.get("1")
+        current.combiners.append(_round_report(name))
+        store.update(current)
+    # The state the race left: combiner-1's report a second time, as its own rows.
+    with session_factory() as session:
+        entity = session.get(RoundModel, "1")
+        again = _round_report("combiner-1")
+        again["config"]["is_sl_inference"] = False  # as fedn's round store fills it in
+        entity.combiners.append(fedn_compat._round_combiner_model(again))
+        session.commit()
+    assert len(store.get("1").combiners) == 4  # fedn as it is: 4 reports, 3 combiners
+    fedn_compat.merge_round_combiners()
+    reports = store.get("1").combiners
+    assert sorted(c.name for c in reports) == ["combiner-1", "combiner-2", "combiner-3"]
+    later = store.get("1")  # a later full write keeps one of each
+    later.status = "Success"
+    store.update(later)
+    assert len(store.get("1").combiners) == 3

@@ -95,7 +95,8 @@ BUGS: tuple[FednBug, ...] = (
             "widen_string_columns() in create_schema()"),
     FednBug(9, "a combiner restarted on a kept store keeps its first address and port",
             "sync_combiner_registry() before the combiners start"),
-    FednBug(10, "two combiners ending a round together: one deletes the other's report",
+    FednBug(10, "two combiners ending a round together: one deletes the other's report "
+            "(or, with 3, one report is stored twice and the round fails)",
             "merge_round_combiners()"),
     FednBug(11, "every combiner shares /tmp/models and deletes models other rounds read",
             "FEDN_MODEL_DIR per combiner (orchestration/network)"),
@@ -915,6 +916,29 @@ def merge_round_combiners() -> None:
 
     update_keeping_reports.__wrapped__ = original  # type: ignore[attr-defined]
     SQLRoundStore._update_orm_model_from_dto = update_keeping_reports
+
+    # Second symptom (found by bench/bench_scale.py, 5 clinics over 3 combiners): two
+    # processes that rewrite the list in overlapping transactions each delete the stored
+    # rows and insert their own copy of a report, so one report is stored twice. The
+    # controller waits for exactly as many reports as combiners (`len(round.combiners)
+    # != len(participating_combiners)`), never sees 3 among 4 rows, and fails the round
+    # after bound_report_wait's grace; the round log would count the updates twice. Each
+    # report is read once (the first row of a name and job id).
+    original_list = getattr(SQLRoundStore._combiners_to_dict_list, "__wrapped__",
+                            SQLRoundStore._combiners_to_dict_list)
+
+    def distinct_reports(self: Any, combiners: Any) -> list[dict[str, Any]]:
+        seen: set[tuple[Any, Any]] = set()
+        out = []
+        for report in original_list(self, combiners):
+            key = (report.get("name"), (report.get("config") or {}).get("_job_id"))
+            if key not in seen:
+                seen.add(key)
+                out.append(report)
+        return out
+
+    distinct_reports.__wrapped__ = original_list  # type: ignore[attr-defined]
+    SQLRoundStore._combiners_to_dict_list = distinct_reports
 
 
 # --- bug 12 ------------------------------------------------------------------------------
