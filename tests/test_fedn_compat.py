@@ -715,3 +715,41 @@ def test_a_report_stored_twice_is_read_once(tmp_path: Path,
     later.status = "Success"
     store.update(later)
     assert len(store.get("1").combiners) == 3
+
+
+def test_a_report_caught_without_its_config_is_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug 10, third symptom: a read overlapping a rewrite saw a report whose round config
+    was just deleted; fedn's reader raised "Invalid key: config_job_id", which ended a
+    combiner's round thread for good. Read now without that report."""
+    import datetime
+
+    from fedn.network.storage.statestore.stores.dto.round import RoundDTO
+    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+    from fedn.network.storage.statestore.stores.sql.shared import (
+        ModelModel,
+        RoundCombinerModel,
+        RoundConfigModel,
+    )
+
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list"):
+        monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
+    session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
+    with session_factory() as session:
+        session.add(ModelModel(id="m1", name="m", active=True,
+                               committed_at=datetime.datetime.now()))
+        session.commit()
+    store = SQLRoundStore(session_factory)
+    store.add(RoundDTO(round_id="1", status="Pending"))
+    for name in ("combiner-1", "combiner-2"):
+        current = store.get("1")
+        current.combiners.append(_round_report(name))
+        store.update(current)
+    with session_factory() as session:  # combiner-2's config deleted under the reader
+        row = session.query(RoundCombinerModel).filter_by(name="combiner-2").one()
+        session.query(RoundConfigModel).filter_by(id=row.round_config_id).delete()
+        session.commit()
+    with pytest.raises(ValueError, match="Invalid key: config_job_id"):
+        store.get("1")  # fedn as it is
+    fedn_compat.merge_round_combiners()
+    assert [c.name for c in store.get("1").combiners] == ["combiner-1"]

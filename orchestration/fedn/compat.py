@@ -927,10 +927,21 @@ def merge_round_combiners() -> None:
     original_list = getattr(SQLRoundStore._combiners_to_dict_list, "__wrapped__",
                             SQLRoundStore._combiners_to_dict_list)
 
+    # Third symptom (same bench, 10 clinics over 3 combiners): a read that overlaps such a
+    # rewrite loads a report whose round config was just deleted; fedn's reader raises
+    # "Invalid key: config_job_id" and, in a combiner, that ends its round thread for good
+    # (no more rounds on that combiner). A torn report is left out of the read: its
+    # writer is inserting a fresh copy, and the controller and the combiners read again.
+    def whole(report: Any) -> bool:
+        try:
+            return report.round_config is not None
+        except Exception:  # noqa: BLE001  (the row itself went away meanwhile)
+            return False
+
     def distinct_reports(self: Any, combiners: Any) -> list[dict[str, Any]]:
         seen: set[tuple[Any, Any]] = set()
         out = []
-        for report in original_list(self, combiners):
+        for report in original_list(self, [c for c in combiners or [] if whole(c)]):
             key = (report.get("name"), (report.get("config") or {}).get("_job_id"))
             if key not in seen:
                 seen.add(key)
