@@ -361,7 +361,7 @@ def test_two_combiners_reporting_at_once_keep_both_reports(
     from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
     from fedn.network.storage.statestore.stores.sql.shared import ModelModel
 
-    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list"):
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list", "get"):
         monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
     if merged:
         fedn_compat.merge_round_combiners()
@@ -687,7 +687,7 @@ def test_a_report_stored_twice_is_read_once(tmp_path: Path,
     from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
     from fedn.network.storage.statestore.stores.sql.shared import ModelModel, RoundModel
 
-    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list"):
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list", "get"):
         monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
     session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
     with session_factory() as session:
@@ -717,22 +717,26 @@ def test_a_report_stored_twice_is_read_once(tmp_path: Path,
     assert len(store.get("1").combiners) == 3
 
 
+@pytest.mark.parametrize("torn", ["config", "data"])
 def test_a_report_caught_without_its_config_is_left_out(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: str) -> None:
     """Bug 10, third symptom: a read overlapping a rewrite saw a report whose round config
-    was just deleted; fedn's reader raised "Invalid key: config_job_id", which ended a
-    combiner's round thread for good. Read now without that report."""
+    (or data) row was just deleted; fedn's reader raised "Invalid key: config_job_id"
+    ("Missing field data"), which ended a combiner's round thread for good. Read now
+    without that report."""
     import datetime
 
     from fedn.network.storage.statestore.stores.dto.round import RoundDTO
     from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+    from fedn.network.storage.statestore.stores.shared import MissingFieldError
     from fedn.network.storage.statestore.stores.sql.shared import (
         ModelModel,
+        RoundCombinerDataModel,
         RoundCombinerModel,
         RoundConfigModel,
     )
 
-    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list"):
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list", "get"):
         monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
     session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
     with session_factory() as session:
@@ -745,11 +749,15 @@ def test_a_report_caught_without_its_config_is_left_out(
         current = store.get("1")
         current.combiners.append(_round_report(name))
         store.update(current)
-    with session_factory() as session:  # combiner-2's config deleted under the reader
+    with session_factory() as session:  # a row of combiner-2's deleted under the reader
         row = session.query(RoundCombinerModel).filter_by(name="combiner-2").one()
-        session.query(RoundConfigModel).filter_by(id=row.round_config_id).delete()
+        if torn == "config":
+            session.query(RoundConfigModel).filter_by(id=row.round_config_id).delete()
+        else:
+            session.query(RoundCombinerDataModel).filter_by(id=row.data_id).delete()
         session.commit()
-    with pytest.raises(ValueError, match="Invalid key: config_job_id"):
+    with pytest.raises((ValueError, MissingFieldError),
+                       match=r"Invalid key: config_job_id|Missing field data"):
         store.get("1")  # fedn as it is
     fedn_compat.merge_round_combiners()
     assert [c.name for c in store.get("1").combiners] == ["combiner-1"]

@@ -855,6 +855,8 @@ def start_session(client: Any, rounds: int, *, model_id: str, name: str | None =
 
 # --- bug 10 ------------------------------------------------------------------------------
 
+TORN_READ_ATTEMPTS = 5  # reads of a round caught mid-rewrite, then the error stands
+
 def _round_combiner_model(report: dict[str, Any]) -> Any:
     """A new fedn RoundCombinerModel row from a report dict, built as fedn builds it."""
     from fedn.network.storage.statestore.stores.sql.shared import (
@@ -932,9 +934,10 @@ def merge_round_combiners() -> None:
     # "Invalid key: config_job_id" and, in a combiner, that ends its round thread for good
     # (no more rounds on that combiner). A torn report is left out of the read: its
     # writer is inserting a fresh copy, and the controller and the combiners read again.
+    # Same with its data row ("Missing field data in class RoundCombinerDTO", 20 clinics).
     def whole(report: Any) -> bool:
         try:
-            return report.round_config is not None
+            return report.round_config is not None and report.data is not None
         except Exception:  # noqa: BLE001  (the row itself went away meanwhile)
             return False
 
@@ -950,6 +953,25 @@ def merge_round_combiners() -> None:
 
     distinct_reports.__wrapped__ = original_list  # type: ignore[attr-defined]
     SQLRoundStore._combiners_to_dict_list = distinct_reports
+
+    # Any other torn read of a round (its own rows mid-rewrite): read it again, a few
+    # times, instead of ending the caller's thread.
+    from fedn.network.storage.statestore.stores.shared import MissingFieldError
+
+    original_get = getattr(SQLRoundStore.get, "__wrapped__", SQLRoundStore.get)
+
+    def get_whole(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(TORN_READ_ATTEMPTS):
+            try:
+                return original_get(self, *args, **kwargs)
+            except (ValueError, MissingFieldError):
+                if attempt == TORN_READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    get_whole.__wrapped__ = original_get  # type: ignore[attr-defined]
+    SQLRoundStore.get = get_whole
 
 
 # --- bug 12 ------------------------------------------------------------------------------
