@@ -461,8 +461,12 @@ def model_run(name: str, model: dict[str, Any], runs: Path) -> dict[str, Any]:
             "round_s": table.get((1, GLOBAL), {}).get("round_seconds", math.nan),
             "combiner_s": table.get((1, GLOBAL), {}).get("round_exec_training_seconds",
                                                          math.nan),
+            "combination_s": table.get((1, GLOBAL), {}).get("round_combination_seconds",
+                                                            math.nan),
             "compute_s": max(table.get((1, c), {}).get("client_processing_seconds", 0.0)
                              for c in ("clinic-1", "clinic-2")),
+            "train_s": max(table.get((1, c), {}).get("train_seconds", 0.0)
+                           for c in ("clinic-1", "clinic-2")),
             "timings": info.get("timings", {}), **memory_summary(peak)}
 
 
@@ -470,12 +474,14 @@ def print_models(rows: list[dict[str, Any]]) -> None:
     """Markdown table of the model-size runs."""
     print("\n(b) model size: 2 clinics, 1 round, 1 local step, 16^3 patches, callback "
           "route on loopback; memory = peak RSS MB\n")
-    print("| model | seed MB | round s (1 s res.) | combiner s | slowest client compute s "
-          "| API MB | combiner MB | client MB (max) | moto MB | run s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | seed MB | round s (1 s res.) | combiner s | aggregation s | slowest "
+          "client compute s (train s) | API MB | combiner MB | client MB (max) | moto MB "
+          "| run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['seed_bytes'] / MB:.1f} | {r['round_s']:.0f} | "
-              f"{r['combiner_s']:.2f} | {r['compute_s']:.2f} | {r['api_mb']:.0f} | "
+        print(f"| {r['name']} | {r['seed_bytes'] / 1e6:.1f} | {r['round_s']:.0f} | "
+              f"{r['combiner_s']:.2f} | {r['combination_s']:.2f} | {r['compute_s']:.2f} "
+              f"({r['train_s']:.2f}) | {r['api_mb']:.0f} | "
               f"{r['combiner_max_mb']:.0f} | {r['client_max_mb']:.0f} | {r['s3_mb']:.0f} "
               f"| {r['run_s']:.0f} |")
 
