@@ -761,3 +761,39 @@ def test_a_report_caught_without_its_config_is_left_out(
         store.get("1")  # fedn as it is
     fedn_compat.merge_round_combiners()
     assert [c.name for c in store.get("1").combiners] == ["combiner-1"]
+
+
+def test_uncompressed_models_write_what_fedn_reads(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug 23: fedn's numpy helper compressed every model; written plain now, read the same."""
+    import zipfile
+
+    import numpy as np
+    from fedn.utils.helpers.helpers import get_helper
+    from fedn.utils.helpers.plugins import numpyhelper
+
+    from fedseg_clinic.model.weights import load_weights_npz, write_npz
+
+    monkeypatch.setattr(numpyhelper.Helper, "save", _unwrapped(numpyhelper.Helper, "save"))
+    helper = get_helper("numpyhelper")
+    weights = [np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros(1000, np.float32)]
+    compressed = helper.save(weights, str(tmp_path / "fedn.npz"))
+    fedn_compat.uncompressed_models()
+    fedn_compat.uncompressed_models()  # idempotent
+    plain = helper.save(weights)  # no path: fedn's temporary file
+    assert plain.endswith(".npz") and plain != compressed
+    for path, method in ((compressed, zipfile.ZIP_DEFLATED), (plain, zipfile.ZIP_STORED)):
+        with zipfile.ZipFile(path) as archive:
+            assert {i.compress_type for i in archive.infolist()} == {method}
+        for got, want in zip(helper.load(path), weights, strict=True):
+            np.testing.assert_array_equal(got, want)
+    Path(plain).unlink()
+    # The clinic side writes the same form; fedn's helper and ours read either.
+    handle = tmp_path / "clinic.npz"
+    with open(handle, "wb") as out:
+        write_npz(weights, out)
+    with zipfile.ZipFile(handle) as archive:
+        assert [i.filename for i in archive.infolist()] == ["0.npy", "1.npy"]
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
+    for got, want in zip(load_weights_npz(Path(compressed)), weights, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -55,6 +55,7 @@ def run_api(workers: int, host: str = HOST, certfile: str | None = None,
     fedn_compat.skip_unavailable_combiners()
     fedn_compat.numeric_round_ids()  # bug 21
     fedn_compat.bind_api_server(host, workers, certfile, keyfile, request_timeout_s)
+    fedn_compat.uncompressed_models()  # bug 23
     fedn_compat.sign_controller_calls()  # bug 18
     install_revocation_check()  # fedseg clinic revoke
     fedn_compat.shorten_round_polling()
@@ -80,6 +81,7 @@ def run_combiner(name: str, port: int, max_clients: int, host: str = HOST,
     fedn_compat.merge_round_combiners()
     fedn_compat.bind_grpc_servers(host)
     fedn_compat.install_grpc_auth_guard()  # bug 16; after the binding wrapper
+    fedn_compat.uncompressed_models()  # bug 23
     fedn_compat.close_controller_whitelist()  # bug 18
     install_revocation_check()  # fedseg clinic revoke
     fedn_compat.shorten_round_polling()
@@ -103,6 +105,7 @@ def run_client(init: str) -> None:
     fedn_compat.tls_on_any_port()  # bug 19
     fedn_compat.report_train_failures()  # bug 20
     fedn_compat.warm_dispatch()  # jobs to the package's warm worker, no process per call
+    fedn_compat.uncompressed_models()  # bug 23
     from fedn.cli import main as fedn_main
 
     fedn_main(args=["client", "start", "--init", init], prog_name="fedn", standalone_mode=True)
