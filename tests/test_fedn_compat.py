@@ -772,7 +772,8 @@ def test_uncompressed_models_write_what_fedn_reads(tmp_path: Path,
     from fedn.utils.helpers.helpers import get_helper
     from fedn.utils.helpers.plugins import numpyhelper
 
-    from fedseg_clinic.model.weights import load_weights_npz, write_npz
+    from fedseg_clinic.model.npz import write_npz
+    from fedseg_clinic.model.weights import load_weights_npz
 
     monkeypatch.setattr(numpyhelper.Helper, "save", _unwrapped(numpyhelper.Helper, "save"))
     helper = get_helper("numpyhelper")
@@ -797,3 +798,9 @@ def test_uncompressed_models_write_what_fedn_reads(tmp_path: Path,
         assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
     for got, want in zip(load_weights_npz(Path(compressed)), weights, strict=True):
         np.testing.assert_array_equal(got, want)
+    # The servers stay free of TensorFlow (a combiner with it: +500 MB, measured).
+    code = ("import sys; from fedseg.orchestration.fedn import compat; "
+            "compat.uncompressed_models(); print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"

@@ -162,7 +162,7 @@ class CallbackAdapter:
         metadata = _json_safe(dict(metadata), "train")
         if "num_examples" not in metadata:
             raise FedsegError("train: metadata lacks num_examples (FEDn weights by it)")
-        from fedseg_clinic.model.weights import write_npz
+        from fedseg_clinic.model.npz import write_npz
 
         out = io.BytesIO()
         write_npz(new_weights, out)  # uncompressed: seconds less per round at large sizes

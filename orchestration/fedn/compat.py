@@ -1065,12 +1065,12 @@ def uncompressed_models() -> None:
     model), one after the other, so compression was most of the 40 s of fedn overhead a
     round of that model had (bench/RESULTS.md). ``np.load`` reads both forms, so clinics
     and servers of either kind work together. Installed in the API server, combiners and
-    the package route's client; the clinic side writes with
-    :func:`fedseg_clinic.model.weights.write_npz`.
+    the package route's client; the clinic side writes with the same
+    :func:`fedseg_clinic.model.npz.write_npz` (numpy only: no TensorFlow in the servers).
     """
     from fedn.utils.helpers.plugins import numpyhelper
 
-    from fedseg_clinic.model.weights import write_npz
+    from fedseg_clinic.model.npz import write_npz
 
     helper = numpyhelper.Helper
     original = getattr(helper.save, "__wrapped__", helper.save)

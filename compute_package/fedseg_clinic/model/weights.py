@@ -14,30 +14,16 @@ import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from fedn.utils.helpers.helpers import get_helper
 
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import atomic_output
+from fedseg_clinic.model.npz import write_npz
 from fedseg_clinic.tf_env import keras
 
 HELPER_NAME = "numpyhelper"
-
-
-def write_npz(arrays: Sequence[np.ndarray], target: Any) -> None:
-    """Write weights as fedn's numpyhelper npz (keys "0".."n-1"), without compression.
-
-    fedn's helper writes ``np.savez_compressed``: 8 % smaller for trained float32 weights,
-    but 14 s instead of 0.5 s for a 29M-parameter U-Net on a loaded core, at every hop of
-    every round (bench/RESULTS.md, "Model size"). Both forms load the same way.
-
-    Args:
-        arrays: the weights.
-        target: a binary file object (or a path ending in ".npz").
-    """
-    np.savez(target, **{str(i): np.asarray(a) for i, a in enumerate(arrays)})
 
 
 def save_weights_npz(arrays: Sequence[np.ndarray], path: Path) -> Path:
