@@ -288,6 +288,22 @@ def test_scout_in_series_and_enhanced_ct(tmp_path: Path, dicom_patients: Path) -
     result = predict_path(model, with_scout, tmp_path / "p1", "nifti")[0]
     assert read_volume(result.outputs[0]).hu.shape[0] == len(files)
 
+    # A scout in its own series (coronal) is no patient: left out with a note; a topogram
+    # flagged LOCALIZER (axial-looking) is skipped by the scan. The CT alone is segmented.
+    scout.SeriesInstanceUID = generate_uid()
+    scout.save_as(with_scout / "scout.dcm")
+    topogram = pydicom.dcmread(files[1])
+    topogram.SOPInstanceUID = topogram.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    topogram.SeriesInstanceUID = generate_uid()
+    topogram.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    topogram.save_as(with_scout / "topogram.dcm")
+    lines: list[str] = []
+    results = predict_path(model, with_scout, tmp_path / "p1b", "nifti", progress=lines.append)
+    assert len(results) == 1 and read_volume(results[0].outputs[0]).hu.shape[0] == len(files)
+    notes = [line for line in lines if line.startswith("note: left out series")]
+    assert len(notes) == 1 and scout.SeriesInstanceUID in notes[0], lines
+    assert "a coronal image, not an axial CT volume" in notes[0]
+
     image = LegacyConvertedEnhancedCTImage(
         [pydicom.dcmread(f) for f in files], series_instance_uid=generate_uid(),
         series_number=9, sop_instance_uid=generate_uid(), instance_number=1)
