@@ -272,7 +272,7 @@ def test_prediction_at_the_model_spacing_lands_back_on_the_ct_grid() -> None:
 
 def test_scout_in_series_and_enhanced_ct(tmp_path: Path, dicom_patients: Path) -> None:
     """A scout saved inside the series is left out; an enhanced multi-frame CT gives a
-    NIfTI label map and refuses RTSTRUCT/SEG (frame references) in one line."""
+    NIfTI label map, and an RTSTRUCT and a SEG that reference its frames and import back."""
     from highdicom.legacy import LegacyConvertedEnhancedCTImage
     from pydicom.uid import generate_uid
 
@@ -310,7 +310,30 @@ def test_scout_in_series_and_enhanced_ct(tmp_path: Path, dicom_patients: Path) -
     (tmp_path / "enhanced").mkdir()
     image.save_as(tmp_path / "enhanced" / "ct.dcm")
     result = predict_path(model, tmp_path / "enhanced", tmp_path / "p2", "nifti")[0]
-    assert read_volume(result.outputs[0]).hu.shape[0] == len(files)
-    with pytest.raises(FedsegError, match=r"ct\.dcm: --format rtstruct on an enhanced "
-                                          "multi-frame CT is not supported"):
-        predict_path(model, tmp_path / "enhanced", tmp_path / "p3", "rtstruct")
+    labels = read_volume(result.outputs[0])
+    assert labels.hu.shape[0] == len(files)
+    expected = {o: m for o, m in masks_from_labels(np.asarray(labels.hu).astype(np.uint8),
+                                                   load_model(model).organs).items()
+                if m.any()}
+    assert len(expected) >= 2
+    # RTSTRUCT and SEG on the enhanced CT reference its frames, and import back.
+    for fmt in ("rtstruct", "seg"):
+        out = predict_path(model, tmp_path / "enhanced", tmp_path / f"p-{fmt}", fmt)[0]
+        written = pydicom.dcmread(out.outputs[0])
+        if fmt == "rtstruct":
+            refs = [c.ContourImageSequence[0] for roi in written.ROIContourSequence
+                    for c in roi.ContourSequence]
+            assert {r.ReferencedSOPInstanceUID for r in refs} == {image.SOPInstanceUID}
+            assert {r.ReferencedSOPClassUID for r in refs} == {image.SOPClassUID}
+            assert all(1 <= int(r.ReferencedFrameNumber) <= len(files) for r in refs)
+        back = tmp_path / f"back-{fmt}"
+        back.mkdir()
+        (back / "ct.dcm").symlink_to(tmp_path / "enhanced" / "ct.dcm")
+        (back / "labels.dcm").symlink_to(out.outputs[0])
+        report = import_clinic(back, tmp_path / f"cases-{fmt}",
+                               ImportOptions(crop=False, salt="t"))
+        assert report.ok, [p.line() for p in report.problems]
+        case = read_case(tmp_path / f"cases-{fmt}" / report.cases[0])
+        assert set(case.masks) == set(expected), fmt
+        for organ, mask in expected.items():
+            assert dice(case.masks[organ], mask) >= 0.95, (fmt, organ)

@@ -218,11 +218,8 @@ def _write_outputs(fmt: str, item: CtInput, labels: np.ndarray, loaded: LoadedMo
         raise FedsegError(f"{item.source}: --format {fmt} needs a DICOM CT series to "
                           "reference; this CT is NIfTI/NRRD (use --format nifti)")
     series = item.series
-    if any(frame is not None for frame in series.frame_numbers):
-        # Referencing frames (ReferencedFrameNumber, a multi-frame SEG source) is not
-        # written yet: refuse rather than write references a planning system misreads.
-        raise FedsegError(f"{series.files[0]}: --format {fmt} on an enhanced multi-frame CT "
-                          "is not supported (use --format nifti)")
+    # An enhanced (multi-frame) CT: references name the frame of each slice.
+    frames = series.frame_numbers if any(f is not None for f in series.frame_numbers) else None
     masks = {o: m for o, m in masks_from_labels(labels, organs).items() if m.any()}
     if fmt == "rtstruct":
         from fedseg_clinic.imaging.rtstruct_writer import build_rtstruct, write_dicom
@@ -230,11 +227,11 @@ def _write_outputs(fmt: str, item: CtInput, labels: np.ndarray, loaded: LoadedMo
         ds = build_rtstruct(masks, organs, item.geometry, series.files, series.sop_uids,
                             series.series_uid, series.frame_of_reference_uid,
                             description=f"fedseg {organs.key} {loaded.card.get('run') or ''}"
-                            .strip())
+                            .strip(), frame_numbers=frames)
         return [write_dicom(ds, out_dir / RTSTRUCT_NAME)]
     from fedseg_clinic.imaging.seg_writer import build_seg, write_seg
 
-    seg = build_seg(masks, organs, series.files)
+    seg = build_seg(masks, organs, series.files, frames)
     return [write_seg(seg, out_dir / SEG_NAME)]
 
 
