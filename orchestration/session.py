@@ -131,6 +131,38 @@ def server_functions_source(settings_by_round: list[dict[str, Any]], nonce: str)
     )
 
 
+def delegating_server_functions_source(kind: str, nonce: str, setup: list[str]) -> str:
+    """Source of a ServerFunctions class that forwards both hooks to a fedseg server object.
+
+    FedAvgM and secure aggregation run their logic in fedseg classes that the hooks
+    process imports (it runs from fedseg's environment); the class FEDn loads only builds
+    that object and hands ``client_settings`` and ``aggregate`` to it.
+
+    Args:
+        kind: Session kind, for the comment line (e.g. "fedavgm").
+        nonce: Unique per session, so the hooks process builds a fresh object.
+        setup: Lines of ``__init__`` (without indentation) that assign ``self.server``.
+
+    Returns:
+        Python source for the hooks process.
+    """
+    body = "".join(f"        {line}\n" for line in setup)
+    return (
+        "from fedn.network.combiner.hooks.allowed_import import ServerFunctionsBase\n"
+        "\n"
+        f"# fedseg {kind} session {nonce}\n"
+        "class ServerFunctions(ServerFunctionsBase):\n"
+        "    def __init__(self):\n"
+        f"{body}"
+        "\n"
+        "    def client_settings(self, global_model):\n"
+        "        return self.server.client_settings()\n"
+        "\n"
+        "    def aggregate(self, previous_global, client_updates):\n"
+        "        return self.server.aggregate(previous_global, client_updates)\n"
+    )
+
+
 def start_session(api_client: Any, spec: SessionSpec, seed_model_id: str, name: str,
                   settings_by_round: list[dict[str, Any]] | None = None,
                   n_clients: int | None = None, available_wait_s: float = 30.0,

@@ -511,7 +511,8 @@ def test_dp_session_of_three_clinic_kits_with_the_compute_package(
         tls_net: NetworkState, netns: Netns, tmp_path: Path) -> None:
     """3 clinics, each in its namespace with its kit and its own phantom data, train the
     tiny U-Net with DP through `fedn client start` (warm workers) over TLS; the round
-    log read back from the server has every client's training and validation."""
+    log read back from the server has every client's training and validation, and no
+    byte window of their data files is anywhere on the server."""
     from fedseg.orchestration import collect
     from fedseg.orchestration.fedn import compat as fedn_compat
     from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
@@ -565,6 +566,16 @@ def test_dp_session_of_three_clinic_kits_with_the_compute_package(
             assert 0 < rows[(1, name, "epsilon")] < float("inf")
             assert rows[(1, name, "noise_multiplier")] == 1.0
             assert 0 <= rows[(1, name, "val_dice_mean")] <= 1
+        # Only updates and metrics crossed: no window of any CT or mask file of any clinic's
+        # data folder is anywhere on the server (S3 objects, state store, logs).
+        held = _everything_the_server_holds(state)
+        windows = [blob[len(blob) // 2:len(blob) // 2 + 64]
+                   for name in names
+                   for path in sorted((tmp_path / "data" / name).rglob("*"))
+                   if path.suffix in {".npy", ".npz"}
+                   for blob in [path.read_bytes()]]
+        assert len(windows) >= 2 * len(names) and all(len(w) == 64 for w in windows)
+        assert not [w for w in windows if w in held]
         for kit in kits:  # each clinic trained in its warm worker, over HTTPS/TLS
             log_text = (kit / "client.log").read_text()
             assert f"https://{netns.host_ip}:" in log_text
