@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.orchestration.session import delegating_server_functions_source
 from fedseg_clinic.io import atomic_write_text
 from fedseg_clinic.privacy import secagg
 from fedseg_clinic.privacy.secagg_clinic import METADATA_KEY, SETTINGS_KEY
@@ -283,25 +284,14 @@ def server_functions_source(settings_by_round: list[dict[str, Any]], nonce: str,
         raise ValueError("settings_by_round must not be empty")
     literal = json.dumps(settings_by_round, sort_keys=True, allow_nan=False)
     journal_literal = json.dumps(str(journal) if journal else None)
-    return (
-        "from fedn.network.combiner.hooks.allowed_import import ServerFunctionsBase\n"
-        "\n"
-        f"# fedseg secure session {nonce}\n"
-        "class ServerFunctions(ServerFunctionsBase):\n"
-        "    def __init__(self):\n"
-        "        import json\n"
-        "        from pathlib import Path\n"
-        "        from fedseg.orchestration.secure_aggregation import SecAggServer\n"
-        f"        journal = json.loads({journal_literal!r})\n"
-        f"        self.server = SecAggServer({nonce!r}, json.loads({literal!r}),\n"
-        "                                   Path(journal) if journal else None)\n"
-        "\n"
-        "    def client_settings(self, global_model):\n"
-        "        return self.server.client_settings()\n"
-        "\n"
-        "    def aggregate(self, previous_global, client_updates):\n"
-        "        return self.server.aggregate(previous_global, client_updates)\n"
-    )
+    return delegating_server_functions_source("secure", nonce, [
+        "import json",
+        "from pathlib import Path",
+        "from fedseg.orchestration.secure_aggregation import SecAggServer",
+        f"journal = json.loads({journal_literal!r})",
+        f"self.server = SecAggServer({nonce!r}, json.loads({literal!r}),",
+        "                           Path(journal) if journal else None)",
+    ])
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:

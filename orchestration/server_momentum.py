@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.orchestration.session import delegating_server_functions_source
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEARNING_RATE = 1.0
@@ -117,20 +119,9 @@ def server_functions_source(settings_by_round: list[dict[str, Any]], nonce: str,
     only forwards to :class:`FedAvgMServer`.
     """
     literal = json.dumps(settings_by_round or [{}], sort_keys=True, allow_nan=False)
-    return (
-        "from fedn.network.combiner.hooks.allowed_import import ServerFunctionsBase\n"
-        "\n"
-        f"# fedseg fedavgm session {nonce}\n"
-        "class ServerFunctions(ServerFunctionsBase):\n"
-        "    def __init__(self):\n"
-        "        import json\n"
-        "        from fedseg.orchestration.server_momentum import FedAvgMServer\n"
-        f"        self.server = FedAvgMServer(json.loads({literal!r}), {float(learning_rate)!r},\n"
-        f"                                    {float(momentum)!r})\n"
-        "\n"
-        "    def client_settings(self, global_model):\n"
-        "        return self.server.client_settings()\n"
-        "\n"
-        "    def aggregate(self, previous_global, client_updates):\n"
-        "        return self.server.aggregate(previous_global, client_updates)\n"
-    )
+    return delegating_server_functions_source("fedavgm", nonce, [
+        "import json",
+        "from fedseg.orchestration.server_momentum import FedAvgMServer",
+        f"self.server = FedAvgMServer(json.loads({literal!r}), {float(learning_rate)!r},",
+        f"                            {float(momentum)!r})",
+    ])

@@ -68,16 +68,29 @@ def build_package(src: Path, out: Path) -> Path:
     return out
 
 
+def _no_answer(path: Path, what: str) -> str:
+    size_mb = path.stat().st_size / 2**20 if path.exists() else float("nan")
+    return (f"{path}: {what} upload ({size_mb:.0f} MB) got no answer from the API server: "
+            "its worker was stopped mid-request (see the network's logs/api.log; a large "
+            "model needs a longer api_request_timeout_s)")
+
+
 def upload_package_and_seed(api_client: Any, package: Path, seed: Path, name: str) -> str:
     """Upload the package, then the seed model; returns the seed's model id.
 
     Raises:
         FedsegError: the API refused either upload (its answer in the message).
     """
-    answer = api_client.set_active_package(str(package), helper="numpyhelper", name=name)
+    try:
+        answer = api_client.set_active_package(str(package), helper="numpyhelper", name=name)
+    except ValueError:  # no JSON: the API worker was killed mid-request (bug 22)
+        raise FedsegError(_no_answer(package, "package")) from None
     if "uploaded" not in str(answer.get("message", "")).lower() and not answer.get("success"):
         raise FedsegError(f"{package}: package upload refused: {answer}")
-    answer = api_client.set_active_model(str(seed))
+    try:
+        answer = api_client.set_active_model(str(seed))
+    except ValueError:
+        raise FedsegError(_no_answer(seed, "seed model")) from None
     if not answer.get("success"):
         raise FedsegError(f"{seed}: seed model upload refused: {answer}")
     active = api_client.get_active_model()
@@ -115,6 +128,38 @@ def server_functions_source(settings_by_round: list[dict[str, Any]], nonce: str)
         "        table = json.loads(self.settings)\n"
         "        self.round += 1\n"
         "        return dict(table[min(self.round, len(table)) - 1])\n"
+    )
+
+
+def delegating_server_functions_source(kind: str, nonce: str, setup: list[str]) -> str:
+    """Source of a ServerFunctions class that forwards both hooks to a fedseg server object.
+
+    FedAvgM and secure aggregation run their logic in fedseg classes that the hooks
+    process imports (it runs from fedseg's environment); the class FEDn loads only builds
+    that object and hands ``client_settings`` and ``aggregate`` to it.
+
+    Args:
+        kind: Session kind, for the comment line (e.g. "fedavgm").
+        nonce: Unique per session, so the hooks process builds a fresh object.
+        setup: Lines of ``__init__`` (without indentation) that assign ``self.server``.
+
+    Returns:
+        Python source for the hooks process.
+    """
+    body = "".join(f"        {line}\n" for line in setup)
+    return (
+        "from fedn.network.combiner.hooks.allowed_import import ServerFunctionsBase\n"
+        "\n"
+        f"# fedseg {kind} session {nonce}\n"
+        "class ServerFunctions(ServerFunctionsBase):\n"
+        "    def __init__(self):\n"
+        f"{body}"
+        "\n"
+        "    def client_settings(self, global_model):\n"
+        "        return self.server.client_settings()\n"
+        "\n"
+        "    def aggregate(self, previous_global, client_updates):\n"
+        "        return self.server.aggregate(previous_global, client_updates)\n"
     )
 
 

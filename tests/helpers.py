@@ -89,3 +89,24 @@ def run_process_records(run_dir: Path) -> list[dict[str, Any]]:
     state = json.loads((run_dir / "network" / "network.json").read_text())
     records = list(state["records"].values())
     return records + [h.record.to_dict() for h in clients.load_clients(run_dir)]
+
+
+def start_fedseg_run(experiment: Path, runs: Path, pythonpath: str | None = None) -> Any:
+    """``fedseg run EXPERIMENT --runs-dir RUNS`` as a child process (text stdout+stderr).
+
+    Args:
+        experiment: the experiment file.
+        runs: the runs folder.
+        pythonpath: PYTHONPATH for the run (the toy clinic app's folder), else inherited.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    fedseg = Path(sys.executable).parent / "fedseg"
+    return subprocess.Popen([str(fedseg), "run", str(experiment), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=experiment.parent)

@@ -36,6 +36,7 @@ from test_network import (
     upload_package_and_seed,
 )
 
+from fedseg.orchestration.netns import Netns, namespaces_unavailable
 from fedseg.orchestration.network import (
     CombinerSpec,
     NetworkConfig,
@@ -55,71 +56,22 @@ VENV_BIN = Path(sys.executable).parent
 
 # --- the namespace ------------------------------------------------------------------------
 
-class Netns:
-    """The server's address on one veth pair, and ``n`` clinic namespaces.
-
-    Pair i has its root-namespace end in our namespace and its peer in namespace
-    ``names[i]``, each on its own 10.213.x.0/30; ``host_ip`` (on pair 0) is the server's
-    address. Namespaces 1.. reach it through their own pair with a host route (the
-    address is local to our namespace, so no forwarding is needed).
-    """
-
-    def __init__(self, n: int = 3) -> None:
-        tag = secrets.token_hex(2)
-        base = int(tag, 16) % 60 * 4
-        self.names = [f"fsns{tag}{i}" for i in range(n)]
-        self.veths = [f"fsv{tag}{i}" for i in range(n)]
-        self.peers = [f"fsp{tag}{i}" for i in range(n)]
-        # 10.213.x.0/30 per pair: private ranges that exist only on these pairs.
-        self.subnets = [f"10.213.{base + i}" for i in range(n)]
-        self.host_ip = f"{self.subnets[0]}.1"
-        self.peer_ips = [f"{subnet}.2" for subnet in self.subnets]
-        self.name = self.names[0]
-
-    def up(self) -> None:
-        for name, veth, peer, subnet in zip(self.names, self.veths, self.peers, self.subnets,
-                                            strict=True):
-            steps = [
-                ["ip", "netns", "add", name],
-                ["ip", "link", "add", veth, "type", "veth", "peer", "name", peer],
-                ["ip", "link", "set", peer, "netns", name],
-                ["ip", "addr", "add", f"{subnet}.1/30", "dev", veth],
-                ["ip", "link", "set", veth, "up"],
-                ["ip", "netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/30", "dev",
-                 peer],
-                ["ip", "netns", "exec", name, "ip", "link", "set", peer, "up"],
-                ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
-            ]
-            if subnet != self.subnets[0]:
-                steps.append(["ip", "netns", "exec", name, "ip", "route", "add",
-                              f"{self.host_ip}/32", "via", f"{subnet}.1"])
-            for step in steps:
-                subprocess.run(step, check=True, capture_output=True, timeout=10)
-
-    def down(self) -> None:
-        for name, veth in zip(self.names, self.veths, strict=True):
-            subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=10)
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def netns() -> Iterator[Netns]:
-    if shutil.which("ip") is None:
-        pytest.skip("no `ip` command: cannot create network namespaces here")
-    ns = Netns()
+    why = namespaces_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    ns = Netns(3)
     try:
         ns.up()
     except (subprocess.CalledProcessError, OSError) as exc:
         ns.down()
-        detail = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"cannot create a network namespace and veth pair (needs root/"
-                    f"CAP_NET_ADMIN): {detail.decode(errors='replace').strip() or exc}")
+        pytest.skip(f"cannot create the test's namespaces: {exc}")
     try:
         yield ns
     finally:
         ns.down()
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not any(name in listed for name in ns.names)
+    assert not ns.leftovers()
 
 
 def tls_config(root: Path, host: str, **overrides: object) -> NetworkConfig:
@@ -559,7 +511,8 @@ def test_dp_session_of_three_clinic_kits_with_the_compute_package(
         tls_net: NetworkState, netns: Netns, tmp_path: Path) -> None:
     """3 clinics, each in its namespace with its kit and its own phantom data, train the
     tiny U-Net with DP through `fedn client start` (warm workers) over TLS; the round
-    log read back from the server has every client's training and validation."""
+    log read back from the server has every client's training and validation, and no
+    byte window of their data files is anywhere on the server."""
     from fedseg.orchestration import collect
     from fedseg.orchestration.fedn import compat as fedn_compat
     from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
@@ -613,6 +566,16 @@ def test_dp_session_of_three_clinic_kits_with_the_compute_package(
             assert 0 < rows[(1, name, "epsilon")] < float("inf")
             assert rows[(1, name, "noise_multiplier")] == 1.0
             assert 0 <= rows[(1, name, "val_dice_mean")] <= 1
+        # Only updates and metrics crossed: no window of any CT or mask file of any clinic's
+        # data folder is anywhere on the server (S3 objects, state store, logs).
+        held = _everything_the_server_holds(state)
+        windows = [blob[len(blob) // 2:len(blob) // 2 + 64]
+                   for name in names
+                   for path in sorted((tmp_path / "data" / name).rglob("*"))
+                   if path.suffix in {".npy", ".npz"}
+                   for blob in [path.read_bytes()]]
+        assert len(windows) >= 2 * len(names) and all(len(w) == 64 for w in windows)
+        assert not [w for w in windows if w in held]
         for kit in kits:  # each clinic trained in its warm worker, over HTTPS/TLS
             log_text = (kit / "client.log").read_text()
             assert f"https://{netns.host_ip}:" in log_text

@@ -14,15 +14,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from helpers import read_until, run_process_records
+from helpers import read_until, run_process_records, start_fedseg_run
 from test_run_e2e import _alive, _network_keys, _start_slow_toy_run, _toy_experiment
 
 from fedseg.orchestration.runlog import GLOBAL, pivot, read_rounds, read_run_info
@@ -44,11 +42,7 @@ def _run_and_kill(tmp_path: Path, name: str, victim: str) -> tuple[int, str, Pat
     doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "3"
     path.write_text(yaml.safe_dump(doc))
     runs = tmp_path / "runs"
-    env = {**os.environ, "PYTHONPATH": doc["clients"]["env"]["PYTHONPATH"]}
-    fedseg = Path(sys.executable).parent / "fedseg"
-    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
+    proc = start_fedseg_run(path, runs, doc["clients"]["env"]["PYTHONPATH"])
     run_dir = runs / name
     output: list[str] = []
     try:
@@ -140,10 +134,7 @@ def test_sigterm_during_the_budget_step_stops_the_run(tmp_path: Path) -> None:
     path = tmp_path / "sigterm-budget.yaml"
     path.write_text(yaml.safe_dump(doc))
     runs = tmp_path / "runs"
-    fedseg = Path(sys.executable).parent / "fedseg"
-    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path)
+    proc = start_fedseg_run(path, runs)
     output: list[str] = []
     try:
         read_until(proc, "privacy budget of clinic-1: planning", output, 180)

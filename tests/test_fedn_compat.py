@@ -264,6 +264,25 @@ print(calls[0], app.cfg.control_socket_disable, app.cfg.graceful_timeout)
     assert result.stdout.strip().splitlines()[-1] == "('127.0.0.1', 8092, 2) True 3"
 
 
+@pytest.mark.parametrize("timeout_s", [None, 45])
+def test_bind_api_server_lengthens_gunicorns_request_timeout(timeout_s: int | None) -> None:
+    """Bug 22: gunicorn kills a worker whose request lasts 30 s (a large model upload)."""
+    args = "" if timeout_s is None else f", request_timeout_s={timeout_s}"
+    code = f"""
+from fedseg.orchestration.fedn import compat as fedn_compat
+from fedn.network.api import gunicorn_app
+plain = gunicorn_app.GunicornApp(object(), {{"bind": "127.0.0.1:1", "workers": 1}})
+fedn_compat.bind_api_server("127.0.0.1", 1{args})
+app = gunicorn_app.GunicornApp(object(), {{"bind": "127.0.0.1:1", "workers": 1}})
+print(plain.cfg.timeout, app.cfg.timeout)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    expected = timeout_s or fedn_compat.API_REQUEST_TIMEOUT_S
+    assert result.stdout.strip().splitlines()[-1] == f"30 {expected}"
+
+
 def test_check_sqlalchemy_accepts_the_pinned_version() -> None:
     fedn_compat.check_sqlalchemy()  # SQLAlchemy 2.0.x is pinned
 
@@ -311,6 +330,12 @@ def test_shorten_round_polling_scales_fedn_waits(monkeypatch: pytest.MonkeyPatch
     assert all(0.1 <= w <= 0.2 for w in waits)
 
 
+def _unwrapped(owner: type, name: str) -> object:
+    """fedn's own method (an earlier test in this process may have patched it)."""
+    method = getattr(owner, name)
+    return getattr(method, "__wrapped__", method)
+
+
 def _round_report(name: str) -> dict:
     """What a combiner's RoundHandler appends to a round's ``combiners``."""
     config = {"aggregator": "fedavg", "round_timeout": 60, "buffer_size": -1,
@@ -336,8 +361,8 @@ def test_two_combiners_reporting_at_once_keep_both_reports(
     from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
     from fedn.network.storage.statestore.stores.sql.shared import ModelModel
 
-    monkeypatch.setattr(SQLRoundStore, "_update_orm_model_from_dto",
-                        SQLRoundStore._update_orm_model_from_dto)
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list", "get"):
+        monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
     if merged:
         fedn_compat.merge_round_combiners()
     session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
@@ -649,3 +674,133 @@ def test_bug21_latest_round_id_is_numeric(tmp_path: Path,
     fedn_compat.numeric_round_ids()
     assert store.get_latest_round_id() == 10
     assert SQLRoundStore(_sqlite_session(tmp_path / "empty.sqlite")).get_latest_round_id() == 0
+
+
+def test_a_report_stored_twice_is_read_once(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug 10, second symptom: overlapping rewrites by two combiners left one combiner's
+    report in the store twice (seen with 3 combiners); the controller, which waits for
+    exactly one report per combiner, failed the round. Read back, each report is once."""
+    import datetime
+
+    from fedn.network.storage.statestore.stores.dto.round import RoundDTO
+    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+    from fedn.network.storage.statestore.stores.sql.shared import ModelModel, RoundModel
+
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list", "get"):
+        monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
+    session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
+    with session_factory() as session:
+        session.add(ModelModel(id="m1", name="m", active=True,
+                               committed_at=datetime.datetime.now()))
+        session.commit()
+    store = SQLRoundStore(session_factory)
+    store.add(RoundDTO(round_id="1", status="Pending"))
+    for name in ("combiner-1", "combiner-2", "combiner-3"):
+        current = store.get("1")
+        current.combiners.append(_round_report(name))
+        store.update(current)
+    # The state the race left: combiner-1's report a second time, as its own rows.
+    with session_factory() as session:
+        entity = session.get(RoundModel, "1")
+        again = _round_report("combiner-1")
+        again["config"]["is_sl_inference"] = False  # as fedn's round store fills it in
+        entity.combiners.append(fedn_compat._round_combiner_model(again))
+        session.commit()
+    assert len(store.get("1").combiners) == 4  # fedn as it is: 4 reports, 3 combiners
+    fedn_compat.merge_round_combiners()
+    reports = store.get("1").combiners
+    assert sorted(c.name for c in reports) == ["combiner-1", "combiner-2", "combiner-3"]
+    later = store.get("1")  # a later full write keeps one of each
+    later.status = "Success"
+    store.update(later)
+    assert len(store.get("1").combiners) == 3
+
+
+@pytest.mark.parametrize("torn", ["config", "data"])
+def test_a_report_caught_without_its_config_is_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: str) -> None:
+    """Bug 10, third symptom: a read overlapping a rewrite saw a report whose round config
+    (or data) row was just deleted; fedn's reader raised "Invalid key: config_job_id"
+    ("Missing field data"), which ended a combiner's round thread for good. Read now
+    without that report."""
+    import datetime
+
+    from fedn.network.storage.statestore.stores.dto.round import RoundDTO
+    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
+    from fedn.network.storage.statestore.stores.shared import MissingFieldError
+    from fedn.network.storage.statestore.stores.sql.shared import (
+        ModelModel,
+        RoundCombinerDataModel,
+        RoundCombinerModel,
+        RoundConfigModel,
+    )
+
+    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list", "get"):
+        monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
+    session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
+    with session_factory() as session:
+        session.add(ModelModel(id="m1", name="m", active=True,
+                               committed_at=datetime.datetime.now()))
+        session.commit()
+    store = SQLRoundStore(session_factory)
+    store.add(RoundDTO(round_id="1", status="Pending"))
+    for name in ("combiner-1", "combiner-2"):
+        current = store.get("1")
+        current.combiners.append(_round_report(name))
+        store.update(current)
+    with session_factory() as session:  # a row of combiner-2's deleted under the reader
+        row = session.query(RoundCombinerModel).filter_by(name="combiner-2").one()
+        if torn == "config":
+            session.query(RoundConfigModel).filter_by(id=row.round_config_id).delete()
+        else:
+            session.query(RoundCombinerDataModel).filter_by(id=row.data_id).delete()
+        session.commit()
+    with pytest.raises((ValueError, MissingFieldError),
+                       match=r"Invalid key: config_job_id|Missing field data"):
+        store.get("1")  # fedn as it is
+    fedn_compat.merge_round_combiners()
+    assert [c.name for c in store.get("1").combiners] == ["combiner-1"]
+
+
+def test_uncompressed_models_write_what_fedn_reads(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug 23: fedn's numpy helper compressed every model; written plain now, read the same."""
+    import zipfile
+
+    import numpy as np
+    from fedn.utils.helpers.helpers import get_helper
+    from fedn.utils.helpers.plugins import numpyhelper
+
+    from fedseg_clinic.model.npz import write_npz
+    from fedseg_clinic.model.weights import load_weights_npz
+
+    monkeypatch.setattr(numpyhelper.Helper, "save", _unwrapped(numpyhelper.Helper, "save"))
+    helper = get_helper("numpyhelper")
+    weights = [np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros(1000, np.float32)]
+    compressed = helper.save(weights, str(tmp_path / "fedn.npz"))
+    fedn_compat.uncompressed_models()
+    fedn_compat.uncompressed_models()  # idempotent
+    plain = helper.save(weights)  # no path: fedn's temporary file
+    assert plain.endswith(".npz") and plain != compressed
+    for path, method in ((compressed, zipfile.ZIP_DEFLATED), (plain, zipfile.ZIP_STORED)):
+        with zipfile.ZipFile(path) as archive:
+            assert {i.compress_type for i in archive.infolist()} == {method}
+        for got, want in zip(helper.load(path), weights, strict=True):
+            np.testing.assert_array_equal(got, want)
+    Path(plain).unlink()
+    # The clinic side writes the same form; fedn's helper and ours read either.
+    handle = tmp_path / "clinic.npz"
+    with open(handle, "wb") as out:
+        write_npz(weights, out)
+    with zipfile.ZipFile(handle) as archive:
+        assert [i.filename for i in archive.infolist()] == ["0.npy", "1.npy"]
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
+    for got, want in zip(load_weights_npz(Path(compressed)), weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # The servers stay free of TensorFlow (a combiner with it: +500 MB, measured).
+    code = ("import sys; from fedseg.orchestration.fedn import compat; "
+            "compat.uncompressed_models(); print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"

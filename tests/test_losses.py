@@ -137,3 +137,42 @@ def test_loss_invariant_to_shuffling_mass_among_unknown_and_merge_classes() -> N
     # ...but not to moving mass into a known organ.
     shuffled[..., [BODY, HEART]] = probs[..., [HEART, BODY]]
     assert abs(per_example_loss(labels, shuffled, known).numpy()[0] - a[0]) > 1e-3
+
+
+def test_dice_classes_present_leaves_absent_organs_to_cross_entropy() -> None:
+    # Heart and esophagus known; only the heart is in the patch, and the model puts 0.5
+    # of voxel 1 on the (absent) esophagus.
+    labels = labels_of(HEART, BG)
+    probs = probs_of({HEART: 1.0}, {BG: 0.5, ESO: 0.5})
+    known = known_of("heart", "esophagus")
+    ce = -math.log(0.5) / 2
+    heart_dice_loss = 1 - 2 * 1.0 / (1.0 + 1.0)  # 0: the heart is right
+    # "known": the absent esophagus costs a whole Dice point (mean over two classes).
+    default = float(per_example_loss(labels, probs, known).numpy()[0])
+    assert default == pytest.approx(ce + (heart_dice_loss + 1.0) / 2, abs=1e-4)
+    # "present": only the heart's Dice counts; the esophagus mass pays CE only.
+    present = float(per_example_loss(labels, probs, known, dice_classes="present")
+                    .numpy()[0])
+    assert present == pytest.approx(ce + heart_dice_loss, abs=1e-4)
+    # A patch with no known organ in it: cross-entropy alone.
+    empty = float(per_example_loss(labels_of(BG, BG), probs_of({BG: 1.0}, {BG: 0.5, ESO: 0.5}),
+                                   known, dice_classes="present").numpy()[0])
+    assert empty == pytest.approx(ce, abs=1e-4)
+    with pytest.raises(ValueError, match="dice_classes"):
+        per_example_loss(labels, probs, known, dice_classes="all")
+
+
+def test_dice_classes_setting_is_checked_and_reaches_the_loss() -> None:
+    from fedseg_clinic.errors import FedsegError
+    from fedseg_clinic.model.losses import loss_for
+    from fedseg_clinic.organs import organ_set
+    from fedseg_clinic.settings import ClinicSettings, TrainingSettings, validate_settings
+
+    with pytest.raises(FedsegError, match="dice_classes"):
+        validate_settings(ClinicSettings(training=TrainingSettings(dice_classes="some")),
+                          "test")
+    loss = loss_for(organ_set("thorax"), "present")
+    labels = labels_of(HEART, BG)
+    probs = probs_of({HEART: 1.0}, {BG: 0.5, ESO: 0.5})
+    value = float(loss(labels, probs, known_of("heart", "esophagus")).numpy()[0])
+    assert value == pytest.approx(-math.log(0.5) / 2, abs=1e-4)

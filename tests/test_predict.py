@@ -11,6 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
+from rt_utils import RTStructBuilder
+from scipy import ndimage
 
 from fedseg.cli import cli
 from fedseg.orchestration.export import export_model
@@ -139,6 +141,25 @@ def test_rtstruct_round_trip_and_export(tmp_path: Path, dicom_patients: Path) ->
     for organ, mask in predicted.items():
         assert dice(case.masks[organ], mask) >= 0.95, organ
 
+    # A third-party reader agrees: rt-utils (what many clinics' scripts use) loads the
+    # RTSTRUCT against the series and rasterises each ROI onto the same slices.
+    rt_struct = RTStructBuilder.create_from(str(series_dir), str(rs_path))
+    order = [series.sop_uids.index(ds.SOPInstanceUID) for ds in rt_struct.series_data]
+    clinical = {loaded.organs.clinical_names[o]: o for o in predicted}
+    assert set(rt_struct.get_roi_names()) == set(clinical)
+    for name, organ in clinical.items():
+        mask = rt_struct.get_roi_mask_by_name(name)  # (rows, columns, slice in its order)
+        volume = np.zeros_like(predicted[organ])
+        volume[order] = np.moveaxis(mask, 2, 0)
+        ours = predicted[organ]
+        # Same slices; every predicted voxel inside rt-utils' fill, and its fill within one
+        # voxel of ours in plane (OpenCV's fillPoly counts boundary pixels as inside, ours
+        # is half-open, so on a speckled mask the two differ by up to one voxel ring).
+        assert np.array_equal(volume.any(axis=(1, 2)), ours.any(axis=(1, 2))), name
+        assert (volume & ours).sum() == ours.sum(), name
+        ring = ndimage.binary_dilation(ours, structure=np.ones((1, 3, 3), bool))
+        assert not (volume & ~ring).any(), name
+
     # The same series as a DICOM SEG (highdicom), readable back by the importer.
     seg = predict_path(exported, series_dir, tmp_path / "seg", "seg")[0].outputs[0]
     seg_ds = pydicom.dcmread(seg)
@@ -214,6 +235,7 @@ def test_nifti_round_trip_on_head_neck(tmp_path: Path) -> None:
     assert predicted and set(case.masks) == set(predicted)
     for organ, mask in predicted.items():
         assert dice(case.masks[organ], mask) >= 0.95, organ
+
     assert not math.isnan(float(np.mean(labels)))
 
 
@@ -250,7 +272,7 @@ def test_prediction_at_the_model_spacing_lands_back_on_the_ct_grid() -> None:
 
 def test_scout_in_series_and_enhanced_ct(tmp_path: Path, dicom_patients: Path) -> None:
     """A scout saved inside the series is left out; an enhanced multi-frame CT gives a
-    NIfTI label map and refuses RTSTRUCT/SEG (frame references) in one line."""
+    NIfTI label map, and an RTSTRUCT and a SEG that reference its frames and import back."""
     from highdicom.legacy import LegacyConvertedEnhancedCTImage
     from pydicom.uid import generate_uid
 
@@ -266,13 +288,52 @@ def test_scout_in_series_and_enhanced_ct(tmp_path: Path, dicom_patients: Path) -
     result = predict_path(model, with_scout, tmp_path / "p1", "nifti")[0]
     assert read_volume(result.outputs[0]).hu.shape[0] == len(files)
 
+    # A scout in its own series (coronal) is no patient: left out with a note; a topogram
+    # flagged LOCALIZER (axial-looking) is skipped by the scan. The CT alone is segmented.
+    scout.SeriesInstanceUID = generate_uid()
+    scout.save_as(with_scout / "scout.dcm")
+    topogram = pydicom.dcmread(files[1])
+    topogram.SOPInstanceUID = topogram.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    topogram.SeriesInstanceUID = generate_uid()
+    topogram.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    topogram.save_as(with_scout / "topogram.dcm")
+    lines: list[str] = []
+    results = predict_path(model, with_scout, tmp_path / "p1b", "nifti", progress=lines.append)
+    assert len(results) == 1 and read_volume(results[0].outputs[0]).hu.shape[0] == len(files)
+    notes = [line for line in lines if line.startswith("note: left out series")]
+    assert len(notes) == 1 and scout.SeriesInstanceUID in notes[0], lines
+    assert "a coronal image, not an axial CT volume" in notes[0]
+
     image = LegacyConvertedEnhancedCTImage(
         [pydicom.dcmread(f) for f in files], series_instance_uid=generate_uid(),
         series_number=9, sop_instance_uid=generate_uid(), instance_number=1)
     (tmp_path / "enhanced").mkdir()
     image.save_as(tmp_path / "enhanced" / "ct.dcm")
     result = predict_path(model, tmp_path / "enhanced", tmp_path / "p2", "nifti")[0]
-    assert read_volume(result.outputs[0]).hu.shape[0] == len(files)
-    with pytest.raises(FedsegError, match=r"ct\.dcm: --format rtstruct on an enhanced "
-                                          "multi-frame CT is not supported"):
-        predict_path(model, tmp_path / "enhanced", tmp_path / "p3", "rtstruct")
+    labels = read_volume(result.outputs[0])
+    assert labels.hu.shape[0] == len(files)
+    expected = {o: m for o, m in masks_from_labels(np.asarray(labels.hu).astype(np.uint8),
+                                                   load_model(model).organs).items()
+                if m.any()}
+    assert len(expected) >= 2
+    # RTSTRUCT and SEG on the enhanced CT reference its frames, and import back.
+    for fmt in ("rtstruct", "seg"):
+        out = predict_path(model, tmp_path / "enhanced", tmp_path / f"p-{fmt}", fmt)[0]
+        written = pydicom.dcmread(out.outputs[0])
+        if fmt == "rtstruct":
+            refs = [c.ContourImageSequence[0] for roi in written.ROIContourSequence
+                    for c in roi.ContourSequence]
+            assert {r.ReferencedSOPInstanceUID for r in refs} == {image.SOPInstanceUID}
+            assert {r.ReferencedSOPClassUID for r in refs} == {image.SOPClassUID}
+            assert all(1 <= int(r.ReferencedFrameNumber) <= len(files) for r in refs)
+        back = tmp_path / f"back-{fmt}"
+        back.mkdir()
+        (back / "ct.dcm").symlink_to(tmp_path / "enhanced" / "ct.dcm")
+        (back / "labels.dcm").symlink_to(out.outputs[0])
+        report = import_clinic(back, tmp_path / f"cases-{fmt}",
+                               ImportOptions(crop=False, salt="t"))
+        assert report.ok, [p.line() for p in report.problems]
+        case = read_case(tmp_path / f"cases-{fmt}" / report.cases[0])
+        assert set(case.masks) == set(expected), fmt
+        for organ, mask in expected.items():
+            assert dice(case.masks[organ], mask) >= 0.95, (fmt, organ)

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from helpers import read_until, run_process_records, tiny_real_experiment
+from helpers import read_until, run_process_records, start_fedseg_run, tiny_real_experiment
 
 from fedseg.orchestration import clients as clients_mod
 from fedseg.orchestration.experiment import load_experiment
@@ -232,11 +231,7 @@ def _start_slow_toy_run(tmp_path: Path, name: str, rounds: int
     doc["clients"]["env"]["TOY_TRAIN_SLEEP_S"] = "1.5"
     path.write_text(yaml.safe_dump(doc))
     runs = tmp_path / "runs"
-    env = {**os.environ, "PYTHONPATH": doc["clients"]["env"]["PYTHONPATH"]}
-    fedseg = Path(sys.executable).parent / "fedseg"
-    proc = subprocess.Popen([str(fedseg), "run", str(path), "--runs-dir", str(runs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=tmp_path)
+    proc = start_fedseg_run(path, runs, doc["clients"]["env"]["PYTHONPATH"])
     return runs, proc
 
 

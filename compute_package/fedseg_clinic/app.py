@@ -99,7 +99,7 @@ class ClinicApp:
         self._trainer_key: tuple[Any, ...] | None = None
         self._rounds_without_ledger = 0
         self._gradient_fns: dict[tuple[Any, ...], Any] = {}
-        self._per_example_loss = loss_for(self.organs)
+        self._per_example_loss = loss_for(self.organs, settings.training.dice_classes)
         self._loss_fn = tf.function(self._per_example_loss)
 
     @classmethod

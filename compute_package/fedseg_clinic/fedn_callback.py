@@ -162,8 +162,10 @@ class CallbackAdapter:
         metadata = _json_safe(dict(metadata), "train")
         if "num_examples" not in metadata:
             raise FedsegError("train: metadata lacks num_examples (FEDn weights by it)")
+        from fedseg_clinic.model.npz import write_npz
+
         out = io.BytesIO()
-        self.helper.save([np.asarray(w) for w in new_weights], out)
+        write_npz(new_weights, out)  # uncompressed: seconds less per round at large sizes
         out.seek(0)
         self.trained += 1
         if self.keep_updates is not None:

@@ -105,8 +105,17 @@ def predict_volume(loaded: LoadedModel, hu: np.ndarray, geometry: Geometry) -> n
     return labels
 
 
-def find_ct_inputs(ct_path: Path) -> list[tuple[str, Callable[[], CtInput]]]:
+def find_ct_inputs(ct_path: Path, notes: list[str] | None = None,
+                   ) -> list[tuple[str, Callable[[], CtInput]]]:
     """The patients under ``ct_path``, each as (output name, loader).
+
+    A series that is no axial CT volume (an unflagged scout in its own series, a
+    coronal or sagittal reconstruction) is left out when the path also holds an axial
+    series: the models are trained on axial volumes, and a scout is no patient.
+
+    Args:
+        ct_path: a NIfTI/NRRD file or a folder of DICOM series or volume cases.
+        notes: if given, gets one line per series left out (which and why).
 
     Raises:
         FedsegError: when the path does not exist or holds no CT.
@@ -131,6 +140,18 @@ def find_ct_inputs(ct_path: Path) -> list[tuple[str, Callable[[], CtInput]]]:
         raise FedsegError(f"{ct_path}: no CT series and no NIfTI/NRRD CT found "
                           f"({len(scan.dicom)} DICOM files, {len(scan.skipped)} unreadable)")
     groups = sorted(series.values(), key=lambda fs: str(fs[0].path))
+    # The series' largest stack: a scout saved inside the series is left out.
+    stacks = [split_stacks(fs[0].series_uid, fs)[0] for fs in groups]
+    # (Files flagged LOCALIZER never get here: the folder scan skips them.)
+    volume = [s.orientation == "axial" for s in stacks]
+    if any(volume) and not all(volume):
+        for stack, keep in zip(stacks, volume, strict=True):
+            if not keep:
+                if notes is not None:
+                    notes.append(f"left out series {stack.describe()}: a {stack.orientation} "
+                                 "image, not an axial CT volume")
+        groups = [g for g, keep in zip(groups, volume, strict=True) if keep]
+        stacks = [s for s, keep in zip(stacks, volume, strict=True) if keep]
     folders = [Path(os.path.commonpath([str(f.path.parent) for f in fs])) for fs in groups]
     names = [str(d.relative_to(ct_path)) if d != ct_path else "" for d in folders]
     if len(groups) > 1 and len(set(names)) != len(names):
@@ -141,11 +162,11 @@ def find_ct_inputs(ct_path: Path) -> list[tuple[str, Callable[[], CtInput]]]:
     else:
         names = [""]
     inputs: list[tuple[str, Callable[[], CtInput]]] = []
-    for name, folder, fs in zip(names, folders, groups, strict=True):
-        # The series' largest stack: a scout saved inside the series is left out.
-        paths = [f.path for f in split_stacks(fs[0].series_uid, fs)[0].files]
+    for name, folder, stack in zip(names, folders, stacks, strict=True):
+        paths = [f.path for f in stack.files]
         inputs.append((name, lambda n=name, d=folder, p=paths: _series_input(n, d, p)))
     return inputs
+
 
 
 def _volume_input(name: str, path: Path, problem: str = "") -> CtInput:
@@ -197,11 +218,8 @@ def _write_outputs(fmt: str, item: CtInput, labels: np.ndarray, loaded: LoadedMo
         raise FedsegError(f"{item.source}: --format {fmt} needs a DICOM CT series to "
                           "reference; this CT is NIfTI/NRRD (use --format nifti)")
     series = item.series
-    if any(frame is not None for frame in series.frame_numbers):
-        # Referencing frames (ReferencedFrameNumber, a multi-frame SEG source) is not
-        # written yet: refuse rather than write references a planning system misreads.
-        raise FedsegError(f"{series.files[0]}: --format {fmt} on an enhanced multi-frame CT "
-                          "is not supported (use --format nifti)")
+    # An enhanced (multi-frame) CT: references name the frame of each slice.
+    frames = series.frame_numbers if any(f is not None for f in series.frame_numbers) else None
     masks = {o: m for o, m in masks_from_labels(labels, organs).items() if m.any()}
     if fmt == "rtstruct":
         from fedseg_clinic.imaging.rtstruct_writer import build_rtstruct, write_dicom
@@ -209,11 +227,11 @@ def _write_outputs(fmt: str, item: CtInput, labels: np.ndarray, loaded: LoadedMo
         ds = build_rtstruct(masks, organs, item.geometry, series.files, series.sop_uids,
                             series.series_uid, series.frame_of_reference_uid,
                             description=f"fedseg {organs.key} {loaded.card.get('run') or ''}"
-                            .strip())
+                            .strip(), frame_numbers=frames)
         return [write_dicom(ds, out_dir / RTSTRUCT_NAME)]
     from fedseg_clinic.imaging.seg_writer import build_seg, write_seg
 
-    seg = build_seg(masks, organs, series.files)
+    seg = build_seg(masks, organs, series.files, frames)
     return [write_seg(seg, out_dir / SEG_NAME)]
 
 
@@ -238,7 +256,10 @@ def predict_path(
         raise FedsegError(f"unknown output format {fmt!r} (use {', '.join(FORMATS)})")
     say = progress or (lambda _line: None)
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model))
-    inputs = find_ct_inputs(Path(ct_path))
+    notes: list[str] = []
+    inputs = find_ct_inputs(Path(ct_path), notes)
+    for note in notes:
+        say(f"note: {note}")
     # NIfTI/NRRD input (a file, or volume case folders, which find_ct_inputs prefers)
     # has no DICOM series for an RTSTRUCT or SEG to reference: refuse before any work.
     if fmt != "nifti" and (Path(ct_path).is_file() or find_volume_cases(Path(ct_path))):

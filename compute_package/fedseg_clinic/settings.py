@@ -89,6 +89,13 @@ class TrainingSettings:
             size becomes N, so q = 1: no subsampling, no amplification by sampling; the
             accountant sees PoissonSampledDpEvent(1, Gaussian), i.e. the Gaussian
             mechanism composed over the steps).
+        dice_classes: which known foreground classes the Dice term averages over:
+            "known" (default: every known class; one absent from the patch costs ~1
+            unless predicted nowhere) or "present" (only the known classes the patch's
+            labels contain; absent ones are left to the cross-entropy). Per example
+            either way, so DP clipping is unchanged. "present" is for sparse organs
+            (OpenKBP, docs/findings.md): with "known", small patches mostly lack a given
+            organ and the Dice term drives every organ's probability to zero.
     """
 
     learning_rate: float = 1e-3
@@ -108,6 +115,7 @@ class TrainingSettings:
     local_norm: bool = False
     local_seconds: float = 0.0
     full_batch: bool = False
+    dice_classes: str = "known"
 
 
 @dataclasses.dataclass
@@ -300,6 +308,8 @@ def validate_settings(settings: ClinicSettings, where: str) -> None:
          "proximal_mu must be a finite number >= 0", t.proximal_mu),
         (t.optimizer_state in ("reset", "keep"), "optimizer_state must be reset or keep",
          t.optimizer_state),
+        (t.dice_classes in ("known", "present"), "dice_classes must be known or present",
+         t.dice_classes),
         (0.0 <= t.local_epochs and math.isfinite(t.local_epochs),
          "local_epochs must be a finite number >= 0", t.local_epochs),
         (0.0 <= t.local_seconds and math.isfinite(t.local_seconds),

@@ -95,7 +95,8 @@ BUGS: tuple[FednBug, ...] = (
             "widen_string_columns() in create_schema()"),
     FednBug(9, "a combiner restarted on a kept store keeps its first address and port",
             "sync_combiner_registry() before the combiners start"),
-    FednBug(10, "two combiners ending a round together: one deletes the other's report",
+    FednBug(10, "two combiners ending a round together: one deletes the other's report "
+            "(or, with 3, one report is stored twice and the round fails)",
             "merge_round_combiners()"),
     FednBug(11, "every combiner shares /tmp/models and deletes models other rounds read",
             "FEDN_MODEL_DIR per combiner (orchestration/network)"),
@@ -120,6 +121,12 @@ BUGS: tuple[FednBug, ...] = (
     FednBug(21, "SQL stores sort round ids as strings: after round 10 the next id is '10' "
             "again (UNIQUE constraint) and the session never starts",
             "numeric_round_ids() in the API process"),
+    FednBug(22, "gunicorn kills an API worker after 30 s of one request: a large model's "
+            "upload or download ends in an empty answer (WORKER TIMEOUT)",
+            "bind_api_server(request_timeout_s); network key api_request_timeout_s"),
+    FednBug(23, "the numpy helper compresses every model it writes: 14 s per 29M-parameter "
+            "model on a loaded core, at each hop, for 8 % of size",
+            "uncompressed_models() in the launcher's processes; write_npz on the clinic side"),
 )
 
 
@@ -144,6 +151,9 @@ def check_fedn_version(installed: str | None = None) -> str:
 
 
 GRACEFUL_TIMEOUT_S = 3  # gunicorn workers' grace on stop (default 30 s)
+# gunicorn kills a sync worker whose request runs longer than its `timeout` (default 30 s):
+# a seed upload of 370 MB took 33 s here and died with WORKER TIMEOUT (bench/RESULTS.md).
+API_REQUEST_TIMEOUT_S = 600
 _TRUE_STRINGS = frozenset({"true", "1", "yes", "on", "t", "y"})
 _FALSE_STRINGS = frozenset({"false", "0", "no", "off", "f", "n", ""})
 
@@ -848,6 +858,8 @@ def start_session(client: Any, rounds: int, *, model_id: str, name: str | None =
 
 # --- bug 10 ------------------------------------------------------------------------------
 
+TORN_READ_ATTEMPTS = 5  # reads of a round caught mid-rewrite, then the error stands
+
 def _round_combiner_model(report: dict[str, Any]) -> Any:
     """A new fedn RoundCombinerModel row from a report dict, built as fedn builds it."""
     from fedn.network.storage.statestore.stores.sql.shared import (
@@ -909,6 +921,60 @@ def merge_round_combiners() -> None:
 
     update_keeping_reports.__wrapped__ = original  # type: ignore[attr-defined]
     SQLRoundStore._update_orm_model_from_dto = update_keeping_reports
+
+    # Second symptom (found by bench/bench_scale.py, 5 clinics over 3 combiners): two
+    # processes that rewrite the list in overlapping transactions each delete the stored
+    # rows and insert their own copy of a report, so one report is stored twice. The
+    # controller waits for exactly as many reports as combiners (`len(round.combiners)
+    # != len(participating_combiners)`), never sees 3 among 4 rows, and fails the round
+    # after bound_report_wait's grace; the round log would count the updates twice. Each
+    # report is read once (the first row of a name and job id).
+    original_list = getattr(SQLRoundStore._combiners_to_dict_list, "__wrapped__",
+                            SQLRoundStore._combiners_to_dict_list)
+
+    # Third symptom (same bench, 10 clinics over 3 combiners): a read that overlaps such a
+    # rewrite loads a report whose round config was just deleted; fedn's reader raises
+    # "Invalid key: config_job_id" and, in a combiner, that ends its round thread for good
+    # (no more rounds on that combiner). A torn report is left out of the read: its
+    # writer is inserting a fresh copy, and the controller and the combiners read again.
+    # Same with its data row ("Missing field data in class RoundCombinerDTO", 20 clinics).
+    def whole(report: Any) -> bool:
+        try:
+            return report.round_config is not None and report.data is not None
+        except Exception:  # noqa: BLE001  (the row itself went away meanwhile)
+            return False
+
+    def distinct_reports(self: Any, combiners: Any) -> list[dict[str, Any]]:
+        seen: set[tuple[Any, Any]] = set()
+        out = []
+        for report in original_list(self, [c for c in combiners or [] if whole(c)]):
+            key = (report.get("name"), (report.get("config") or {}).get("_job_id"))
+            if key not in seen:
+                seen.add(key)
+                out.append(report)
+        return out
+
+    distinct_reports.__wrapped__ = original_list  # type: ignore[attr-defined]
+    SQLRoundStore._combiners_to_dict_list = distinct_reports
+
+    # Any other torn read of a round (its own rows mid-rewrite): read it again, a few
+    # times, instead of ending the caller's thread.
+    from fedn.network.storage.statestore.stores.shared import MissingFieldError
+
+    original_get = getattr(SQLRoundStore.get, "__wrapped__", SQLRoundStore.get)
+
+    def get_whole(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(TORN_READ_ATTEMPTS):
+            try:
+                return original_get(self, *args, **kwargs)
+            except (ValueError, MissingFieldError):
+                if attempt == TORN_READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    get_whole.__wrapped__ = original_get  # type: ignore[attr-defined]
+    SQLRoundStore.get = get_whole
 
 
 # --- bug 12 ------------------------------------------------------------------------------
@@ -989,8 +1055,42 @@ def skip_unavailable_combiners() -> None:
 
 # --- binding -----------------------------------------------------------------------------
 
+def uncompressed_models() -> None:
+    """Make fedn's numpy helper write models without compression (bug 23).
+
+    Symptom: ``numpyhelper.Helper.save`` writes ``np.savez_compressed``. For the
+    29M-parameter U-Net that took 14.4 s against 0.5 s uncompressed (load 9 on 2 cores;
+    loading 2.3 s against 0.2 s) and saves 8 % (106 against 114 MB); a round writes a
+    model at the combiner (its combined model) and at the controller (the new global
+    model), one after the other, so compression was most of the 40 s of fedn overhead a
+    round of that model had (bench/RESULTS.md). ``np.load`` reads both forms, so clinics
+    and servers of either kind work together. Installed in the API server, combiners and
+    the package route's client; the clinic side writes with the same
+    :func:`fedseg_clinic.model.npz.write_npz` (numpy only: no TensorFlow in the servers).
+    """
+    from fedn.utils.helpers.plugins import numpyhelper
+
+    from fedseg_clinic.model.npz import write_npz
+
+    helper = numpyhelper.Helper
+    original = getattr(helper.save, "__wrapped__", helper.save)
+
+    def save(self: Any, weights: Any, path: Any = None, file_type: str = "npz") -> Any:
+        if file_type != "npz":
+            return original(self, weights, path, file_type)
+        self.check_supported_file_type(file_type)
+        if not path:
+            path = self.get_tmp_path()
+        write_npz(weights, path)
+        return path
+
+    save.__wrapped__ = original  # type: ignore[attr-defined]
+    helper.save = save
+
+
 def bind_api_server(host: str, workers: int, certfile: str | None = None,
-                    keyfile: str | None = None) -> None:
+                    keyfile: str | None = None,
+                    request_timeout_s: int = API_REQUEST_TIMEOUT_S) -> None:
     """Make fedn's API server listen on ``host`` with ``workers`` gunicorn workers.
 
     Symptom: fedn.network.api.server.start_server_api hard-codes host "0.0.0.0" and
@@ -998,6 +1098,11 @@ def bind_api_server(host: str, workers: int, certfile: str | None = None,
     module, so replacing that attribute changes both before gunicorn binds.
     With ``certfile``/``keyfile`` gunicorn serves HTTPS only (plain HTTP gets no
     answer: the TLS handshake fails).
+
+    Symptom (bug 22): gunicorn's sync workers are killed when one request lasts longer
+    than 30 s (WORKER TIMEOUT); fedn's model upload (POST /api/v1/models/: read, load,
+    save, put to S3) and download of a large model over a slow link take longer, and the
+    client gets an empty answer. ``request_timeout_s`` replaces gunicorn's 30 s.
     """
     from fedn.network.api import gunicorn_app
 
@@ -1021,6 +1126,7 @@ def bind_api_server(host: str, workers: int, certfile: str | None = None,
         # A worker running a session thread (non-daemon) holds a graceful stop for the
         # default 30 s; the network stops the API quickly instead.
         self.cfg.set("graceful_timeout", GRACEFUL_TIMEOUT_S)
+        self.cfg.set("timeout", int(request_timeout_s))  # bug 22
         if certfile and keyfile:
             self.cfg.set("certfile", certfile)
             self.cfg.set("keyfile", keyfile)

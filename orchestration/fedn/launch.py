@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default=HOST, help="address to listen on")
     api.add_argument("--certfile", help="server certificate (PEM): serve HTTPS")
     api.add_argument("--keyfile", help="its private key (PEM)")
+    api.add_argument("--request-timeout", type=int, default=fedn_compat.API_REQUEST_TIMEOUT_S,
+                     help="seconds one request may take before gunicorn kills its worker")
     combiner = sub.add_parser("combiner", help="a fedn combiner")
     combiner.add_argument("--name", required=True)
     combiner.add_argument("--port", type=int, required=True)
@@ -42,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_api(workers: int, host: str = HOST, certfile: str | None = None,
-            keyfile: str | None = None) -> None:
+            keyfile: str | None = None,
+            request_timeout_s: int = fedn_compat.API_REQUEST_TIMEOUT_S) -> None:
     """Patch, then run fedn.network.api.server.start_server_api (blocks)."""
     fedn_compat.check_fedn_version()
     fedn_compat.check_sqlalchemy()
@@ -51,7 +54,8 @@ def run_api(workers: int, host: str = HOST, certfile: str | None = None,
     fedn_compat.bound_report_wait()
     fedn_compat.skip_unavailable_combiners()
     fedn_compat.numeric_round_ids()  # bug 21
-    fedn_compat.bind_api_server(host, workers, certfile, keyfile)
+    fedn_compat.bind_api_server(host, workers, certfile, keyfile, request_timeout_s)
+    fedn_compat.uncompressed_models()  # bug 23
     fedn_compat.sign_controller_calls()  # bug 18
     install_revocation_check()  # fedseg clinic revoke
     fedn_compat.shorten_round_polling()
@@ -77,6 +81,7 @@ def run_combiner(name: str, port: int, max_clients: int, host: str = HOST,
     fedn_compat.merge_round_combiners()
     fedn_compat.bind_grpc_servers(host)
     fedn_compat.install_grpc_auth_guard()  # bug 16; after the binding wrapper
+    fedn_compat.uncompressed_models()  # bug 23
     fedn_compat.close_controller_whitelist()  # bug 18
     install_revocation_check()  # fedseg clinic revoke
     fedn_compat.shorten_round_polling()
@@ -100,6 +105,7 @@ def run_client(init: str) -> None:
     fedn_compat.tls_on_any_port()  # bug 19
     fedn_compat.report_train_failures()  # bug 20
     fedn_compat.warm_dispatch()  # jobs to the package's warm worker, no process per call
+    fedn_compat.uncompressed_models()  # bug 23
     from fedn.cli import main as fedn_main
 
     fedn_main(args=["client", "start", "--init", init], prog_name="fedn", standalone_mode=True)
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = _parser().parse_args(argv)
     if args.role == "api":
-        run_api(args.workers, args.host, args.certfile, args.keyfile)
+        run_api(args.workers, args.host, args.certfile, args.keyfile, args.request_timeout)
     elif args.role == "combiner":
         run_combiner(args.name, args.port, args.max_clients, args.host, args.init)
     elif args.role == "client":

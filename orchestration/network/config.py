@@ -58,6 +58,9 @@ class NetworkConfig:
         hooks: Start fedn's hooks service (ServerFunctions: per-round client settings).
         hooks_port: Port of the hooks service.
         api_workers: gunicorn workers of the API server.
+        api_request_timeout_s: Seconds one API request (a model upload or download) may
+            take before gunicorn kills its worker; gunicorn's own 30 s kills the upload of
+            a ~100M-parameter model, or of a 30M one over a slow link.
         startup_timeout_s: Bound on each readiness wait.
         network_id: fedn's network id.
         host: Address the API server and the combiners listen on and advertise to
@@ -89,6 +92,7 @@ class NetworkConfig:
     hooks: bool = False
     hooks_port: int = 12081
     api_workers: int = 2
+    api_request_timeout_s: int = 600
     startup_timeout_s: float = 60.0
     network_id: str = "fedseg"
     host: str = "127.0.0.1"
@@ -145,7 +149,8 @@ class NetworkConfig:
         values["root"] = (root if root.is_absolute() else base / root).resolve()
         if "combiners" in values:
             values["combiners"] = _parse_combiners(values["combiners"], source)
-        for key in ("api_port", "s3_port", "postgres_port", "hooks_port", "api_workers"):
+        for key in ("api_port", "s3_port", "postgres_port", "hooks_port", "api_workers",
+                    "api_request_timeout_s"):
             if key in values:
                 values[key] = _as_int(values[key], key, source)
         for key in ("auth", "hooks", "keep_secret"):
@@ -213,6 +218,9 @@ class NetworkConfig:
                 raise FedsegError(f"{source}: {key} {port} is not a TCP port (1-65535)")
         if self.api_workers < 1:
             raise FedsegError(f"{source}: api_workers must be at least 1")
+        if not 30 <= self.api_request_timeout_s <= 24 * 3600:
+            raise FedsegError(f"{source}: api_request_timeout_s {self.api_request_timeout_s} "
+                              "must be between 30 s and one day")
         if self.startup_timeout_s <= 0:
             raise FedsegError(f"{source}: startup_timeout_s must be positive")
         if not 60 <= self.token_lifetime_s <= 366 * 24 * 3600:

@@ -230,7 +230,8 @@ def _bring_up(config: NetworkConfig, root: Path, started: list[ProcessRecord]) -
     # Revoked clinic tokens (fedseg clinic revoke): the API server and the combiners
     # refuse them; the file is re-read when it changes.
     revoked = {REVOKED_FILE_ENV: str(root / REVOKED_FILE)} if config.auth else {}
-    api_args = ["api", "--workers", str(config.api_workers), "--host", host]
+    api_args = ["api", "--workers", str(config.api_workers), "--host", host,
+                "--request-timeout", str(config.api_request_timeout_s)]
     api_env = {**api_extra, **revoked}
     if tls_files:
         api_args += ["--certfile", str(tls_files.cert), "--keyfile", str(tls_files.key)]

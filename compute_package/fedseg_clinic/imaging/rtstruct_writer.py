@@ -87,6 +87,7 @@ def build_rtstruct(
     frame_of_reference_uid: str,
     label: str = "fedseg",
     description: str = "fedseg automatic segmentation",
+    frame_numbers: Sequence[int | None] | None = None,
 ) -> Dataset:
     """An RTSTRUCT dataset of organ masks on a CT series' grid.
 
@@ -100,6 +101,9 @@ def build_rtstruct(
         frame_of_reference_uid: the CT's FrameOfReferenceUID.
         label: StructureSetLabel (at most 16 characters).
         description: SeriesDescription.
+        frame_numbers: for an enhanced (multi-frame) CT, each slice's 1-based frame in
+            its file, in array z order; every image reference then names its frame
+            (ReferencedFrameNumber) and the CT's own SOP class.
 
     Raises:
         FedsegError: for masks off the grid, unknown organs or a missing frame of reference.
@@ -151,10 +155,17 @@ def build_rtstruct(
     ds.StructureSetTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.ApprovalStatus = "UNAPPROVED"
 
+    frames = list(frame_numbers) if frame_numbers is not None else [None] * nz
+    if len(frames) != nz:
+        raise FedsegError(f"RTSTRUCT: {len(frames)} frame numbers for {nz} slices")
+    image_class = str(ct.get("SOPClassUID", "") or CT_IMAGE_STORAGE)
+
     def slice_ref(k: int) -> Dataset:
         item = Dataset()
-        item.ReferencedSOPClassUID = CT_IMAGE_STORAGE
+        item.ReferencedSOPClassUID = image_class
         item.ReferencedSOPInstanceUID = sop_uids[k]
+        if frames[k] is not None:
+            item.ReferencedFrameNumber = int(frames[k])
         return item
 
     series_item = Dataset()

@@ -47,7 +47,8 @@ def _version() -> str:
 
 
 def build_seg(masks: Mapping[str, np.ndarray], organs: OrganSet,
-              ct_files: Sequence[Path]) -> Any:
+              ct_files: Sequence[Path],
+              frame_numbers: Sequence[int | None] | None = None) -> Any:
     """A highdicom Segmentation of organ masks on a CT series.
 
     Args:
@@ -55,6 +56,10 @@ def build_seg(masks: Mapping[str, np.ndarray], organs: OrganSet,
             only non-empty masks (a SEG segment needs at least one frame).
         organs: the organ set (names, order).
         ct_files: the series' slice files in array z order.
+        frame_numbers: for an enhanced (multi-frame) CT, each slice's 1-based frame in
+            its file, in array z order; the SEG then has the one multi-frame image as
+            its source and one frame per source frame (highdicom takes a single
+            multi-frame source image, so a CT split over several such files is refused).
 
     Raises:
         FedsegError: no organ to write, or a CT highdicom cannot reference.
@@ -66,8 +71,13 @@ def build_seg(masks: Mapping[str, np.ndarray], organs: OrganSet,
     present = [o for o in organs.organs if o in masks and np.any(masks[o])]
     if not present:
         raise FedsegError(f"{ct_files[0].parent}: no organ was found; a SEG needs one segment")
+    multi_frame = frame_numbers is not None and any(f is not None for f in frame_numbers)
+    files = list(dict.fromkeys(ct_files)) if multi_frame else list(ct_files)
+    if multi_frame and len(files) > 1:
+        raise FedsegError(f"{files[0]}: --format seg on a CT split over {len(files)} "
+                          "multi-frame files is not supported (use --format nifti)")
     try:
-        sources = [pydicom.dcmread(f) for f in ct_files]
+        sources = [pydicom.dcmread(f) for f in files]
     except Exception as exc:  # noqa: BLE001 - the input's problem
         raise FedsegError(f"{ct_files[0].parent}: cannot read the CT slices ({exc})") from None
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -86,6 +96,13 @@ def build_seg(masks: Mapping[str, np.ndarray], organs: OrganSet,
             algorithm_identification=algorithm,
         ))
     pixels = np.stack([np.asarray(masks[o], dtype=bool) for o in present], axis=-1)
+    if multi_frame:
+        # highdicom wants the source's frame order; frames off the volume stay empty.
+        by_frame = np.zeros((int(sources[0].get("NumberOfFrames", 1)), *pixels.shape[1:]),
+                            dtype=bool)
+        for k, frame in enumerate(frame_numbers or []):
+            by_frame[int(frame) - 1] = pixels[k]
+        pixels = by_frame
     try:
         return hd.seg.Segmentation(
             source_images=sources,

@@ -88,6 +88,7 @@ def per_example_loss(
     ce_weight: float = 1.0,
     smooth: float = DICE_SMOOTH,
     container_class: int | None = 1,
+    dice_classes: str = "known",
 ) -> tf.Tensor:
     """Soft Dice + cross-entropy per example, with unknown classes marginalised.
 
@@ -99,6 +100,9 @@ def per_example_loss(
         ce_weight: weight of the cross-entropy term.
         smooth: Dice smoothing added to numerator and denominator.
         container_class: see :func:`merge_unknown` (None for sets without a container).
+        dice_classes: "known" averages the Dice term over every known foreground class;
+            "present" only over known classes with at least one labelled voxel in the
+            example (a patch without any gets no Dice term, only cross-entropy).
 
     Returns:
         float32 tensor of shape (b,).
@@ -116,15 +120,24 @@ def per_example_loss(
     )
     dice = (2.0 * intersection + smooth) / (denominator + smooth)
     foreground = tf.concat([tf.zeros_like(known[:, :1]), known[:, 1:]], axis=1)
+    if dice_classes == "present":
+        # An absent class's soft Dice is smooth / (sum p + smooth): its gradient near
+        # p = 0 is ~1 / smooth, so it pins every organ's probability to 0 in every patch
+        # that lacks the organ - most patches, for small organs.
+        foreground *= tf.cast(tf.reduce_sum(merged_labels, axis=spatial) > 0.0, tf.float32)
+    elif dice_classes != "known":
+        raise ValueError(f"dice_classes must be known or present, got {dice_classes!r}")
     dice_loss = tf.math.divide_no_nan(
         tf.reduce_sum(foreground * (1.0 - dice), axis=1), tf.reduce_sum(foreground, axis=1)
     )
     return ce_weight * ce + dice_weight * dice_loss
 
 
-def loss_for(organs: OrganSet) -> Callable[[Any, Any, Any], tf.Tensor]:
-    """:func:`per_example_loss` with the container class of an organ set bound."""
+def loss_for(organs: OrganSet, dice_classes: str = "known"
+             ) -> Callable[[Any, Any, Any], tf.Tensor]:
+    """:func:`per_example_loss` with the organ set's container class (and options) bound."""
     container = organs.class_index(organs.container) if organs.container else None
-    if container == 1:
+    if container == 1 and dice_classes == "known":
         return per_example_loss  # the thorax default: keep the plain function
-    return functools.partial(per_example_loss, container_class=container)
+    return functools.partial(per_example_loss, container_class=container,
+                             dice_classes=dice_classes)

@@ -20,6 +20,7 @@ from fedn.utils.helpers.helpers import get_helper
 
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import atomic_output
+from fedseg_clinic.model.npz import write_npz
 from fedseg_clinic.tf_env import keras
 
 HELPER_NAME = "numpyhelper"
@@ -37,10 +38,9 @@ def save_weights_npz(arrays: Sequence[np.ndarray], path: Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    helper = get_helper(HELPER_NAME)
     with atomic_output(path) as tmp, open(tmp, "wb") as handle:
         # A file object, not a name: numpy would append ".npz" to a name without it.
-        helper.save([np.asarray(a) for a in arrays], handle)
+        write_npz(arrays, handle)
         handle.flush()
         os.fsync(handle.fileno())
     return path
