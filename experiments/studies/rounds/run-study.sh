@@ -14,7 +14,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 runs="$(mkdir -p "${1:?usage: run-study.sh RUNS_DIR [SWEEP_NAME ...]}" && cd "$1" && pwd)"
 shift
 order=(fedavg pooled warm pooled-warm fedavgm keep combo dp-fedavg dp-warm fedprox localnorm
-       epochs fedadam fedyogi warm6 pooled-warm6)
+       epochs fedadam fedyogi warm6)
 if [ "$#" -gt 0 ]; then order=("$@"); fi
 net="$runs/rounds-network"
 down() { if [ -f "$net/network.json" ]; then fedseg network down --root "$net" || true; fi; }
@@ -29,11 +29,6 @@ for name in "${order[@]}"; do
     # The pooled baseline from the same pretrained seed: the fair bound for warm starts.
     if ! grep -q '"status": "finished"' "$runs/rounds-warm-pooled/run.json" 2>/dev/null; then
       fedseg baseline pooled "$here/warm.yaml" --runs-dir "$runs" --overwrite
-    fi
-  elif [ "$name" = pooled-warm6 ]; then
-    # Pooled from the same seed with warm6's 6 blocks: the bound for the 6-round warm start.
-    if ! grep -q '"status": "finished"' "$runs/rounds-warm6-pooled/run.json" 2>/dev/null; then
-      fedseg baseline pooled "$here/warm6.yaml" --runs-dir "$runs" --overwrite
     fi
   elif [ -f "$here/sweep-$name.yaml" ]; then
     # A fresh network (and state store) per sweep: fedn 0.33 numbers rounds by the
