@@ -13,6 +13,7 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -351,10 +352,13 @@ def _round_report(name: str) -> dict:
                                           "time_model_load": 0.0}}}
 
 
-@pytest.mark.parametrize("merged", [False, True])
-def test_two_combiners_reporting_at_once_keep_both_reports(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merged: bool) -> None:
-    """Bug 10: the second of two concurrent round updates deleted the first report."""
+def _pending_round_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         merged: bool = False) -> tuple[Any, Any]:
+    """fedn's SQL round store on a fresh SQLite file with model m1 and round 1 pending.
+
+    Returns:
+        (the store, its session factory).
+    """
     import datetime
 
     from fedn.network.storage.statestore.stores.dto.round import RoundDTO
@@ -372,6 +376,14 @@ def test_two_combiners_reporting_at_once_keep_both_reports(
         session.commit()
     store = SQLRoundStore(session_factory)
     store.add(RoundDTO(round_id="1", status="Pending"))
+    return store, session_factory
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_two_combiners_reporting_at_once_keep_both_reports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merged: bool) -> None:
+    """Bug 10: the second of two concurrent round updates deleted the first report."""
+    store, _ = _pending_round_store(tmp_path, monkeypatch, merged)
     # Both combiners read the round before either writes (as when they finish together).
     first, second = store.get("1"), store.get("1")
     first.combiners.append(_round_report("combiner-1"))
@@ -681,21 +693,9 @@ def test_a_report_stored_twice_is_read_once(tmp_path: Path,
     """Bug 10, second symptom: overlapping rewrites by two combiners left one combiner's
     report in the store twice (seen with 3 combiners); the controller, which waits for
     exactly one report per combiner, failed the round. Read back, each report is once."""
-    import datetime
+    from fedn.network.storage.statestore.stores.sql.shared import RoundModel
 
-    from fedn.network.storage.statestore.stores.dto.round import RoundDTO
-    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
-    from fedn.network.storage.statestore.stores.sql.shared import ModelModel, RoundModel
-
-    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list", "get"):
-        monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
-    session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
-    with session_factory() as session:
-        session.add(ModelModel(id="m1", name="m", active=True,
-                               committed_at=datetime.datetime.now()))
-        session.commit()
-    store = SQLRoundStore(session_factory)
-    store.add(RoundDTO(round_id="1", status="Pending"))
+    store, session_factory = _pending_round_store(tmp_path, monkeypatch)
     for name in ("combiner-1", "combiner-2", "combiner-3"):
         current = store.get("1")
         current.combiners.append(_round_report(name))
@@ -724,27 +724,14 @@ def test_a_report_caught_without_its_config_is_left_out(
     (or data) row was just deleted; fedn's reader raised "Invalid key: config_job_id"
     ("Missing field data"), which ended a combiner's round thread for good. Read now
     without that report."""
-    import datetime
-
-    from fedn.network.storage.statestore.stores.dto.round import RoundDTO
-    from fedn.network.storage.statestore.stores.round_store import SQLRoundStore
     from fedn.network.storage.statestore.stores.shared import MissingFieldError
     from fedn.network.storage.statestore.stores.sql.shared import (
-        ModelModel,
         RoundCombinerDataModel,
         RoundCombinerModel,
         RoundConfigModel,
     )
 
-    for name in ("_update_orm_model_from_dto", "_combiners_to_dict_list", "get"):
-        monkeypatch.setattr(SQLRoundStore, name, _unwrapped(SQLRoundStore, name))
-    session_factory = _sqlite_session(tmp_path / "fedn.sqlite")
-    with session_factory() as session:
-        session.add(ModelModel(id="m1", name="m", active=True,
-                               committed_at=datetime.datetime.now()))
-        session.commit()
-    store = SQLRoundStore(session_factory)
-    store.add(RoundDTO(round_id="1", status="Pending"))
+    store, session_factory = _pending_round_store(tmp_path, monkeypatch)
     for name in ("combiner-1", "combiner-2"):
         current = store.get("1")
         current.combiners.append(_round_report(name))
