@@ -121,8 +121,18 @@ def main(argv: list[str] | None = None) -> int:
                              "validation-pats (default 16 of 33, for validation time)")
     parser.add_argument("--spacing", type=float, nargs=3, default=(3.0, 4.0, 4.0),
                         metavar=("Z", "Y", "X"), help="import spacing in mm (3 4 4)")
+    parser.add_argument("--clinic-sizes", type=int, nargs=len(CLINICS),
+                        default=[n for _, n, _ in CLINICS], metavar="N",
+                        help="train patients per clinic, in clinic order (default "
+                             f"{' '.join(str(n) for _, n, _ in CLINICS)}; smaller for a "
+                             "quick check)")
     args = parser.parse_args(argv)
     try:
+        if any(n < 1 for n in args.clinic_sizes):
+            raise FedsegError(f"--clinic-sizes {args.clinic_sizes}: every clinic needs at "
+                              "least 1 train patient")
+        clinics = [(name, n, rois) for (name, _, rois), n
+                   in zip(CLINICS, args.clinic_sizes, strict=True)]
         if args.src is None:
             raise FedsegError("give --src or set OPENKBP_DIR")
         out: Path = args.out.resolve()
@@ -130,16 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             raise FedsegError(f"{out}: exists; remove it or give another --out")
         train = patient_folders(args.src / "train-pats")
         val = patient_folders(args.src / "validation-pats")[: args.heldout]
-        if sum(n for _, n, _ in CLINICS) > len(train):
+        if sum(n for _, n, _ in clinics) > len(train):
             raise FedsegError(f"{args.src}: {len(train)} train patients, the split needs "
-                              f"{sum(n for _, n, _ in CLINICS)}")
+                              f"{sum(n for _, n, _ in clinics)}")
         spacing = tuple(args.spacing)
         stage(val, ALL_ROIS, out / "staging" / "heldout")
         heldout = import_staged(out / "staging" / "heldout", out / "import" / "heldout",
                                 "heldout", spacing)
         summary = []
         start = 0
-        for name, n, rois in CLINICS:
+        for name, n, rois in clinics:
             patients = train[start:start + n]
             start += n
             stage(patients, rois, out / "staging" / name)
