@@ -32,6 +32,8 @@ UPSTREAM_TESTS_ELSEWHERE = {
     21: "test_fedn_compat.py::test_bug21_latest_round_id_is_numeric",
     17: "test_fedn_compat.py::test_bugs14_17_graphql_metrics_list_and_bare_bearer",
     18: "test_fedn_compat.py::test_bug18_controller_methods_open_without_a_token",
+    22: "test_fedn_compat.py::test_bind_api_server_lengthens_gunicorns_request_timeout",
+    23: "test_fedn_compat.py::test_uncompressed_models_write_what_fedn_reads",
 }
 
 
