@@ -107,6 +107,12 @@ def start_fedseg_run(experiment: Path, runs: Path, pythonpath: str | None = None
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
     fedseg = Path(sys.executable).parent / "fedseg"
-    return subprocess.Popen([str(fedseg), "run", str(experiment), "--runs-dir", str(runs)],
+    # SIGINT back to its default before exec, so Ctrl-C tests behave as from a terminal:
+    # a suite started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt (POSIX background jobs).
+    default_sigint = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.argv[1], sys.argv[1:])")
+    return subprocess.Popen([sys.executable, "-c", default_sigint, str(fedseg), "run",
+                             str(experiment), "--runs-dir", str(runs)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=experiment.parent)
