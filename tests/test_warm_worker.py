@@ -7,10 +7,12 @@ worker watches. The FEDn session through ``fedn client start`` is at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -268,7 +270,20 @@ def test_fedn_package_route_session_survives_a_dead_worker(tmp_path: Path) -> No
     assert log.count("serving on") == 2
     leftovers = [p.pid for p in _workers() if str(run_dir) in " ".join(_cwd(p))]
     assert leftovers == []
-    assert not list(package.glob("warm-*.sock")) and not list(package.glob("warm-*.pid"))
+    deadline = time.monotonic() + 10  # a worker stops within ~1 s of its client ending
+    while list(package.glob("warm-*.pid")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list(package.glob("warm-*.pid"))
+    # A socket file may outlive the worker this test SIGKILLed (it cannot clean up; seen
+    # once in a full CI run). It is harmless - the next worker unlinks it under the lock
+    # before binding - but nothing may answer on it.
+    for stale in package.glob("warm-*.sock"):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # By its name in its folder, as the workers bind it (the full path can exceed
+        # AF_UNIX's 108 bytes, and "too long" must not pass for "refused").
+        with contextlib.chdir(package), pytest.raises(ConnectionRefusedError):
+            probe.connect(stale.name)
+        probe.close()
 
 
 def _cwd(proc: psutil.Process) -> list[str]:
