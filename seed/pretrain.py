@@ -55,6 +55,11 @@ class PretrainSpec:
         init_seed: seed of the random initialisation the pretraining starts from.
         init_weights: start from this pretrained seed instead (its sidecar is kept in
             the new one's ``continued_from``), e.g. to extend a seed to more scanners.
+        training: further clinic training settings (``TrainingSettings`` fields other
+            than the ones above), e.g. ``{"dice_classes": "present",
+            "foreground_fraction": 0.9}`` for the clinics' recipe on real CT, where the
+            default loss learns background only (docs/findings.md, "OpenKBP").
+        val_overlap: tile overlap of the seed's own validation (0 is the cheapest).
     """
 
     model: dict[str, Any]
@@ -69,10 +74,18 @@ class PretrainSpec:
     learning_rate: float = 0.01
     init_seed: int = 0
     init_weights: Path | None = None
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    val_overlap: float = 0.25
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for the sidecar."""
         data = dataclasses.asdict(self)
+        # Fields added after the demo seed shipped: left out at their defaults, so its
+        # sidecar still describes the recipe exactly.
+        if not data["training"]:
+            del data["training"]
+        if data["val_overlap"] == 0.25:
+            del data["val_overlap"]
         data["cases_dir"] = str(self.cases_dir) if self.cases_dir else None
         data["init_weights"] = str(self.init_weights) if self.init_weights else None
         data["patch_size"] = list(self.patch_size)
@@ -90,6 +103,11 @@ DEMO_PRETRAIN = PretrainSpec(model={"levels": 3, "base_filters": 8, "groups": 4}
 DEMO_CONTINUE = dataclasses.replace(DEMO_PRETRAIN, phantom_preset="non-iid",
                                     phantom_seed=1001, patients=60, steps=150,
                                     learning_rate=0.005)
+
+
+# Training settings the spec sets itself (pretraining is plain Adam, no DP).
+_SPEC_TRAINING_KEYS = frozenset({"optimizer", "learning_rate", "local_steps", "batch_size",
+                                 "patch_size", "seed"})
 
 
 def pretrain_demo_seed(out: Path, work_dir: Path | None = None,
@@ -178,6 +196,10 @@ def pretrain_seed(spec: PretrainSpec, out: Path, work_dir: Path | None = None,
     say = progress or (lambda _line: None)
     if spec.steps < 1:
         raise FedsegError(f"pretraining steps={spec.steps} must be >= 1")
+    clash = sorted(set(spec.training) & _SPEC_TRAINING_KEYS)
+    if clash:
+        raise FedsegError(f"pretraining training setting {clash[0]!r}: give it as the "
+                          "spec's own field (the CLI option), not in training")
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="fedseg-seed-")) if work_dir is None else None
     work = Path(work_dir) if work_dir is not None else tmp
@@ -187,11 +209,13 @@ def pretrain_seed(spec: PretrainSpec, out: Path, work_dir: Path | None = None,
         say(f"public data: {data}")
         settings = settings_from_mapping({
             "model": dict(spec.model),
-            "training": {"optimizer": "adam", "learning_rate": spec.learning_rate,
+            "training": {**spec.training,
+                         "optimizer": "adam", "learning_rate": spec.learning_rate,
                          "local_steps": spec.steps, "batch_size": spec.batch_size,
                          "patch_size": list(spec.patch_size), "seed": spec.init_seed},
             "privacy": {"enabled": False},
-            "validation": {"patch_size": list(spec.patch_size), "overlap": 0.25},
+            "validation": {"patch_size": list(spec.patch_size),
+                           "overlap": spec.val_overlap},
             "data_dir": str(folder), "state_dir": str(work / "state"),
             "client_name": "public",
         }, "seed pretraining")

@@ -117,3 +117,32 @@ def test_demo_recipe_is_fixed_on_the_command_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["seed", "pretrain", str(tmp_path / "s.npz"), "--demo",
                                       "--steps", "3"])
     assert result.exit_code == 1 and "drop --steps" in result.output
+
+
+@pytest.mark.slow
+def test_pretrain_on_an_imported_case_folder_with_training_settings(
+        head_neck_clinic: Path, tmp_path: Path) -> None:
+    """A NIfTI-imported clinic folder as the public set, with the real-CT loss settings."""
+    out = tmp_path / "hn-seed.npz"
+    model = {**MODEL, "organ_set": "head_neck"}
+    result = CliRunner().invoke(cli, [
+        "seed", "pretrain", str(out), "--model", json.dumps(model),
+        "--cases", str(head_neck_clinic), "--steps", "2", "--batch", "2", "--patch", "16",
+        "--training", '{"dice_classes": "present", "foreground_fraction": 0.9}',
+        "--val-overlap", "0"])
+    assert result.exit_code == 0, result.output
+    side = read_seed_info(out, model)
+    assert side["public_data"] == {"kind": "cases", "path": str(head_neck_clinic.resolve())}
+    assert side["spec"]["training"] == {"dice_classes": "present", "foreground_fraction": 0.9}
+    assert side["spec"]["val_overlap"] == 0.0 and side["n_train"] + side["n_val"] == 5
+    assert "spinal_cord" in side["dice"] and "body" not in side["dice"]
+    # Unknown or clashing training settings are one-line refusals naming the value.
+    for bad, message in (('{"dice_clases": "present"}', "dice_clases"),
+                         ('{"learning_rate": 0.1}', "'learning_rate'"),
+                         ('[1]', "JSON object")):
+        result = CliRunner().invoke(cli, [
+            "seed", "pretrain", str(tmp_path / "x.npz"), "--model", json.dumps(model),
+            "--cases", str(head_neck_clinic), "--steps", "1", "--training", bad])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "x.npz").exists()

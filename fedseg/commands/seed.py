@@ -11,15 +11,15 @@ import click
 from fedseg_clinic.errors import FedsegError
 
 
-def _model(text: str | None) -> dict[str, object] | None:
+def _json_object(option: str, text: str | None, what: str) -> dict[str, object] | None:
     if text is None:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FedsegError(f"--model {text!r}: not JSON ({exc.msg})") from None
+        raise FedsegError(f"{option} {text!r}: not JSON ({exc.msg})") from None
     if not isinstance(value, dict):
-        raise FedsegError(f"--model {text!r}: must be a JSON object of UNetConfig fields")
+        raise FedsegError(f"{option} {text!r}: must be a JSON object of {what} fields")
     return value
 
 
@@ -48,17 +48,24 @@ def seed_group() -> None:
 @click.option("--batch", "batch_size", type=int, default=None, help="Patients per step.")
 @click.option("--patch", type=int, default=None, help="Cubic training patch side.")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Adam learning rate.")
+@click.option("--training", "training_json", default=None,
+              help='More clinic training settings as JSON, e.g. \'{"dice_classes": '
+                   '"present", "foreground_fraction": 0.9}\'.')
+@click.option("--val-overlap", type=float, default=None,
+              help="Tile overlap of the seed's own validation (default 0.25).")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the generated public phantoms here (default: temporary).")
 def pretrain(out: Path, demo: bool, model_json: str | None, cases_dir: Path | None,
              phantom_preset: str | None, init_weights: Path | None,
              phantom_seed: int | None, patients: int | None, size: int | None,
              steps: int | None, batch_size: int | None, patch: int | None,
-             learning_rate: float | None, work_dir: Path | None) -> None:
+             learning_rate: float | None, training_json: str | None,
+             val_overlap: float | None, work_dir: Path | None) -> None:
     """Pretrain a seed without DP on public data; write OUT and OUT's .json sidecar."""
     from fedseg.seed.pretrain import PretrainSpec, pretrain_demo_seed, pretrain_seed
 
-    model = _model(model_json)
+    model = _json_object("--model", model_json, "UNetConfig")
+    training = _json_object("--training", training_json, "TrainingSettings")
     if not demo and model is None:
         raise FedsegError("give --model (the clinics' UNetConfig) or --demo")
     changes = {k: v for k, v in {
@@ -66,7 +73,8 @@ def pretrain(out: Path, demo: bool, model_json: str | None, cases_dir: Path | No
         "phantom_preset": phantom_preset, "init_weights": init_weights,
         "patients": patients, "size": size, "steps": steps, "batch_size": batch_size,
         "patch_size": (patch, patch, patch) if patch else None,
-        "learning_rate": learning_rate}.items() if v is not None}
+        "learning_rate": learning_rate, "training": training,
+        "val_overlap": val_overlap}.items() if v is not None}
     if demo:
         if changes:
             raise FedsegError(f"--demo is the fixed recipe; drop --{sorted(changes)[0]}")
