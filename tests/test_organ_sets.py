@@ -245,8 +245,8 @@ def test_record_keeps_organs_trained_in_set_order(tmp_path: Path) -> None:
     # No list: the whole set (a federated run's record).
     full = read_record(write_record(tmp_path / "full.json", config))
     assert "organs_trained" not in full and record_organs_trained(full, config, "x") is None
-    with pytest.raises(FedsegError, match="bad.json: organs_trained names heart, not in "
-                                          "organ set head_neck"):
+    with pytest.raises(FedsegError, match=r"bad\.json: organs_trained names heart, not in "
+                                          r"organ set head_neck"):
         record_organs_trained({**record, "organs_trained": ["heart"]}, config, "bad.json")
     with pytest.raises(FedsegError, match="must be a list"):
         record_organs_trained({**record, "organs_trained": "larynx"}, config, "bad.json")

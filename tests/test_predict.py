@@ -299,7 +299,7 @@ def test_local_model_of_a_partial_protocol_labels_only_its_organs(tmp_path: Path
     assert "organs_trained" not in card  # the federated round's record lists none
     card["organs_trained"] = ["larynx", "heart"]
     card_path.write_text(json.dumps(card))
-    with pytest.raises(FedsegError, match="model_card.json: organs_trained names heart"):
+    with pytest.raises(FedsegError, match=r"model_card\.json: organs_trained names heart"):
         load_model(exported)
     card["organs_trained"] = ["larynx"]
     card_path.write_text(json.dumps(card))

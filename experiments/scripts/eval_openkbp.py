@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedn.utils.helpers.helpers import get_helper
 
     from fedseg_clinic.app import ClinicApp
-    from fedseg_clinic.errors import FedsegError
     from fedseg_clinic.cases import contoured_organs
+    from fedseg_clinic.errors import FedsegError
     from fedseg_clinic.model.inference import allowed_classes, argmax_labels
     from fedseg_clinic.model.metrics import dice
     from fedseg_clinic.model.record import find_record, read_record, record_organs_trained
