@@ -185,6 +185,35 @@ def test_lossy_slice_decodes(shared_data: Path, tmp_path: Path, syntax: str) -> 
     assert error.mean() <= LOSSY[syntax][1]
 
 
+def test_real_12bit_jpeg_extended_stream(shared_data: Path, tmp_path: Path) -> None:
+    """A real 12-bit JPEG Extended (process 4) codestream, decoded at 12-bit precision.
+
+    No 12-bit JPEG encoder is installed; pydicom ships a real one (``JPGExtended.dcm``, an
+    NM image from GDCM's test data, SOF1 with 12-bit samples). Its codestream becomes the
+    pixel data of the real CT slices, so the CT path - not pydicom's own - decodes it.
+    The expected samples are pydicom's published reference values for that file.
+    """
+    source = pydicom.dcmread(pydicom.data.get_testdata_file("JPGExtended.dcm"))
+    stream = pydicom.encaps.get_frame(source.PixelData, 0)
+    sof1 = stream.index(b"\xff\xc1")
+    assert stream[sof1 + 4] == 12  # the frame header's sample precision
+
+    def twelve_bit(ds: pydicom.Dataset) -> None:
+        ds.Rows, ds.Columns = int(source.Rows), int(source.Columns)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        _set_encapsulated(ds, [stream], JPEGExtended12Bit)
+
+    folder = _copy_encoded(shared_data / CT3, tmp_path, CT3_NAMES, ExplicitVRLittleEndian,
+                           change=twelve_bit)
+    hu = read_series([f.path for f in scan_folder(folder).dicom]).hu
+    assert hu.shape == (3, 1024, 256)
+    for k in range(3):
+        assert hu[k, 420, 140] == 244 - 1024 and hu[k, 230, 120] == 95 - 1024
+    assert hu.max() > 255 - 1024  # samples above 8 bits survive
+
+
 def test_compressed_import_same_case(shared_data: Path, tmp_path: Path) -> None:
     """CT + RTSTRUCT with JPEG lossless slices import to the same image and mask."""
     names = ["ct_1.dcm", "ct_2.dcm", "rt.dcm"]

@@ -163,8 +163,17 @@ class Worker:
     def serve_forever(self) -> None:
         """Accept connections one at a time (jobs of one client are sequential anyway)."""
         assert self._listener is not None
+        # accept() wakes every POLL_S: Python runs signal handlers only in the main
+        # thread, and a SIGTERM the kernel hands to another thread (the watchdog, a
+        # TensorFlow pool) does not interrupt a blocking accept(). Without the timeout
+        # the worker slept through its client's stop until SIGKILL, leaving its pid file.
+        self._listener.settimeout(POLL_S)
         while True:
-            conn, _ = self._listener.accept()
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
             if self.watch is not None and not process_alive(*self.watch):
                 # Its client just ended (the watchdog polls once a second): take no
                 # more jobs; the caller sees a closed connection and starts a new one.
@@ -198,15 +207,20 @@ class Worker:
 
     def cleanup(self) -> None:
         """Remove the socket and pid file if they are still ours."""
+        # No signal handler may cut this short (it runs in the watchdog thread too).
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
-            owner = json.loads(Path(self.files.path("pid")).read_text()).get("pid")
-        except (OSError, ValueError):
-            owner = None
-        if owner == os.getpid():
-            with contextlib.suppress(OSError):
-                os.unlink(self.files.path("sock"))
-            with contextlib.suppress(OSError):
-                os.unlink(self.files.path("pid"))
+            try:
+                owner = json.loads(Path(self.files.path("pid")).read_text()).get("pid")
+            except (OSError, ValueError):
+                owner = None
+            if owner == os.getpid():
+                with contextlib.suppress(OSError):
+                    os.unlink(self.files.path("sock"))
+                with contextlib.suppress(OSError):
+                    os.unlink(self.files.path("pid"))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _write_pid_file(files: WorkerFiles) -> None:
@@ -235,6 +249,11 @@ def serve(watch: tuple[int, int | None] | None) -> int:
         threading.Thread(target=worker.watchdog, daemon=True).start()
 
     def on_term(signum: int, _frame: Any) -> None:
+        # Once: stopping the client's process group signals this worker twice (the group,
+        # then each member), and a second SystemExit raised inside the first one's
+        # cleanup left the socket and pid file of a dead worker behind.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
