@@ -20,7 +20,10 @@ clinic's own validation set with ``ClinicApp.validate``. No FEDn is involved.
 Output (``<runs_dir>/<name>-<kind>/``): rounds.csv (round log format, plus per round the
 global ``round_seconds`` and n_val-weighted means of the validation metrics), run.json
 (``kind``, config snapshot, seed, versions, timings, ``baseline`` = what "matched"
-means), models/ (``round-<k>.npz``; local: ``<clinic>/round-<k>.npz``), seed.npz,
+means), models/ (``round-<k>.npz``; local: ``<clinic>/round-<k>.npz``; each folder with a
+``model.json`` record whose ``organs_trained`` lists the organs contoured in that model's
+training data - a local clinic's protocol, the union for pooled - so that scoring and
+``fedseg predict`` label only those; run.json ``baseline.organs_trained`` per model), seed.npz,
 settings/, clients/<name>/state, data/ (generated phantoms), privacy/<name>/ (privacy
 ledgers of the pooled trainer, and of every clinic under ``ledgers: run``; with
 ``ledgers: data`` a local baseline spends from each clinic's own ledger, with its data).
@@ -182,6 +185,25 @@ def _as_float(value: Any) -> float:
         return math.nan
 
 
+def trained_organs(app: Any) -> tuple[str, ...]:
+    """The organs contoured in a trainer's training cases, in its organ set's order."""
+    labelled = {o for case in app.train_cases for o in case.meta.labelled_organs}
+    return tuple(o for o in app.organs.organs if o in labelled)
+
+
+def _write_model_records(exp: Experiment, run_dir: Path, kind: str,
+                         trained: dict[str, tuple[str, ...]]) -> None:
+    """``models/model.json`` (pooled) or ``models/<clinic>/model.json`` (local)."""
+    from fedseg_clinic.model.record import FOLDER_RECORD_NAME, write_record
+    from fedseg_clinic.model.unet import UNetConfig
+
+    config = UNetConfig.from_dict(dict(exp.model))
+    for name, organs in trained.items():
+        folder = run_dir / MODELS_DIR if kind == "pooled" else run_dir / MODELS_DIR / name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_record(folder / FOLDER_RECORD_NAME, config, organs)
+
+
 def _save_model(weights: list[np.ndarray], path: Path) -> None:
     from fedseg_clinic.model.weights import save_weights_npz
 
@@ -273,6 +295,11 @@ def run_baseline(exp: Experiment, kind: str, runs_dir: Path, *,
                 "steps_per_block_factor": 1,
             }
         info["baseline"]["n_train"] = {n: len(validators[n].train_cases) for n in names}
+        # The organs each model learns from contours: a local clinic's protocol (a model
+        # of clinic-b, which never draws the larynx, must not be asked for larynx).
+        trained = {t: trained_organs(app) for t, app in trainers.items()}
+        info["baseline"]["organs_trained"] = {t: list(o) for t, o in trained.items()}
+        _write_model_records(exp, run_dir, kind, trained)
         timings["apps_seconds"] = round(time.monotonic() - tic, 3)
         weights = {t: [np.array(w) for w in seed_weights] for t in trainers}
         info["status"] = "running"

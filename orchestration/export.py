@@ -96,6 +96,9 @@ def model_card(run_dir: Path, k: int, loaded: Any) -> dict[str, Any]:
         "clinics": clients,
         "privacy": privacy,
         "validation_dice": {"per_organ": dice, "n_val": n_val},
+        # A model of part of its organ set (the weights' record says so) keeps saying so.
+        "organs_trained": (list(loaded.organs_trained)
+                           if loaded.organs_trained is not None else None),
     })
 
 

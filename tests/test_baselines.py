@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,32 @@ def test_local_round_log(tmp_path: Path) -> None:
     with np.load(result.run_dir / "models" / "clinic-1" / "round-1.npz") as a, \
             np.load(result.run_dir / "models" / "clinic-2" / "round-1.npz") as b:
         assert any(not np.array_equal(a[key], b[key]) for key in a.files)
+
+
+@pytest.mark.slow
+def test_local_models_record_their_clinics_organs(tmp_path: Path) -> None:
+    """A clinic that never contours cord and esophagus: its model says it was not trained
+    on them, and ``fedseg predict`` / scoring load that from the record."""
+    from fedseg_clinic.model.bundle import load_model
+    from fedseg_clinic.organs import THORAX
+
+    doc = tiny_doc("partial", dp=False)
+    doc["data"]["phantoms"]["preset"] = "non-iid"
+    doc["session"]["rounds"] = 1
+    result = run_baseline(parse_experiment(doc, source="tiny"), "local", tmp_path)
+    info = read_run_info(result.run_dir)
+    partial = [o for o in THORAX.organs if o not in ("spinal_cord", "esophagus")]
+    assert info["baseline"]["organs_trained"] == {"clinic-1": list(THORAX.organs),
+                                                  "clinic-2": partial}
+    for clinic, organs in info["baseline"]["organs_trained"].items():
+        record = json.loads((result.run_dir / "models" / clinic / "model.json").read_text())
+        assert record["organs_trained"] == organs
+        assert record["organ_set"]["name"] == "thorax"
+    loaded = load_model(result.run_dir / "models" / "clinic-2" / "round-1.npz")
+    assert loaded.organs_excluded == ("spinal_cord", "esophagus")
+    assert loaded.patch_size == (16, 16, 16)  # the run's settings, three folders up
+    assert load_model(result.run_dir / "models" / "clinic-1" / "round-1.npz"
+                      ).organs_excluded == ()
 
 
 def test_pooled_folder_merges_train_cases(tmp_path: Path) -> None:

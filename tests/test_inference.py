@@ -5,12 +5,15 @@ import pytest
 
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.model.inference import (
+    allowed_classes,
+    argmax_labels,
     gaussian_importance,
     predict_labels,
     sliding_window_predict,
     window_starts,
 )
 from fedseg_clinic.model.unet import UNetConfig, build_unet
+from fedseg_clinic.organs import HEAD_NECK
 from fedseg_clinic.tf_env import keras
 
 
@@ -121,3 +124,52 @@ def test_concurrent_windows_give_the_same_result(tiny_unet: keras.Model, workers
     result = sliding_window_predict(tiny_unet, image, (8, 8, 8), overlap=0.5, workers=workers)
     np.testing.assert_allclose(result, reference, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(result.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def test_allowed_classes_of_a_partial_protocol() -> None:
+    # clinic-b of the OpenKBP study: no esophagus, no larynx.
+    trained = ["brainstem", "spinal_cord", "parotid_left", "parotid_right", "mandible"]
+    allowed = allowed_classes(HEAD_NECK, trained)
+    assert allowed is not None and allowed.dtype == bool and allowed.shape == (8,)
+    assert allowed.tolist() == [True, True, True, True, True, False, False, True]
+    assert allowed_classes(HEAD_NECK, None) is None
+    # Nothing trained: only background may win.
+    assert allowed_classes(HEAD_NECK, []).tolist() == [True] + [False] * 7
+    with pytest.raises(FedsegError, match="heart, not in organ set head_neck"):
+        allowed_classes(HEAD_NECK, ["brainstem", "heart"])
+
+
+def test_argmax_never_picks_an_excluded_class() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(8), size=(6, 5, 4)).astype(np.float32)
+    probs[0, 0, 0] = [0.1, 0.0, 0.2, 0.0, 0.0, 0.0, 0.7, 0.0]  # larynx, then cord
+    probs[0, 0, 1] = [0.3, 0.0, 0.0, 0.0, 0.0, 0.6, 0.1, 0.0]  # esophagus, then background
+    allowed = allowed_classes(HEAD_NECK, ["brainstem", "spinal_cord", "parotid_left",
+                                          "parotid_right", "mandible"])
+    plain = argmax_labels(probs)
+    restricted = argmax_labels(probs, allowed)
+    assert plain.dtype == np.uint8 and plain[0, 0, 0] == 6 and plain[0, 0, 1] == 5
+    # The next most probable allowed class takes the voxel.
+    assert restricted[0, 0, 0] == 2 and restricted[0, 0, 1] == 0
+    assert not np.isin(restricted, [5, 6]).any()
+    keep = ~np.isin(plain, [5, 6])
+    assert np.array_equal(restricted[keep], plain[keep])  # other voxels unchanged
+    with pytest.raises(FedsegError, match="do not fit 8 output classes"):
+        argmax_labels(probs, allowed[:7])
+    no_background = allowed.copy()
+    no_background[0] = False
+    with pytest.raises(FedsegError, match="with background"):
+        argmax_labels(probs, no_background)
+
+
+def test_predict_labels_honours_allowed(pointwise_model: keras.Model) -> None:
+    image = np.random.default_rng(3).uniform(-1, 1, (12, 10, 9)).astype(np.float32)
+    plain = predict_labels(pointwise_model, image, (8, 8, 8), overlap=0.5)
+    top = int(np.bincount(plain.ravel()).argmax())
+    if top == 0:
+        top = int(np.bincount(plain.ravel(), minlength=7)[1:].argmax()) + 1
+    allowed = np.ones(7, dtype=bool)
+    allowed[top] = False
+    restricted = predict_labels(pointwise_model, image, (8, 8, 8), overlap=0.5,
+                                allowed=allowed)
+    assert (plain == top).any() and not (restricted == top).any()

@@ -17,7 +17,13 @@ from fedseg_clinic.cases import check_organ_set, read_manifest, write_manifest
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.model.losses import loss_for, per_example_loss
 from fedseg_clinic.model.metrics import organ_metrics
-from fedseg_clinic.model.record import check_weights_organ_set, find_record, read_record
+from fedseg_clinic.model.record import (
+    check_weights_organ_set,
+    find_record,
+    read_record,
+    record_organs_trained,
+    write_record,
+)
 from fedseg_clinic.model.seed import write_seed_weights
 from fedseg_clinic.model.unet import UNetConfig, build_unet, class_known, labels_from_masks
 from fedseg_clinic.organs import HEAD_NECK, ORGAN_SETS, ORGANS, THORAX, AliasTable, organ_set
@@ -225,3 +231,25 @@ def test_dicom_import_keeps_only_the_chosen_set(shared_data: Path, tmp_path: Pat
     assert read_manifest(tmp_path / "out").extra["organ_set"]["name"] == "head_neck"
     with pytest.raises(FedsegError, match="unknown organ set"):
         import_clinic(src, tmp_path / "o2", ImportOptions(organ_set="pelvis"))
+
+
+def test_record_keeps_organs_trained_in_set_order(tmp_path: Path) -> None:
+    config = UNetConfig(levels=2, base_filters=4, organ_set="head_neck")
+    path = write_record(tmp_path / "models" / "clinic-b" / "model.json", config,
+                        ["mandible", "spinal_cord", "brainstem"])
+    record = read_record(path)
+    assert record["organs_trained"] == ["brainstem", "spinal_cord", "mandible"]
+    assert record_organs_trained(record, config, str(path)) == (
+        "brainstem", "spinal_cord", "mandible")
+    assert find_record(tmp_path / "models" / "clinic-b" / "round-3.npz") == path
+    # No list: the whole set (a federated run's record).
+    full = read_record(write_record(tmp_path / "full.json", config))
+    assert "organs_trained" not in full and record_organs_trained(full, config, "x") is None
+    with pytest.raises(FedsegError, match=r"bad\.json: organs_trained names heart, not in "
+                                          r"organ set head_neck"):
+        record_organs_trained({**record, "organs_trained": ["heart"]}, config, "bad.json")
+    with pytest.raises(FedsegError, match="must be a list"):
+        record_organs_trained({**record, "organs_trained": "larynx"}, config, "bad.json")
+    with pytest.raises(FedsegError, match="heart"):
+        write_record(tmp_path / "never.json", config, ["heart"])
+    assert not (tmp_path / "never.json").exists()

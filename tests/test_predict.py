@@ -239,6 +239,74 @@ def test_nifti_round_trip_on_head_neck(tmp_path: Path) -> None:
     assert not math.isnan(float(np.mean(labels)))
 
 
+def test_local_model_of_a_partial_protocol_labels_only_its_organs(tmp_path: Path) -> None:
+    """A local-only model of a clinic without larynx contours never writes larynx."""
+    from conftest import write_head_neck_volumes
+
+    src = write_head_neck_volumes(tmp_path / "src", patients=1)
+    ct = src / "pt_1" / "ct.nii.gz"
+    run = _fake_run(tmp_path / "runs" / "hn-local", HN_MODEL, rounds=1)
+    config = UNetConfig.from_dict(HN_MODEL)
+    weights = [np.asarray(w) for w in build_unet(config, seed=1).get_weights()]
+    # The head's bias makes larynx (class 6) the most probable class everywhere: what an
+    # uncontoured organ's channel may learn under the marginal loss.
+    assert weights[-1].shape == (config.n_classes,)
+    weights[-1] = weights[-1].copy()
+    weights[-1][config.organs.class_index("larynx")] += 20.0
+    weights[-1][config.organs.class_index("spinal_cord")] += 10.0
+    save_weights_npz(weights, run / "models" / "round-1.npz")  # full record: all organs
+    local = run / "models" / "clinic-b" / "round-1.npz"
+    save_weights_npz(weights, local)
+    trained = ["brainstem", "spinal_cord", "parotid_left", "parotid_right", "mandible"]
+    write_record(local.parent / FOLDER_RECORD_NAME, config, trained)
+
+    full = load_model(run / "models" / "round-1.npz")
+    assert full.organs_trained is None and full.organs_excluded == ()
+    volume = read_volume(ct)
+    assert (predict_volume(full, volume.hu, volume.geometry) == 6).all()
+    loaded = load_model(local)
+    assert loaded.organs_trained == tuple(trained)
+    assert loaded.organs_excluded == ("esophagus", "larynx")
+    assert loaded.hu_window == (-900.0, 900.0)  # run.json three folders up
+    assert loaded.card["organs_trained"] == trained
+    labels = predict_volume(loaded, volume.hu, volume.geometry)
+    assert (labels == config.organs.class_index("spinal_cord")).all()
+
+    lines: list[str] = []
+    result = predict_path(local, ct, tmp_path / "pred", "nifti", progress=lines.append)[0]
+    assert result.organs_found == ["spinal_cord"]
+    assert any(line.startswith("note: ") and "not predicted: esophagus, larynx" in line
+               for line in lines), lines
+    table = json.loads((tmp_path / "pred" / "labels.json").read_text())
+    assert sorted(table["labels"].values()) == sorted(trained)
+    # Re-imported, the prediction says larynx is unknown, not contoured and empty.
+    case_dir = tmp_path / "back" / "p"
+    case_dir.mkdir(parents=True)
+    (case_dir / "ct.nii.gz").symlink_to(ct)
+    for path in result.outputs:
+        (case_dir / path.name).symlink_to(path)
+    report = import_volume_clinic(case_dir, tmp_path / "cases",
+                                  ImportOptions(organ_set="head_neck", crop=False))
+    assert report.ok, [p.line() for p in report.problems]
+    case = read_case(tmp_path / "cases" / report.cases[0])
+    assert "larynx" not in case.meta.labelled_organs
+    assert "spinal_cord" in case.meta.labelled_organs
+
+    # A card with a foreign organ: one-line refusal naming the card.
+    exported = export_model(run, 1, tmp_path / "exported")
+    card_path = exported / "model_card.json"
+    card = json.loads(card_path.read_text())
+    assert "organs_trained" not in card  # the federated round's record lists none
+    card["organs_trained"] = ["larynx", "heart"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(FedsegError, match=r"model_card\.json: organs_trained names heart"):
+        load_model(exported)
+    card["organs_trained"] = ["larynx"]
+    card_path.write_text(json.dumps(card))
+    assert load_model(exported).organs_excluded == tuple(
+        o for o in config.organs.organs if o != "larynx")
+
+
 def test_prediction_at_the_model_spacing_lands_back_on_the_ct_grid() -> None:
     """A model trained at 2x the CT's spacing: resample, segment, put back (nearest)."""
     from fedseg_clinic.imaging.series import Geometry

@@ -194,7 +194,8 @@ def test_worker_cleans_up_under_a_burst_of_sigterm(clinic: Clinic) -> None:
             sent += 1
         time.sleep(0.0002)
     assert sent >= 2
-    assert not sock.exists() and not pid_file.exists(), (sent, clinic.file("log").read_text()[-2000:])
+    log_tail = clinic.file("log").read_text()[-2000:]
+    assert not sock.exists() and not pid_file.exists(), (sent, log_tail)
 
 
 def test_worker_death_during_a_job(clinic: Clinic) -> None:

@@ -275,6 +275,16 @@ def read_manifest(cases_dir: Path) -> Manifest:
     return manifest
 
 
+def contoured_organs(cases_dir: Path, split: str = "train") -> tuple[str, ...]:
+    """The organs contoured in any case of one split of a clinic folder (sorted).
+
+    A clinic's contouring protocol as its data shows it: an organ it never draws is in
+    no case's ``labelled_organs``.
+    """
+    return tuple(sorted({o for entry in read_manifest(cases_dir).split(split)
+                         for o in entry.labelled_organs}))
+
+
 def manifest_entry(meta: CaseMeta, split: str) -> ManifestEntry:
     """The manifest entry describing a case."""
     return ManifestEntry(

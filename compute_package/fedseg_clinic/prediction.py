@@ -14,7 +14,9 @@ Inference sees the CT as training did: resampled to the model's spacing when it 
 HU window from the model, sliding window of its patch size; the label map is put back
 onto the CT's own grid by nearest neighbour, so contours sit on the CT's slices. An
 organ set's container (thorax's body) is every non-background voxel; other organs are
-their class.
+their class. A model trained on part of its organ set (card or record ``organs_trained``:
+a local-only model of a clinic that never contours some organs) labels only those: the
+argmax runs over background and its trained organs, and the others are not written.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from fedseg_clinic.imaging.matching import split_stacks
 from fedseg_clinic.imaging.series import CtSeries, Geometry, read_series, scan_folder
 from fedseg_clinic.imaging.volumes import find_volume_cases, is_volume_file, read_volume
 from fedseg_clinic.model.bundle import LoadedModel, load_model
-from fedseg_clinic.model.inference import predict_labels
+from fedseg_clinic.model.inference import allowed_classes, predict_labels
 from fedseg_clinic.organs import OrganSet
 from fedseg_clinic.patches import normalise_hu
 
@@ -96,7 +98,8 @@ def predict_volume(loaded: LoadedModel, hu: np.ndarray, geometry: Geometry) -> n
                                                       rtol=1e-3):
         work_hu, _, work_geometry = preprocess.resample(hu, {}, geometry, loaded.spacing)
     image = normalise_hu(work_hu, loaded.hu_window)
-    labels = predict_labels(loaded.model, image, loaded.patch_size, overlap=loaded.overlap)
+    labels = predict_labels(loaded.model, image, loaded.patch_size, overlap=loaded.overlap,
+                            allowed=allowed_classes(loaded.organs, loaded.organs_trained))
     if work_geometry is not geometry:
         # Back onto the CT's slices by nearest neighbour (labels never blend).
         grid = LabelMap(path=Path("prediction"), labels=labels.transpose(2, 1, 0),
@@ -183,8 +186,13 @@ def _series_input(name: str, folder: Path, files: list[Path]) -> CtInput:
 
 
 def write_labels_nifti(labels: np.ndarray, geometry: Geometry, organs: OrganSet,
-                       out_dir: Path) -> list[Path]:
-    """``labels.nii.gz`` (RAS affine of the grid) and ``labels.json``, atomically."""
+                       out_dir: Path, predicted: tuple[str, ...] | None = None) -> list[Path]:
+    """``labels.nii.gz`` (RAS affine of the grid) and ``labels.json``, atomically.
+
+    ``predicted`` (default: every organ) are the organs the table names: an organ the
+    model does not predict is left out, so importing the label map records it unknown
+    rather than contoured and absent.
+    """
     import nibabel
 
     from fedseg_clinic.io import atomic_write_text
@@ -202,7 +210,8 @@ def write_labels_nifti(labels: np.ndarray, geometry: Geometry, organs: OrganSet,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    table = {"labels": {str(organs.class_index(o)): o for o in organs.organs},
+    names = organs.organs if predicted is None else predicted
+    table = {"labels": {str(organs.class_index(o)): o for o in organs.organs if o in names},
              "organ_set": organs.to_json()}
     table_path = out_dir / LABELS_TABLE_NAME
     atomic_write_text(table_path, json.dumps(table, indent=2) + "\n")
@@ -213,14 +222,16 @@ def _write_outputs(fmt: str, item: CtInput, labels: np.ndarray, loaded: LoadedMo
                    out_dir: Path) -> list[Path]:
     organs = loaded.organs
     if fmt == "nifti":
-        return write_labels_nifti(labels, item.geometry, organs, out_dir)
+        return write_labels_nifti(labels, item.geometry, organs, out_dir,
+                                  loaded.organs_predicted)
     if item.series is None:
         raise FedsegError(f"{item.source}: --format {fmt} needs a DICOM CT series to "
                           "reference; this CT is NIfTI/NRRD (use --format nifti)")
     series = item.series
     # An enhanced (multi-frame) CT: references name the frame of each slice.
     frames = series.frame_numbers if any(f is not None for f in series.frame_numbers) else None
-    masks = {o: m for o, m in masks_from_labels(labels, organs).items() if m.any()}
+    masks = {o: m for o, m in masks_from_labels(labels, organs).items()
+             if m.any() and o in loaded.organs_predicted}
     if fmt == "rtstruct":
         from fedseg_clinic.imaging.rtstruct_writer import build_rtstruct, write_dicom
 
@@ -258,6 +269,9 @@ def predict_path(
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model))
     notes: list[str] = []
     inputs = find_ct_inputs(Path(ct_path), notes)
+    if loaded.organs_excluded:
+        notes.append(f"{loaded.source}: trained on {', '.join(loaded.organs_predicted)} only; "
+                     f"not predicted: {', '.join(loaded.organs_excluded)}")
     for note in notes:
         say(f"note: {note}")
     # NIfTI/NRRD input (a file, or volume case folders, which find_ct_inputs prefers)
@@ -278,7 +292,8 @@ def predict_path(
             failures.append(str(exc))
             say(f"[{index}/{len(inputs)}] {label}: failed: {exc}")
             continue
-        found = [o for o, m in masks_from_labels(labels, loaded.organs).items() if m.any()]
+        found = [o for o, m in masks_from_labels(labels, loaded.organs).items()
+                 if m.any() and o in loaded.organs_predicted]
         seconds = time.perf_counter() - started
         results.append(Prediction(name=name, source=item.source, outputs=outputs,
                                   organs_found=found, seconds=seconds))

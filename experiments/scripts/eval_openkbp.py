@@ -17,6 +17,14 @@ Models: ``RUN/models/round-<k>.npz`` (federated, pooled) or
 ``RUN/models/<clinic>/round-<k>.npz`` (local-only: one model per clinic). Prints one
 Markdown row per model (organs in the organ set's order, then the mean) and writes every
 per-case Dice to ``--out``.
+
+A model trained on part of the organ set - a local-only clinic model whose protocol lacks
+some organs - labels only the organs it was trained on: the argmax runs over background
+and those organs (fedseg_clinic.model.inference.argmax_labels), as ``fedseg predict``
+does. Its organs come from the model record's ``organs_trained`` (``fedseg baseline local``
+writes it) or, for a local model without one, from its clinic's training manifest under
+``--data``. Organs it does not predict show "-" and are left out of its mean;
+``--all-classes`` scores every output channel instead (the study's first table).
 """
 
 from __future__ import annotations
@@ -56,12 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=8,
                         help="first N held-out patients (default 8)")
     parser.add_argument("--out", type=Path, required=True, help="JSON of per-case Dice")
+    parser.add_argument("--all-classes", action="store_true",
+                        help="argmax over every output channel, trained organs or not")
     args = parser.parse_args(argv)
     from fedn.utils.helpers.helpers import get_helper
 
     from fedseg_clinic.app import ClinicApp
+    from fedseg_clinic.cases import contoured_organs
     from fedseg_clinic.errors import FedsegError
+    from fedseg_clinic.model.inference import allowed_classes, argmax_labels
     from fedseg_clinic.model.metrics import dice
+    from fedseg_clinic.model.record import find_record, read_record, record_organs_trained
     from fedseg_clinic.settings import ValidationSettings
 
     try:
@@ -88,14 +101,31 @@ def main(argv: list[str] | None = None) -> int:
                 patch_size=tuple(app.settings.training.patch_size), overlap=0.0,
                 batch_size=8))
             app._apply_global(get_helper("numpyhelper").load(str(npz)))
+            trained, source = None, "all organs"
+            if not args.all_classes:
+                record = find_record(npz)
+                if record is not None:
+                    trained = record_organs_trained(read_record(record), app.model_config,
+                                                    str(record))
+                    source = f"record {record.name}"
+                if trained is None and npz.parent.name != "models":
+                    # A local model of a run recorded before organs_trained: its clinic's
+                    # protocol, as the clinic's training manifest shows it.
+                    trained = contoured_organs(args.data / "clinics" / npz.parent.name)
+                    source = f"manifest of {npz.parent.name}"
+            allowed = allowed_classes(app.organs, trained)
+            excluded = [o for o in app.organs.organs if trained is not None and o not in trained]
+            if excluded:
+                print(f"  {label}: trained on {', '.join(trained or ())} ({source}); "
+                      f"not predicted: {', '.join(excluded)}", file=sys.stderr, flush=True)
             tic = time.monotonic()
             per_organ: dict[str, list[float]] = {o: [] for o in app.organs.organs}
             # Predicted / true voxels per organ: tells "predicts nothing" from "misplaced".
             voxels: dict[str, list[int]] = {o: [0, 0] for o in app.organs.organs}
             for case in app.val_cases[: args.cases]:
-                pred = np.argmax(app.predict_case(case, tiling), axis=-1)
+                pred = argmax_labels(app.predict_case(case, tiling), allowed)
                 for index, organ in enumerate(app.organs.organs, start=1):
-                    if organ in case.meta.labelled_organs:
+                    if organ in case.meta.labelled_organs and organ not in excluded:
                         per_organ[organ].append(dice(pred == index, case.masks[organ]))
                         voxels[organ][0] += int((pred == index).sum())
                         voxels[organ][1] += int(case.masks[organ].sum())
@@ -105,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                    "mean": float(np.mean(finite)) if finite else math.nan,
                    "n": {o: len(v) for o, v in per_organ.items()}, "per_case": per_organ,
                    "voxels_pred_true": voxels,
+                   "organs_excluded": excluded, "organs_trained_from": source,
                    "seconds": round(time.monotonic() - tic, 1)}
             results.append(row)
-            cells = " | ".join(f"{means[o]:.2f}" for o in app.organs.organs)
+            cells = " | ".join("-" if o in excluded else f"{means[o]:.2f}"
+                               for o in app.organs.organs)
             print(f"| {label} | {k} | {cells} | {row['mean']:.2f} |", flush=True)
             args.out.write_text(json.dumps(results, indent=1))
     except FedsegError as exc:

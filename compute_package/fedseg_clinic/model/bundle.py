@@ -16,7 +16,8 @@
   there is one (else the clinic defaults).
 
 Either way the result is a :class:`LoadedModel`: the Keras model plus everything the
-sliding-window inference needs to see the CT as training did.
+sliding-window inference needs to see the CT as training did. A card or record may add
+``organs_trained`` (model/record.py): the model then labels only those organs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from typing import Any
 
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.io import read_json_object
-from fedseg_clinic.model.record import config_from_record, find_record, read_record
+from fedseg_clinic.model.record import (
+    config_from_record,
+    find_record,
+    read_record,
+    record_organs_trained,
+)
 from fedseg_clinic.model.unet import UNetConfig, build_unet, check_patch_size
 from fedseg_clinic.organs import OrganSet
 from fedseg_clinic.settings import ClinicSettings, settings_from_mapping
@@ -60,6 +66,8 @@ class LoadedModel:
         spacing: (z, y, x) mm the model was trained at, or None (each CT's own spacing).
         source: the file or folder it was loaded from.
         card: the model card (exported models) or a card-like summary (weights).
+        organs_trained: the organs it learnt from contours when that is part of its
+            organ set (a local-only model of a partial protocol), else None (all).
     """
 
     model: Any
@@ -70,11 +78,22 @@ class LoadedModel:
     spacing: tuple[float, float, float] | None
     source: Path
     card: dict[str, Any]
+    organs_trained: tuple[str, ...] | None = None
 
     @property
     def organs(self) -> OrganSet:
         """The organ set of the output channels."""
         return self.config.organs
+
+    @property
+    def organs_predicted(self) -> tuple[str, ...]:
+        """The organs it labels: its trained organs, or the whole organ set."""
+        return self.organs_trained if self.organs_trained is not None else self.organs.organs
+
+    @property
+    def organs_excluded(self) -> tuple[str, ...]:
+        """Organs of the set it was never trained on (their channels are not used)."""
+        return tuple(o for o in self.organs.organs if o not in self.organs_predicted)
 
 
 def read_card(folder: Path) -> dict[str, Any]:
@@ -131,7 +150,8 @@ def _load_exported(folder: Path) -> LoadedModel:
         model=model, config=config, patch_size=patch, overlap=float(card["overlap"]),
         hu_window=(float(window[0]), float(window[1])),
         spacing=None if spacing is None else tuple(float(s) for s in spacing),  # type: ignore[arg-type]
-        source=folder, card=card)
+        source=folder, card=card,
+        organs_trained=record_organs_trained(card, config, where))
 
 
 def run_settings(run_dir: Path) -> ClinicSettings:
@@ -159,16 +179,25 @@ def _load_weights(path: Path) -> LoadedModel:
     config = config_from_record(record, str(record_path))
     model = build_unet(config)
     apply_weights(model, load_weights_npz(path), str(path))
-    # runs/<name>/models/round-k.npz -> runs/<name>; seed.npz sits in the run folder.
-    run_dir = path.parent.parent if path.parent.name == "models" else path.parent
+    organs_trained = record_organs_trained(record, config, str(record_path))
+    # runs/<name>/models/round-k.npz -> runs/<name>; a local-only baseline's
+    # runs/<name>/models/<clinic>/round-k.npz too; seed.npz sits in the run folder.
+    if path.parent.name == "models":
+        run_dir = path.parent.parent
+    elif path.parent.parent.name == "models":
+        run_dir = path.parent.parent.parent
+    else:
+        run_dir = path.parent
     settings = run_settings(run_dir)
     patch = check_patch_size(config, settings.validation.patch_size)
     card = {"organ_set": config.organs.to_json(), "model": config.to_dict(),
             "weights": str(path), "run": run_dir.name}
+    if organs_trained is not None:
+        card["organs_trained"] = list(organs_trained)
     return LoadedModel(model=model, config=config, patch_size=patch,
                        overlap=settings.validation.overlap,
                        hu_window=settings.training.hu_window, spacing=_run_spacing(run_dir),
-                       source=path, card=card)
+                       source=path, card=card, organs_trained=organs_trained)
 
 
 def run_clinic_dirs(run_dir: Path) -> dict[str, Path]:
@@ -218,7 +247,12 @@ def load_model(path: Path) -> LoadedModel:
 
 
 def card_from_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A card with every key of :data:`CARD_KEYS` (missing ones null), version set."""
+    """A card with every key of :data:`CARD_KEYS` (missing ones null), version set.
+
+    ``organs_trained`` is kept when ``data`` has one (a model of part of its organ set).
+    """
     card = {key: data.get(key) for key in CARD_KEYS}
+    if data.get("organs_trained") is not None:
+        card["organs_trained"] = list(data["organs_trained"])
     card["card_version"] = CARD_VERSION
     return card

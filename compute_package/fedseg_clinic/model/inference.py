@@ -10,6 +10,10 @@ combination of softmax outputs: probabilities that sum to 1.
 Patches are run in batches of a fixed shape (the last batch is padded) through
 ``model.predict_on_batch``, whose traced function Keras keeps on the model: it is traced
 once per (batch, patch) shape and reused for every later volume and weight update.
+
+A model trained on part of its organ set (a local-only clinic model whose protocol lacks
+some organs, record.py ``organs_trained``) labels only what it learnt: the argmax runs
+over background and its trained organs (:func:`allowed_classes`, :func:`argmax_labels`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import math
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import product
 from typing import Any
@@ -27,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.organs import OrganSet
 from fedseg_clinic.tf_env import keras, tf
 
 logger = logging.getLogger(__name__)
@@ -181,6 +186,44 @@ def sliding_window_predict(
     return np.ascontiguousarray(summed[crop])
 
 
+def allowed_classes(organs: OrganSet, organs_trained: Iterable[str] | None) -> np.ndarray | None:
+    """Which output classes may label a voxel: bool (n_classes,), or None for all.
+
+    Background (class 0) is always allowed; an organ only when ``organs_trained`` names
+    it. None (no list) allows every class.
+
+    Raises:
+        FedsegError: an organ outside the organ set.
+    """
+    if organs_trained is None:
+        return None
+    trained = set(organs_trained)
+    foreign = sorted(trained - set(organs.organs))
+    if foreign:
+        raise FedsegError(f"organs_trained names {', '.join(foreign)}, not in organ set "
+                          f"{organs.key}")
+    allowed = np.zeros(organs.n_classes, dtype=bool)
+    allowed[0] = True
+    for organ in trained:
+        allowed[organs.class_index(organ)] = True
+    return allowed
+
+
+def argmax_labels(probs: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """uint8 label map of class probabilities (..., C), over the ``allowed`` classes only.
+
+    An excluded class never wins, however high its probability: its voxels go to the
+    most probable allowed class (background or a trained organ).
+    """
+    if allowed is not None:
+        if allowed.shape != (probs.shape[-1],) or not allowed[0]:
+            raise FedsegError(f"allowed classes {allowed.tolist()} do not fit "
+                              f"{probs.shape[-1]} output classes with background")
+        # Probabilities are >= 0, so -1 puts an excluded class below every allowed one.
+        probs = np.where(allowed, probs, np.float32(-1.0))
+    return np.argmax(probs, axis=-1).astype(np.uint8)
+
+
 def predict_labels(
     model: keras.Model,
     image: np.ndarray,
@@ -189,8 +232,12 @@ def predict_labels(
     blend: str = "gaussian",
     batch_size: int = 2,
     workers: int = 2,
+    allowed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Argmax label map (uint8 (z, y, x)) of :func:`sliding_window_predict`."""
+    """Argmax label map (uint8 (z, y, x)) of :func:`sliding_window_predict`.
+
+    ``allowed`` (:func:`allowed_classes`) restricts the argmax to those classes.
+    """
     probs = sliding_window_predict(model, image, patch_size, overlap, blend, batch_size,
                                    workers)
-    return np.argmax(probs, axis=-1).astype(np.uint8)
+    return argmax_labels(probs, allowed)

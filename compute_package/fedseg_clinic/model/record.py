@@ -6,6 +6,14 @@ seed, a run's per-round models - therefore gets a JSON sidecar::
 
     seed.npz  +  seed.json       {"organ_set": {name, version, organs}, "model": {...}}
     models/round-3.npz           covered by models/model.json (one record per run)
+    models/clinic-b/round-3.npz  a local-only baseline's clinic model: models/clinic-b/
+                                 model.json, with "organs_trained"
+
+``organs_trained`` (optional) lists the organs whose contours the weights were trained
+on, when that is a strict part of the organ set: a clinic that never contours the larynx
+trains a model whose larynx channel no loss ever penalised (unknown organs are
+marginalised, losses.py), so it may fill the larynx anywhere. Inference honours the list
+(model/inference.py :func:`allowed_classes`): only background and those organs compete.
 
 Readers look for ``<file>.json`` (same stem) first, then ``model.json`` in the same
 folder. A model whose record names another organ set than the data or the experiment is
@@ -15,6 +23,7 @@ refused (:meth:`fedseg_clinic.organs.OrganSet.check_record`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +36,44 @@ RECORD_VERSION = 1
 FOLDER_RECORD_NAME = "model.json"
 
 
-def model_record(config: UNetConfig) -> dict[str, Any]:
-    """The sidecar content for weights of a model built from ``config``."""
-    return {
+def model_record(config: UNetConfig,
+                 organs_trained: Iterable[str] | None = None) -> dict[str, Any]:
+    """The sidecar content for weights of a model built from ``config``.
+
+    Args:
+        config: the architecture (organ set included).
+        organs_trained: the organs the weights learnt from contours, or None (all of the
+            organ set); kept in the organ set's order.
+
+    Raises:
+        FedsegError: an organ outside the organ set.
+    """
+    record: dict[str, Any] = {
         "record_version": RECORD_VERSION,
         "organ_set": config.organs.to_json(),
         "model": config.to_dict(),
     }
+    if organs_trained is not None:
+        record["organs_trained"] = list(check_organs_trained(organs_trained, config.organs,
+                                                             "organs_trained"))
+    return record
+
+
+def check_organs_trained(value: Any, organs: OrganSet, where: str) -> tuple[str, ...]:
+    """An ``organs_trained`` list checked against the organ set, in the set's order.
+
+    Raises:
+        FedsegError: one line naming ``where`` when it is not a list of the set's organs.
+    """
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise FedsegError(f"{where}: organs_trained must be a list of organ names, got "
+                          f"{value!r}")
+    names = [str(v) for v in value]
+    foreign = sorted(set(names) - set(organs.organs))
+    if foreign:
+        raise FedsegError(f"{where}: organs_trained names {', '.join(foreign)}, not in organ "
+                          f"set {organs.key} ({', '.join(organs.organs)})")
+    return tuple(o for o in organs.organs if o in names)
 
 
 def sidecar_path(weights: Path) -> Path:
@@ -41,9 +81,11 @@ def sidecar_path(weights: Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def write_record(path: Path, config: UNetConfig) -> Path:
+def write_record(path: Path, config: UNetConfig,
+                 organs_trained: Iterable[str] | None = None) -> Path:
     """Write a model record (atomically) to ``path``; returns ``path``."""
-    atomic_write_text(Path(path), json.dumps(model_record(config), indent=2) + "\n")
+    atomic_write_text(Path(path),
+                      json.dumps(model_record(config, organs_trained), indent=2) + "\n")
     return Path(path)
 
 
@@ -86,3 +128,10 @@ def check_weights_organ_set(weights: Path, organs: OrganSet | str) -> None:
     if path is None:
         return
     organ_set(organs).check_record(read_record(path)["organ_set"], f"model {weights}")
+
+
+def record_organs_trained(record: dict[str, Any], config: UNetConfig,
+                          where: str) -> tuple[str, ...] | None:
+    """A record's (or card's) ``organs_trained``, checked; None when it has none."""
+    value = record.get("organs_trained")
+    return None if value is None else check_organs_trained(value, config.organs, where)

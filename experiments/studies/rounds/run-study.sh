@@ -14,7 +14,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 runs="$(mkdir -p "${1:?usage: run-study.sh RUNS_DIR [SWEEP_NAME ...]}" && cd "$1" && pwd)"
 shift
 order=(fedavg pooled warm pooled-warm fedavgm keep combo dp-fedavg dp-warm fedprox localnorm
-       epochs fedadam fedyogi warm6)
+       epochs fedadam fedyogi warm6 localnorm6 epochs6 lrdecay6 lnepochs6 fedavg12)
 if [ "$#" -gt 0 ]; then order=("$@"); fi
 net="$runs/rounds-network"
 down() { if [ -f "$net/network.json" ]; then fedseg network down --root "$net" || true; fi; }
