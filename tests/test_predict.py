@@ -18,7 +18,7 @@ from fedseg.cli import cli
 from fedseg.orchestration.export import export_model
 from fedseg.orchestration.phantoms import generate_benchmark, preset_spec
 from fedseg.orchestration.runlog import GLOBAL, RoundRecord, write_rounds, write_run_info
-from fedseg_clinic.cases import read_case
+from fedseg_clinic.cases import Case, read_case
 from fedseg_clinic.errors import FedsegError
 from fedseg_clinic.imaging.importer import ImportOptions, import_clinic
 from fedseg_clinic.imaging.volumes import import_volume_clinic, read_volume
@@ -205,6 +205,19 @@ def test_folder_of_patients_with_progress_and_bad_input(tmp_path: Path,
         result.output
 
 
+def _reimport_label_map(ct: Path, outputs: list[Path], tmp_path: Path) -> Case:
+    """Import a predicted NIfTI label map (and its table) beside its CT, as a clinic would."""
+    case_dir = tmp_path / "back" / "p"
+    case_dir.mkdir(parents=True)
+    (case_dir / "ct.nii.gz").symlink_to(ct)
+    for path in outputs:
+        (case_dir / path.name).symlink_to(path)
+    report = import_volume_clinic(case_dir, tmp_path / "cases",
+                                  ImportOptions(organ_set="head_neck", crop=False))
+    assert report.ok, [p.line() for p in report.problems]
+    return read_case(tmp_path / "cases" / report.cases[0])
+
+
 def test_nifti_round_trip_on_head_neck(tmp_path: Path) -> None:
     from conftest import write_head_neck_volumes
 
@@ -219,15 +232,7 @@ def test_nifti_round_trip_on_head_neck(tmp_path: Path) -> None:
     table = json.loads((out / "labels.json").read_text())
     assert table["organ_set"]["name"] == "head_neck" and table["labels"]["1"] == "brainstem"
     # Re-import: the CT beside the predicted label map and its table.
-    case_dir = tmp_path / "back" / "p"
-    case_dir.mkdir(parents=True)
-    (case_dir / "ct.nii.gz").symlink_to(ct)
-    for path in result.outputs:
-        (case_dir / path.name).symlink_to(path)
-    report = import_volume_clinic(case_dir, tmp_path / "cases",
-                                  ImportOptions(organ_set="head_neck", crop=False))
-    assert report.ok, [p.line() for p in report.problems]
-    case = read_case(tmp_path / "cases" / report.cases[0])
+    case = _reimport_label_map(ct, result.outputs, tmp_path)
     loaded = load_model(model)
     volume = read_volume(ct)
     labels = predict_volume(loaded, volume.hu, volume.geometry)
@@ -280,15 +285,7 @@ def test_local_model_of_a_partial_protocol_labels_only_its_organs(tmp_path: Path
     table = json.loads((tmp_path / "pred" / "labels.json").read_text())
     assert sorted(table["labels"].values()) == sorted(trained)
     # Re-imported, the prediction says larynx is unknown, not contoured and empty.
-    case_dir = tmp_path / "back" / "p"
-    case_dir.mkdir(parents=True)
-    (case_dir / "ct.nii.gz").symlink_to(ct)
-    for path in result.outputs:
-        (case_dir / path.name).symlink_to(path)
-    report = import_volume_clinic(case_dir, tmp_path / "cases",
-                                  ImportOptions(organ_set="head_neck", crop=False))
-    assert report.ok, [p.line() for p in report.problems]
-    case = read_case(tmp_path / "cases" / report.cases[0])
+    case = _reimport_label_map(ct, result.outputs, tmp_path)
     assert "larynx" not in case.meta.labelled_organs
     assert "spinal_cord" in case.meta.labelled_organs
 
