@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedseg_clinic.errors import FedsegError
+from fedseg_clinic.model.record import check_organs_trained
 from fedseg_clinic.organs import OrganSet
 from fedseg_clinic.tf_env import keras, tf
 
@@ -197,14 +198,9 @@ def allowed_classes(organs: OrganSet, organs_trained: Iterable[str] | None) -> n
     """
     if organs_trained is None:
         return None
-    trained = set(organs_trained)
-    foreign = sorted(trained - set(organs.organs))
-    if foreign:
-        raise FedsegError(f"organs_trained names {', '.join(foreign)}, not in organ set "
-                          f"{organs.key}")
     allowed = np.zeros(organs.n_classes, dtype=bool)
     allowed[0] = True
-    for organ in trained:
+    for organ in check_organs_trained(organs_trained, organs, "allowed classes"):
         allowed[organs.class_index(organ)] = True
     return allowed
 
